@@ -1,0 +1,64 @@
+"""`KasminaConfig`: every number the seed lifecycle, grafting and telemetry use (DESIGN §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KasminaConfig:
+    # Germination guard: seeds in GERMINATED..FINE_TUNING per layer.
+    max_active_seeds: int = 4
+    # TRAINING -> GRAFTING: mse(bp(x), x) / var(x) <= reconstruction_threshold after
+    # min_training_steps; TRAINING -> CULLED when not passed within max_training_epochs.
+    reconstruction_threshold: float = 0.05
+    min_training_steps: int = 50
+    max_training_epochs: int = 5
+    # GRAFTING: alpha ramp (one update per training step; every strategy uses this clock).
+    ramp_steps: int = 30
+    drift_threshold: float = 0.12
+    drift_ema: float = 0.9
+    grad_norm_lower: float = 0.1
+    grad_norm_upper: float = 1.0
+    # Stages after grafting.
+    stabilization_epochs: int = 3
+    evaluation_epochs: int = 2
+    evaluation_min_gain: float = 0.0
+    fine_tuning_epochs: int = 3
+    fossilize_min_gain: float = 0.001
+    embargo_epochs: int = 10
+    # Direction of the validation metric passed to end_epoch (accuracy: True, loss: False).
+    higher_is_better: bool = True
+    # Blend: by default the blueprint sees the host output detached, so the host's gradient is
+    # exactly its (1 - alpha) share.
+    isolate_host_in_blend: bool = True
+    # Safety triggers published as ROLLED_BACK readiness (non-finite values roll back at once).
+    rollback_drift_limit: float = 1.0
+    rollback_grad_norm_limit: float = 1e3
+    # The seeds' own optimizer (Adam over the blueprint banks).
+    seed_lr: float = 1e-3
+    seed_betas: tuple[float, float] = (0.9, 0.999)
+    seed_eps: float = 1e-8
+    seed_weight_decay: float = 0.0
+    # Telemetry: accumulate every k-th training step; correlation is sampled on at most
+    # correlation_features features per chunk and correlation_rows rows per step.
+    telemetry_every: int = 1
+    dead_threshold: float = 1e-6
+    correlation_features: int = 16
+    correlation_rows: int = 256
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"KasminaConfig.{f.name} must be >= 0, got {value}")
+        if self.ramp_steps < 1 or self.telemetry_every < 1:
+            raise ValueError("KasminaConfig.ramp_steps and telemetry_every must be >= 1")
+        if self.grad_norm_lower > self.grad_norm_upper:
+            raise ValueError("KasminaConfig.grad_norm_lower must be <= grad_norm_upper")
+        if not 0.0 <= self.drift_ema < 1.0:
+            raise ValueError("KasminaConfig.drift_ema must be in [0, 1)")
+
+    def replace(self, **changes: object) -> KasminaConfig:
+        return dataclasses.replace(self, **changes)

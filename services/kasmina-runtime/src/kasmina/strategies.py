@@ -1,0 +1,120 @@
+"""Grafting strategies: how alpha moves from 0 to 1 while a seed is GRAFTING (DESIGN §3.3).
+
+A strategy updates the alphas of all grafting seeds that use it in one vectorised call, once per
+training step, with tensors on the device (no host synchronisation). New strategies plug in with
+`register_strategy`; the `id` is stored in checkpoints and on the wire, so it must be stable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .config import KasminaConfig
+from .lifecycle import UnknownStrategyError
+
+
+@dataclass
+class GraftContext:
+    """Per-seed inputs for the seeds being updated, each (A,) on the device."""
+
+    steps: torch.Tensor  # grafting updates made so far, this one included (>= 1)
+    drift: torch.Tensor  # ‖w − w_ema‖ / ‖w_ema‖ of the blueprint's weights
+    grad_norm: torch.Tensor  # the blueprint's gradient norm this step
+    loss: torch.Tensor | None  # the training loss of this step (a scalar), if reported
+    state: torch.Tensor  # (A, 2) float32 scratch owned by the strategy, zero at graft start
+    config: KasminaConfig
+
+
+class GraftingStrategy:
+    name: ClassVar[str]
+    id: ClassVar[int]
+
+    def update(self, alpha: torch.Tensor, ctx: GraftContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (new alpha, new state); the caller clamps alpha to [0, 1]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def ramp(alpha: torch.Tensor, ctx: GraftContext, speed: torch.Tensor | float = 1.0
+             ) -> torch.Tensor:
+        return torch.clamp(alpha + speed / ctx.config.ramp_steps, max=1.0)
+
+
+class FixedRamp(GraftingStrategy):
+    """alpha = steps / ramp_steps: exactly 1 after `ramp_steps` updates (no rounding drift)."""
+
+    name, id = "fixed_ramp", 0
+
+    def update(self, alpha, ctx):
+        return torch.clamp(ctx.steps.float() / ctx.config.ramp_steps, max=1.0), ctx.state
+
+
+class PerformanceLinked(GraftingStrategy):
+    """Ramp at 2x while an EMA of the step-over-step loss decrease is positive, 0.5x when the loss
+    stalls or rises; without a reported loss, the plain ramp. alpha never decreases."""
+
+    name, id = "performance_linked", 1
+    ema = 0.9
+
+    def update(self, alpha, ctx):
+        if ctx.loss is None:
+            return self.ramp(alpha, ctx), ctx.state
+        loss = ctx.loss.detach().float().to(alpha.device).expand_as(alpha)
+        ema_decrease, prev_loss, seen = ctx.state[:, 0], ctx.state[:, 1], ctx.steps > 1
+        decrease = torch.where(seen, prev_loss - loss, 0.0)
+        ema_decrease = torch.where(seen, self.ema * ema_decrease + (1 - self.ema) * decrease, 0.0)
+        speed = torch.where(ema_decrease > 0, 2.0, 0.5)
+        new_alpha = torch.maximum(alpha, self.ramp(alpha, ctx, speed))
+        return new_alpha, torch.stack([ema_decrease, loss], dim=1)
+
+
+class DriftControlled(GraftingStrategy):
+    """Hold while the blueprint's weight drift exceeds `drift_threshold`, else ramp."""
+
+    name, id = "drift_controlled", 2
+
+    def update(self, alpha, ctx):
+        hold = ctx.drift > ctx.config.drift_threshold
+        return torch.where(hold, alpha, self.ramp(alpha, ctx)), ctx.state
+
+
+class GradNormGated(GraftingStrategy):
+    """Ramp only while the seed's gradient norm is inside [grad_norm_lower, grad_norm_upper]."""
+
+    name, id = "grad_norm_gated", 3
+
+    def update(self, alpha, ctx):
+        cfg = ctx.config
+        inside = (ctx.grad_norm >= cfg.grad_norm_lower) & (ctx.grad_norm <= cfg.grad_norm_upper)
+        return torch.where(inside, self.ramp(alpha, ctx), alpha), ctx.state
+
+
+_BY_NAME: dict[str, GraftingStrategy] = {}
+_BY_ID: dict[int, GraftingStrategy] = {}
+
+
+def register_strategy(cls: type[GraftingStrategy]) -> type[GraftingStrategy]:
+    """Register a strategy class by its `name` and `id` (usable as a class decorator)."""
+    for existing in (_BY_NAME.get(cls.name), _BY_ID.get(cls.id)):
+        if existing is not None and type(existing) is not cls:
+            raise ValueError(f"strategy {cls.name!r}/id {cls.id} conflicts with "
+                             f"{type(existing).__name__}")
+    _BY_NAME[cls.name] = _BY_ID[cls.id] = cls()
+    return cls
+
+
+def get_strategy(key: str | int) -> GraftingStrategy:
+    found = _BY_ID.get(key) if isinstance(key, int) else _BY_NAME.get(key)
+    if found is None:
+        raise UnknownStrategyError(f"unknown grafting strategy {key!r}; known: {sorted(_BY_NAME)}")
+    return found
+
+
+def strategies() -> list[str]:
+    return sorted(_BY_NAME)
+
+
+for _cls in (FixedRamp, PerformanceLinked, DriftControlled, GradNormGated):
+    register_strategy(_cls)

@@ -1,0 +1,159 @@
+"""On-device per-seed telemetry (DESIGN §3.4) and the typed `LayerHealthReport`.
+
+The forward pass adds into device buffers (per-feature reductions, then one segment-sum into
+seeds); nothing is read back until `summarize`, which runs at an epoch boundary and makes one
+transfer. Correlation is sampled: at most `correlation_features` evenly spaced features of each
+chunk and the first `correlation_rows` rows of each accumulated batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import KasminaConfig
+from .lifecycle import SeedStage
+
+
+class SeedTelemetry(nn.Module):
+    def __init__(self, chunks: list[tuple[int, int]], cfg: KasminaConfig,
+                 device: torch.device) -> None:
+        super().__init__()
+        num_seeds = len(chunks)
+        sizes = torch.tensor([e - s for s, e in chunks], dtype=torch.float64)
+        widest = int(sizes.max())
+        self.k = k = max(1, min(cfg.correlation_features, widest))
+        self.rows = cfg.correlation_rows
+        self.dead_threshold = cfg.dead_threshold
+        starts = torch.tensor([s for s, _ in chunks])
+        seed_of = torch.repeat_interleave(torch.arange(num_seeds), sizes.long())  # (F,)
+        # k evenly spaced (distinct) features per chunk; a chunk narrower than k takes all its
+        # features and pads with its last one, masked out by `valid`.
+        j = torch.arange(k).unsqueeze(0)  # (1, k)
+        size = sizes.long().unsqueeze(1)  # (S, 1)
+        offs = torch.where(size >= k, (j * size) // k, torch.minimum(j, size - 1))  # (S, k)
+        valid = j < size  # (S, k)
+        corr_idx = (starts.unsqueeze(1) + offs).flatten()  # (S * k,)
+        for name, t in (("seed_of", seed_of), ("sizes", sizes), ("corr_idx", corr_idx),
+                        ("corr_valid", valid)):
+            self.register_buffer(name, t.to(device), persistent=False)
+        f64 = dict(dtype=torch.float64, device=device)
+        self.register_buffer("sum", torch.zeros(num_seeds, **f64))
+        self.register_buffer("sumsq", torch.zeros(num_seeds, **f64))
+        self.register_buffer("count", torch.zeros(num_seeds, **f64))
+        self.register_buffer("dead", torch.zeros(num_seeds, **f64))
+        self.register_buffer("corr_sum", torch.zeros(num_seeds, k, **f64))
+        self.register_buffer("corr_prod", torch.zeros(num_seeds, k, k, **f64))
+        self.register_buffer("corr_n", torch.zeros((), **f64))
+
+    @torch.no_grad()
+    def accumulate(self, h2: torch.Tensor) -> None:
+        """h2: (N, F) host output of one step."""
+        n = h2.shape[0]
+        col_sum = h2.sum(0, dtype=torch.float32)  # (F,)
+        col_sq = torch.linalg.vector_norm(h2, dim=0, dtype=torch.float32).square()
+        col_dead = (h2.abs() < self.dead_threshold).sum(0)
+        self.sum.index_add_(0, self.seed_of, col_sum.double())
+        self.sumsq.index_add_(0, self.seed_of, col_sq.double())
+        self.dead.index_add_(0, self.seed_of, col_dead.double())
+        self.count.add_(self.sizes, alpha=n)
+        sample = h2[: self.rows].index_select(1, self.corr_idx).float()  # (R, S*k)
+        sample = sample.view(sample.shape[0], -1, self.k) * self.corr_valid  # (R, S, k)
+        self.corr_sum += sample.sum(0).double()
+        self.corr_prod += torch.einsum("rsi,rsj->sij", sample, sample).double()
+        self.corr_n += sample.shape[0]
+
+    @torch.no_grad()
+    def summarize(self) -> dict[str, torch.Tensor]:
+        """Per-seed (S,) float64 device tensors: chunk_variance, dead_ratio, mean_abs_correlation.
+        NaN where nothing was accumulated."""
+        count = self.count.clamp(min=1)
+        mean = self.sum / count
+        var = (self.sumsq / count - mean.square()).clamp(min=0)
+        n = self.corr_n.clamp(min=1)
+        mu = self.corr_sum / n  # (S, k)
+        cov = self.corr_prod / n - mu.unsqueeze(2) * mu.unsqueeze(1)  # (S, k, k)
+        std = torch.diagonal(cov, dim1=1, dim2=2).clamp(min=0).sqrt()  # (S, k)
+        live = self.corr_valid & (std > 1e-12)
+        pair = live.unsqueeze(2) & live.unsqueeze(1)
+        pair &= ~torch.eye(self.k, dtype=torch.bool, device=pair.device)
+        corr = cov / (std.unsqueeze(2) * std.unsqueeze(1)).clamp(min=1e-24)
+        abs_corr = torch.where(pair, corr.abs().clamp(max=1.0), 0.0).sum((1, 2))
+        mean_abs_corr = abs_corr / pair.sum((1, 2)).clamp(min=1)
+        empty = self.count == 0
+        nan = torch.full_like(var, float("nan"))
+        return {"chunk_variance": torch.where(empty, nan, var),
+                "dead_ratio": torch.where(empty, nan, self.dead / count),
+                "mean_abs_correlation": torch.where(self.corr_n == 0, nan, mean_abs_corr)}
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for t in (self.sum, self.sumsq, self.count, self.dead, self.corr_sum, self.corr_prod,
+                  self.corr_n):
+            t.zero_()
+
+
+@dataclass
+class SeedHealth:
+    seed_id: int
+    stage: SeedStage
+    blueprint_id: int
+    epochs_in_stage: int
+    strategy_id: int
+    alpha: float
+    chunk_variance: float
+    dead_ratio: float
+    mean_abs_correlation: float
+    reconstruction_ratio: float
+    grad_norm: float
+    drift: float
+    contribution: float
+    ready_for: SeedStage | None
+
+
+@dataclass
+class LayerHealthReport:
+    """One layer's health at an epoch boundary, column-wise (one numpy array per metric, one
+    entry per seed) so thousands of seeds cost one array each. NaN means "not measured"."""
+
+    layer_id: str
+    epoch: int
+    step: int
+    val_metric: float | None
+    stage: np.ndarray  # int32
+    blueprint_id: np.ndarray  # int32, -1 when none
+    epochs_in_stage: np.ndarray  # int32
+    strategy_id: np.ndarray  # int32, -1 when none
+    alpha: np.ndarray  # float32 from here on
+    chunk_variance: np.ndarray
+    dead_ratio: np.ndarray
+    mean_abs_correlation: np.ndarray
+    reconstruction_ratio: np.ndarray
+    grad_norm: np.ndarray
+    drift: np.ndarray
+    contribution: np.ndarray
+    ready_for: np.ndarray  # int32 target stage, -1 when none
+    chunks: list[tuple[int, int]] = field(repr=False, default_factory=list)
+
+    @property
+    def num_seeds(self) -> int:
+        return len(self.stage)
+
+    def seed(self, seed_id: int) -> SeedHealth:
+        ready = int(self.ready_for[seed_id])
+        return SeedHealth(
+            seed_id=seed_id, stage=SeedStage(int(self.stage[seed_id])),
+            blueprint_id=int(self.blueprint_id[seed_id]),
+            epochs_in_stage=int(self.epochs_in_stage[seed_id]),
+            strategy_id=int(self.strategy_id[seed_id]),
+            ready_for=None if ready < 0 else SeedStage(ready),
+            **{k: float(getattr(self, k)[seed_id]) for k in (
+                "alpha", "chunk_variance", "dead_ratio", "mean_abs_correlation",
+                "reconstruction_ratio", "grad_norm", "drift", "contribution")})
+
+    def stage_counts(self) -> dict[str, int]:
+        values, counts = np.unique(self.stage, return_counts=True)
+        return {SeedStage(int(v)).name: int(c) for v, c in zip(values, counts, strict=True)}
