@@ -1,0 +1,23 @@
+"""`python -m kasmina <command>`: `demo` runs the main job (see README)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m kasmina demo [--help | options]\n\n"
+              "  demo   train a model with seed layers on scikit-learn's digits (the main job)")
+        sys.exit(0 if argv else 2)
+    if argv[0] == "demo":
+        from .demo import main as demo
+        demo(argv[1:])
+    else:
+        print(f"unknown command {argv[0]!r}; try --help", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

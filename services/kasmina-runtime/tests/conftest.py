@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kasmina import KasminaConfig, KasminaLayer, SeedStage
+
+PATH_TO = [SeedStage.TRAINING, SeedStage.GRAFTING, SeedStage.STABILIZATION,
+           SeedStage.EVALUATING, SeedStage.FINE_TUNING, SeedStage.FOSSILIZED]
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+
+
+def make_layer(in_f: int = 12, out_f: int = 23, seeds: int = 5, dtype=torch.float32,
+               **cfg) -> KasminaLayer:
+    host = nn.Linear(in_f, out_f).to(dtype)
+    return KasminaLayer(host, seeds, KasminaConfig(**cfg))
+
+
+def drive(layer: KasminaLayer, seed: int, stage: SeedStage, blueprint="residual_mlp",
+          strategy="fixed_ramp") -> None:
+    """Force a seed along the happy path up to `stage` (gates skipped, table respected)."""
+    layer.germinate(seed, blueprint, strategy)
+    for s in PATH_TO:
+        layer.transition(seed, s, force=True)
+        if s == stage:
+            return
+
+
+@pytest.fixture(name="make_layer")
+def _make_layer_fixture():
+    return make_layer
+
+
+@pytest.fixture(name="drive")
+def _drive_fixture():
+    return drive

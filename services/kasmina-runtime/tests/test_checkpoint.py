@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from kasmina import KasminaConfig, KasminaLayer, SeedStage
+
+
+def busy_layer(make_layer, drive):
+    layer = make_layer(in_f=8, out_f=29, seeds=6, min_training_steps=1, max_active_seeds=6)
+    drive(layer, 0, SeedStage.TRAINING)
+    drive(layer, 1, SeedStage.GRAFTING, blueprint="low_rank", strategy="performance_linked")
+    drive(layer, 2, SeedStage.FOSSILIZED, blueprint="linear")
+    drive(layer, 3, SeedStage.TRAINING)
+    layer.transition(3, SeedStage.CULLED)  # under embargo
+    x = torch.randn(10, 8)
+    for i in range(7):
+        layer(x).pow(2).mean().backward()
+        layer.step(1.0 / (i + 1))
+    layer.end_epoch(val_metric=0.25)
+    layer(x)  # fresh telemetry after the boundary
+    return layer
+
+
+def test_round_trip_into_a_fresh_layer_with_weights_only_load(make_layer, drive, tmp_path):
+    layer = busy_layer(make_layer, drive)
+    path = tmp_path / "ckpt.pt"
+    torch.save(layer.state_dict(), path)
+    fresh = KasminaLayer(nn.Linear(8, 29), 6, layer.config)
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(5, 8)
+    layer.eval(), fresh.eval()
+    assert torch.equal(fresh(x), layer(x))
+    for k, v in layer.state_dict().items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, fresh.state_dict()[k]) or torch.equal(v.isnan(), v.isnan()), k
+    assert np.array_equal(fresh._mirror, layer._mirror)
+    assert [fresh.stage_of(i) for i in range(6)] == [layer.stage_of(i) for i in range(6)]
+    assert fresh.readiness() == layer.readiness() and fresh.epoch == layer.epoch
+    assert fresh.banks["2"].exp_avg_a.shape == layer.banks["2"].exp_avg_a.shape
+    assert torch.equal(fresh.banks["2"].exp_avg_sq_b, layer.banks["2"].exp_avg_sq_b)
+    assert fresh.get_extra_state() == layer.get_extra_state()
+
+
+def test_training_continues_identically_after_loading(make_layer, drive):
+    layer = busy_layer(make_layer, drive)
+    fresh = KasminaLayer(nn.Linear(8, 29), 6, layer.config)
+    fresh.load_state_dict(copy.deepcopy(layer.state_dict()))
+    fresh.train()
+    x = torch.randn(10, 8)
+    for module in (layer, fresh):
+        for _ in range(3):
+            module(x).pow(2).mean().backward()
+            module.host.zero_grad()
+            module.step(0.5)
+    assert torch.equal(layer.alpha, fresh.alpha)
+    for key in layer.banks:
+        for n, p in layer.banks[key].params.items():
+            assert torch.equal(p, fresh.banks[key].params[n])
+    assert layer.end_epoch(0.2).stage.tolist() == fresh.end_epoch(0.2).stage.tolist()
+
+
+def test_dtype_casts_keep_float32_blueprints_and_float64_accumulators(make_layer, drive):
+    layer = make_layer()
+    drive(layer, 0, SeedStage.GRAFTING)
+    layer.to(torch.bfloat16)
+    assert layer.host.weight.dtype == torch.bfloat16
+    assert layer.alpha.dtype == torch.float32 and layer.telemetry.sum.dtype == torch.float64
+    assert layer.banks["1"].params["w1"].dtype == torch.float32
+    out = layer(torch.randn(4, 12, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert KasminaConfig() == layer.config
