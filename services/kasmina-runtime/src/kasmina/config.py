@@ -51,6 +51,8 @@ class KasminaConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name.endswith("_gain"):  # gain thresholds may be negative
+                continue
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"KasminaConfig.{f.name} must be >= 0, got {value}")
         if self.ramp_steps < 1 or self.telemetry_every < 1:

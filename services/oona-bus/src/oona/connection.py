@@ -1,0 +1,75 @@
+"""Connecting to Redis: bounded retries, PING before ready, the server version logged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from oona.errors import BusUnavailable, IncompatibleServer
+from oona.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+MIN_SERVER_VERSION = (6, 2)
+# What a reconnect can cure. BusyLoadingError (a restarted server loading its data) is a
+# ConnectionError subclass, so it is retried too.
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError)
+
+
+def client_for(settings: BusSettings) -> Redis:
+    """A redis-py asyncio client (bytes replies) that retries single commands on transient errors."""
+    if settings.url is None:
+        raise ValueError("settings.url is None: open the bus with oona.open_bus to use the "
+                         "embedded broker")
+    options: dict[str, Any] = {
+        "username": settings.username,
+        "password": settings.password,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "retry": RedisRetry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": list(TRANSIENT_ERRORS),
+        "health_check_interval": 30,
+    }
+    if settings.tls_enabled:
+        options.update(ssl_ca_certs=settings.tls_ca_file, ssl_certfile=settings.tls_cert_file,
+                       ssl_keyfile=settings.tls_key_file,
+                       ssl_cert_reqs="required" if settings.tls_verify else "none")
+    return Redis.from_url(settings.url, **options)
+
+
+async def connect(settings: BusSettings) -> Redis:
+    """A client that has answered PING, on a server >= 6.2; BusUnavailable after
+    `connect_attempts` tries with exponential backoff."""
+    client = client_for(settings)
+    delay = settings.connect_backoff_s
+    for attempt in range(1, settings.connect_attempts + 1):
+        try:
+            await client.ping()
+            info = await client.info("server")
+            break
+        except TRANSIENT_ERRORS as exc:
+            log.warning("redis at %s not ready (attempt %d/%d): %s", settings.redacted_url(),
+                        attempt, settings.connect_attempts, exc)
+            if attempt == settings.connect_attempts:
+                await client.aclose()
+                raise BusUnavailable(f"redis at {settings.redacted_url()} unreachable after "
+                                     f"{attempt} attempts") from exc
+            await asyncio.sleep(delay)
+            delay *= 2
+    version = str(info.get("redis_version", "0"))
+    if parse_version(version) < MIN_SERVER_VERSION:
+        await client.aclose()
+        raise IncompatibleServer(f"redis {version} at {settings.redacted_url()}; need >= 6.2")
+    log.info("connected to redis %s at %s", version, settings.redacted_url())
+    return client
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())

@@ -1,0 +1,322 @@
+"""Consuming a stream in a consumer group: at least once, deduplicated, dead-lettered.
+
+Per batch: XREADGROUP -> decode and check each entry (bad ones go straight to the DLQ) -> skip
+event_ids already handled -> fetch claim-checked payloads -> run the handler -> acknowledge and
+remember the handled event_ids in one atomic script. A handler that raises is retried after a
+delay (`Retry(delay_s)` chooses it); after `max_deliveries` the message is dead-lettered. Entries
+left pending by a dead consumer are reclaimed with XAUTOCLAIM and handed to the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from oona import dead_letters, metrics, scripts, streams
+from oona.connection import TRANSIENT_ERRORS
+from oona.contracts import schema_of
+from oona.envelope import (ENVELOPE_FIELD, check_schema, check_size, decode_envelope,
+                           parse_payload, verify_blob)
+from oona.errors import DeadLetterReason, InvalidMessage, Retry
+from oona.proto.kasmina.bus.v1.envelope_pb2 import Envelope
+from oona.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+_RECLAIM_PAGES = 10  # bounded reclaim work per round, so reading new messages never starves
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a handled message came from; `delivery_count` is 1 on the first delivery."""
+
+    stream: str
+    entry_id: str
+    envelope: Envelope
+    delivery_count: int
+
+
+Handler = Callable[[Any, Delivery], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    batch_size: int = 100
+    # Must stay below the client's socket timeout (BusSettings.socket_timeout_s).
+    block_ms: int = 1000
+    max_deliveries: int = 5
+    # Redelivery delay after a handler error (not Retry): doubles per delivery, capped.
+    retry_delay_s: float = 0.5
+    retry_delay_max_s: float = 30.0
+    # A message pending this long on any consumer is presumed abandoned and reclaimed.
+    reclaim_idle_ms: int = 30_000
+    reclaim_interval_s: float = 5.0
+    shutdown_grace_s: float = 10.0
+    # Where a new group starts: "0" = all retained history, "$" = only new messages.
+    start_id: str = "0"
+    reconnect_backoff_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= scripts.MAX_ACK_BATCH:
+            raise ValueError(f"batch_size must be in 1..{scripts.MAX_ACK_BATCH}")
+        if self.max_deliveries < 1:
+            raise ValueError("max_deliveries must be >= 1")
+
+
+class Consumer:
+    def __init__(self, redis: Redis, settings: BusSettings, *, stream: str, group: str,
+                 name: str, handlers: Mapping[type[Message], Handler],
+                 config: ConsumerConfig | None = None) -> None:
+        self.config = config or ConsumerConfig()
+        if self.config.block_ms >= settings.socket_timeout_s * 1000:
+            raise ValueError("block_ms must be below settings.socket_timeout_s")
+        self._redis = redis
+        self._settings = settings
+        self.stream, self.group, self.name = stream, group, name
+        self._family = streams.family(stream)
+        self._schemas = {schema_of(cls).message_type: schema_of(cls) for cls in handlers}
+        self._handlers = {schema_of(cls).message_type: (cls, h) for cls, h in handlers.items()}
+        self._ack_and_mark = redis.register_script(scripts.ACK_AND_MARK)
+        self._autoclaim_ids = redis.register_script(scripts.AUTOCLAIM_IDS)
+        self._retry_heap: list[tuple[float, str]] = []
+        self._retrying: set[str] = set()
+        self._next_reclaim = 0.0
+        self._stopping = False
+        self._stop_event: asyncio.Event | None = None
+
+    def _seen_key(self, event_id: str) -> str:
+        return f"oona:seen:{self.stream}:{self.group}:{event_id}"
+
+    async def ensure_group(self) -> None:
+        """Create the group (and the stream) unless it exists; safe to call from every member."""
+        try:
+            await self._redis.xgroup_create(self.stream, self.group, id=self.config.start_id,
+                                            mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def stop(self) -> None:
+        """Stop taking messages (call from the consumer's event loop, e.g. a SIGTERM handler)."""
+        self._stopping = True
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    async def run(self) -> None:
+        """Consume until `stop()`; then finish the batch in hand within `shutdown_grace_s`.
+        Whatever is still unacknowledged stays pending and is reclaimed by another member."""
+        self._stop_event = asyncio.Event()
+        if self._stopping:
+            return
+        await self.ensure_group()
+        loop_task = asyncio.create_task(self._loop())
+        stop_task = asyncio.create_task(self._stop_event.wait())
+        try:
+            await asyncio.wait({loop_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not loop_task.done():
+                try:
+                    await asyncio.wait_for(loop_task, self.config.shutdown_grace_s)
+                except TimeoutError:
+                    log.warning("%s: shutdown grace over; unacknowledged messages stay pending "
+                                "for reclaim", self.name)
+            else:
+                loop_task.result()
+        finally:
+            stop_task.cancel()
+            loop_task.cancel()
+
+    async def _loop(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            try:
+                await self.poll()
+                backoff = 0.05
+            except TRANSIENT_ERRORS as exc:
+                log.warning("%s: redis unavailable (%s); retrying in %.2fs", self.name, exc,
+                            backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.reconnect_backoff_max_s)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or group vanished (deleted, or a server restarted without data).
+                log.warning("%s: group %s missing on %s; recreating", self.name, self.group,
+                            self.stream)
+                await self.ensure_group()
+
+    async def poll(self, block_ms: int | None = None) -> int:
+        """One round: reclaim if due, redeliver due retries, read one batch. Returns how many
+        entries were processed (handled, deduplicated or dead-lettered)."""
+        processed = 0
+        if time.monotonic() >= self._next_reclaim:
+            processed += await self._reclaim()
+            self._next_reclaim = time.monotonic() + self.config.reclaim_interval_s
+        processed += await self._redeliver_due()
+        block = self.config.block_ms if block_ms is None else block_ms
+        if self._retry_heap:
+            block = min(block, max(1, int((self._retry_heap[0][0] - time.monotonic()) * 1000)))
+        reply = await self._redis.xreadgroup(self.group, self.name, {self.stream: ">"},
+                                             count=self.config.batch_size, block=block or None)
+        for _stream, entries in reply or ():
+            await self._process(entries, counts=None)
+            processed += len(entries)
+        return processed
+
+    async def _process(self, entries: Sequence[Entry], counts: Mapping[str, int] | None) -> None:
+        valid: list[tuple[str, Envelope, dict[bytes, bytes], int]] = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            count = counts[entry_id] if counts else 1
+            try:
+                envelope = decode_envelope(fields.get(ENVELOPE_FIELD), self._settings.signing_key)
+                check_schema(envelope, self._schemas)
+                check_size(envelope, self._settings.max_payload_bytes)
+            except InvalidMessage as exc:
+                await self._dead_letter(entry_id, fields, exc.reason, exc.detail, count)
+                continue
+            valid.append((entry_id, envelope, fields, count))
+        if not valid:
+            return
+        seen = await self._redis.mget([self._seen_key(v[1].event_id) for v in valid])
+        blobs = await self._fetch_blobs([v[1] for v in valid])
+        acks: list[str] = []
+        marks: list[str] = []
+        in_batch: set[str] = set()
+        duplicates = 0
+        for (entry_id, envelope, fields, count), was_seen in zip(valid, seen, strict=True):
+            if was_seen is not None or envelope.event_id in in_batch:
+                acks.append(entry_id)
+                duplicates += 1
+                continue
+            if count > self.config.max_deliveries:
+                await self._dead_letter(entry_id, fields, DeadLetterReason.MAX_DELIVERIES,
+                                        f"delivered {count} times without success", count)
+                continue
+            cls, handler = self._handlers[envelope.schema.message_type]
+            try:
+                payload = (verify_blob(envelope.payload_ref, blobs.get(envelope.payload_ref.key))
+                           if envelope.HasField("payload_ref") else envelope.payload)
+                message = parse_payload(cls, payload)
+            except InvalidMessage as exc:
+                await self._dead_letter(entry_id, fields, exc.reason, exc.detail, count)
+                continue
+            delivery = Delivery(self.stream, entry_id, envelope, count)
+            if await self._handle(handler, message, delivery, fields):
+                acks.append(entry_id)
+                marks.append(self._seen_key(envelope.event_id))
+                in_batch.add(envelope.event_id)
+        if acks:
+            await self._ack_and_mark(keys=[self.stream, *marks],
+                                     args=[self.group, self._settings.dedupe_ttl_s, *acks])
+            metrics.ACKED.labels(self._family).inc(len(acks) - duplicates)
+        if duplicates:
+            metrics.DUPLICATES.labels(self._family).inc(duplicates)
+
+    async def _fetch_blobs(self, envelopes: Sequence[Envelope]) -> dict[str, bytes | None]:
+        keys = list({e.payload_ref.key for e in envelopes if e.HasField("payload_ref")})
+        if not keys:
+            return {}
+        return dict(zip(keys, await self._redis.mget(keys), strict=True))
+
+    async def _handle(self, handler: Handler, message: Message, delivery: Delivery,
+                      fields: dict[bytes, bytes]) -> bool:
+        metrics.CONSUMED.labels(self._family).inc()
+        started = time.perf_counter()
+        try:
+            await handler(message, delivery)
+            return True
+        except Retry as exc:
+            delay, error = exc.delay_s, str(exc)
+        except Exception as exc:  # a handler bug must not kill the consumer: retry, then DLQ
+            log.warning("%s: handler failed on %s (delivery %d)", self.name, delivery.entry_id,
+                        delivery.delivery_count, exc_info=True)
+            delay = min(self.config.retry_delay_s * 2 ** (delivery.delivery_count - 1),
+                        self.config.retry_delay_max_s)
+            error = repr(exc)
+        finally:
+            metrics.HANDLER_SECONDS.labels(self._family).observe(time.perf_counter() - started)
+        if delivery.delivery_count >= self.config.max_deliveries:
+            await self._dead_letter(delivery.entry_id, fields, DeadLetterReason.MAX_DELIVERIES,
+                                    f"after {delivery.delivery_count} deliveries: {error}",
+                                    delivery.delivery_count)
+        else:
+            heapq.heappush(self._retry_heap, (time.monotonic() + delay, delivery.entry_id))
+            self._retrying.add(delivery.entry_id)
+        return False
+
+    async def _dead_letter(self, entry_id: str, fields: Mapping[bytes, bytes] | None,
+                           reason: DeadLetterReason, detail: str, deliveries: int) -> None:
+        letter = dead_letters.record(fields, stream=self.stream, original_id=entry_id,
+                                     reason=reason, detail=detail, deliveries=deliveries,
+                                     group=self.group, consumer=self.name)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(streams.dead_letters(self.stream), letter,  # type: ignore[arg-type]
+                      maxlen=self._settings.stream_maxlen, approximate=True)
+            pipe.xack(self.stream, self.group, entry_id)
+            await pipe.execute()
+        metrics.DEAD_LETTERED.labels(self._family, reason.value).inc()
+        log.warning("%s: %s %s -> %s (%s: %s)", self.name, self.stream, entry_id,
+                    streams.dead_letters(self.stream), reason.value, detail)
+
+    async def _redeliver_due(self) -> int:
+        now = time.monotonic()
+        due: list[str] = []
+        while self._retry_heap and self._retry_heap[0][0] <= now:
+            _, entry_id = heapq.heappop(self._retry_heap)
+            if entry_id in self._retrying:
+                self._retrying.discard(entry_id)
+                due.append(entry_id)
+        return await self._claim_and_process(due) if due else 0
+
+    async def _reclaim(self) -> int:
+        """Take over entries idle longer than reclaim_idle_ms on any member (ourselves included)."""
+        processed, cursor = 0, "0-0"
+        for _ in range(_RECLAIM_PAGES):
+            reply = await self._autoclaim_ids(
+                keys=[self.stream],
+                args=[self.group, self.name, self.config.reclaim_idle_ms, cursor,
+                      self.config.batch_size])
+            page = scripts.parse_autoclaim_reply(reply)
+            if page.deleted:
+                log.warning("%s: %d pending entries of %s were trimmed before being handled",
+                            self.name, len(page.deleted), self.stream)
+            if page.claimed:
+                self._retrying.difference_update(page.claimed)
+                processed += await self._claim_and_process(page.claimed)
+            cursor = page.cursor
+            if cursor == "0-0":
+                break
+        return processed
+
+    async def _claim_and_process(self, entry_ids: list[str]) -> int:
+        # XCLAIM bumps each entry's delivery counter once; XPENDING then reads it.
+        claimed = await self._redis.xclaim(self.stream, self.group, self.name, 0, entry_ids)
+        present: list[Entry] = [(i, f) for i, f in claimed if i is not None]
+        gone = set(entry_ids) - {i.decode() for i, _ in present}
+        if gone:
+            # Redis 6.2 keeps deleted (trimmed) entries pending forever: nothing left to handle.
+            log.warning("%s: %d pending entries of %s were trimmed before being handled",
+                        self.name, len(gone), self.stream)
+            await self._redis.xack(self.stream, self.group, *gone)
+        if not present:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in present:
+                pipe.xpending_range(self.stream, self.group, entry_id, entry_id, 1)
+            pending = await pipe.execute()
+        counts = {rows[0]["message_id"].decode(): rows[0]["times_delivered"]
+                  for rows in pending if rows}
+        still_ours = [(i, f) for i, f in present if i.decode() in counts]
+        metrics.REDELIVERED.labels(self._family).inc(len(still_ours))
+        await self._process(still_ours, counts)
+        return len(still_ours)

@@ -1,0 +1,89 @@
+"""Dead-letter records (`<stream>.dlq`): writing, listing and replaying them.
+
+A dead letter is the original entry's fields, verbatim, plus `dlq.*` fields saying why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from oona import streams
+
+_PREFIX = b"dlq."
+_DETAIL_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    entry_id: str
+    stream: str
+    original_id: str
+    reason: str
+    detail: str
+    deliveries: int
+    group: str
+    consumer: str
+    dead_at_ms: int
+    original_fields: dict[bytes, bytes]
+
+
+def record(fields: Mapping[bytes, bytes] | None, *, stream: str, original_id: str, reason: str,
+           detail: str, deliveries: int, group: str, consumer: str) -> dict[bytes, bytes | str]:
+    out: dict[bytes, bytes | str] = dict(fields or {})
+    out.update({
+        b"dlq.stream": stream,
+        b"dlq.original_id": original_id,
+        b"dlq.reason": reason,
+        b"dlq.detail": detail[:_DETAIL_LIMIT],
+        b"dlq.deliveries": str(deliveries),
+        b"dlq.group": group,
+        b"dlq.consumer": consumer,
+        b"dlq.dead_at_ms": str(time.time_ns() // 1_000_000),
+    })
+    return out
+
+
+def parse(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> DeadLetter:
+    def text(name: str) -> str:
+        return fields.get(_PREFIX + name.encode(), b"").decode(errors="replace")
+
+    return DeadLetter(
+        entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        stream=text("stream"), original_id=text("original_id"), reason=text("reason"),
+        detail=text("detail"), deliveries=int(text("deliveries") or 0), group=text("group"),
+        consumer=text("consumer"), dead_at_ms=int(text("dead_at_ms") or 0),
+        original_fields={k: v for k, v in fields.items() if not k.startswith(_PREFIX)},
+    )
+
+
+async def list_dead_letters(redis: Redis, stream: str, count: int = 100,
+                            start: str = "-") -> list[DeadLetter]:
+    entries = await redis.xrange(streams.dead_letters(stream), min=start, count=count)
+    return [parse(entry_id, fields) for entry_id, fields in entries]
+
+
+async def get_dead_letter(redis: Redis, stream: str, entry_id: str) -> DeadLetter | None:
+    entries = await redis.xrange(streams.dead_letters(stream), min=entry_id, max=entry_id)
+    return parse(*entries[0]) if entries else None
+
+
+async def replay(redis: Redis, stream: str, entry_ids: Sequence[str]) -> list[str]:
+    """Re-publish dead letters to their stream verbatim (same event_id) and remove them from the
+    DLQ, atomically per letter; returns the new entry ids. Fix the cause first: a letter that
+    fails again comes back after max_deliveries."""
+    new_ids = []
+    dlq = streams.dead_letters(stream)
+    for entry_id in entry_ids:
+        letter = await get_dead_letter(redis, stream, entry_id)
+        if letter is None:
+            raise KeyError(f"no dead letter {entry_id} in {dlq}")
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, letter.original_fields)  # type: ignore[arg-type]
+            pipe.xdel(dlq, entry_id)
+            new_id, _ = await pipe.execute()
+        new_ids.append(new_id.decode())
+    return new_ids

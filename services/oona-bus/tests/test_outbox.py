@@ -1,0 +1,81 @@
+"""The outbox: telemetry never blocks and drops oldest; reliable messages are never dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from oona import Outbox, OutboxConfig, OutboxFull, OutboxThread, open_bus, streams
+from oona.contracts import Envelope, EpochEvent, FieldReport, LayerHealthReport
+from oona.envelope import ENVELOPE_FIELD
+
+
+def _dropped() -> float:
+    value = REGISTRY.get_sample_value("oona_dropped_total",
+                                      {"stream": streams.TELEMETRY_SEED_HEALTH})
+    return value or 0.0
+
+
+def test_full_telemetry_lane_drops_oldest_and_counts_without_blocking(settings):
+    outbox = Outbox(settings, "k", OutboxConfig(telemetry_capacity=10))
+    before = _dropped()
+    started = time.perf_counter()
+    for epoch in range(25):
+        outbox.put_telemetry(streams.TELEMETRY_SEED_HEALTH, LayerHealthReport(epoch=epoch))
+    assert time.perf_counter() - started < 1.0
+    assert (outbox.dropped, outbox.depth) == (15, 10)
+    assert _dropped() - before == 15
+    assert outbox.abandon() == 10
+
+
+def test_full_reliable_lane_applies_backpressure_then_raises(settings):
+    outbox = Outbox(settings, "k", OutboxConfig(reliable_capacity=2))
+    outbox.put(streams.FIELD_REPORTS, FieldReport(report_id="1"))
+    outbox.put(streams.FIELD_REPORTS, FieldReport(report_id="2"))
+    started = time.perf_counter()
+    with pytest.raises(OutboxFull):
+        outbox.put(streams.FIELD_REPORTS, FieldReport(report_id="3"), timeout=0.2)
+    assert time.perf_counter() - started >= 0.2
+    assert outbox.depth == 2
+
+
+def test_drain_publishes_both_lanes_and_newest_telemetry_survives(settings, stream):
+    async def body() -> None:
+        outbox = Outbox(settings, "k", OutboxConfig(telemetry_capacity=5, batch_size=3))
+        for epoch in range(8):
+            outbox.put_telemetry(stream, LayerHealthReport(epoch=epoch))
+        outbox.put(stream, FieldReport(report_id="r"))
+        outbox.close()
+        async with open_bus(settings) as bus:
+            await outbox.drain(bus.publisher("k"))
+            entries = await bus.redis.xrange(stream)
+        assert outbox.depth == 0
+        envelopes = [Envelope.FromString(fields[ENVELOPE_FIELD]) for _, fields in entries]
+        # Reliable first, then the five newest telemetry reports, in order.
+        assert FieldReport.FromString(envelopes[0].payload).report_id == "r"
+        assert [LayerHealthReport.FromString(e.payload).epoch for e in envelopes[1:]] == [
+            3, 4, 5, 6, 7]
+
+    asyncio.run(body())
+
+
+def test_outbox_thread_serves_synchronous_code_from_another_thread(settings, stream):
+    with OutboxThread(settings, "trainer") as outbox:
+        producers = [threading.Thread(target=lambda k=k: [
+            outbox.put(stream, EpochEvent(job_id=f"{k}", epoch=i)) for i in range(200)])
+            for k in range(3)]
+        for t in producers:
+            t.start()
+        for t in producers:
+            t.join()
+        assert outbox.flush(timeout=10)
+
+    async def count() -> int:
+        async with open_bus(settings) as bus:
+            return int(await bus.redis.xlen(stream))
+
+    assert asyncio.run(count()) == 600

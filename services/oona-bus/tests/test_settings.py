@@ -1,0 +1,41 @@
+"""Typed settings from a DSN and from the environment; stream names and metric labels."""
+
+from __future__ import annotations
+
+import pytest
+
+from oona import streams
+from oona.settings import BusSettings
+
+
+def test_from_dsn_reads_credentials_and_tls_options():
+    s = BusSettings.from_dsn("rediss://fleet:s%40cret@redis.example:6380/2"
+                             "?ssl_ca_certs=/ca.pem&ssl_cert_reqs=none")
+    assert (s.username, s.password, s.tls_enabled, s.tls_ca_file, s.tls_verify) == (
+        "fleet", "s@cret", True, "/ca.pem", False)
+    assert s.redacted_url() == ("rediss://fleet:***@redis.example:6380/2"
+                                "?ssl_ca_certs=/ca.pem&ssl_cert_reqs=none")
+
+
+def test_from_env_without_url_means_embedded_and_reads_overrides():
+    s = BusSettings.from_env({"OONA_SIGNING_KEY": "k", "OONA_STREAM_MAXLEN": "500"})
+    assert (s.url, s.signing_key, s.stream_maxlen) == (None, b"k", 500)
+    s = BusSettings.from_env({"OONA_REDIS_URL": "redis://h:1/0", "OONA_REDIS_PASSWORD": "pw"})
+    assert (s.url, s.password, s.tls_enabled) == ("redis://h:1/0", "pw", False)
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError):
+        BusSettings.from_dsn("http://h")
+    with pytest.raises(ValueError):
+        BusSettings(claim_check_bytes=10, max_payload_bytes=5)
+
+
+def test_stream_names_and_bounded_metric_labels():
+    assert streams.commands("job-7") == "control.kasmina.commands.{job-7}"
+    assert streams.dead_letters(streams.FIELD_REPORTS) == "innovation.field_reports.dlq"
+    assert streams.family(streams.commands("a")) == streams.family(streams.commands("b"))
+    assert streams.family(streams.commands("a") + ".dlq") == "control.kasmina.commands.dlq"
+    assert streams.family("test.random-name") == "other"
+    with pytest.raises(ValueError):
+        streams.commands("bad{id}")
