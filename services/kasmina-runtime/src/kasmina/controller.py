@@ -26,6 +26,7 @@ from torch import nn
 
 from .blueprints import get_blueprint
 from .events import LifecycleEvent, SeedOutcome
+from .gates import gate_reason
 from .lifecycle import ACTIVE_STAGES, LifecycleError, SeedStage
 from .plan import STAGE
 from .telemetry import LayerHealthReport
@@ -82,7 +83,8 @@ class LocalController:
         self.reports = [layer.end_epoch(val_metric) for layer in self.layers]
         for layer in self.layers:
             for seed_id, target in sorted(layer.readiness().items()):
-                layer.transition(seed_id, target, reason="gate passed")
+                reason = gate_reason(layer.stage_of(seed_id), target)
+                layer.transition(seed_id, target, reason=reason)
         if self._plateaued(val_metric):
             self._germinate()
         for layer in self.layers:

@@ -41,3 +41,22 @@ def evaluate_gates(stage: np.ndarray, epochs: np.ndarray, steps: np.ndarray,
     set_ready(judged & (gain >= cfg.fossilize_min_gain), S.FOSSILIZED)
     set_ready(judged, S.CULLED)
     return {int(i): S(int(ready[i])) for i in np.flatnonzero(ready >= 0)}
+
+
+_REASONS = {
+    (S.TRAINING, S.GRAFTING): "reconstruction gate passed",
+    (S.TRAINING, S.CULLED): "reconstruction gate not passed within max_training_epochs",
+    (S.GRAFTING, S.STABILIZATION): "alpha reached 1",
+    (S.STABILIZATION, S.EVALUATING): "stable for stabilization_epochs",
+    (S.EVALUATING, S.FINE_TUNING): "contribution above evaluation_min_gain",
+    (S.EVALUATING, S.CULLED): "contribution not above evaluation_min_gain",
+    (S.FINE_TUNING, S.FOSSILIZED): "gain since germination reached fossilize_min_gain",
+    (S.FINE_TUNING, S.CULLED): "gain since germination below fossilize_min_gain",
+}
+
+
+def gate_reason(current: S, target: S) -> str:
+    """Why a gate made a seed ready for `target` (for events and field reports)."""
+    if target is S.ROLLED_BACK:
+        return "safety: drift or gradient-norm limit exceeded"
+    return _REASONS.get((current, target), "gate passed")
