@@ -15,6 +15,7 @@ from torch import nn
 from .bank import BlueprintBank
 from .blueprints import get_blueprint
 from .config import KasminaConfig
+from .lifecycle import SeedStage
 from .plan import STAGE, ForwardPlan, build_plan
 from .seeds import SeedLifecycleMixin
 from .strategies import GraftContext, get_strategy
@@ -228,6 +229,5 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
 
     @property
     def stage_counts(self) -> dict[str, int]:
-        from .lifecycle import SeedStage
         values, counts = np.unique(self._mirror[:, STAGE], return_counts=True)
         return {SeedStage(int(v)).name: int(c) for v, c in zip(values, counts, strict=True)}

@@ -33,7 +33,7 @@ TRAINABLE_STAGES = frozenset({S.TRAINING, S.GRAFTING, S.FINE_TUNING, S.FOSSILIZE
 # A seed that ends here produces a field report.
 TERMINAL_OUTCOMES = frozenset({S.FOSSILIZED, S.CULLED, S.ROLLED_BACK, S.CANCELLED})
 
-_ROLLBACK_FROM = (S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING)
+ROLLBACK_FROM = (S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING)
 
 # from -> allowed targets. The only move outside this table is the operator reset
 # ROLLED_BACK -> DORMANT, which needs force (see `check_transition`).
@@ -55,7 +55,7 @@ TRANSITIONS: dict[SeedStage, frozenset[SeedStage]] = {
 UNGATED = frozenset({(S.GERMINATED, S.TRAINING), (S.GERMINATED, S.CANCELLED),
                      (S.TRAINING, S.CANCELLED)}
                     | {(s, S.CULLED) for s in (S.TRAINING, S.EVALUATING, S.FINE_TUNING)}
-                    | {(s, S.ROLLED_BACK) for s in _ROLLBACK_FROM})
+                    | {(s, S.ROLLED_BACK) for s in ROLLBACK_FROM})
 
 
 class LifecycleError(ValueError):

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .blueprints import get_blueprint
+from .blueprints import BlueprintSpec, get_blueprint
 from .events import LifecycleEvent, SeedOutcome, SeedRecord
 from .gates import evaluate_gates
-from .lifecycle import (ACTIVE_STAGES, RUNNING_STAGES, TERMINAL_OUTCOMES, UNGATED,
+from .lifecycle import (ACTIVE_STAGES, ROLLBACK_FROM, RUNNING_STAGES, TERMINAL_OUTCOMES, UNGATED,
                         BlueprintDoesNotFitError, CapacityError, EmbargoError, GateNotPassedError,
                         InvalidTransitionError, LifecycleError, SeedStage, UnknownSeedError,
                         check_transition)
@@ -74,7 +74,7 @@ class SeedLifecycleMixin:
         return outcomes
 
     # ---------------------------------------------------------------- commands
-    def germinate(self, seed_id: int, blueprint: object = "residual_mlp",
+    def germinate(self, seed_id: int, blueprint: str | int | BlueprintSpec = "residual_mlp",
                   strategy: str | int = "fixed_ramp") -> None:
         """DORMANT -> GERMINATED with a blueprint; raises a `LifecycleError` when refused."""
         seed_id = self._check_seed(seed_id)
@@ -103,7 +103,8 @@ class SeedLifecycleMixin:
                                             self._last_metric)
         self._move(seed_id, S.GERMINATED, "germination request")
 
-    def request_germination(self, seed_id: int, blueprint: object = "residual_mlp",
+    def request_germination(self, seed_id: int,
+                            blueprint: str | int | BlueprintSpec = "residual_mlp",
                             strategy: str | int = "fixed_ramp") -> bool:
         try:
             self.germinate(seed_id, blueprint, strategy)
@@ -176,7 +177,9 @@ class SeedLifecycleMixin:
         self._epoch += 1
         self._mirror[:, EPOCHS_IN_STAGE] += 1
         stage = self._mirror[:, STAGE]
-        for seed_id in np.flatnonzero((nonfinite > 0) & np.isin(stage, list(RUNNING_STAGES))):
+        # A FOSSILIZED seed cannot be rolled back (terminal): its non-finite outputs stay masked
+        # step by step.
+        for seed_id in np.flatnonzero((nonfinite > 0) & np.isin(stage, list(ROLLBACK_FROM))):
             self._move(int(seed_id), S.ROLLED_BACK, "safety: non-finite output or gradient")
         self.nonfinite.zero_()
         for seed_id in np.flatnonzero(np.isin(stage, [S.CULLED, S.CANCELLED])):
