@@ -4,7 +4,7 @@ PY       := .venv/bin/python
 PYPROJ   := $(sort $(wildcard services/*/pyproject.toml))
 SERVICES := $(patsubst %/pyproject.toml,%,$(PYPROJ))
 
-.PHONY: setup run test test-all bench lint clean
+.PHONY: setup run test bench lint clean
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt $(PYPROJ)
@@ -20,7 +20,7 @@ test: setup
 	$(PY) -m pytest $(ARGS)
 
 bench: setup
-	$(PY) benchmarks/bench_dormant_cpu.py
+	$(PY) benchmarks/bench_dormant.py --device cpu
 
 lint: setup
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check services tests benchmarks examples

@@ -39,3 +39,12 @@ def _make_layer_fixture():
 @pytest.fixture(name="drive")
 def _drive_fixture():
     return drive
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
