@@ -56,11 +56,13 @@ def block_time(fn, reps: int, device: str) -> float:
 
 
 def peak_bytes(fn, device: str) -> int:
+    """Peak over 10 calls, so a telemetry step (every 10th at most) is among them."""
     if device != "cuda":
         return 0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    fn()
+    for _ in range(10):
+        fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
 

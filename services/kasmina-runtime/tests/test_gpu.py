@@ -27,6 +27,7 @@ def busy_layer(dtype: torch.dtype) -> KasminaLayer:
     return layer.to("cuda", dtype)
 
 
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_step_never_synchronises(dtype):
     layer = busy_layer(dtype).train()

@@ -31,6 +31,7 @@ def ops_per_step(num_seeds: int, active: int) -> list[str]:
         e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
 
 
+@pytest.mark.filterwarnings("ignore:Warning. Profiler clears events")  # newer torch
 @pytest.mark.parametrize("active", [0, 3])
 def test_op_count_does_not_grow_with_num_seeds(active):
     small, large = ops_per_step(8, active), ops_per_step(2048, active)
