@@ -68,7 +68,7 @@ def test_dtype_casts_keep_float32_blueprints_and_float64_accumulators(make_layer
     drive(layer, 0, SeedStage.GRAFTING)
     layer.to(torch.bfloat16)
     assert layer.host.weight.dtype == torch.bfloat16
-    assert layer.alpha.dtype == torch.float32 and layer.telemetry.sum.dtype == torch.float64
+    assert layer.alpha.dtype == torch.float32 and layer.telemetry.columns.dtype == torch.float64
     assert layer.banks["1"].params["w1"].dtype == torch.float32
     out = layer(torch.randn(4, 12, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16

@@ -38,9 +38,9 @@ def test_buffers_are_registered_with_documented_shapes():
     assert buffers["state"].dtype == torch.int32 and buffers["state"].shape == (7, 4)
     assert buffers["alpha"].dtype == torch.float32 and buffers["alpha"].shape == (7,)
     assert (buffers["state"][:, 1] == -1).all() and (buffers["state"][:, 3] == -1).all()
-    for name in ("telemetry.sum", "telemetry.sumsq", "telemetry.count", "telemetry.dead"):
-        assert buffers[name].shape == (7,)
-    assert {"state", "alpha", "telemetry.sum"} <= set(layer.state_dict())
+    assert buffers["telemetry.columns"].shape == (3, 31)  # per feature: sum, squares, dead
+    assert buffers["telemetry.corr_prod"].shape[0] == 7
+    assert {"state", "alpha", "telemetry.columns"} <= set(layer.state_dict())
 
 
 def test_chunk_size_one_and_thousands_of_seeds_work():

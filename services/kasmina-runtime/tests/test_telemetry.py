@@ -64,13 +64,13 @@ def test_accumulators_reset_each_epoch_and_report_nan_when_unmeasured():
     assert np.isnan(report.chunk_variance).all()
     feed(layer, [torch.randn(5, 4)])
     assert not np.isnan(layer.end_epoch().chunk_variance).any()
-    assert float(layer.telemetry.count.sum()) == 0
+    assert float(layer.telemetry.rows) == 0 and float(layer.telemetry.columns.abs().sum()) == 0
 
 
 def test_telemetry_every_samples_steps():
     layer = KasminaLayer(nn.Linear(4, 10), 2, KasminaConfig(telemetry_every=3))
     feed(layer, [torch.randn(5, 4) for _ in range(7)])  # steps 0, 3, 6 accumulate
-    assert float(layer.telemetry.count[0]) == 3 * 5 * 5
+    assert float(layer.telemetry.rows) == 3 * 5
 
 
 def test_health_report_is_typed_and_has_stage_metrics(make_layer, drive):

@@ -47,6 +47,9 @@ class KasminaConfig:
     dead_threshold: float = 1e-6
     correlation_features: int = 16
     correlation_rows: int = 256
+    # "auto": fused Triton kernels on CUDA, the PyTorch reference elsewhere; "triton" or
+    # "torch" forces one (the two agree to kasmina.kernels.tolerances.TOLERANCES).
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -59,6 +62,8 @@ class KasminaConfig:
             raise ValueError("KasminaConfig.ramp_steps and telemetry_every must be >= 1")
         if self.grad_norm_lower > self.grad_norm_upper:
             raise ValueError("KasminaConfig.grad_norm_lower must be <= grad_norm_upper")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"KasminaConfig.kernels must be auto, triton or torch: {self.kernels!r}")
         if not 0.0 <= self.drift_ema < 1.0:
             raise ValueError("KasminaConfig.drift_ema must be in [0, 1)")
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import kernels
 from .bank import BlueprintBank
 from .blueprints import get_blueprint
 from .config import KasminaConfig
@@ -92,13 +93,13 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.host(x)  # (..., F)
         plan: ForwardPlan = self._plan
-        tracking = self.training and self._step % self.config.telemetry_every == 0
+        tracking = self.training and self._tracking_step
         if not (tracking or plan.num_running):
             return h
         h2 = h.reshape(-1, h.shape[-1])  # (N, F)
-        if tracking:
-            self.telemetry.accumulate(h2.detach())
-        if not plan.num_running:
+        thr = self.config.dead_threshold
+        if not plan.num_running:  # dormant layer: telemetry only, a read-only pass
+            self.telemetry.add(kernels.column_stats(h2.detach(), thr, self._triton), h2.detach())
             return h
         n, a, c = h2.shape[0], plan.num_running, self.chunk_width
         hg = h2.index_select(1, plan.gather_idx).view(n, a, c).transpose(0, 1)  # (A, N, C)
@@ -108,7 +109,7 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
         if plan.valid is not None:
             xs = xs * plan.valid
         y = torch.cat([self.banks[key](xs[s:e], plan.slots[s:e])
-                       for key, s, e in plan.segments])  # (A, N, C) float32
+                       for key, s, e in plan.segments]).contiguous()  # (A, N, C) float32
         with torch.no_grad():
             ok = torch.isfinite(y).flatten(1).all(1)  # (A,)
             bad = self.nonfinite.index_select(0, plan.seeds) | ~ok
@@ -117,16 +118,16 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
         loss = None
         if plan.has_train and self.training and torch.is_grad_enabled():
             loss = self._reconstruction_loss(xs, y, plan, ok)
-        out = h
+        out, stats = h, None
         if plan.has_blend:
-            alpha = self.alpha.index_select(0, plan.seeds) * plan.blend
-            alpha = torch.where(ok, alpha, 0.0).view(a, 1, 1)
-            y_safe = torch.where(ok.view(a, 1, 1), y, 0.0)
-            blended = (1 - alpha) * hg.float() + alpha * y_safe  # (A, N, C)
-            vals = blended.to(h.dtype).transpose(0, 1).reshape(n, a * c)
-            if plan.write_pos is not None:
-                vals = vals.index_select(1, plan.write_pos)
-            out = h2.index_copy(1, plan.write_idx, vals).view_as(h)
+            alpha = torch.where(ok, self.alpha.index_select(0, plan.seeds) * plan.blend, 0.0)
+            out2, stats = kernels.chunk_blend(h2, y, alpha, plan.feat, plan.run_of, plan.pos_of,
+                                              tracking, thr, self._triton)
+            out = out2.view_as(h)
+        elif tracking:
+            stats = kernels.column_stats(h2.detach(), thr, self._triton)
+        if tracking:
+            self.telemetry.add(stats, h2.detach())
         if loss is not None:
             out = _AttachLoss.apply(out, loss)
         return out
@@ -153,6 +154,7 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
         """Report one training step (call once, after the host optimizer's step): the seeds'
         optimizer steps, grafting alphas move, step counters advance."""
         self._step += 1
+        self._tracking_step = self._step % self.config.telemetry_every == 0
         plan: ForwardPlan = self._plan
         if not plan.num_running:
             return
@@ -186,6 +188,7 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
         return self.banks[key]
 
     def _rebuild_plan(self) -> None:
+        self._triton = kernels.use_triton(self.config.kernels, self.alpha.device)
         self._plan = build_plan(
             self._mirror, self._slot, self.chunks, self.chunk_width,
             {k: b.capacity for k, b in self.banks.items()}, self.config.isolate_host_in_blend,

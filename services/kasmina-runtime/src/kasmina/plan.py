@@ -22,8 +22,9 @@ class ForwardPlan:
     segments: list[tuple[str, int, int]] = field(default_factory=list)  # (bank key, start, end)
     gather_idx: torch.Tensor | None = None  # (A * C,) host feature of each chunk position
     valid: torch.Tensor | None = None  # (A, 1, C) 1.0 on real features; None if no padding
-    write_pos: torch.Tensor | None = None  # positions of real features in the (A * C) layout
-    write_idx: torch.Tensor | None = None  # their host features
+    feat: torch.Tensor | None = None  # (M,) host features of the running seeds
+    run_of: torch.Tensor | None = None  # (F,) int32 running index of each feature's seed, or -1
+    pos_of: torch.Tensor | None = None  # (F,) int32 position of each feature in its chunk
     sizes: torch.Tensor | None = None  # (A,) chunk widths, float
     blend: torch.Tensor | None = None  # (A,) 1.0 where the seed's output is blended in
     train: torch.Tensor | None = None  # (A,) bool, TRAINING (reconstruction loss)
@@ -62,15 +63,19 @@ def build_plan(state: np.ndarray, slot: np.ndarray, chunks: list[tuple[int, int]
     def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(a).to(device=device, dtype=dtype)
 
-    flat_valid = valid.reshape(-1)
-    padded = not flat_valid.all()
+    features = chunks[-1][1]
+    run_of = np.full(features, -1, dtype=np.int32)
+    pos_of = np.zeros(features, dtype=np.int32)
+    feat = gather[valid]  # (M,)
+    run_of[feat] = np.repeat(np.arange(len(running)), sizes)
+    pos_of[feat] = np.broadcast_to(pos, valid.shape)[valid]
+    padded = not valid.all()
     plan = ForwardPlan(
         num_running=len(running), seeds=t(running, torch.long),
         slots=t(slot[running], torch.long), segments=segments,
         gather_idx=t(gather.reshape(-1), torch.long),
         valid=t(valid[:, None, :], torch.float32) if padded else None,
-        write_pos=t(np.flatnonzero(flat_valid), torch.long) if padded else None,
-        write_idx=t(gather.reshape(-1)[flat_valid], torch.long),
+        feat=t(feat, torch.long), run_of=t(run_of, torch.int32), pos_of=t(pos_of, torch.int32),
         sizes=t(sizes, torch.float32), blend=t(blend, torch.float32), train=t(train, torch.bool),
         through=t(through[:, None, None], torch.float32) if through.any() else None,
         has_blend=bool(blend.any()), has_train=bool(train.any()))

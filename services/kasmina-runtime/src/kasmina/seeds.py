@@ -37,6 +37,7 @@ class SeedLifecycleMixin:
         self._counterfactual: set[int] = set()
         self._epoch = 0
         self._step = 0
+        self._tracking_step = True
         self._last_metric: float | None = None
         self._events: list[LifecycleEvent] = []
         self._outcomes: list[SeedOutcome] = []
@@ -295,6 +296,7 @@ class SeedLifecycleMixin:
 
     def set_extra_state(self, extra: dict) -> None:
         self._epoch, self._step = int(extra["epoch"]), int(extra["step"])
+        self._tracking_step = self._step % self.config.telemetry_every == 0
         self._last_metric = extra["last_metric"]
         self.layer_id = self.layer_id or extra["layer_id"]
         self._readiness = {int(k): S(v) for k, v in extra["readiness"].items()}

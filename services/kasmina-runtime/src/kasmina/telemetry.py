@@ -1,8 +1,8 @@
 """On-device per-seed telemetry (DESIGN §3.4) and the typed `LayerHealthReport`.
 
-The forward pass adds into device buffers (per-feature reductions, then one segment-sum into
-seeds); nothing is read back until `summarize`, which runs at an epoch boundary and makes one
-transfer. Correlation is sampled: at most `correlation_features` evenly spaced features of each
+The forward pass adds per-feature column statistics (from `kasmina.kernels`) into device
+buffers; nothing is read back until `summarize`, which runs at an epoch boundary, sums features
+into seeds and makes one transfer. Correlation is sampled: at most `correlation_features` evenly spaced features of each
 chunk and the first `correlation_rows` rows of each accumulated batch.
 """
 
@@ -26,8 +26,7 @@ class SeedTelemetry(nn.Module):
         sizes = torch.tensor([e - s for s, e in chunks], dtype=torch.float64)
         widest = int(sizes.max())
         self.k = k = max(1, min(cfg.correlation_features, widest))
-        self.rows = cfg.correlation_rows
-        self.dead_threshold = cfg.dead_threshold
+        self.rows_sampled = cfg.correlation_rows
         starts = torch.tensor([s for s, _ in chunks])
         seed_of = torch.repeat_interleave(torch.arange(num_seeds), sizes.long())  # (F,)
         # k evenly spaced (distinct) features per chunk; a chunk narrower than k takes all its
@@ -41,31 +40,23 @@ class SeedTelemetry(nn.Module):
                         ("corr_valid", valid)):
             self.register_buffer(name, t.to(device), persistent=False)
         f64 = dict(dtype=torch.float64, device=device)
-        self.register_buffer("sum", torch.zeros(num_seeds, **f64))
-        self.register_buffer("sumsq", torch.zeros(num_seeds, **f64))
-        self.register_buffer("count", torch.zeros(num_seeds, **f64))
-        self.register_buffer("dead", torch.zeros(num_seeds, **f64))
+        features = int(sizes.sum())
+        # Per host feature: sum, sum of squares, count of |x| < dead_threshold; summed into
+        # seeds only at the epoch boundary, so the step's pass needs no per-seed reduction.
+        self.register_buffer("columns", torch.zeros(3, features, **f64))
+        self.register_buffer("rows", torch.zeros((), **f64))
         self.register_buffer("corr_sum", torch.zeros(num_seeds, k, **f64))
         self.register_buffer("corr_prod", torch.zeros(num_seeds, k, k, **f64))
         self.register_buffer("corr_n", torch.zeros((), **f64))
 
     @torch.no_grad()
-    def accumulate(self, h2: torch.Tensor) -> None:
-        """h2: (N, F) host output of one step."""
-        n = h2.shape[0]
-        hf = h2 if h2.dtype == torch.float32 else h2.float()  # accumulate in float32 at least
-        # Measured on 2 EPYC cores, 2048 x 1024: (h*h).sum(0) 2.4 ms vs vector_norm(dim=0)
-        # 28 ms; count_nonzero(dim=0) 6 ms vs bool .sum(0) 40 ms.
-        col_sum = hf.sum(0)  # (F,)
-        col_sq = (hf * hf).sum(0)
-        col_dead = torch.count_nonzero(hf.abs() < self.dead_threshold, dim=0)
-        self.sum.index_add_(0, self.seed_of, col_sum.double())
-        self.sumsq.index_add_(0, self.seed_of, col_sq.double())
-        self.dead.index_add_(0, self.seed_of, col_dead.double())
-        self.count.add_(self.sizes, alpha=n)
+    def add(self, stats: torch.Tensor, h2: torch.Tensor) -> None:
+        """stats: (3, F) float32 column statistics of h2 (N, F), the host output of one step."""
+        self.columns += stats
+        self.rows += h2.shape[0]
         if self.k == 1:  # chunks of one feature have no pairs to correlate
             return
-        sample = hf[: self.rows].index_select(1, self.corr_idx)  # (R, S*k)
+        sample = h2[: self.rows_sampled].index_select(1, self.corr_idx).float()  # (R, S*k)
         sample = sample.view(sample.shape[0], -1, self.k) * self.corr_valid  # (R, S, k)
         self.corr_sum += sample.sum(0).double()
         self.corr_prod += torch.einsum("rsi,rsj->sij", sample, sample).double()
@@ -75,9 +66,12 @@ class SeedTelemetry(nn.Module):
     def summarize(self) -> dict[str, torch.Tensor]:
         """Per-seed (S,) float64 device tensors: chunk_variance, dead_ratio, mean_abs_correlation.
         NaN where nothing was accumulated."""
-        count = self.count.clamp(min=1)
-        mean = self.sum / count
-        var = (self.sumsq / count - mean.square()).clamp(min=0)
+        per_seed = self.columns.new_zeros(3, len(self.sizes)).index_add_(1, self.seed_of,
+                                                                         self.columns)
+        total, squares, dead = per_seed
+        count = (self.rows * self.sizes).clamp(min=1)
+        mean = total / count
+        var = (squares / count - mean.square()).clamp(min=0)
         n = self.corr_n.clamp(min=1)
         mu = self.corr_sum / n  # (S, k)
         cov = self.corr_prod / n - mu.unsqueeze(2) * mu.unsqueeze(1)  # (S, k, k)
@@ -88,16 +82,15 @@ class SeedTelemetry(nn.Module):
         corr = cov / (std.unsqueeze(2) * std.unsqueeze(1)).clamp(min=1e-24)
         abs_corr = torch.where(pair, corr.abs().clamp(max=1.0), 0.0).sum((1, 2))
         mean_abs_corr = abs_corr / pair.sum((1, 2)).clamp(min=1)
-        empty = self.count == 0
         nan = torch.full_like(var, float("nan"))
+        empty = self.rows == 0
         return {"chunk_variance": torch.where(empty, nan, var),
-                "dead_ratio": torch.where(empty, nan, self.dead / count),
+                "dead_ratio": torch.where(empty, nan, dead / count),
                 "mean_abs_correlation": torch.where(empty, nan, mean_abs_corr)}
 
     @torch.no_grad()
     def reset(self) -> None:
-        for t in (self.sum, self.sumsq, self.count, self.dead, self.corr_sum, self.corr_prod,
-                  self.corr_n):
+        for t in (self.columns, self.rows, self.corr_sum, self.corr_prod, self.corr_n):
             t.zero_()
 
 

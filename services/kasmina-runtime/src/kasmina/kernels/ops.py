@@ -1,0 +1,122 @@
+"""The chunked layer's fused pass as `torch.library` custom ops (fake + autograd registered, so
+`torch.compile` traces through them), and the switch between Triton and the PyTorch reference.
+
+- `kasmina::column_stats(h, dead_threshold) -> (3, F)`: telemetry of a layer with no running
+  seed (a read-only pass).
+- `kasmina::chunk_blend(h, y, alpha, feat, run_of, pos_of, track, dead_threshold)
+  -> (out, stats)`: the blend of running seeds' outputs into the host output, with the
+  telemetry of h in the same pass when `track` (stats is (0, F) otherwise).
+
+On CUDA the ops run the Triton kernels; on the CPU they run the Triton interpreter when
+TRITON_INTERPRET=1 (tests), else the reference. The backward is PyTorch index ops over the
+running seeds' features only (a copy of the gradient plus small gathers): the host's gradient
+is exactly `grad * (1 - alpha)`, and exactly `grad` where alpha is 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(kernels: str, device: torch.device) -> bool:
+    """`kernels` is KasminaConfig.kernels: "auto" (Triton on CUDA), "triton" or "torch"."""
+    if kernels not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
+    if kernels == "torch":
+        return False
+    if kernels == "triton":
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError("kernels='triton' needs a CUDA device (or TRITON_INTERPRET=1)")
+        return True
+    return device.type == "cuda"
+
+
+@torch.library.custom_op("kasmina::column_stats", mutates_args=())
+def _column_stats(h: Tensor, dead_threshold: float) -> Tensor:
+    if _interpreting():
+        from . import triton_blend
+        return triton_blend.column_stats(h, dead_threshold)
+    return reference.column_stats(h, dead_threshold)
+
+
+@_column_stats.register_kernel("cuda")
+def _column_stats_cuda(h: Tensor, dead_threshold: float) -> Tensor:
+    from . import triton_blend
+    return triton_blend.column_stats(h, dead_threshold)
+
+
+@_column_stats.register_fake
+def _column_stats_fake(h: Tensor, dead_threshold: float) -> Tensor:
+    return h.new_empty(3, h.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("kasmina::chunk_blend", mutates_args=())
+def _chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+                 pos_of: Tensor, track: bool, dead_threshold: float) -> tuple[Tensor, Tensor]:
+    if _interpreting():
+        from . import triton_blend
+        return triton_blend.chunk_blend(h, y, alpha, run_of, pos_of, track, dead_threshold)
+    stats = (reference.column_stats(h, dead_threshold) if track
+             else h.new_zeros(0, h.shape[1], dtype=torch.float32))
+    return reference.chunk_blend(h, y, alpha, feat, run_of, pos_of), stats
+
+
+@_chunk_blend.register_kernel("cuda")
+def _chunk_blend_cuda(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+                      pos_of: Tensor, track: bool, dead_threshold: float
+                      ) -> tuple[Tensor, Tensor]:
+    from . import triton_blend
+    return triton_blend.chunk_blend(h, y, alpha, run_of, pos_of, track, dead_threshold)
+
+
+@_chunk_blend.register_fake
+def _chunk_blend_fake(h, y, alpha, feat, run_of, pos_of, track, dead_threshold):  # noqa: ANN001
+    return torch.empty_like(h), h.new_empty(3 if track else 0, h.shape[1], dtype=torch.float32)
+
+
+def _blend_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    _, y, alpha, feat, run_of, pos_of, _, _ = inputs
+    ctx.save_for_backward(alpha, feat, run_of, pos_of)
+    ctx.y_shape = y.shape
+
+
+def _blend_backward(ctx, grad_out: Tensor, _grad_stats: Tensor):  # noqa: ANN202
+    alpha, feat, run_of, pos_of = ctx.saved_tensors
+    run, pos = run_of[feat].long(), pos_of[feat].long()  # (M,)
+    a = alpha[run]  # (M,)
+    g = grad_out.index_select(1, feat).float()  # (N, M)
+    grad_h = grad_out.index_copy(1, feat, (g * (1 - a)).to(grad_out.dtype))
+    grad_y = grad_out.new_zeros(ctx.y_shape, dtype=torch.float32)  # (A, N, C)
+    grad_y.permute(1, 0, 2)[:, run, pos] = g * a
+    return grad_h, grad_y, None, None, None, None, None, None
+
+
+torch.library.register_autograd("kasmina::chunk_blend", _blend_backward,
+                                setup_context=_blend_setup)
+
+
+def column_stats(h: Tensor, dead_threshold: float, triton: bool) -> Tensor:
+    if triton:
+        return torch.ops.kasmina.column_stats(h, dead_threshold)
+    return reference.column_stats(h, dead_threshold)
+
+
+def chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+                pos_of: Tensor, track: bool, dead_threshold: float, triton: bool
+                ) -> tuple[Tensor, Tensor | None]:
+    """(out, stats or None). The reference path is differentiable as it stands."""
+    if triton:
+        out, stats = torch.ops.kasmina.chunk_blend(h, y, alpha, feat, run_of, pos_of, track,
+                                                   dead_threshold)
+        return out, stats if track else None
+    out = reference.chunk_blend(h, y, alpha, feat, run_of, pos_of)
+    return out, reference.column_stats(h.detach(), dead_threshold) if track else None

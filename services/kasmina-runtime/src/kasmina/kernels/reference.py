@@ -1,0 +1,34 @@
+"""PyTorch reference for the chunked layer's fused pass: differentiable, any device.
+
+Inputs shared with the Triton kernels (see `ops.py`):
+- h (N, F): the host layer's output, any float dtype.
+- y (A, N, C) float32: blueprint outputs of the A running seeds (C = padded chunk width).
+- alpha (A,) float32: effective blend weight per running seed (0 = the host's output exactly).
+- feat (M,) int64: host features of the running seeds; run_of / pos_of (F,) int32: per host
+  feature, its running seed index (-1: none) and position in the chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
+    """(3, F) float32: per feature the sum, sum of squares and count of |h| < dead_threshold."""
+    hf = h if h.dtype == torch.float32 else h.float()
+    # Measured on 2 EPYC cores, 2048 x 1024: (h*h).sum(0) 2.4 ms vs vector_norm(dim=0) 28 ms;
+    # count_nonzero(dim=0) 6 ms vs a bool .sum(0) 40 ms.
+    dead = torch.count_nonzero(hf.abs() < dead_threshold, dim=0).float()
+    return torch.stack([hf.sum(0), (hf * hf).sum(0), dead])
+
+
+def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, feat: torch.Tensor,
+                run_of: torch.Tensor, pos_of: torch.Tensor) -> torch.Tensor:
+    """out = h, except on running seeds' features: (1 - alpha) * h + alpha * y, and exactly h
+    where alpha == 0 (TRAINING seeds, seeds switched off, non-finite seeds)."""
+    run, pos = run_of[feat].long(), pos_of[feat].long()  # (M,)
+    hv = h.index_select(1, feat).float()  # (N, M)
+    yv = y.permute(1, 0, 2)[:, run, pos]  # (N, M)
+    a = alpha[run]  # (M,)
+    blended = torch.where(a == 0, hv, (1 - a) * hv + a * yv)
+    return h.index_copy(1, feat, blended.to(h.dtype))

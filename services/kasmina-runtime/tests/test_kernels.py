@@ -1,0 +1,141 @@
+"""The Triton kernels against the PyTorch reference (interpreter on CPU, real on CUDA), the
+custom ops' registrations (opcheck), and torch.compile through a seed layer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the kernels' @triton.jit decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch import nn  # noqa: E402
+
+from kasmina import KasminaConfig, KasminaLayer, SeedStage  # noqa: E402
+from kasmina.kernels import reference, triton_blend  # noqa: E402
+from kasmina.kernels.tolerances import STATS_RTOL, TOLERANCES  # noqa: E402
+from kasmina.plan import build_plan  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (features, seeds, running seeds with their effective alpha): prime widths, ragged chunks,
+# chunk size 1, alpha 0 (TRAINING) next to blending seeds.
+CASES = [(23, 5, {1: 0.5, 3: 0.0}), (7, 7, {0: 1.0, 6: 0.25}), (130, 3, {2: 0.7}),
+         (13, 1, {0: 0.3})]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def blend_inputs(features, seeds, running, dtype, rows=37):
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(4, features), seeds, KasminaConfig(max_active_seeds=seeds))
+    for s in running:
+        layer.germinate(s, "residual_mlp")
+        layer.transition(s, SeedStage.TRAINING)
+    plan = build_plan(layer._mirror, layer._slot, layer.chunks, layer.chunk_width, {}, True,
+                      set(), torch.device(DEVICE))
+    h = torch.randn(rows, features, device=DEVICE).to(dtype)
+    h[0, 0] = 0.0  # a dead value
+    y = torch.randn(len(running), rows, layer.chunk_width, device=DEVICE)
+    order = plan.seeds.tolist()
+    alpha = torch.tensor([running[s] for s in order], device=DEVICE)
+    return h, y, alpha, plan
+
+
+def close(a, b, dtype):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features,seeds,running", CASES)
+def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype):
+    h, y, alpha, plan = blend_inputs(features, seeds, running, dtype)
+    out, stats = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.pos_of, True, 1e-6)
+    ref = reference.chunk_blend(h, y, alpha, plan.feat, plan.run_of, plan.pos_of)
+    close(out, ref, dtype)
+    untouched = alpha[plan.run_of.long().clamp(min=0)].eq(0) | plan.run_of.lt(0)
+    assert torch.equal(out[:, untouched], h[:, untouched])  # identity is exact
+    torch.testing.assert_close(stats, reference.column_stats(h, 1e-6), rtol=STATS_RTOL,
+                               atol=1e-5)
+    out2, empty = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.pos_of, False, 1e-6)
+    assert torch.equal(out2, out) and empty.shape == (0, features)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,features", [(1, 1), (37, 23), (70, 130)])
+def test_column_stats_kernel_matches_reference(rows, features, dtype):
+    h = torch.randn(rows, features, device=DEVICE).to(dtype)
+    h[:, 0] = 0.0
+    got = triton_blend.column_stats(h, 1e-6)
+    torch.testing.assert_close(got, reference.column_stats(h, 1e-6), rtol=STATS_RTOL, atol=1e-5)
+    assert got[2, 0] == rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_gradients_match_the_reference_and_keep_identity_exact(dtype):
+    h, y, alpha, plan = blend_inputs(23, 5, {1: 0.5, 3: 0.0, 4: 1.0}, dtype)
+    g = torch.randn_like(h)
+    grads = []
+    for op in (torch.ops.kasmina.chunk_blend, None):
+        hh, yy = h.clone().requires_grad_(), y.clone().requires_grad_()
+        if op is None:
+            out = reference.chunk_blend(hh, yy, alpha, plan.feat, plan.run_of, plan.pos_of)
+        else:
+            out, _ = op(hh, yy, alpha, plan.feat, plan.run_of, plan.pos_of, True, 1e-6)
+        out.backward(g)
+        grads.append((hh.grad, yy.grad))
+    (gh, gy), (rh, ry) = grads
+    close(gh, rh, dtype)
+    torch.testing.assert_close(gy, ry)
+    identity = plan.run_of.lt(0) | alpha[plan.run_of.long().clamp(min=0)].eq(0)
+    assert torch.equal(gh[:, identity], g[:, identity])
+
+
+def test_opcheck_passes_for_both_ops():
+    h, y, alpha, plan = blend_inputs(23, 5, {1: 0.5, 3: 0.0}, torch.float32, rows=9)
+    hh, yy = h.requires_grad_(), y.requires_grad_()
+    for track in (True, False):
+        torch.library.opcheck(torch.ops.kasmina.chunk_blend,
+                              (hh, yy, alpha, plan.feat, plan.run_of, plan.pos_of, track, 1e-6))
+    torch.library.opcheck(torch.ops.kasmina.column_stats, (h.detach(), 1e-6))
+
+
+def test_layer_selects_the_path_and_both_agree():
+    torch.manual_seed(0)
+    layers = {}
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        layer = KasminaLayer(nn.Linear(6, 23), 5, KasminaConfig(kernels=kernels)).to(DEVICE)
+        layer.germinate(2, "residual_mlp")
+        for stage in (SeedStage.TRAINING, SeedStage.GRAFTING):
+            layer.transition(2, stage, force=True)
+        layer.alpha[2] = 0.5
+        layers[kernels] = layer
+    assert layers["triton"]._triton and not layers["torch"]._triton
+    x = torch.randn(11, 6, device=DEVICE)
+    outs = {k: layer(x) for k, layer in layers.items()}
+    close(outs["triton"], outs["torch"], torch.float32)
+    for out in outs.values():
+        out.sum().backward()
+    close(layers["triton"].host.weight.grad, layers["torch"].host.weight.grad, torch.float32)
+    reports = {k: layer.end_epoch() for k, layer in layers.items()}
+    torch.testing.assert_close(reports["triton"].chunk_variance,
+                               reports["torch"].chunk_variance, rtol=1e-4, atol=1e-6)
+
+
+# Dynamo itself instantiates autograd.Function classes while tracing and warns about it.
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+def test_torch_compile_traces_the_layer_without_graph_breaks():
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(6, 23), 5, KasminaConfig(kernels="triton")).to(DEVICE)
+    layer.germinate(1, "residual_mlp")
+    layer.transition(1, SeedStage.TRAINING)
+    layer.germinate(3, "residual_mlp")
+    for stage in (SeedStage.TRAINING, SeedStage.GRAFTING):
+        layer.transition(3, stage, force=True)
+    layer.alpha[3] = 0.5
+    layer.train()
+    x = torch.randn(8, 6, device=DEVICE)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
