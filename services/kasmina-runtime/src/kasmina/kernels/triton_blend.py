@@ -2,46 +2,59 @@
 
 One pass over the host output h (N, F): per column tile, every program walks a slab of rows,
 writes the output (identity, or the alpha blend with the running seed's blueprint output) and
-keeps per-column sums in registers; at the end one atomic per column per statistic. Accumulation
-is float32 whatever h's dtype. Under TRITON_INTERPRET=1 the same kernels run on CPU tensors.
+keeps (BLOCK_N, BLOCK_F) partial sums in registers (elementwise adds: no cross-thread reduction
+inside the loop); at the end one reduction and one atomic per column per statistic. Accumulation
+is float32 whatever h's dtype. Tile shapes are autotuned per (N, F) on the GPU; under
+TRITON_INTERPRET=1 the first config runs on CPU tensors. The statistics buffer is restored
+between autotuning runs (the atomics add into it), so the first call counts once.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 32
-BLOCK_F = 128
+_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_F": bf, "SLABS_PER_TILE": sl}, num_warps=w)
+            for bn, bf, w, sl in ((32, 128, 4, 64), (32, 256, 8, 32), (64, 128, 8, 32),
+                                  (16, 256, 4, 64), (64, 64, 4, 64), (32, 128, 4, 16))]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _CONFIGS = _CONFIGS[:1]
 
 
+@triton.autotune(configs=_CONFIGS, key=["N", "F"], restore_value=["stats_ptr"])
 @triton.jit
-def _column_stats_kernel(h_ptr, stats_ptr, N, F, stride_h, rows_per_prog, dead_threshold,
-                         BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+def _column_stats_kernel(h_ptr, stats_ptr, N, F, stride_h, dead_threshold,
+                         BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                         SLABS_PER_TILE: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     cmask = cols < F
+    rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
     row0 = tl.program_id(1) * rows_per_prog
-    s = tl.zeros([BLOCK_F], dtype=tl.float32)
-    q = tl.zeros([BLOCK_F], dtype=tl.float32)
-    d = tl.zeros([BLOCK_F], dtype=tl.float32)
+    s = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+    q = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+    d = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
     for r in range(0, rows_per_prog, BLOCK_N):
         rows = row0 + r + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < N) & cmask[None, :]
         x = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :], mask=m,
                     other=0.0).to(tl.float32)
-        s += tl.sum(x, axis=0)
-        q += tl.sum(x * x, axis=0)
-        d += tl.sum(((tl.abs(x) < dead_threshold) & m).to(tl.float32), axis=0)
-    tl.atomic_add(stats_ptr + cols, s, mask=cmask)
-    tl.atomic_add(stats_ptr + F + cols, q, mask=cmask)
-    tl.atomic_add(stats_ptr + 2 * F + cols, d, mask=cmask)
+        s += x
+        q += x * x
+        d += ((tl.abs(x) < dead_threshold) & m).to(tl.float32)
+    tl.atomic_add(stats_ptr + cols, tl.sum(s, axis=0), mask=cmask)
+    tl.atomic_add(stats_ptr + F + cols, tl.sum(q, axis=0), mask=cmask)
+    tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
 
 
+@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK"], restore_value=["stats_ptr"])
 @triton.jit
 def _chunk_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, pos_ptr,
-                        N, F, C, stride_h, stride_o, rows_per_prog, dead_threshold,
-                        TRACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+                        N, F, C, stride_h, stride_o, dead_threshold, TRACK: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                        SLABS_PER_TILE: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     cmask = cols < F
     run = tl.load(run_ptr + cols, mask=cmask, other=-1)
@@ -50,10 +63,11 @@ def _chunk_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, po
     blend = a != 0.0
     # y is (A, N, C): element (run, n, pos) at run * N * C + n * C + pos
     y_col = run.to(tl.int64) * N * C + tl.load(pos_ptr + cols, mask=cmask, other=0)
+    rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
     row0 = tl.program_id(1) * rows_per_prog
-    s = tl.zeros([BLOCK_F], dtype=tl.float32)
-    q = tl.zeros([BLOCK_F], dtype=tl.float32)
-    d = tl.zeros([BLOCK_F], dtype=tl.float32)
+    s = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+    q = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+    d = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
     for r in range(0, rows_per_prog, BLOCK_N):
         rows = row0 + r + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < N) & cmask[None, :]
@@ -64,35 +78,29 @@ def _chunk_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, po
         o = tl.where(blend[None, :], (1.0 - a[None, :]) * x + a[None, :] * yv, x)
         tl.store(out_ptr + rows64 * stride_o + cols[None, :], o.to(h.dtype), mask=m)
         if TRACK:
-            s += tl.sum(x, axis=0)
-            q += tl.sum(x * x, axis=0)
-            d += tl.sum(((tl.abs(x) < dead_threshold) & m).to(tl.float32), axis=0)
+            s += x
+            q += x * x
+            d += ((tl.abs(x) < dead_threshold) & m).to(tl.float32)
     if TRACK:
-        tl.atomic_add(stats_ptr + cols, s, mask=cmask)
-        tl.atomic_add(stats_ptr + F + cols, q, mask=cmask)
-        tl.atomic_add(stats_ptr + 2 * F + cols, d, mask=cmask)
+        tl.atomic_add(stats_ptr + cols, tl.sum(s, axis=0), mask=cmask)
+        tl.atomic_add(stats_ptr + F + cols, tl.sum(q, axis=0), mask=cmask)
+        tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
 
 
-def _grid(n: int, f: int, device: torch.device) -> tuple[tuple[int, int], int]:
-    """Column tiles x row slabs: enough programs to fill the GPU (4 per SM), each slab a
-    multiple of BLOCK_N rows, so each column gets one atomic per slab, not per row block."""
-    col_tiles = triton.cdiv(f, BLOCK_F)
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # interpreter: few programs
-        target = col_tiles
-    slabs = max(1, min(triton.cdiv(n, BLOCK_N), triton.cdiv(target, col_tiles)))
-    rows_per_prog = triton.cdiv(triton.cdiv(n, slabs), BLOCK_N) * BLOCK_N
-    return (col_tiles, triton.cdiv(n, rows_per_prog)), rows_per_prog
+def _grid(n: int, f: int):
+    """Column tiles x row slabs. SLABS_PER_TILE row slabs per column tile, at most one per
+    BLOCK_N rows: each column gets one atomic per slab, not per row block."""
+    def grid(meta):
+        slabs = max(1, min(triton.cdiv(n, meta["BLOCK_N"]), meta["SLABS_PER_TILE"]))
+        return triton.cdiv(f, meta["BLOCK_F"]), slabs
+    return grid
 
 
 def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     n, f = h.shape
     stats = torch.zeros(3, f, dtype=torch.float32, device=h.device)
-    grid, rows_per_prog = _grid(n, f, h.device)
-    _column_stats_kernel[grid](h, stats, n, f, h.stride(0), rows_per_prog, dead_threshold,
-                               BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    _column_stats_kernel[_grid(n, f)](h, stats, n, f, h.stride(0), dead_threshold)
     return stats
 
 
@@ -104,8 +112,7 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
     n, f = h.shape
     out = torch.empty_like(h)
     stats = torch.zeros(3 if track else 0, f, dtype=torch.float32, device=h.device)
-    grid, rows_per_prog = _grid(n, f, h.device)
-    _chunk_blend_kernel[grid](h, y, out, stats, alpha, run_of, pos_of, n, f, y.shape[2],
-                              h.stride(0), out.stride(0), rows_per_prog, dead_threshold,
-                              TRACK=track, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    _chunk_blend_kernel[_grid(n, f)](h, y, out, stats, alpha, run_of, pos_of, n, f,
+                                     y.shape[2], h.stride(0), out.stride(0), dead_threshold,
+                                     TRACK=track)
     return out, stats

