@@ -35,12 +35,20 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from redis.asyncio import Redis
-
-from oona import (BusSettings, Consumer, ConsumerConfig, Delivery, EmbeddedRedis, OutboxThread,
-                  Publisher, open_bus, streams)
+from oona import (
+    BusSettings,
+    Consumer,
+    ConsumerConfig,
+    Delivery,
+    EmbeddedRedis,
+    OutboxThread,
+    Publisher,
+    open_bus,
+    streams,
+)
 from oona.contracts import CommandAck, LayerHealthReport, LifecycleCommand, stage_to_wire
 from oona.envelope import ENVELOPE_FIELD
+from redis.asyncio import Redis
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAXLEN = 1_000_000
@@ -88,6 +96,28 @@ async def publish_throughput(redis: Redis, settings: BusSettings, n: int, rounds
     return statistics.median(oona_rates), statistics.median(raw_rates)
 
 
+async def _oona_consume(redis: Redis, settings: BusSettings, stream: str, group: str, n: int,
+                        batch: int) -> float:
+    handled = 0
+    done = asyncio.Event()
+
+    async def count(_msg: LayerHealthReport, _delivery: Delivery) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == n:
+            done.set()
+
+    consumer = Consumer(redis, settings, stream=stream, group=group, name="c",
+                        handlers={LayerHealthReport: count},
+                        config=ConsumerConfig(batch_size=batch, reclaim_interval_s=3600))
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(consumer.run())
+        await done.wait()
+        consumer.stop()
+    return n / (time.perf_counter() - start)
+
+
 async def consume_throughput(redis: Redis, settings: BusSettings, n: int, rounds: int
                              ) -> tuple[float, float]:
     stream = f"bench.consume.{uuid.uuid4().hex[:8]}"
@@ -110,21 +140,7 @@ async def consume_throughput(redis: Redis, settings: BusSettings, n: int, rounds
             done += len(ids)
         raw_rates.append(n / (time.perf_counter() - start))
 
-        handled = 0
-
-        async def count(_msg: LayerHealthReport, _delivery: Delivery) -> None:
-            nonlocal handled
-            handled += 1
-            if handled == n:
-                consumer.stop()
-
-        consumer = Consumer(
-            redis, settings, stream=stream, group=f"oona{r}", name="c",
-            handlers={LayerHealthReport: count},
-            config=ConsumerConfig(batch_size=batch, reclaim_interval_s=3600))
-        start = time.perf_counter()
-        await consumer.run()
-        oona_rates.append(n / (time.perf_counter() - start))
+        oona_rates.append(await _oona_consume(redis, settings, stream, f"oona{r}", n, batch))
         print(f"  consume round {r}: raw {raw_rates[-1]:,.0f}/s  oona {oona_rates[-1]:,.0f}/s")
     await redis.delete(stream)
     async for key in redis.scan_iter(match=f"{{{stream}}}*"):
@@ -167,13 +183,24 @@ async def serve_runtime(url: str, commands: str, acks: str, mode: str) -> None:
                         await pipe.execute()
 
 
-async def round_trip(url: str, mode: str, rate: int, seconds: float) -> list[float]:
+def round_trip(url: str, mode: str, rate: int, seconds: float) -> list[float]:
     """Latencies (s) of commands sent at `rate`/s, publish to ack received."""
     tag = uuid.uuid4().hex[:8]
     commands, acks = streams.commands(f"bench-{tag}"), f"bench.acks.{tag}"
     runtime = subprocess.Popen([sys.executable, __file__, "--serve-runtime", url, commands, acks,
                                 mode], stdout=subprocess.PIPE, text=True)
-    assert runtime.stdout is not None and runtime.stdout.readline().strip() == "ready"
+    try:
+        assert runtime.stdout is not None and runtime.stdout.readline().strip() == "ready"
+        return asyncio.run(_command_controller(url, mode, rate, seconds, tag, commands, acks))
+    finally:
+        runtime.terminate()
+        runtime.wait(15)
+        if runtime.stdout is not None:
+            runtime.stdout.close()
+
+
+async def _command_controller(url: str, mode: str, rate: int, seconds: float, tag: str,
+                              commands: str, acks: str) -> list[float]:
     sent: dict[str, float] = {}
     received: dict[str, float] = {}
     total = int(rate * seconds)
@@ -218,9 +245,6 @@ async def round_trip(url: str, mode: str, rate: int, seconds: float) -> list[flo
             await listener
         else:
             listener.cancel()
-        runtime.terminate()
-        runtime.wait(15)
-        runtime.stdout.close()
         await redis.delete(commands, acks)
     if len(received) < total:
         raise RuntimeError(f"{mode}: only {len(received)}/{total} acks arrived")
@@ -307,7 +331,7 @@ def run(url: str, quick: bool) -> None:
     lat: dict[str, list[float]] = {"raw": [], "oona": []}
     for _ in range(3):  # alternate, so both see the same machine
         for mode in ("raw", "oona"):
-            lat[mode] += asyncio.run(round_trip(url, mode, 1000, seconds))
+            lat[mode] += round_trip(url, mode, 1000, seconds)
     p = {mode: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3) for mode, v in lat.items()}
     steps, blocks = (50, 4) if quick else (100, 8)
     epoch = training_step_ratio(url, steps, blocks, every=50, layers=4)

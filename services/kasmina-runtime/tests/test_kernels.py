@@ -126,6 +126,7 @@ def test_layer_selects_the_path_and_both_agree():
 
 # Dynamo itself instantiates autograd.Function classes while tracing and warns about it.
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method. is deprecated:DeprecationWarning")
 def test_torch_compile_traces_the_layer_without_graph_breaks():
     torch.manual_seed(0)
     layer = KasminaLayer(nn.Linear(6, 23), 5, KasminaConfig(kernels="triton")).to(DEVICE)
