@@ -84,6 +84,9 @@ def providers(chunks, active, alpha, meta):
                                  ).to(h.dtype)
         return out, torch.stack(stats)
 
+    # Every case compiles the same code object anew: without a reset, dynamo's recompile
+    # limit (8) silently falls back to eager after eight cases.
+    torch._dynamo.reset()
     return {"loop": loop, "eager": eager, "compile": torch.compile(eager), "ours": ours}
 
 
