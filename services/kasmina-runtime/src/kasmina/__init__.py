@@ -21,3 +21,11 @@ __all__ = [
     "get_blueprint", "get_strategy", "host_parameters", "register_blueprint",
     "register_strategy", "seed_layers", "split_chunks", "wrap",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The fleet bridge needs the bus library (oona); library use without a fleet does not.
+    if name in ("attach", "FleetRuntime"):
+        from . import fleet
+        return getattr(fleet, name)
+    raise AttributeError(f"module 'kasmina' has no attribute {name!r}")

@@ -1,0 +1,160 @@
+"""The runtime joined to a real Redis (embedded, or OONA_REDIS_URL): commands in, acks, health
+reports, field reports and epoch events out."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import oona
+import pytest
+import torch
+from oona import streams
+from oona.contracts import (AckReason, Advance, CommandAck, Cull, EpochEvent, EpochEventKind,
+                            FieldReport, Germinate, LayerHealthReport, LifecycleCommand,
+                            PauseAdaptation, stage_from_wire, stage_to_wire)
+from torch import nn
+
+import kasmina
+from kasmina import SeedStage
+from kasmina.fleet import CommandTarget, health_to_proto
+
+S = SeedStage
+
+
+def command(job, layer="0", seed=1, **action):
+    return LifecycleCommand(command_id=str(uuid.uuid4()), job_id=job, layer_id=layer,
+                            seed_index=seed, **action)
+
+
+def advance(job, stage, seed=1, force=False):
+    return command(job, seed=seed, advance=Advance(target_stage=stage_to_wire(stage), force=force))
+
+
+def model():
+    torch.manual_seed(0)
+    return kasmina.wrap(nn.Sequential(nn.Linear(4, 12), nn.Linear(12, 3)), seeds_per_layer=4,
+                        exclude=("1",))
+
+
+def test_commands_map_to_acks_with_reasons_and_refusals_change_nothing():
+    m = model()
+    target = CommandTarget("j", kasmina.seed_layers(m))
+    layer = kasmina.seed_layers(m)[0]
+    ok = target.apply(command("j", germinate=Germinate(blueprint_name="residual_mlp")), 0, 0)
+    assert ok.success and ok.reason == AckReason.ACK_REASON_OK
+    assert stage_from_wire(ok.stage_after) == S.GERMINATED
+    state = layer.state.clone()
+    cases = [
+        (command("other", germinate=Germinate()), AckReason.ACK_REASON_UNKNOWN_JOB),
+        (command("j", layer="9", cull=Cull()), AckReason.ACK_REASON_UNKNOWN_LAYER),
+        (command("j", seed=4, cull=Cull()), AckReason.ACK_REASON_UNKNOWN_SEED),
+        (LifecycleCommand(command_id="x", job_id="j", layer_id="0", seed_index=1),
+         AckReason.ACK_REASON_INVALID),
+        (advance("j", S.FOSSILIZED), AckReason.ACK_REASON_REFUSED_TRANSITION),
+        (command("j", seed=2, germinate=Germinate(blueprint_name="nope")),
+         AckReason.ACK_REASON_UNKNOWN_BLUEPRINT),
+        (command("j", seed=2, germinate=Germinate(blueprint_name="low_rank")),
+         AckReason.ACK_REASON_BLUEPRINT_DOES_NOT_FIT),
+    ]
+    for cmd, reason in cases:
+        ack = target.apply(cmd, 0, 0)
+        assert not ack.success and ack.reason == reason, (cmd, ack)
+        assert torch.equal(layer.state, state)
+    assert target.apply(advance("j", S.TRAINING), 0, 0).success
+    gate = target.apply(advance("j", S.GRAFTING), 0, 0)
+    assert gate.reason == AckReason.ACK_REASON_GATE_NOT_PASSED and "TRAINING" in gate.message
+    assert target.apply(command("j", layer="", seed=0, pause_adaptation=PauseAdaptation()),
+                        0, 0).success
+    paused = target.apply(command("j", seed=3, germinate=Germinate()), 0, 0)
+    assert paused.reason == AckReason.ACK_REASON_ADAPTATION_PAUSED
+    assert target.apply(command("j", cull=Cull()), 0, 0).success  # culls still allowed
+
+
+def test_health_report_to_the_wire():
+    m = model()
+    layer = kasmina.seed_layers(m)[0]
+    layer.germinate(2, "linear")
+    m.train()
+    m(torch.randn(5, 4))
+    wire = health_to_proto(layer.end_epoch(0.5), "j")
+    assert wire.num_seeds == 4 and len(wire.chunk_variance) == 4
+    assert [stage_from_wire(s) for s in wire.stage] == [0, 0, S.GERMINATED, 0]
+    assert list(wire.blueprint_id) == [-1, -1, 3, -1] and wire.epoch == 1
+
+
+async def _collect(url, stream, cls):
+    got = []
+
+    async def on(message, _delivery):
+        got.append(message)
+
+    async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
+        consumer = bus.consumer(stream, group=f"test-{uuid.uuid4()}", name="t",
+                                handlers={cls: on})
+        await consumer.ensure_group()
+        while await consumer.poll(block_ms=200):
+            pass
+    return got
+
+
+async def _publish(url, stream, messages, fresh_event_ids=False):
+    async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
+        publisher = bus.publisher("test")
+        for m in messages:
+            await publisher.publish(stream, m,
+                                    event_id=None if fresh_event_ids else m.command_id)
+
+
+def _wait_for_inbox(runtime, n, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while len(runtime._inbox) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(runtime._inbox) >= n
+
+
+def test_runtime_applies_commands_once_and_publishes_what_happened(oona_redis_url):
+    job = f"job-{uuid.uuid4().hex[:8]}"
+    m = model()
+    runtime = kasmina.attach(m, job, oona.BusSettings.from_dsn(oona_redis_url),
+                             higher_is_better=True)
+    try:
+        germ = command(job, germinate=Germinate(blueprint_name="residual_mlp"))
+        promote = advance(job, S.TRAINING)
+        later = command(job, seed=1, cull=Cull())
+        later.apply_at_epoch = 2
+        asyncio.run(_publish(oona_redis_url, streams.commands(job), [germ, promote, later]))
+        _wait_for_inbox(runtime, 3)
+        x = torch.randn(8, 4)
+        for _ in range(3):
+            m(x).sum().backward()
+            runtime.step(0.5)
+        acks = runtime.end_epoch(0.4)  # boundary 1: germinate + promote; the cull waits
+        assert [a.command_id for a in acks] == [germ.command_id, promote.command_id]
+        assert all(a.success for a in acks)
+        # A resend under a new event id passes the bus's dedupe; the runtime's catches it.
+        asyncio.run(_publish(oona_redis_url, streams.commands(job), [promote], True))
+        _wait_for_inbox(runtime, 2)
+        acks = runtime.end_epoch(0.45)  # boundary 2: the cull; the resend is ignored
+        assert [a.command_id for a in acks] == [later.command_id] and acks[0].success
+    finally:
+        runtime.close()
+    wire_acks = asyncio.run(_collect(oona_redis_url, streams.CONTROL_ACKS, CommandAck))
+    mine = [a for a in wire_acks if a.job_id == job]
+    assert [a.command_id for a in mine] == [germ.command_id, promote.command_id,
+                                            later.command_id]
+    reports = [r for r in asyncio.run(_collect(oona_redis_url, streams.TELEMETRY_SEED_HEALTH,
+                                               LayerHealthReport)) if r.job_id == job]
+    assert [(r.layer_id, r.epoch) for r in reports] == [("0", 1), ("0", 2)]
+    assert stage_from_wire(reports[0].stage[1]) == S.TRAINING
+    fields = [f for f in asyncio.run(_collect(oona_redis_url, streams.FIELD_REPORTS,
+                                              FieldReport)) if f.job_id == job]
+    assert len(fields) == 1 and stage_from_wire(fields[0].final_stage) == S.CULLED
+    assert fields[0].blueprint_name == "residual_mlp" and fields[0].chunk_size == 3
+    events = [e for e in asyncio.run(_collect(oona_redis_url, streams.EPOCH_EVENTS, EpochEvent))
+              if e.job_id == job]
+    assert [e.kind for e in events] == [
+        EpochEventKind.EPOCH_EVENT_KIND_JOB_STARTED, EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED,
+        EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED, EpochEventKind.EPOCH_EVENT_KIND_JOB_FINISHED]
+    assert events[1].val_metric == pytest.approx(0.4) and events[1].higher_is_better
