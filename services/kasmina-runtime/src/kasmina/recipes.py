@@ -1,0 +1,143 @@
+"""Built-in training recipes: the same loop for the local demo and for jobs submitted to the
+runtime service. A recipe trains a host on a real data set that ships with a package; seed
+layers, when asked for, are grown by whatever `Grower` the caller passes (the in-process
+`LocalController`, or a `FleetRuntime` driven by Tamiyo over the bus)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.nn import functional as F
+
+from .config import KasminaConfig
+from .wrap import host_parameters, seed_layers, wrap
+
+
+class Grower(Protocol):
+    def step(self, loss: torch.Tensor | float | None = None) -> None: ...
+
+    def end_epoch(self, val_metric: float, evaluate: Callable[[], float] | None = None
+                  ) -> object: ...
+
+
+@dataclass
+class DigitsParams:
+    """scikit-learn's digits (1,797 8x8 images), an under-sized host: `depth` linear layers of
+    width `hidden` with no activation between them, so any non-linearity must be grown."""
+
+    epochs: int = 60
+    hidden: int = 16
+    depth: int = 2
+    seeds_per_layer: int = 4
+    seed: int = 0
+    lr: float = 3e-3
+    seed_lr: float = 3e-3
+    batch_size: int = 64
+    seeded: bool = True
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> DigitsParams:
+        """From a gRPC parameters map; unknown names and bad values raise ValueError."""
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(kinds)
+        if unknown:
+            raise ValueError(f"unknown parameters {sorted(unknown)}; known: {sorted(kinds)}")
+        parsed: dict[str, object] = {}
+        for name, text in values.items():
+            kind = kinds[name]
+            if kind in ("bool", bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"{name}: expected true/false, got {text!r}")
+                parsed[name] = text.lower() in ("true", "1")
+            else:
+                parsed[name] = (int if kind in ("int", int) else float)(text)
+        return cls(**parsed)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+
+
+@dataclass
+class RunResult:
+    params: DigitsParams
+    epochs: list[EpochRecord] = field(default_factory=list)
+    test_accuracy: float = 0.0
+    params_host: int = 0
+    params_added: int = 0
+    final_stages: dict[str, int] = field(default_factory=dict)
+
+
+def load_digits_split(seed: int = 0) -> dict[str, torch.Tensor]:
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed,
+                                              stratify=y)
+    x_tr, x_va, y_tr, y_va = train_test_split(x_tr, y_tr, test_size=0.2, random_state=seed,
+                                              stratify=y_tr)
+    t = torch.from_numpy
+    return {"x_tr": t(x_tr), "y_tr": t(y_tr), "x_va": t(x_va), "y_va": t(y_va),
+            "x_te": t(x_te), "y_te": t(y_te)}
+
+
+def build_model(p: DigitsParams) -> nn.Module:
+    torch.manual_seed(p.seed)
+    dims = [64] + [p.hidden] * (p.depth - 1) + [10]
+    model = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(dims, dims[1:], strict=False)))
+    if p.seeded:  # validation loss is the metric: lower is better
+        cfg = KasminaConfig(higher_is_better=False, seed_lr=p.seed_lr)
+        wrap(model, seeds_per_layer=p.seeds_per_layer, config=cfg, exclude=(str(p.depth - 1),))
+    return model
+
+
+def train_digits(p: DigitsParams, model: nn.Module, grower: Grower | None,
+                 data: dict[str, torch.Tensor],
+                 on_epoch: Callable[[EpochRecord, object], bool] | None = None) -> RunResult:
+    """Train; `on_epoch(record, grower_result)` after each epoch may return False to stop."""
+    result = RunResult(params=p, params_host=sum(p_.numel() for p_ in host_parameters(model)))
+    opt = torch.optim.Adam(host_parameters(model), lr=p.lr)
+    gen = torch.Generator().manual_seed(p.seed)
+    n = len(data["y_tr"])
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return F.cross_entropy(model(data["x_va"]), data["y_va"]).item()
+
+    for epoch in range(p.epochs):
+        model.train()
+        losses = []
+        for idx in torch.randperm(n, generator=gen).split(p.batch_size):
+            loss = F.cross_entropy(model(data["x_tr"][idx]), data["y_tr"][idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if grower is not None:
+                grower.step(loss.detach())
+            losses.append(loss.detach())
+        record = EpochRecord(epoch + 1, torch.stack(losses).mean().item(), val_loss())
+        result.epochs.append(record)
+        outcome = grower.end_epoch(record.val_loss, evaluate=val_loss) if grower else None
+        if on_epoch is not None and on_epoch(record, outcome) is False:
+            break
+    model.eval()
+    with torch.no_grad():
+        pred = model(data["x_te"]).argmax(1)
+    result.test_accuracy = (pred == data["y_te"]).float().mean().item()
+    layers = seed_layers(model)
+    result.params_added = sum(layer.params_added() for layer in layers)
+    for layer in layers:
+        for stage, count in layer.stage_counts.items():
+            result.final_stages[stage] = result.final_stages.get(stage, 0) + count
+    return result
