@@ -8,12 +8,17 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m kasmina demo [--help | options]\n\n"
-              "  demo   train a model with seed layers on scikit-learn's digits (the main job)")
+        print("usage: python -m kasmina {demo,serve} [--help | options]\n\n"
+              "  demo   train a model with seed layers on scikit-learn's digits, locally\n"
+              "  serve  the runtime service: gRPC job API, HTTP health and metrics (needs\n"
+              "         OONA_REDIS_URL)")
         sys.exit(0 if argv else 2)
     if argv[0] == "demo":
         from .demo import main as demo
         demo(argv[1:])
+    elif argv[0] == "serve":
+        from .service.main import serve
+        sys.exit(serve())
     else:
         print(f"unknown command {argv[0]!r}; try --help", file=sys.stderr)
         sys.exit(2)

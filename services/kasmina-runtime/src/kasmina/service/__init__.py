@@ -1,0 +1,1 @@
+"""`python -m kasmina serve`: the Kasmina runtime service (gRPC job API, HTTP health/metrics)."""

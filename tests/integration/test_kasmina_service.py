@@ -1,0 +1,98 @@
+"""The Kasmina runtime as a real process (`python -m kasmina serve`) on an embedded Redis: a
+job submitted over gRPC trains, applies a lifecycle command from the bus with an ack, streams
+its progress, answers ListSeeds and CheckpointJob, and can be cancelled; SIGTERM ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+import torch
+
+from oona import BusSettings, EmbeddedRedis, open_bus, streams
+from oona.contracts import Germinate, LifecycleCommand
+from oona.embedded import free_port
+from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
+from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+
+async def _publish(url: str, command: LifecycleCommand) -> None:
+    async with open_bus(BusSettings.from_dsn(url)) as bus:
+        await bus.publisher("test").publish(streams.commands(command.job_id), command,
+                                            event_id=command.command_id)
+
+
+def test_runtime_service_runs_a_job_from_the_bus(oona_restartable_broker: EmbeddedRedis,
+                                                 tmp_path):
+    grpc_port, http_port = free_port(), free_port()
+    env = dict(os.environ, OONA_REDIS_URL=oona_restartable_broker.url,
+               KASMINA_GRPC_PORT=str(grpc_port), KASMINA_HTTP_PORT=str(http_port),
+               KASMINA_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    log = (tmp_path / "kasmina.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "kasmina", "serve"], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2):
+                    break
+            except OSError:
+                assert process.poll() is None, (tmp_path / "kasmina.log").read_text()
+                assert time.monotonic() < deadline, "not ready within 60 s"
+                time.sleep(0.2)
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        stub = pb_grpc.KasminaRuntimeStub(channel)
+        job = f"job-{uuid.uuid4().hex[:6]}"
+        command = LifecycleCommand(command_id=str(uuid.uuid4()), job_id=job, layer_id="0",
+                                   seed_index=2,
+                                   germinate=Germinate(blueprint_name="residual_mlp"))
+        asyncio.run(_publish(oona_restartable_broker.url, command))  # before the job exists
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.SubmitJob(pb.SubmitJobRequest(recipe="digits", parameters={"epochs": "x"}))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub.SubmitJob(pb.SubmitJobRequest(job_id=job, recipe="digits",
+                                           parameters={"epochs": "4", "seeds_per_layer": "4"}))
+        checkpoint = stub.CheckpointJob(pb.CheckpointJobRequest(job_id=job))
+        assert checkpoint.epoch >= 1
+        assert "model" in torch.load(checkpoint.path, weights_only=True)
+        updates = list(stub.WatchJob(pb.WatchJobRequest(job_id=job), timeout=120))
+        acks = [u.ack for u in updates if u.HasField("ack")]
+        assert [a.command_id for a in acks] == [command.command_id] and acks[0].success
+        health = [u.health for u in updates if u.HasField("health")]
+        assert len(health) == 4 and health[0].layer_id == "0"
+        final = [u.epoch_event for u in updates if u.HasField("epoch_event")][-1]
+        summary = json.loads(final.message)
+        assert 0.5 < summary["test_accuracy"] <= 1.0 and len(summary["epochs"]) == 4
+        assert updates[-1].state == pb.JobState.JOB_STATE_SUCCEEDED
+        seeds = stub.ListSeeds(pb.ListSeedsRequest(job_id=job))
+        assert [r.layer_id for r in seeds.layers] == ["0"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert f'kasmina_seeds{{job="{job}",layer="0",stage="TRAINING"}}' in text or \
+            f'kasmina_seeds{{job="{job}",layer="0",stage="GERMINATED"}}' in text
+        long = stub.SubmitJob(pb.SubmitJobRequest(recipe="digits",
+                                                  parameters={"epochs": "500"}))
+        stub.CancelJob(pb.CancelJobRequest(job_id=long.job_id, reason="test"))
+        last = list(stub.WatchJob(pb.WatchJobRequest(job_id=long.job_id), timeout=60))[-1]
+        assert last.state == pb.JobState.JOB_STATE_CANCELLED
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.ListSeeds(pb.ListSeedsRequest(job_id="nope"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        channel.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "kasmina.log").read_text()
