@@ -10,12 +10,16 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m kasmina {demo,serve} [--help | options]\n\n"
               "  demo   train a model with seed layers on scikit-learn's digits, locally\n"
+              "  fleet  the main job: the whole fleet as processes and a real job (make run)\n"
               "  serve  the runtime service: gRPC job API, HTTP health and metrics (needs\n"
               "         OONA_REDIS_URL)")
         sys.exit(0 if argv else 2)
     if argv[0] == "demo":
         from .demo import main as demo
         demo(argv[1:])
+    elif argv[0] == "fleet":
+        from .fleet_run import main as fleet
+        fleet(argv[1:])
     elif argv[0] == "serve":
         from .service.main import serve
         sys.exit(serve())

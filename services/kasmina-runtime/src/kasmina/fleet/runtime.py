@@ -36,8 +36,10 @@ from ..wrap import seed_layers
 from .wire import CommandTarget, health_to_proto, outcome_to_field_report
 
 log = logging.getLogger(__name__)
-# A command that names a boundary this many epochs in the past is refused as expired.
-MAX_LATENESS_EPOCHS = 2
+# A command that names a boundary this many epochs in the past is refused as expired. Applying
+# a late command is safe (every transition is checked against the current table and gates), and
+# short epochs (digits: ~0.1 s) outrun a controller's round trip by several epochs.
+MAX_LATENESS_EPOCHS = 10
 
 
 class FleetRuntime:

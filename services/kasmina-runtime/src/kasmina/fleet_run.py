@@ -1,0 +1,201 @@
+"""`python -m kasmina fleet` (`make run`): the whole fleet on this machine, and a real job.
+
+Starts the embedded Redis, Karn, Tamiyo and the Kasmina runtime as separate processes; submits
+over gRPC, for each random seed, a digits job whose seed layers Tamiyo grows over the bus and the
+same host alone for the same epochs; shows progress; prints a summary and writes
+runs/<name>/report.md with plots; stops every process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import redis
+from oona import streams
+from oona.contracts import stage_from_wire
+from oona.embedded import free_port
+from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
+from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
+from tqdm import tqdm
+
+from .report import plot_stage_timeline, plot_training, write_report
+
+
+class Fleet:
+    """The fleet's processes, started in dependency order and stopped in reverse."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.env = dict(os.environ)
+
+    def start(self, name: str, args: list[str], env: dict[str, str],
+              ready_port: int | None) -> subprocess.Popen:
+        log = (self.run_dir / f"{name}.log").open("wb")
+        process = subprocess.Popen([sys.executable, "-m", *args], env={**self.env, **env},
+                                   stdout=subprocess.PIPE if ready_port is None else log,
+                                   stderr=log)
+        self.processes.append((name, process))
+        if ready_port is not None:
+            deadline = time.monotonic() + 90
+            while not _ready(ready_port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not become ready; see {log.name}")
+                time.sleep(0.2)
+        return process
+
+    def stop(self) -> None:
+        for name, process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    print(f"{name} did not stop in 30 s: killed", file=sys.stderr)
+                    process.kill()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def start_fleet(fleet: Fleet, run_dir: Path) -> str:
+    broker = fleet.start("redis", ["oona", "serve-embedded", "--dir", str((run_dir / "redis").resolve())],
+                         {}, None)
+    url = broker.stdout.readline().decode().strip().removeprefix("OONA_REDIS_URL=")
+    if not url.startswith(("redis://", "unix://")):
+        raise RuntimeError(f"oona serve-embedded printed {url!r}")
+    fleet.env["OONA_REDIS_URL"] = url
+    karn_grpc = free_port()
+    fleet.start("karn", ["karn"], {"KARN_DATABASE_URL": f"sqlite:///{run_dir / 'karn.db'}",
+                                   "KARN_GRPC_PORT": str(karn_grpc),
+                                   "KARN_HTTP_PORT": str(http := free_port())}, http)
+    fleet.start("tamiyo", ["tamiyo"], {"TAMIYO_KARN_ADDRESS": f"127.0.0.1:{karn_grpc}",
+                                       "TAMIYO_GRPC_PORT": str(free_port()),
+                                       "TAMIYO_MIN_DELTA": "0.01",
+                                       # digits epochs take ~0.1 s: decide quickly
+                                       "TAMIYO_TICK_S": "0.1", "TAMIYO_REPORT_GRACE_S": "0.2",
+                                       "TAMIYO_HTTP_PORT": str(http := free_port())}, http)
+    fleet.runtime_port = free_port()
+    fleet.start("kasmina", ["kasmina", "serve"], {
+        "KASMINA_GRPC_PORT": str(fleet.runtime_port), "KASMINA_HTTP_PORT": str(http := free_port()),
+        "KASMINA_CHECKPOINT_DIR": str(run_dir / "checkpoints")}, http)
+    return url
+
+
+def watch(stub: pb_grpc.KasminaRuntimeStub, job_id: str, out: dict, progress: tqdm) -> None:
+    updates = []
+    for update in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+        updates.append(update)
+        if update.HasField("epoch_event") and update.epoch_event.kind == 2:  # epoch ended
+            progress.update(1)
+    out[job_id] = updates
+
+
+def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int]) -> tuple[str, dict]:
+    results, acks, seeded_stages = {}, Counter(), Counter()
+    for job_id, updates in jobs.items():
+        final = [u.epoch_event for u in updates if u.HasField("epoch_event")][-1]
+        results[job_id] = json.loads(final.message) if final.message.startswith("{") else {}
+        for u in updates:
+            if u.HasField("ack"):
+                acks["acked ok" if u.ack.success else "refused"] += 1
+    host = np.array([results[f"host-{s}"].get("test_accuracy", np.nan) for s in range(runs)])
+    grown = np.array([results[f"seeded-{s}"].get("test_accuracy", np.nan) for s in range(runs)])
+    for s in range(runs):
+        seeded_stages.update(results[f"seeded-{s}"].get("final_stages", {}))
+    spread = max(np.ptp(host), np.ptp(grown))
+    diff = np.nanmean(grown) - np.nanmean(host)
+    verdict = ("seeds beat the host by more than the seed-to-seed spread" if diff > spread
+               else "seeds did NOT beat the host by more than the seed-to-seed spread")
+    added = np.mean([results[f"seeded-{s}"].get("params_added", 0) for s in range(runs)])
+    lines = [
+        "Kasmina fleet: digits, under-sized host, seeds grown by Tamiyo over the Oona bus", "",
+        f"{'run':<14}{'test accuracy mean ± std':<28}per random seed",
+        f"{'host alone':<14}{np.nanmean(host):.4f} ± {np.nanstd(host):.4f}{'':<11}"
+        + ", ".join(f"{a:.4f}" for a in host),
+        f"{'host + seeds':<14}{np.nanmean(grown):.4f} ± {np.nanstd(grown):.4f}{'':<11}"
+        + ", ".join(f"{a:.4f}" for a in grown),
+        f"difference {diff:+.4f}, spread {spread:.4f}: {verdict}",
+        f"host parameters {results['host-0'].get('params_host', 0)}; "
+        f"blueprint parameters added (mean) {added:.0f}",
+        "seeds by final stage (all seeded runs): "
+        + ", ".join(f"{k} {v}" for k, v in sorted(seeded_stages.items())),
+        "commands: " + ", ".join(f"{k} {v}" for k, v in sorted(acks.items())) if acks
+        else "commands: none applied",
+        "bus messages: " + ", ".join(f"{k} {v}" for k, v in bus_counts.items()),
+    ]
+    return "\n".join(lines), results
+
+
+def stage_grid(updates: list) -> dict[str, np.ndarray]:
+    rows: dict[str, list] = {}
+    for u in updates:
+        if u.HasField("health"):
+            rows.setdefault(u.health.layer_id, []).append(
+                [stage_from_wire(s) for s in u.health.stage])
+    return {layer: np.array(r) for layer, r in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kasmina fleet", description=__doc__)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--runs", type=int, default=3, help="random seeds (each: seeded and host)")
+    p.add_argument("--name", default="fleet")
+    args = p.parse_args(argv)
+    run_dir = Path("runs") / args.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(run_dir)
+    start = time.perf_counter()
+    try:
+        url = start_fleet(fleet, run_dir)
+        print(f"fleet up in {time.perf_counter() - start:.1f} s (logs in {run_dir}/)")
+        channel = grpc.insecure_channel(f"127.0.0.1:{fleet.runtime_port}")
+        stub = pb_grpc.KasminaRuntimeStub(channel)
+        prefix = f"{args.name}-{int(time.time())}"
+        jobs, threads, collected = {}, [], {}
+        for seed in range(args.runs):
+            for kind, seeded in (("seeded", "true"), ("host", "false")):
+                job_id = f"{prefix}-{kind}-{seed}"
+                stub.SubmitJob(pb.SubmitJobRequest(job_id=job_id, recipe="digits", parameters={
+                    "epochs": str(args.epochs), "seed": str(seed), "seeded": seeded}))
+                jobs[f"{kind}-{seed}"] = job_id
+        with tqdm(total=len(jobs) * args.epochs, unit="epoch", desc="training") as progress:
+            for job_id in jobs.values():
+                t = threading.Thread(target=watch, args=(stub, job_id, collected, progress))
+                t.start()
+                threads.append(t)
+            for t in threads:
+                t.join()
+        client = redis.Redis.from_url(url)
+        bus = {s: client.xlen(s) for s in (streams.TELEMETRY_SEED_HEALTH, streams.EPOCH_EVENTS,
+                                           streams.CONTROL_ACKS, streams.FIELD_REPORTS)}
+        bus["commands"] = sum(client.xlen(streams.commands(j)) for j in jobs.values())
+        text, results = summarize({k: collected[j] for k, j in jobs.items()}, args.runs, bus)
+        runs = {k: {"epochs": results[k].get("epochs", []),
+                    "events": [(u.ack.applied_epoch, "") for u in collected[j]
+                               if u.HasField("ack")]} for k, j in jobs.items()}
+        plot_training(runs, run_dir / "training.png")
+        plot_stage_timeline(stage_grid(collected[jobs["seeded-0"]]) or
+                            {"-": np.zeros((1, 1), int)}, run_dir / "stages.png")
+        write_report(run_dir / "report.md", text, ["training.png", "stages.png"])
+        print("\n" + text)
+        print(f"\nwall time {time.perf_counter() - start:.1f} s; report: {run_dir}/report.md")
+        channel.close()
+    finally:
+        fleet.stop()
