@@ -97,10 +97,30 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
         if not (tracking or plan.num_running):
             return h
         h2 = h.reshape(-1, h.shape[-1])  # (N, F)
-        thr = self.config.dead_threshold
-        if not plan.num_running:  # dormant layer: telemetry only, a read-only pass
-            self.telemetry.add(kernels.column_stats(h2.detach(), thr, self._triton), h2.detach())
-            return h
+        out, stats, loss = h, None, None
+        if plan.num_running:
+            xs, y, ok = self._run_blueprints(h2, plan)
+            if plan.has_train and self.training and torch.is_grad_enabled():
+                loss = self._reconstruction_loss(xs, y, plan, ok)
+            if plan.has_blend:  # one fused pass: blend, and the telemetry when tracking
+                alpha = torch.where(ok, self.alpha.index_select(0, plan.seeds) * plan.blend, 0.0)
+                out2, stats = kernels.chunk_blend(h2, y, alpha, plan.feat, plan.run_of,
+                                                  plan.pos_of, tracking,
+                                                  self.config.dead_threshold, self._triton)
+                out = out2.view_as(h)
+        if tracking:
+            if stats is None:  # nothing blended: a read-only pass over the host output
+                stats = kernels.column_stats(h2.detach(), self.config.dead_threshold,
+                                             self._triton)
+            self.telemetry.add(stats, h2.detach())
+        if loss is not None:
+            out = _AttachLoss.apply(out, loss)
+        return out
+
+    def _run_blueprints(self, h2: torch.Tensor, plan: ForwardPlan
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The running seeds' chunks through their blueprints, one batched op per blueprint.
+        Returns (inputs, outputs) as (A, N, C) float32 and which seeds are finite (A,)."""
         n, a, c = h2.shape[0], plan.num_running, self.chunk_width
         hg = h2.index_select(1, plan.gather_idx).view(n, a, c).transpose(0, 1)  # (A, N, C)
         xs = hg.detach().float()
@@ -109,28 +129,11 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
         if plan.valid is not None:
             xs = xs * plan.valid
         y = torch.cat([self.banks[key](xs[s:e], plan.slots[s:e])
-                       for key, s, e in plan.segments]).contiguous()  # (A, N, C) float32
-        with torch.no_grad():
-            ok = torch.isfinite(y).flatten(1).all(1)  # (A,)
-            bad = self.nonfinite.index_select(0, plan.seeds) | ~ok
+                       for key, s, e in plan.segments]).contiguous()  # (A, N, C)
+        with torch.no_grad():  # a non-finite seed stays off until the boundary rolls it back
+            bad = self.nonfinite.index_select(0, plan.seeds) | ~torch.isfinite(y).flatten(1).all(1)
             self.nonfinite.index_copy_(0, plan.seeds, bad)
-            ok = ~bad
-        loss = None
-        if plan.has_train and self.training and torch.is_grad_enabled():
-            loss = self._reconstruction_loss(xs, y, plan, ok)
-        out, stats = h, None
-        if plan.has_blend:
-            alpha = torch.where(ok, self.alpha.index_select(0, plan.seeds) * plan.blend, 0.0)
-            out2, stats = kernels.chunk_blend(h2, y, alpha, plan.feat, plan.run_of, plan.pos_of,
-                                              tracking, thr, self._triton)
-            out = out2.view_as(h)
-        elif tracking:
-            stats = kernels.column_stats(h2.detach(), thr, self._triton)
-        if tracking:
-            self.telemetry.add(stats, h2.detach())
-        if loss is not None:
-            out = _AttachLoss.apply(out, loss)
-        return out
+        return xs, y, ~bad
 
     def _reconstruction_loss(self, xs: torch.Tensor, y: torch.Tensor, plan: ForwardPlan,
                              ok: torch.Tensor) -> torch.Tensor:
