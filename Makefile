@@ -4,7 +4,7 @@ PY       := .venv/bin/python
 PYPROJ   := $(sort $(wildcard services/*/pyproject.toml))
 SERVICES := $(patsubst %/pyproject.toml,%,$(PYPROJ))
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run demo test bench proto lint clean up down smoke
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt $(PYPROJ)
@@ -12,8 +12,12 @@ setup: .venv/.installed
 	$(PY) -m pip install -q -r requirements.txt $(foreach s,$(SERVICES),-e ./$(s))
 	touch $@
 
-# The main job: a real training run with seed layers (see README).
+# The main job: the whole fleet as processes and a real training job (see README).
 run: setup
+	$(PY) -m kasmina fleet $(ARGS)
+
+# Seed layers grown in-process by the LocalController, no fleet.
+demo: setup
 	$(PY) -m kasmina demo $(ARGS)
 
 test: setup
@@ -21,6 +25,23 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_dormant.py --device cpu
+	$(PY) benchmarks/bench_bus.py
+
+# After editing proto/: regenerate oona's Python and check nothing released was broken.
+proto: setup
+	$(PY) -m oona.codegen
+	$(PY) -m oona.compat
+
+# The fleet in containers (deploy/README.md): build, start in health-check order, stop.
+COMPOSE ?= docker compose
+DEPLOY  := $(COMPOSE) -f deploy/docker-compose.yml $(if $(GPU),-f deploy/docker-compose.gpu.yml)
+up:
+	$(DEPLOY) up -d --build
+down:
+	$(DEPLOY) down
+# End to end without a registry: root, a running dockerd, debootstrap (deploy/smoke.sh).
+smoke:
+	deploy/smoke.sh
 
 lint: setup
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check services tests benchmarks examples

@@ -80,8 +80,8 @@ def test_runtime_service_runs_a_job_from_the_bus(oona_restartable_broker: Embedd
         assert [r.layer_id for r in seeds.layers] == ["0"]
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        assert f'kasmina_seeds{{job="{job}",layer="0",stage="TRAINING"}}' in text or \
-            f'kasmina_seeds{{job="{job}",layer="0",stage="GERMINATED"}}' in text
+        assert f'kasmina_seeds{{job_id="{job}",layer="0",stage="TRAINING"}}' in text or \
+            f'kasmina_seeds{{job_id="{job}",layer="0",stage="GERMINATED"}}' in text
         long = stub.SubmitJob(pb.SubmitJobRequest(recipe="digits",
                                                   parameters={"epochs": "500"}))
         stub.CancelJob(pb.CancelJobRequest(job_id=long.job_id, reason="test"))

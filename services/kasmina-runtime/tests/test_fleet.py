@@ -78,7 +78,7 @@ def test_health_report_to_the_wire():
     m.train()
     m(torch.randn(5, 4))
     wire = health_to_proto(layer.end_epoch(0.5), "j")
-    assert wire.num_seeds == 4 and len(wire.chunk_variance) == 4
+    assert wire.num_seeds == 4 and wire.features == 12 and len(wire.chunk_variance) == 4
     assert [stage_from_wire(s) for s in wire.stage] == [0, 0, S.GERMINATED, 0]
     assert list(wire.blueprint_id) == [-1, -1, 3, -1] and wire.epoch == 1
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import inspect
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
-
+import redis
 from oona import Consumer, ConsumerConfig
 from oona.settings import BusSettings
 
@@ -29,8 +29,13 @@ def settings(redis_url: str) -> BusSettings:
 
 
 @pytest.fixture
-def stream() -> str:
-    return f"test.{uuid.uuid4().hex[:12]}"
+def stream(redis_url: str) -> Iterator[str]:
+    """A fresh stream name; the stream, its DLQ and its dedupe keys are deleted afterwards, so
+    a shared external server is left as it was found."""
+    name = f"test.{uuid.uuid4().hex[:12]}"
+    yield name
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(name, name + ".dlq", *client.scan_iter(match=f"{{{name}}}:*"))
 
 
 Pump = Callable[..., Awaitable[None]]

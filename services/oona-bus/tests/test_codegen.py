@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from google.protobuf import descriptor_pb2 as d
-
 from oona import codegen
 from oona.compat import breaking_changes
 
@@ -48,7 +47,8 @@ def test_removing_with_a_reservation_or_adding_is_compatible():
     report = _message(new, "LayerHealthReport")
     del report.field[5]
     report.reserved_range.add(start=6, end=7)
-    report.field.add(name="new_metric", number=19, type=d.FieldDescriptorProto.TYPE_FLOAT,
+    unused = max(f.number for f in report.field) + 1
+    report.field.add(name="new_metric", number=unused, type=d.FieldDescriptorProto.TYPE_FLOAT,
                      label=d.FieldDescriptorProto.LABEL_REPEATED)
     assert breaking_changes(old, new) == []
 

@@ -1,12 +1,23 @@
-"""Wire contract conventions: UNSPECIFIED zero values, the stage mapping, packed columns."""
+"""Wire contract conventions: UNSPECIFIED zero values, the stage mapping, packed columns, gRPC."""
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
 import pytest
 from google.protobuf import descriptor_pb2 as d
-
 from oona import codegen
-from oona.contracts import LayerHealthReport, SeedStage, schema_of, stage_from_wire, stage_to_wire
+from oona.contracts import (
+    LayerHealthReport,
+    LifecycleCommand,
+    SeedStage,
+    schema_of,
+    stage_from_wire,
+    stage_to_wire,
+)
+from oona.proto.kasmina.tamiyo.v1 import tamiyo_service_pb2 as pb
+from oona.proto.kasmina.tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 
 # DESIGN §3.2, as the Python SeedStage numbers them.
 PYTHON_STAGES = ["DORMANT", "GERMINATED", "TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING",
@@ -51,3 +62,28 @@ def test_health_columns_are_packed_so_thousands_of_seeds_stay_compact():
 def test_schema_names_type_and_major_version():
     schema = schema_of(LayerHealthReport)
     assert (schema.message_type, schema.version) == ("kasmina.seeds.v1.LayerHealthReport", 1)
+
+
+def test_generated_grpc_services_serve_and_call():
+    class Tamiyo(pb_grpc.TamiyoServicer):
+        async def Step(self, request: pb.SystemState, _context: object) -> pb.AdaptationSignal:
+            command = LifecycleCommand(command_id="c1", job_id=request.job_id, layer_id="l0",
+                                       seed_index=3)
+            command.germinate.blueprint_name = "low_rank"
+            return pb.AdaptationSignal(commands=[command], rationale=f"epoch {request.epoch}")
+
+    async def body() -> pb.AdaptationSignal:
+        server = grpc.aio.server()
+        pb_grpc.add_TamiyoServicer_to_server(Tamiyo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return await pb_grpc.TamiyoStub(channel).Step(pb.SystemState(job_id="j", epoch=4))
+        finally:
+            await server.stop(None)
+
+    signal = asyncio.run(body())
+    assert signal.rationale == "epoch 4"
+    assert signal.commands[0].germinate.blueprint_name == "low_rank"
+    assert signal.commands[0].WhichOneof("action") == "germinate"

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from oona import BusSettings, BusUnavailable, Delivery, EmbeddedRedis, connect, open_bus
 from oona.cli import main as cli
 from oona.contracts import Envelope, EpochEvent

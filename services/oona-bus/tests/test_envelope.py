@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given, settings as hyp_settings, strategies as st
-
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from oona import signing
 from oona.contracts import LayerHealthReport, schema_of
 from oona.envelope import decode_envelope, encode, parse_payload, verify_blob
@@ -24,6 +25,7 @@ reports = st.builds(
 
 
 @given(st.binary(max_size=512), st.sampled_from([None, b"key"]))
+@hyp_settings(deadline=None)  # wall-clock deadlines flake on a shared 2-core machine
 def test_decoding_arbitrary_bytes_returns_an_envelope_or_a_dead_letter_reason(data, key):
     try:
         envelope = decode_envelope(data, key)
@@ -34,7 +36,7 @@ def test_decoding_arbitrary_bytes_returns_an_envelope_or_a_dead_letter_reason(da
 
 
 @given(reports, st.text(max_size=30), st.text(max_size=30))
-@hyp_settings(max_examples=200)
+@hyp_settings(max_examples=200, deadline=None)
 def test_encode_then_decode_gives_back_the_message(report, sender, trace):
     out = encode("telemetry.seed.health", report, SETTINGS, sender_id=sender, trace_id=trace)
     envelope = decode_envelope(out.data, SETTINGS.signing_key)
@@ -50,16 +52,23 @@ def test_encode_then_decode_gives_back_the_message(report, sender, trace):
     assert parse_payload(LayerHealthReport, payload) == report
 
 
-@given(reports, st.data())
-@hyp_settings(max_examples=200)
-def test_any_single_byte_change_of_a_signed_envelope_is_rejected(report, data):
+# The position is drawn independently of the encoded length, which varies with the random
+# event id and the clock: hypothesis needs draws that do not depend on such state.
+@given(reports, st.integers(0, 2**16), st.integers(1, 255))
+@hyp_settings(max_examples=200, deadline=None)
+def test_no_single_byte_change_of_a_signed_envelope_alters_what_the_consumer_sees(report, where,
+                                                                                 flip):
     out = encode("s", report, SETTINGS, sender_id="kasmina")
-    position = data.draw(st.integers(0, len(out.data) - 1))
-    flip = data.draw(st.integers(1, 255))
     tampered = bytearray(out.data)
-    tampered[position] ^= flip
-    with pytest.raises(InvalidMessage):
-        decode_envelope(bytes(tampered), SETTINGS.signing_key)
+    tampered[where % len(tampered)] ^= flip
+    try:
+        decoded = decode_envelope(bytes(tampered), SETTINGS.signing_key)
+    except InvalidMessage:
+        return
+    # Protobuf ignores some bits (e.g. above 32 in an int32 varint): such a change parses to
+    # the very content that was signed, which is harmless; any other change must be rejected.
+    original = Envelope.FromString(out.data)
+    assert signing.canonical_bytes(decoded) == signing.canonical_bytes(original)
 
 
 def test_signature_covers_the_claim_check_reference():

@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
-from prometheus_client import REGISTRY
-
 from oona import Outbox, OutboxConfig, OutboxFull, OutboxThread, open_bus, streams
+from oona import outbox as outbox_module
 from oona.contracts import Envelope, EpochEvent, FieldReport, LayerHealthReport
 from oona.envelope import ENVELOPE_FIELD
+from prometheus_client import REGISTRY
 
 
 def _dropped() -> float:
@@ -79,3 +79,22 @@ def test_outbox_thread_serves_synchronous_code_from_another_thread(settings, str
             return int(await bus.redis.xlen(stream))
 
     assert asyncio.run(count()) == 600
+
+
+def test_an_idle_drain_is_woken_by_a_put_from_another_thread(settings, stream, monkeypatch):
+    # Without the wake-up the drain would sleep through the whole test.
+    monkeypatch.setattr(outbox_module, "_IDLE_CHECK_S", 60.0)
+
+    async def body() -> None:
+        outbox = Outbox(settings, "k")
+        async with open_bus(settings) as bus:
+            drain = asyncio.create_task(outbox.drain(bus.publisher("k")))
+            await asyncio.sleep(0.2)  # the drain is idle by now
+            threading.Thread(target=outbox.put, args=(stream, EpochEvent(epoch=1))).start()
+            async with asyncio.timeout(10):
+                while not await bus.redis.xlen(stream):
+                    await asyncio.sleep(0.002)
+            outbox.close()
+            await asyncio.wait_for(drain, 10)
+
+    asyncio.run(body())

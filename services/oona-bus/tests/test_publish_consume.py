@@ -7,6 +7,7 @@ import asyncio
 from oona import ConsumerConfig, Delivery, Retry, open_bus
 from oona.contracts import CommandAck, EpochEvent, LayerHealthReport
 from oona.settings import BusSettings
+from prometheus_client import REGISTRY
 
 
 def _report(i: int) -> LayerHealthReport:
@@ -14,8 +15,16 @@ def _report(i: int) -> LayerHealthReport:
                              alpha=[0.5, float(i)])
 
 
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"stream": "other", **labels}) or 0.0
+
+
 def test_published_messages_reach_the_handler_in_order_and_are_acked(settings, stream, pump,
                                                                      fast_config):
+    names = ("oona_published_total", "oona_consumed_total", "oona_acked_total",
+             "oona_handler_seconds_count")
+    before = {name: _metric(name) for name in names}
+
     async def body() -> None:
         got: list[tuple[int, int]] = []
 
@@ -36,6 +45,7 @@ def test_published_messages_reach_the_handler_in_order_and_are_acked(settings, s
             assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
 
     asyncio.run(body())
+    assert {name: _metric(name) - before[name] for name in names} == dict.fromkeys(names, 250)
 
 
 def test_group_creation_is_idempotent_and_new_groups_see_history(settings, stream, pump,
@@ -58,7 +68,8 @@ def test_group_creation_is_idempotent_and_new_groups_see_history(settings, strea
     asyncio.run(body())
 
 
-def test_same_event_id_is_handled_once(settings, stream, pump, fast_config):
+def test_an_event_id_is_written_once_so_it_is_handled_once(settings, stream, pump,
+                                                           fast_config):
     async def body() -> None:
         handled: list[str] = []
 
@@ -70,15 +81,21 @@ def test_same_event_id_is_handled_once(settings, stream, pump, fast_config):
             await consumer.ensure_group()
             publisher = bus.publisher("p")
             ack = CommandAck(command_id="cmd-1", success=True)
-            # A publisher retrying after a lost reply, in one batch and in the next one.
-            for _ in range(2):
-                await publisher.publish(stream, ack, event_id="cmd-1")
-            await pump(consumer, until=lambda: len(handled) == 1)
-            await publisher.publish(stream, ack, event_id="cmd-1")
+            # A publisher retrying after a lost reply: in one batch, and later on its own.
+            first, again = await publisher.publish_many([(stream, ack), (stream, ack)])
+            assert first is not None and again is not None  # fresh event ids: both written
+            assert await publisher.publish(stream, ack, event_id="cmd-1") is not None
+            assert await publisher.publish(stream, ack, event_id="cmd-1") is None
+            await pump(consumer, until=lambda: len(handled) == 3)
+            assert await publisher.publish(stream, ack, event_id="cmd-1") is None
             await publisher.publish(stream, CommandAck(command_id="cmd-2"), event_id="cmd-2")
-            await pump(consumer, until=lambda: len(handled) == 2)
-            assert handled == ["cmd-1", "cmd-2"]
-            assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
+            await pump(consumer, until=lambda: len(handled) == 4)
+            assert handled == ["cmd-1", "cmd-1", "cmd-1", "cmd-2"]
+            assert await bus.redis.xlen(stream) == 4
+            # Telemetry is not deduplicated: no key per message.
+            await publisher.publish(stream, ack, event_id="t-1", dedupe=False)
+            await publisher.publish(stream, ack, event_id="t-1", dedupe=False)
+            assert await bus.redis.xlen(stream) == 6
 
     asyncio.run(body())
 
@@ -201,6 +218,37 @@ def test_run_stops_gracefully(settings: BusSettings, stream, fast_config):
                 [(stream, EpochEvent(epoch=i)) for i in range(3)])
             await asyncio.wait_for(consumer.run(), timeout=10)
             assert seen == [0, 1, 2]
+            assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
+
+    asyncio.run(body())
+
+
+def test_a_message_that_keeps_killing_its_consumers_is_dead_lettered(settings, stream, pump,
+                                                                     fast_config):
+    async def body() -> None:
+        handled: list[int] = []
+
+        async def handler(msg: EpochEvent, _: Delivery) -> None:
+            handled.append(msg.epoch)
+
+        async with open_bus(settings) as bus:
+            consumer = bus.consumer(stream, "g", "c", {EpochEvent: handler}, fast_config)
+            await consumer.ensure_group()
+            (crasher,) = await bus.publisher("p").publish_many([(stream, EpochEvent(epoch=1))])
+            # Consumers that took it and died, max_deliveries times over.
+            await bus.redis.xreadgroup("g", "dead-0", {stream: ">"})
+            for i in range(1, fast_config.max_deliveries):
+                await bus.redis.xclaim(stream, "g", f"dead-{i}", 0, [crasher])
+            await bus.publisher("p").publish(stream, EpochEvent(epoch=2))
+
+            async def dead_lettered() -> bool:
+                return bool(await bus.redis.xlen(stream + ".dlq"))
+
+            await pump(consumer, until=dead_lettered)
+            (_, letter), = await bus.redis.xrange(stream + ".dlq")
+            assert letter[b"dlq.reason"] == b"max_deliveries"
+            assert letter[b"dlq.deliveries"] == str(fast_config.max_deliveries + 1).encode()
+            assert handled == [2]
             assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
 
     asyncio.run(body())

@@ -67,6 +67,7 @@ class EpochRecord:
     epoch: int
     train_loss: float
     val_loss: float
+    steps: int
 
 
 @dataclass
@@ -126,7 +127,8 @@ def train_digits(p: DigitsParams, model: nn.Module, grower: Grower | None,
             if grower is not None:
                 grower.step(loss.detach())
             losses.append(loss.detach())
-        record = EpochRecord(epoch + 1, torch.stack(losses).mean().item(), val_loss())
+        record = EpochRecord(epoch + 1, torch.stack(losses).mean().item(), val_loss(),
+                             len(losses))
         result.epochs.append(record)
         outcome = grower.end_epoch(record.val_loss, evaluate=val_loss) if grower else None
         if on_epoch is not None and on_epoch(record, outcome) is False:

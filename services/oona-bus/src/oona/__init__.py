@@ -12,8 +12,14 @@ from oona.bus import Bus, open_bus
 from oona.connection import connect
 from oona.consumer import Consumer, ConsumerConfig, Delivery, Handler
 from oona.embedded import EmbeddedRedis
-from oona.errors import (BusUnavailable, DeadLetterReason, IncompatibleServer, OutboxFull,
-                         PayloadTooLarge, Retry)
+from oona.errors import (
+                         BusUnavailable,
+                         DeadLetterReason,
+                         IncompatibleServer,
+                         OutboxFull,
+                         PayloadTooLarge,
+                         Retry,
+)
 from oona.outbox import Outbox, OutboxConfig
 from oona.outbox_thread import OutboxThread
 from oona.publisher import Publisher

@@ -43,7 +43,7 @@ async def _lag(redis: Redis, stream: str, group: dict[str, Any]) -> int | None:
         return None if group["lag"] is None else int(group["lag"])
     after = await redis.xrange(stream, min=f"({_text(group['last-delivered-id'])}",
                                count=LAG_COUNT_LIMIT)
-    return len(after)
+    return len(after or ())
 
 
 async def stream_info(redis: Redis, stream: str) -> StreamInfo:
@@ -83,7 +83,7 @@ def describe_entry(fields: dict[bytes, bytes]) -> str:
     shown = Envelope()
     shown.CopyFrom(envelope)
     shown.ClearField("payload")
-    out = text_format.MessageToString(shown)
+    out: str = text_format.MessageToString(shown)
     if envelope.WhichOneof("body") != "payload":
         return out
     try:
@@ -92,4 +92,5 @@ def describe_entry(fields: dict[bytes, bytes]) -> str:
         payload = message_factory.GetMessageClass(descriptor).FromString(envelope.payload)
     except (KeyError, DecodeError) as exc:
         return out + f"payload: <{len(envelope.payload)} bytes, not decodable: {exc}>\n"
-    return out + "payload {\n" + text_format.MessageToString(payload, indent=2) + "}\n"
+    shown_payload: str = text_format.MessageToString(payload, indent=2)
+    return out + "payload {\n" + shown_payload + "}\n"

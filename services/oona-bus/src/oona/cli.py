@@ -36,11 +36,9 @@ async def _streams(redis: Redis, args: argparse.Namespace) -> None:
     print(f"{'stream':<48} {'length':>8}  {'group':<20} {'consumers':>9} {'pending':>8} "
           f"{'lag':>8}")
     for info in await admin.list_streams(redis, args.pattern):
-        groups = info.groups or [None]
-        for group in groups:
-            if group is None:
-                print(f"{info.name:<48} {info.length:>8}")
-                continue
+        if not info.groups:
+            print(f"{info.name:<48} {info.length:>8}")
+        for group in info.groups:
             lag = "?" if group.lag is None else str(group.lag)
             print(f"{info.name:<48} {info.length:>8}  {group.name:<20} {group.consumers:>9} "
                   f"{group.pending:>8} {lag:>8}")

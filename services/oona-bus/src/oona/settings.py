@@ -34,7 +34,8 @@ class BusSettings:
     claim_check_ttl_s: int = 7 * 24 * 3600
     # Larger payloads are refused at publish and dead-lettered at consume.
     max_payload_bytes: int = 64 * 1024 * 1024
-    # How long a handled event_id is remembered for deduplication.
+    # How long a published event id keeps a second publish of it from being written. Costs one
+    # small key per deduplicated message (telemetry is published without).
     dedupe_ttl_s: int = 24 * 3600
     # Shared fleet key for HMAC signing; None disables signing and verification.
     signing_key: bytes | None = None

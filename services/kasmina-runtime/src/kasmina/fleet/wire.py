@@ -33,7 +33,8 @@ def health_to_proto(report: Report, job_id: str) -> LayerHealthReport:
     ready = np.where(report.ready_for >= 0, _WIRE_STAGE[np.maximum(report.ready_for, 0)], 0)
     return LayerHealthReport(
         job_id=job_id, layer_id=report.layer_id, epoch=report.epoch, step=report.step,
-        num_seeds=report.num_seeds, stage=_WIRE_STAGE[report.stage].tolist(),
+        num_seeds=report.num_seeds, features=report.chunks[-1][1],
+        stage=_WIRE_STAGE[report.stage].tolist(),
         blueprint_id=report.blueprint_id.tolist(), epochs_in_stage=report.epochs_in_stage.tolist(),
         strategy_id=report.strategy_id.tolist(), alpha=report.alpha.tolist(),
         chunk_variance=report.chunk_variance.tolist(), dead_ratio=report.dead_ratio.tolist(),

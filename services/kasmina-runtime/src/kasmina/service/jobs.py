@@ -92,6 +92,7 @@ class Job:
         started = getattr(self, "_epoch_started", now)
         self._epoch_started = now
         metrics.EPOCH_SECONDS.labels(self.job_id).observe(now - started)
+        metrics.STEP_SECONDS.labels(self.job_id).set((now - started) / record.steps)
         metrics.VAL_METRIC.labels(self.job_id).set(record.val_loss)
         metrics.TRAIN_LOSS.labels(self.job_id).set(record.train_loss)
         for ack in acks or ():

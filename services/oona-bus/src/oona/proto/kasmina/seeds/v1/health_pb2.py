@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from oona.proto.kasmina.seeds.v1 import stage_pb2 as kasmina_dot_seeds_dot_v1_dot_stage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkasmina/seeds/v1/health.proto\x12\x10kasmina.seeds.v1\x1a\x1ckasmina/seeds/v1/stage.proto\"\xb4\x03\n\x11LayerHealthReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08layer_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x11\n\tnum_seeds\x18\x05 \x01(\r\x12*\n\x05stage\x18\x06 \x03(\x0e\x32\x1b.kasmina.seeds.v1.SeedStage\x12\x14\n\x0c\x62lueprint_id\x18\x07 \x03(\x05\x12\x17\n\x0f\x65pochs_in_stage\x18\x08 \x03(\r\x12\x13\n\x0bstrategy_id\x18\t \x03(\x05\x12\r\n\x05\x61lpha\x18\n \x03(\x02\x12\x16\n\x0e\x63hunk_variance\x18\x0b \x03(\x02\x12\x12\n\ndead_ratio\x18\x0c \x03(\x02\x12\x1c\n\x14mean_abs_correlation\x18\r \x03(\x02\x12\x1c\n\x14reconstruction_ratio\x18\x0e \x03(\x02\x12\x11\n\tgrad_norm\x18\x0f \x03(\x02\x12\r\n\x05\x64rift\x18\x10 \x03(\x02\x12\x14\n\x0c\x63ontribution\x18\x11 \x03(\x02\x12.\n\tready_for\x18\x12 \x03(\x0e\x32\x1b.kasmina.seeds.v1.SeedStageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkasmina/seeds/v1/health.proto\x12\x10kasmina.seeds.v1\x1a\x1ckasmina/seeds/v1/stage.proto\"\xc6\x03\n\x11LayerHealthReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08layer_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x11\n\tnum_seeds\x18\x05 \x01(\r\x12*\n\x05stage\x18\x06 \x03(\x0e\x32\x1b.kasmina.seeds.v1.SeedStage\x12\x14\n\x0c\x62lueprint_id\x18\x07 \x03(\x05\x12\x17\n\x0f\x65pochs_in_stage\x18\x08 \x03(\r\x12\x13\n\x0bstrategy_id\x18\t \x03(\x05\x12\r\n\x05\x61lpha\x18\n \x03(\x02\x12\x16\n\x0e\x63hunk_variance\x18\x0b \x03(\x02\x12\x12\n\ndead_ratio\x18\x0c \x03(\x02\x12\x1c\n\x14mean_abs_correlation\x18\r \x03(\x02\x12\x1c\n\x14reconstruction_ratio\x18\x0e \x03(\x02\x12\x11\n\tgrad_norm\x18\x0f \x03(\x02\x12\r\n\x05\x64rift\x18\x10 \x03(\x02\x12\x14\n\x0c\x63ontribution\x18\x11 \x03(\x02\x12.\n\tready_for\x18\x12 \x03(\x0e\x32\x1b.kasmina.seeds.v1.SeedStage\x12\x10\n\x08\x66\x65\x61tures\x18\x13 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'oona.proto.kasmina.seeds.v1
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LAYERHEALTHREPORT']._serialized_start=82
-  _globals['_LAYERHEALTHREPORT']._serialized_end=518
+  _globals['_LAYERHEALTHREPORT']._serialized_end=536
 # @@protoc_insertion_point(module_scope)

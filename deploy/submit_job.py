@@ -1,0 +1,50 @@
+"""Submit a digits training job to the Kasmina runtime over gRPC and follow it to the end.
+
+Runs where the runtime's gRPC port is reachable: inside the kasmina container
+(`docker compose exec kasmina python /opt/fleet/submit_job.py`) or from a checkout's venv.
+Prints one line per epoch and exits 0 when the job succeeded."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import grpc
+from oona.contracts import EpochEventKind
+from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
+from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
+
+EPOCH_ENDED = EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--address", default="127.0.0.1:50051", help="runtime gRPC host:port")
+    p.add_argument("--job-id", default=f"digits-{int(time.time())}")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="more recipe parameters (hidden, depth, seeds_per_layer, seed, lr, ...)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    args = p.parse_args(argv)
+    parameters = {"epochs": str(args.epochs), **dict(kv.split("=", 1) for kv in args.param)}
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.KasminaRuntimeStub(channel)
+        reply = stub.SubmitJob(pb.SubmitJobRequest(job_id=args.job_id, recipe="digits",
+                                                   parameters=parameters), timeout=30)
+        print(f"submitted {reply.job_id}: {pb.JobState.Name(reply.state)}", flush=True)
+        if args.no_wait:
+            return 0
+        state = reply.state
+        for update in stub.WatchJob(pb.WatchJobRequest(job_id=args.job_id)):
+            state = update.state
+            event = update.epoch_event
+            if update.HasField("epoch_event") and event.kind == EPOCH_ENDED:
+                print(f"epoch {event.epoch}: train_loss {event.train_loss:.4f} "
+                      f"{event.val_metric_name} {event.val_metric:.4f}", flush=True)
+        print(f"{args.job_id}: {pb.JobState.Name(state)}")
+        return 0 if state == pb.JobState.JOB_STATE_SUCCEEDED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Prometheus metrics of Karn. Labels are bounded: `outcome` is one of the four end stages or
+"other", `blueprint` a catalog name (the catalog is small, operator-curated data)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from karn.store import OUTCOMES
+
+REPORTS_STORED = Counter("karn_field_reports_stored", "Field reports stored (first delivery).",
+                         ["outcome"])
+REPORT_DUPLICATES = Counter("karn_field_report_duplicates",
+                            "Field reports received again (same report_id) and not stored again.")
+STORE_ERRORS = Counter("karn_store_errors",
+                       "Field reports the database could not take; each is retried.")
+STORE_SECONDS = Histogram(
+    "karn_store_seconds", "Time to store one field report, commit included.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+RECOMMENDATIONS = Counter("karn_recommendations",
+                          "Recommendations served, by the blueprint ranked first.", ["blueprint"])
+
+
+def outcome_label(stage: str) -> str:
+    return stage if stage in OUTCOMES else "other"
+
+
+# Every outcome's series exists from the start, at 0, so rates and dashboards see it.
+for _outcome in (*OUTCOMES, "other"):
+    REPORTS_STORED.labels(_outcome)

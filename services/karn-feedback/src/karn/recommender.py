@@ -1,0 +1,112 @@
+"""The blueprint recommender: Thompson sampling over field-report outcomes, cost-aware.
+
+Each blueprint's chance of success (fossilized with a positive contribution) has a Beta(1 + s,
+1 + f) posterior from its s successes and f other outcomes. A recommendation samples every
+fitting blueprint's posterior, subtracts `cost_penalty` times its parameter count relative to the
+largest candidate's, and ranks by that score. A blueprint that keeps failing has its posterior
+pushed towards 0 and is chosen less and less, but never exactly never: if it starts to succeed,
+sampling notices. Sampling rather than a deterministic index (UCB) also spreads seeds germinated
+at the same epoch over blueprints while their outcomes are still unknown.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from oona.contracts import BlueprintSpec
+
+from karn.catalog import fits, parameter_count
+from karn.store import BlueprintStatistics, FieldReportStore, StrategyRecord
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    blueprint: BlueprintSpec
+    # The strategy with the best record for this blueprint; "" when there is none yet.
+    strategy_name: str
+    score: float
+    rationale: str
+
+
+@dataclass(frozen=True)
+class RecommendationRequest:
+    chunk_size: int
+    # Most parameters one seed may add; 0 means no limit.
+    parameter_budget: int = 0
+    exclude_blueprint_ids: Collection[int] = ()
+    limit: int = 1
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        if self.parameter_budget < 0 or self.limit < 1:
+            raise ValueError("parameter_budget must be >= 0 and limit >= 1")
+
+
+def posterior_mean(successes: int, reports: int) -> float:
+    return (1 + successes) / (2 + reports)
+
+
+def best_strategy(records: list[StrategyRecord]) -> str:
+    """The strategy with the highest posterior mean; ties go to the one with more reports."""
+    if not records:
+        return ""
+    best = max(records, key=lambda r: (posterior_mean(r.successes, r.reports), r.reports))
+    return best.strategy_name
+
+
+class BlueprintRecommender:
+    def __init__(self, store: FieldReportStore, cost_penalty: float,
+                 rng: random.Random | None = None) -> None:
+        if cost_penalty < 0:
+            raise ValueError("cost_penalty must be >= 0")
+        self._store = store
+        self.cost_penalty = cost_penalty
+        self._rng = rng or random.Random()
+        # random.Random is shared by the gRPC threads; sampling under a lock keeps a seeded
+        # recommender reproducible call by call.
+        self._rng_lock = threading.Lock()
+
+    def candidates(self, request: RecommendationRequest) -> list[BlueprintSpec]:
+        """Catalog entries that fit the chunk, the budget and the exclusions."""
+        return [spec for spec in self._store.blueprints()
+                if fits(spec, request.chunk_size)
+                and spec.blueprint_id not in request.exclude_blueprint_ids
+                and (request.parameter_budget == 0
+                     or parameter_count(spec, request.chunk_size) <= request.parameter_budget)]
+
+    def recommend(self, request: RecommendationRequest) -> list[Recommendation]:
+        """Up to `limit` blueprints, best first; empty when nothing in the catalog fits."""
+        candidates = self.candidates(request)
+        if not candidates:
+            return []
+        ids = [spec.blueprint_id for spec in candidates]
+        stats = {s.blueprint_id: s for s in self._store.statistics(ids)}
+        strategies: dict[int, list[StrategyRecord]] = {}
+        for record in self._store.strategy_records(ids):
+            strategies.setdefault(record.blueprint_id, []).append(record)
+        costs = {spec.blueprint_id: parameter_count(spec, request.chunk_size)
+                 for spec in candidates}
+        largest = max(max(costs.values()), 1)
+        scored: list[Recommendation] = []
+        with self._rng_lock:
+            samples = [self._sample(stats[bid]) for bid in ids]
+        for spec, sample in zip(candidates, samples, strict=True):
+            stat = stats[spec.blueprint_id]
+            relative_cost = costs[spec.blueprint_id] / largest
+            rationale = (f"{stat.successes}/{stat.reports} reports fossilized with a gain "
+                         f"(posterior mean {posterior_mean(stat.successes, stat.reports):.2f}); "
+                         f"{costs[spec.blueprint_id]} parameters at chunk size "
+                         f"{request.chunk_size} ({relative_cost:.2f} of the largest fitting "
+                         f"blueprint)")
+            scored.append(Recommendation(
+                blueprint=spec, strategy_name=best_strategy(strategies.get(spec.blueprint_id, [])),
+                score=sample - self.cost_penalty * relative_cost, rationale=rationale))
+        scored.sort(key=lambda r: r.score, reverse=True)
+        return scored[:request.limit]
+
+    def _sample(self, stat: BlueprintStatistics) -> float:
+        return self._rng.betavariate(1 + stat.successes, 1 + stat.reports - stat.successes)

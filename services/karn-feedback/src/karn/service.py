@@ -1,0 +1,158 @@
+"""`python -m karn`: the worker, the gRPC API and the HTTP endpoints in one process.
+
+Start order: database (migrated), bus, then the servers. SIGTERM/SIGINT: readiness fails at once,
+the worker stops taking reports and finishes the batch in hand, gRPC drains in-flight calls, HTTP
+stops, the database closes; each step bounded by `shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import socket
+import sys
+import time
+from importlib.metadata import version
+
+from oona import Bus, BusSettings, BusUnavailable, ConsumerConfig, IncompatibleServer, open_bus
+from redis.asyncio import Redis
+from sqlalchemy.exc import OperationalError
+
+from karn.grpc_api import KarnServicer, start_grpc_server
+from karn.http_api import HttpServer, ReadinessCheck, create_app
+from karn.recommender import BlueprintRecommender
+from karn.settings import KarnSettings
+from karn.store import FieldReportStore
+from karn.worker import FieldReportWorker
+
+log = logging.getLogger("karn")
+
+_DB_CONNECT_ATTEMPTS = 5
+_DB_CONNECT_BACKOFF_S = 0.5
+
+NO_BUS_MESSAGE = """\
+karn: OONA_REDIS_URL is not set, so there is no bus to read field reports from.
+Karn joins the fleet's bus rather than starting a private one. Either start the embedded broker
+in another terminal and export the URL it prints:
+
+    python -m oona serve-embedded          # prints OONA_REDIS_URL=redis://127.0.0.1:PORT/0
+    export OONA_REDIS_URL=redis://127.0.0.1:PORT/0
+
+or point OONA_REDIS_URL at any Redis >= 6.2."""
+
+
+def open_store(settings: KarnSettings) -> FieldReportStore:
+    """Connect and migrate, retrying a database that is not up yet a bounded number of times."""
+    delay = _DB_CONNECT_BACKOFF_S
+    for attempt in range(1, _DB_CONNECT_ATTEMPTS + 1):
+        try:
+            return FieldReportStore.open(settings.database_url)
+        except OperationalError as exc:
+            if attempt == _DB_CONNECT_ATTEMPTS:
+                raise
+            log.warning("database %s not ready (attempt %d/%d): %s",
+                        settings.redacted_database_url(), attempt, _DB_CONNECT_ATTEMPTS, exc.orig)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def readiness_checks(store: FieldReportStore, redis: Redis,
+                     stopping: asyncio.Event) -> dict[str, ReadinessCheck]:
+    """Ready: the database answers, Redis answers PING, and the service is not shutting down
+    (so a load balancer stops routing to it before it stops serving)."""
+
+    async def database() -> None:
+        await asyncio.to_thread(store.ping)
+
+    async def bus() -> None:
+        await redis.ping()
+
+    async def service() -> None:
+        if stopping.is_set():
+            raise RuntimeError("shutting down")
+
+    return {"database": database, "bus": bus, "service": service}
+
+
+async def serve(settings: KarnSettings, bus_settings: BusSettings) -> None:
+    store = await asyncio.to_thread(open_store, settings)
+    log.info("database %s ready (%d field reports)", settings.redacted_database_url(),
+             await asyncio.to_thread(store.report_count))
+    try:
+        async with open_bus(bus_settings) as bus:
+            await _serve_with(settings, store, bus)
+    finally:
+        store.close()
+        log.info("database closed")
+
+
+async def _serve_with(settings: KarnSettings, store: FieldReportStore, bus: Bus) -> None:
+    rng = random.Random(settings.random_seed)
+    recommender = BlueprintRecommender(store, settings.cost_penalty, rng)
+    worker = FieldReportWorker(bus, store, settings.consumer_name, ConsumerConfig(
+        max_deliveries=settings.max_deliveries, shutdown_grace_s=settings.shutdown_grace_s))
+    stopping = asyncio.Event()
+    http = HttpServer(create_app(readiness_checks(store, bus.redis, stopping)),
+                      settings.bind_host, settings.http_port)
+    # Bound here, not inside uvicorn: a port in use is then an OSError before anything runs
+    # (uvicorn would sys.exit from inside its task).
+    http_socket = socket.create_server((settings.bind_host, settings.http_port))
+    try:
+        grpc_server, grpc_port = start_grpc_server(KarnServicer(store, recommender),
+                                                   settings.bind_host, settings.grpc_port)
+    except BaseException:
+        http_socket.close()
+        raise
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            worker_task = tasks.create_task(worker.run())
+            tasks.create_task(http.serve(sockets=[http_socket]))
+            log.info("karn %s serving: gRPC %s:%d, HTTP %s:%d, consuming %s as %s/%s",
+                     version("karn-feedback"), settings.bind_host, grpc_port, settings.bind_host,
+                     settings.http_port, worker.consumer.stream, worker.consumer.group,
+                     worker.consumer.name)
+            # A worker that dies (not a transient Redis error: those it rides out) is fatal.
+            await asyncio.wait({worker_task, tasks.create_task(stopping.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            stopping.set()
+            log.info("shutting down: draining the worker and in-flight calls")
+            worker.stop()
+            await worker_task
+            await asyncio.to_thread(grpc_server.stop(settings.shutdown_grace_s).wait)
+            http.should_exit = True
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        grpc_server.stop(None)
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        print(__doc__ + "\nConfigured by environment variables only; see the README.",
+              file=sys.stderr)
+        return 0 if args[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bus_settings = BusSettings.from_env()
+    if bus_settings.url is None:
+        print(NO_BUS_MESSAGE, file=sys.stderr)
+        return 2
+    try:
+        settings = KarnSettings.from_env()
+    except ValueError as exc:
+        print(f"karn: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings, bus_settings))
+    except (BusUnavailable, IncompatibleServer, OperationalError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

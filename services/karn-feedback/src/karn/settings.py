@@ -1,0 +1,75 @@
+"""Typed Karn settings, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+DEFAULT_DATABASE_URL = "sqlite:///karn.db"
+
+
+@dataclass(frozen=True)
+class KarnSettings:
+    """Where Karn keeps its data, where it listens, and how it recommends.
+
+    The bus settings are oona's own (`oona.BusSettings.from_env`: OONA_REDIS_URL and friends).
+    """
+
+    database_url: str = DEFAULT_DATABASE_URL
+    grpc_port: int = 50053
+    http_port: int = 8083
+    # Both servers listen here; 0.0.0.0 in a container.
+    bind_host: str = "127.0.0.1"
+    consumer_name: str = "karn-1"
+    # Reward is lowered by cost_penalty * (the blueprint's parameters / the largest candidate's),
+    # so between two equally successful blueprints the cheaper one wins.
+    cost_penalty: float = 0.1
+    # None: a fresh seed per process. Set it to make recommendations reproducible.
+    random_seed: int | None = None
+    # A report the database keeps refusing is retried this many times, then dead-lettered.
+    # High on purpose: with the retry delay capped at 30 s this rides out a ~10 minute outage.
+    max_deliveries: int = 25
+    # Bounded drain at SIGTERM: the batch in hand and in-flight RPCs get this long.
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            raise ValueError("database_url must not be empty")
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in 0..65535, got {port}")
+        if self.cost_penalty < 0:
+            raise ValueError("cost_penalty must be >= 0")
+        if self.max_deliveries < 1:
+            raise ValueError("max_deliveries must be >= 1")
+        if self.shutdown_grace_s <= 0:
+            raise ValueError("shutdown_grace_s must be > 0")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KarnSettings:
+        """Settings from `KARN_*` variables; unset ones keep their defaults.
+
+        KARN_DATABASE_URL, KARN_GRPC_PORT, KARN_HTTP_PORT, KARN_BIND_HOST, KARN_CONSUMER_NAME,
+        KARN_COST_PENALTY, KARN_RANDOM_SEED, KARN_MAX_DELIVERIES, KARN_SHUTDOWN_GRACE_S.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = env.get(f"KARN_{field.name.upper()}")
+            if not raw:
+                continue
+            kind = str(field.type).split(" | ")[0]
+            try:
+                values[field.name] = {"int": int, "float": float}.get(kind, str)(raw)
+            except ValueError as exc:
+                raise ValueError(f"KARN_{field.name.upper()}={raw!r}: {exc}") from exc
+        return cls(**values)
+
+    def redacted_database_url(self) -> str:
+        """The database URL without its password, for logs."""
+        return make_url(self.database_url).render_as_string(hide_password=True)

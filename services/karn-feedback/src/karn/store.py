@@ -1,0 +1,230 @@
+"""FieldReportStore: field reports stored once each, the blueprint catalog, per-blueprint
+statistics. Synchronous and bus-agnostic: the worker and the gRPC layer call it from threads."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from oona.contracts import BlueprintSpec, FieldReport, SeedStage
+from sqlalchemy import Engine, Table, case, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from karn.database import (SUPPORTED_BACKENDS, blueprints, create_database_engine,
+                           field_reports, migrate, spec_from_row, spec_row)
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("FOSSILIZED", "CULLED", "ROLLED_BACK", "CANCELLED")
+_STAGE_PREFIX = "SEED_STAGE_"
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Database errors that waiting can cure: server down or restarting, connection dropped,
+    SQLite busy. Anything else (a constraint, a type error) is a bug that retrying won't fix."""
+    return isinstance(exc, OperationalError) or exc.connection_invalidated
+
+
+def stage_name(wire_stage: int) -> str:
+    """FOSSILIZED for SEED_STAGE_FOSSILIZED; a stage from a newer contract keeps its number."""
+    try:
+        name: str = SeedStage.Name(wire_stage)
+    except ValueError:
+        return f"STAGE_{wire_stage}"
+    return name.removeprefix(_STAGE_PREFIX)
+
+
+@dataclass(frozen=True)
+class BlueprintStatistics:
+    """What the field reports say about one blueprint. A *success* is what the recommender
+    rewards: the seed was fossilized and its measured contribution was positive."""
+
+    blueprint_id: int
+    blueprint_name: str
+    reports: int = 0
+    fossilized: int = 0
+    culled: int = 0
+    rolled_back: int = 0
+    cancelled: int = 0
+    successes: int = 0
+    # None when no report measured it (contribution: no seed reached EVALUATING).
+    mean_contribution: float | None = None
+    mean_metric_gain: float | None = None
+    mean_parameters_added: float | None = None
+    mean_latency_cost_ms: float | None = None
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.reports if self.reports else 0.0
+
+
+@dataclass(frozen=True)
+class StrategyRecord:
+    """Outcomes of one grafting strategy with one blueprint."""
+
+    blueprint_id: int
+    strategy_name: str
+    reports: int
+    successes: int
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def report_row(report: FieldReport, received_at: datetime) -> dict[str, Any]:
+    final_stage = stage_name(report.final_stage)
+    visited = {visit.stage for visit in report.history}
+    # Contribution is measured while EVALUATING (DESIGN §3.2); proto3 cannot say "unset", so a
+    # seed that ended before that stage carries a meaningless 0 that must not drag the mean.
+    measured = (final_stage == "FOSSILIZED"
+                or SeedStage.SEED_STAGE_EVALUATING in visited)
+    gain = _finite(report.metric_after - report.metric_before)
+    return {
+        "report_id": report.report_id, "job_id": report.job_id, "layer_id": report.layer_id,
+        "seed_index": report.seed_index, "blueprint_id": report.blueprint_id,
+        "blueprint_name": report.blueprint_name, "strategy_id": report.strategy_id,
+        "strategy_name": report.strategy_name, "final_stage": final_stage,
+        "metric_name": report.metric_name, "higher_is_better": report.higher_is_better,
+        "metric_before": _finite(report.metric_before),
+        "metric_after": _finite(report.metric_after),
+        "metric_gain": gain if gain is None or report.higher_is_better else -gain,
+        "contribution": _finite(report.contribution) if measured else None,
+        "parameters_added": report.parameters_added,
+        "latency_cost_ms": _finite(report.latency_cost_ms),
+        "memory_cost_bytes": report.memory_cost_bytes, "chunk_size": report.chunk_size,
+        "end_reason": report.end_reason,
+        "history": [MessageToDict(v, preserving_proto_field_name=True) for v in report.history],
+        "payload": report.SerializeToString(deterministic=True), "received_at": received_at,
+    }
+
+
+def _is_success() -> Any:
+    return (field_reports.c.final_stage == "FOSSILIZED") & (field_reports.c.contribution > 0)
+
+
+def _count_where(condition: Any) -> Any:
+    return func.sum(case((condition, 1), else_=0))
+
+
+def _mean(value: Any) -> float | None:
+    # PostgreSQL averages integers as NUMERIC (Decimal).
+    return None if value is None else float(value)
+
+
+class FieldReportStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        if engine.dialect.name not in SUPPORTED_BACKENDS:
+            raise ValueError(f"unsupported database {engine.dialect.name!r}")
+        # Both dialects' INSERT has the ON CONFLICT clauses that make storing idempotent.
+        self._insert: Callable[[Table], sqlite.Insert | postgresql.Insert] = (
+            sqlite.insert if engine.dialect.name == "sqlite" else postgresql.insert)
+
+    @classmethod
+    def open(cls, database_url: str) -> FieldReportStore:
+        """Connect and migrate the schema to this version (creating it on a new database)."""
+        engine = create_database_engine(database_url)
+        try:
+            migrate(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        """Raises (sqlalchemy.exc.OperationalError) when the database cannot be reached."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def record(self, report: FieldReport) -> bool:
+        """Store a report durably; returns False (storing nothing) when its report_id is already
+        stored, which is what a redelivery looks like."""
+        if not report.report_id:
+            raise ValueError("field report without report_id")
+        row = report_row(report, datetime.now(UTC))
+        with self.engine.begin() as connection:
+            # RETURNING rather than rowcount: psycopg 3 reports rowcount -1 for this statement.
+            inserted = connection.execute(
+                self._insert(field_reports).values(row)
+                .on_conflict_do_nothing(index_elements=["report_id"])
+                .returning(field_reports.c.report_id)).first() is not None
+            if not inserted:
+                stored = connection.execute(
+                    select(field_reports.c.payload)
+                    .where(field_reports.c.report_id == report.report_id)).scalar_one()
+                if stored != row["payload"]:
+                    log.warning("field report %s arrived again with different content; the "
+                                "first one is kept", report.report_id)
+        return inserted
+
+    def blueprints(self) -> list[BlueprintSpec]:
+        """The catalog, by blueprint id."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(blueprints).order_by(blueprints.c.blueprint_id))
+            return [spec_from_row(row) for row in rows]
+
+    def register_blueprint(self, spec: BlueprintSpec) -> None:
+        """Add a catalog entry, or replace the one with the same blueprint_id."""
+        if spec.blueprint_id < 1 or not spec.name:
+            raise ValueError("a blueprint needs a name and an id >= 1")
+        row = spec_row(spec)
+        with self.engine.begin() as connection:
+            connection.execute(
+                self._insert(blueprints).values(row).on_conflict_do_update(
+                    index_elements=["blueprint_id"],
+                    set_={k: v for k, v in row.items() if k != "blueprint_id"}))
+
+    def statistics(self, blueprint_ids: Iterable[int] = ()) -> list[BlueprintStatistics]:
+        """Per-blueprint statistics, by blueprint id: every catalog entry (zero reports included)
+        and every blueprint id that appears in reports; restricted to `blueprint_ids` if given."""
+        wanted = set(blueprint_ids)
+        fr = field_reports.c
+        query = (select(fr.blueprint_id, func.max(fr.blueprint_name), func.count(),
+                        *(_count_where(fr.final_stage == outcome) for outcome in OUTCOMES),
+                        _count_where(_is_success()), func.avg(fr.contribution),
+                        func.avg(fr.metric_gain), func.avg(fr.parameters_added),
+                        func.avg(fr.latency_cost_ms))
+                 .group_by(fr.blueprint_id))
+        if wanted:
+            query = query.where(fr.blueprint_id.in_(wanted))
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+            names: dict[int, str] = {
+                row.blueprint_id: row.name
+                for row in connection.execute(select(blueprints.c.blueprint_id, blueprints.c.name))}
+        result = {bid: BlueprintStatistics(bid, name) for bid, name in names.items()
+                  if not wanted or bid in wanted}
+        for (bid, reported_name, reports, fossilized, culled, rolled_back, cancelled, successes,
+             contribution, gain, params, latency) in rows:
+            result[bid] = BlueprintStatistics(
+                blueprint_id=bid, blueprint_name=names.get(bid, reported_name), reports=reports,
+                fossilized=fossilized, culled=culled, rolled_back=rolled_back,
+                cancelled=cancelled, successes=successes, mean_contribution=_mean(contribution),
+                mean_metric_gain=_mean(gain), mean_parameters_added=_mean(params),
+                mean_latency_cost_ms=_mean(latency))
+        return [result[bid] for bid in sorted(result)]
+
+    def strategy_records(self, blueprint_ids: Sequence[int]) -> list[StrategyRecord]:
+        """Outcomes per (blueprint, grafting strategy) for the given blueprints."""
+        fr = field_reports.c
+        query = (select(fr.blueprint_id, fr.strategy_name, func.count(),
+                        _count_where(_is_success()))
+                 .where(fr.blueprint_id.in_(list(blueprint_ids)), fr.strategy_name != "")
+                 .group_by(fr.blueprint_id, fr.strategy_name)
+                 .order_by(fr.blueprint_id, fr.strategy_name))
+        with self.engine.connect() as connection:
+            return [StrategyRecord(*row) for row in connection.execute(query)]
+
+    def report_count(self) -> int:
+        with self.engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(field_reports)).scalar_one()

@@ -1,0 +1,64 @@
+"""The worker: field reports from the bus into the store, each acknowledged only after its
+commit (oona acks when the handler returns)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from oona import Bus, Consumer, ConsumerConfig, Delivery, Retry, streams
+from oona.contracts import FieldReport
+from sqlalchemy.exc import DBAPIError
+
+from karn import metrics
+from karn.store import FieldReportStore, is_transient, stage_name
+
+log = logging.getLogger(__name__)
+
+CONSUMER_GROUP = "karn"
+_RETRY_DELAY_S = 0.5
+_RETRY_DELAY_MAX_S = 30.0
+
+
+class FieldReportWorker:
+    def __init__(self, bus: Bus, store: FieldReportStore, consumer_name: str,
+                 config: ConsumerConfig | None = None, *,
+                 stream: str = streams.FIELD_REPORTS) -> None:
+        self._store = store
+        self.consumer: Consumer = bus.consumer(stream, CONSUMER_GROUP, consumer_name,
+                                               {FieldReport: self.handle}, config)
+
+    async def run(self) -> None:
+        """Consume until `stop()`, then finish the batch in hand (bounded by the consumer's
+        shutdown grace)."""
+        await self.consumer.run()
+
+    def stop(self) -> None:
+        self.consumer.stop()
+
+    async def handle(self, report: FieldReport, delivery: Delivery) -> None:
+        if not report.report_id:
+            # The envelope's event_id is the bus's own idempotency key, so redeliveries of this
+            # entry still collapse to one row.
+            log.warning("field report without report_id in %s; keyed by event_id %s",
+                        delivery.entry_id, delivery.envelope.event_id)
+            report.report_id = delivery.envelope.event_id
+        started = time.perf_counter()
+        try:
+            # The store is synchronous (and may wait on a lock or the network): off the loop.
+            inserted = await asyncio.to_thread(self._store.record, report)
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            metrics.STORE_ERRORS.inc()
+            delay = min(_RETRY_DELAY_S * 2 ** (delivery.delivery_count - 1), _RETRY_DELAY_MAX_S)
+            log.warning("database unavailable storing %s (delivery %d): %s; retrying in %.1fs",
+                        report.report_id, delivery.delivery_count, exc.orig, delay)
+            raise Retry(delay, f"database unavailable: {exc.orig}") from exc
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        if inserted:
+            metrics.REPORTS_STORED.labels(metrics.outcome_label(
+                stage_name(report.final_stage))).inc()
+        else:
+            metrics.REPORT_DUPLICATES.inc()

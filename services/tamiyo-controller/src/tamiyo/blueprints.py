@@ -1,0 +1,68 @@
+"""Which blueprint and grafting strategy a germination uses: Karn's recommendation, or the
+catalog default when Karn cannot answer in time."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from oona.proto.kasmina.karn.v1 import karn_service_pb2 as karn_pb
+from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as karn_grpc
+
+from tamiyo import metrics
+
+log = logging.getLogger(__name__)
+
+# A channel to a Karn that is down retries its connection with backoff; the defaults let that
+# backoff grow to two minutes, so Tamiyo would keep falling back long after Karn is back.
+_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500),
+                    ("grpc.min_reconnect_backoff_ms", 500),
+                    ("grpc.max_reconnect_backoff_ms", 5000)]
+
+
+@dataclass(frozen=True)
+class BlueprintChoice:
+    blueprint_name: str
+    strategy_name: str
+    # "karn" or "fallback", for the command's rationale.
+    source: str
+
+
+class BlueprintAdvisor(Protocol):
+    def choose(self, job_id: str, layer_id: str, chunk_size: int) -> BlueprintChoice | None:
+        """The blueprint for a seed of `chunk_size` features; None when none fits (do not
+        germinate)."""
+
+
+class KarnAdvisor:
+    """Asks Karn's `Recommend` with a short deadline. Karn unreachable, slow or failing:
+    `default_blueprint` (counted in tamiyo_karn_fallbacks_total) so growth never waits on it."""
+
+    def __init__(self, address: str, timeout_s: float, *, default_blueprint: str,
+                 default_strategy: str) -> None:
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._karn = karn_grpc.KarnStub(self._channel)  # type: ignore[no-untyped-call]
+        self._timeout_s = timeout_s
+        self._default_blueprint = default_blueprint
+        self._default_strategy = default_strategy
+
+    def choose(self, job_id: str, layer_id: str, chunk_size: int) -> BlueprintChoice | None:
+        request = karn_pb.RecommendRequest(job_id=job_id, layer_id=layer_id,
+                                           chunk_size=chunk_size, limit=1)
+        try:
+            reply = self._karn.Recommend(request, timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            metrics.KARN_FALLBACKS.inc()
+            log.warning("karn unavailable (%s); germinating %s with %s", exc.code(), layer_id,
+                        self._default_blueprint)
+            return BlueprintChoice(self._default_blueprint, self._default_strategy, "fallback")
+        if not reply.recommendations:
+            return None
+        best = reply.recommendations[0]
+        return BlueprintChoice(best.blueprint.name, best.strategy_name or self._default_strategy,
+                               "karn")
+
+    def close(self) -> None:
+        self._channel.close()

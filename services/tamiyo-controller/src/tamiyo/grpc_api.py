@@ -1,0 +1,78 @@
+"""gRPC `kasmina.tamiyo.v1.Tamiyo.Step`: a synchronous decision for a training job that asks at
+its epoch boundary, by the same policy as the bus path.
+
+Such a job applies the returned commands itself, at once, so they carry no apply epoch and are
+not tracked for acks. Its view lives in this process's memory; asking again for an epoch
+already decided (a client retry) returns the same signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from oona.contracts import EpochEvent, EpochEventKind
+from oona.proto.kasmina.tamiyo.v1 import tamiyo_service_pb2 as pb
+from oona.proto.kasmina.tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
+
+from tamiyo.controller import Controller
+from tamiyo.view import JobView
+
+log = logging.getLogger(__name__)
+
+
+class TamiyoServicer(pb_grpc.TamiyoServicer):
+    def __init__(self, controller: Controller) -> None:
+        if controller.delivery.over_bus:
+            raise ValueError("Step answers synchronously: give it a controller with "
+                             "DeliveryConfig(over_bus=False)")
+        self._controller = controller
+        self._views: dict[str, JobView] = {}
+        self._signals: dict[str, tuple[int, pb.AdaptationSignal]] = {}
+        self._lock = threading.Lock()
+
+    def Step(self, request: pb.SystemState, context: grpc.ServicerContext) -> pb.AdaptationSignal:
+        if not request.job_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id is required")
+        with self._lock:  # one decision at a time: views are shared across the thread pool
+            last = self._signals.get(request.job_id)
+            if last is not None and last[0] == request.epoch:
+                return last[1]
+            view = self._views.setdefault(request.job_id, JobView(request.job_id))
+            for report in request.layers:
+                view.record_report(report)
+            event = EpochEvent(job_id=request.job_id,
+                               kind=EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED,
+                               epoch=request.epoch, step=request.step,
+                               val_metric=request.val_metric,
+                               higher_is_better=request.higher_is_better)
+            if not view.record_epoch_end(event, time.time()):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"epoch {request.epoch} is older than epoch {view.epoch}, "
+                              "already decided for this job")
+            commands = self._controller.decide(view, time.time())
+            rationale = "; ".join(f"{c.WhichOneof('action')} {c.layer_id}[{c.seed_index}]: "
+                                  f"{c.rationale}" for c in commands) or "no change"
+            signal = pb.AdaptationSignal(commands=commands, rationale=rationale)
+            self._signals[request.job_id] = (request.epoch, signal)
+            return signal
+
+
+def start_grpc_server(servicer: TamiyoServicer, host: str, port: int,
+                      max_workers: int = 4) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the port it bound (useful when `port` is 0)."""
+    # No SO_REUSEPORT (grpcio's default on Linux): a second Tamiyo on the same port must fail
+    # to start rather than silently share the port.
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
+                                            thread_name_prefix="tamiyo-grpc"),
+                         options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_TamiyoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    try:
+        bound: int = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpcio's way to say the bind failed
+        raise OSError(f"gRPC could not bind {host}:{port} (in use?)") from exc
+    server.start()
+    return server, bound

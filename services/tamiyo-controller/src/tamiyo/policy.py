@@ -1,0 +1,140 @@
+"""The decision policy (DESIGN §5): the `Policy` interface and the default heuristic.
+
+A policy says *what* to do to which seeds; the Controller (tamiyo.controller) adds the
+bookkeeping every policy needs (command ids, apply epoch, in-flight tracking, idempotence), so
+a learned policy only has to implement `decide`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from oona.contracts import Advance, Cancel, Cull, Germinate, LifecycleCommand, Rollback
+from oona.contracts import SeedStage as Stage
+
+from tamiyo.blueprints import BlueprintAdvisor
+from tamiyo.heuristics import (
+    HealthWeights,
+    chunk_size,
+    epochs_without_improvement,
+    health_scores,
+)
+from tamiyo.view import ACTIVE_STAGES, JobView, SeedView
+
+
+class Policy(Protocol):
+    def decide(self, view: JobView) -> list[LifecycleCommand]:
+        """Commands for the view's newest ended epoch: layer_id, seed_index, the action and a
+        rationale set; at most one per seed; none for a seed whose `SeedView.busy` is set."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    # Germinate once the validation metric has not improved by more than min_delta for this
+    # many epochs (in the direction of the job's higher_is_better).
+    plateau_epochs: int = 3
+    min_delta: float = 1e-3
+    max_active_seeds: int = 4
+    # Epochs between two germinations in a job, so the metric can show the last one's effect.
+    cooldown_epochs: int = 3
+    weights: HealthWeights = field(default_factory=HealthWeights)
+    # Used while health reports do not carry the layer's width (see README: chunk size).
+    fallback_chunk_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.plateau_epochs < 1 or self.cooldown_epochs < 0 or self.max_active_seeds < 1:
+            raise ValueError("need plateau_epochs >= 1, cooldown_epochs >= 0, "
+                             "max_active_seeds >= 1")
+        if self.min_delta < 0 or self.fallback_chunk_size < 1:
+            raise ValueError("need min_delta >= 0 and fallback_chunk_size >= 1")
+
+
+# A gate's readiness -> the command that moves the seed there. DORMANT is missing on purpose:
+# CULLED -> DORMANT and CANCELLED -> DORMANT are the runtime's own automatic moves.
+_READY_ACTIONS = {
+    Stage.SEED_STAGE_CULLED: "cull",
+    Stage.SEED_STAGE_ROLLED_BACK: "rollback",
+    Stage.SEED_STAGE_CANCELLED: "cancel",
+    **{stage: "advance" for stage in range(Stage.SEED_STAGE_TRAINING,
+                                           Stage.SEED_STAGE_FOSSILIZED + 1)},
+}
+
+
+class HeuristicPolicy:
+    """Advance what is ready, promote what germinated, and on a plateau germinate the seed of
+    worst health (among dormant seeds of layers below capacity) with Karn's blueprint."""
+
+    def __init__(self, config: PolicyConfig, advisor: BlueprintAdvisor) -> None:
+        self.config = config
+        self._advisor = advisor
+
+    def decide(self, view: JobView) -> list[LifecycleCommand]:
+        commands: list[LifecycleCommand] = []
+        candidates: list[tuple[float, str, int]] = []
+        for layer_id in sorted(view.reports):
+            seeds = list(view.seeds(layer_id))
+            for seed in seeds:
+                if not seed.busy and (command := self._move(seed)) is not None:
+                    commands.append(command)
+            active = sum(1 for s in seeds if s.stage in ACTIVE_STAGES)
+            if active < self.config.max_active_seeds:
+                report = view.reports[layer_id]
+                scores = health_scores(report.chunk_variance, report.dead_ratio,
+                                       report.mean_abs_correlation, self.config.weights)
+                # Only DORMANT seeds may germinate: CULLED ones (embargo) and terminal ones not.
+                candidates += [(scores[s.index], layer_id, s.index) for s in seeds
+                               if s.stage == Stage.SEED_STAGE_DORMANT and not s.busy]
+        if candidates and (reason := self._growth_reason(view)):
+            germination = self._germinate(view, min(candidates), reason)
+            if germination is not None:
+                commands.append(germination)
+        return commands
+
+    def _move(self, seed: SeedView) -> LifecycleCommand | None:
+        if seed.stage == Stage.SEED_STAGE_GERMINATED:
+            return _command(seed.layer_id, seed.index, "promote: germinated seeds start training",
+                            advance=Advance(target_stage=Stage.SEED_STAGE_TRAINING))
+        action = _READY_ACTIONS.get(seed.ready_for)
+        if action is None:
+            return None
+        why = f"gate passed: ready for {Stage.Name(seed.ready_for).removeprefix('SEED_STAGE_')}"
+        if action == "advance":
+            target = Stage.ValueType(seed.ready_for)
+            return _command(seed.layer_id, seed.index, why, advance=Advance(target_stage=target))
+        actions = {"cull": Cull(), "rollback": Rollback(), "cancel": Cancel()}
+        return _command(seed.layer_id, seed.index, why, **{action: actions[action]})
+
+    def _growth_reason(self, view: JobView) -> str | None:
+        """Why to germinate now, or None: a plateau, outside the cooldown."""
+        assert view.epoch is not None
+        if (view.last_germination_epoch is not None
+                and view.epoch - view.last_germination_epoch < self.config.cooldown_epochs):
+            return None
+        stalled = epochs_without_improvement(view.validation_history(),
+                                             min_delta=self.config.min_delta,
+                                             higher_is_better=view.higher_is_better)
+        if stalled < self.config.plateau_epochs:
+            return None
+        return f"plateau: no gain > {self.config.min_delta:g} for {stalled} epochs"
+
+    def _germinate(self, view: JobView, candidate: tuple[float, str, int],
+                   reason: str) -> LifecycleCommand | None:
+        score, layer_id, index = candidate
+        report = view.reports[layer_id]
+        # Reports from runtimes older than the `features` field carry 0: fall back.
+        size = (chunk_size(report.features, report.num_seeds, index) if report.features
+                else self.config.fallback_chunk_size)
+        choice = self._advisor.choose(view.job_id, layer_id, size)
+        if choice is None:
+            return None
+        return _command(
+            layer_id, index, f"{reason}; worst health {score:.3f}; {choice.blueprint_name} "
+                  f"({choice.source}) with {choice.strategy_name}",
+            germinate=Germinate(blueprint_name=choice.blueprint_name,
+                                strategy_name=choice.strategy_name))
+
+
+def _command(layer_id: str, index: int, rationale: str, **action: object) -> LifecycleCommand:
+    return LifecycleCommand(layer_id=layer_id, seed_index=index, rationale=rationale,
+                            **action)  # type: ignore[arg-type]

@@ -1,0 +1,139 @@
+"""`python -m tamiyo`: the worker, the gRPC Step API and the HTTP endpoints in one process.
+
+Start order: bus, saved state, then the servers. SIGTERM/SIGINT: readiness fails at once, the
+worker stops taking messages and finishes the batch in hand, gRPC drains in-flight calls, HTTP
+stops; each step bounded by `shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from importlib.metadata import version
+
+from oona import Bus, BusSettings, BusUnavailable, ConsumerConfig, IncompatibleServer, open_bus
+from redis.asyncio import Redis
+
+from tamiyo.blueprints import KarnAdvisor
+from tamiyo.controller import Controller, DeliveryConfig
+from tamiyo.grpc_api import TamiyoServicer, start_grpc_server
+from tamiyo.http_api import HttpServer, ReadinessCheck, create_app
+from tamiyo.policy import HeuristicPolicy
+from tamiyo.settings import TamiyoSettings
+from tamiyo.store import StateStore
+from tamiyo.worker import ControllerWorker
+
+log = logging.getLogger("tamiyo")
+
+NO_BUS_MESSAGE = """\
+tamiyo: OONA_REDIS_URL is not set, so there is no bus to read health reports from.
+Tamiyo joins the fleet's bus rather than starting a private one nobody would publish to. Start
+the embedded broker in another terminal and export the URL it prints:
+
+    python -m oona serve-embedded          # prints OONA_REDIS_URL=redis://127.0.0.1:PORT/0
+    export OONA_REDIS_URL=redis://127.0.0.1:PORT/0
+
+or point OONA_REDIS_URL at any Redis >= 6.2."""
+
+
+def readiness_checks(redis: Redis, resumed: asyncio.Event,
+                     stopping: asyncio.Event) -> dict[str, ReadinessCheck]:
+    """Ready: Redis answers PING, the saved state is loaded (deciding before that could repeat
+    decisions), and the service is not shutting down."""
+
+    async def bus() -> None:
+        await redis.ping()
+
+    async def state() -> None:
+        if not resumed.is_set():
+            raise RuntimeError("saved state not loaded yet")
+
+    async def service() -> None:
+        if stopping.is_set():
+            raise RuntimeError("shutting down")
+
+    return {"bus": bus, "state": state, "service": service}
+
+
+async def serve(settings: TamiyoSettings, bus_settings: BusSettings) -> None:
+    async with open_bus(bus_settings) as bus:
+        await _serve_with(settings, bus)
+
+
+async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
+    advisor = KarnAdvisor(settings.karn_address, settings.karn_timeout_s,
+                          default_blueprint=settings.default_blueprint,
+                          default_strategy=settings.default_strategy)
+    policy = HeuristicPolicy(settings.policy(), advisor)
+    worker = ControllerWorker(
+        bus, StateStore(bus.redis), Controller(policy, settings.delivery()),
+        settings.consumer_name, report_grace_s=settings.report_grace_s, tick_s=settings.tick_s,
+        config=ConsumerConfig(max_deliveries=settings.max_deliveries,
+                              shutdown_grace_s=settings.shutdown_grace_s))
+    stopping = asyncio.Event()
+    http = HttpServer(create_app(readiness_checks(bus.redis, worker.resumed, stopping)),
+                      settings.bind_host, settings.http_port)
+    # Bound here, not inside uvicorn: a port in use is then an OSError before anything runs
+    # (uvicorn would sys.exit from inside its task).
+    http_socket = socket.create_server((settings.bind_host, settings.http_port))
+    try:
+        step = TamiyoServicer(Controller(policy, DeliveryConfig(over_bus=False)))
+        grpc_server, grpc_port = start_grpc_server(step, settings.bind_host, settings.grpc_port)
+    except BaseException:
+        http_socket.close()
+        advisor.close()
+        raise
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            worker_task = tasks.create_task(worker.run())
+            tasks.create_task(http.serve(sockets=[http_socket]))
+            log.info("tamiyo %s serving: gRPC %s:%d, HTTP %s:%d, consuming as %s/%s, Karn at %s",
+                     version("tamiyo-controller"), settings.bind_host, grpc_port,
+                     settings.bind_host, settings.http_port, "tamiyo", settings.consumer_name,
+                     settings.karn_address)
+            # A worker that dies (not a transient Redis error: those it rides out) is fatal.
+            await asyncio.wait({worker_task, tasks.create_task(stopping.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            stopping.set()
+            log.info("shutting down: draining the worker and in-flight calls")
+            worker.stop()
+            await worker_task
+            await asyncio.to_thread(grpc_server.stop(settings.shutdown_grace_s).wait)
+            http.should_exit = True
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        grpc_server.stop(None)
+        advisor.close()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        print(__doc__ + "\nConfigured by environment variables only; see the README.",
+              file=sys.stderr)
+        return 0 if args[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bus_settings = BusSettings.from_env()
+    if bus_settings.url is None:
+        print(NO_BUS_MESSAGE, file=sys.stderr)
+        return 2
+    try:
+        settings = TamiyoSettings.from_env()
+    except ValueError as exc:
+        print(f"tamiyo: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings, bus_settings))
+    except (BusUnavailable, IncompatibleServer, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

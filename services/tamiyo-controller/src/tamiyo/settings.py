@@ -1,0 +1,95 @@
+"""Typed Tamiyo settings, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tamiyo.controller import DeliveryConfig
+from tamiyo.heuristics import HealthWeights
+from tamiyo.policy import PolicyConfig
+
+_PARSERS = {"int": int, "float": float, "str": str}
+
+
+@dataclass(frozen=True)
+class TamiyoSettings:
+    """Where Tamiyo listens, how it decides and how it delivers commands.
+
+    The bus settings are oona's own (`oona.BusSettings.from_env`: OONA_REDIS_URL and friends).
+    Every field is read from TAMIYO_<FIELD NAME IN CAPITALS>.
+    """
+
+    grpc_port: int = 50052
+    http_port: int = 8082
+    # Both servers listen here; 0.0.0.0 in a container.
+    bind_host: str = "127.0.0.1"
+    # This process's name in the `tamiyo` consumer group.
+    consumer_name: str = "tamiyo-1"
+    karn_address: str = "127.0.0.1:50053"
+    # Short: a germination falls back to default_blueprint rather than hold up the decision.
+    karn_timeout_s: float = 1.0
+    default_blueprint: str = "residual_mlp"
+    default_strategy: str = "fixed_ramp"
+
+    plateau_epochs: int = 3
+    min_delta: float = 1e-3
+    max_active_seeds: int = 4
+    cooldown_epochs: int = 3
+    variance_weight: float = 1.0
+    dead_ratio_weight: float = 1.0
+    correlation_weight: float = 1.0
+    fallback_chunk_size: int = 16
+
+    ack_timeout_s: float = 10.0
+    max_command_attempts: int = 5
+    # After an epoch ends, wait at most this long for layers that have not reported it yet.
+    report_grace_s: float = 2.0
+    # How often overdue acks and report grace periods are checked.
+    tick_s: float = 0.5
+    max_deliveries: int = 10
+    # Bounded drain at SIGTERM: the batch in hand and in-flight RPCs get this long.
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        for name in ("karn_timeout_s", "report_grace_s", "tick_s", "shutdown_grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.max_deliveries < 1:
+            raise ValueError("max_deliveries must be >= 1")
+        # Fail at start, not at the first decision.
+        self.policy()
+        self.delivery()
+
+    def policy(self) -> PolicyConfig:
+        return PolicyConfig(
+            plateau_epochs=self.plateau_epochs, min_delta=self.min_delta,
+            max_active_seeds=self.max_active_seeds, cooldown_epochs=self.cooldown_epochs,
+            weights=HealthWeights(self.variance_weight, self.dead_ratio_weight,
+                                  self.correlation_weight),
+            fallback_chunk_size=self.fallback_chunk_size)
+
+    def delivery(self) -> DeliveryConfig:
+        return DeliveryConfig(over_bus=True, ack_timeout_s=self.ack_timeout_s,
+                              max_attempts=self.max_command_attempts)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TamiyoSettings:
+        """Settings from `TAMIYO_*` variables; unset or empty ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            variable = f"TAMIYO_{field.name.upper()}"
+            raw = env.get(variable)
+            if not raw:
+                continue
+            try:
+                values[field.name] = _PARSERS[str(field.type)](raw)
+            except ValueError as exc:
+                raise ValueError(f"{variable}={raw!r}: {exc}") from exc
+        return cls(**values)
