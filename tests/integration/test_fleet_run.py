@@ -1,8 +1,12 @@
-"""`make run`'s fleet job, small: every service as a real process, two short jobs over gRPC,
-a summary and a report with plots, every process stopped."""
+"""`make run`'s fleet job, small: every service as a real process, two jobs over gRPC, a
+summary and a report with plots, every process stopped. The whole loop runs: Tamiyo (told that
+every epoch is a plateau) germinates from health reports, the runtime applies and acks its
+commands, seeds move through the lifecycle, and their field reports reach Karn's database."""
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import subprocess
 import sys
 
@@ -12,14 +16,19 @@ pytestmark = pytest.mark.integration
 
 
 def test_fleet_run_end_to_end(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "kasmina", "fleet", "--epochs", "6", "--runs",
-                           "1", "--name", "smoke"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run([sys.executable, "-m", "kasmina", "fleet", "--epochs", "30", "--runs",
+                           "1", "--name", "smoke", "--plateau-epochs", "1", "--min-delta", "10"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "host alone" in done.stdout and "bus messages" in done.stdout
     report = tmp_path / "runs" / "smoke" / "report.md"
     assert "training.png" in report.read_text()
     assert (tmp_path / "runs" / "smoke" / "stages.png").stat().st_size > 1000
+    acked = int(re.search(r"acked ok (\d+)", done.stdout).group(1))
+    assert acked >= 5, done.stdout  # germinate, promote and gate advances went through
+    with sqlite3.connect(tmp_path / "runs" / "smoke" / "karn.db") as db:
+        (stored,) = db.execute("SELECT count(*) FROM karn_field_reports").fetchone()
+    assert stored >= 1, done.stdout  # seeds ended and Karn stored what happened to them
     for service in ("karn", "tamiyo", "kasmina"):
         log = (tmp_path / "runs" / "smoke" / f"{service}.log").read_text()
         assert "Traceback" not in log, (service, log[-2000:])

@@ -74,7 +74,7 @@ def _ready(port: int) -> bool:
         return False
 
 
-def start_fleet(fleet: Fleet, run_dir: Path) -> str:
+def start_fleet(fleet: Fleet, run_dir: Path, args: argparse.Namespace) -> str:
     broker = fleet.start("redis", ["oona", "serve-embedded", "--dir", str((run_dir / "redis").resolve())],
                          {}, None)
     url = broker.stdout.readline().decode().strip().removeprefix("OONA_REDIS_URL=")
@@ -87,7 +87,8 @@ def start_fleet(fleet: Fleet, run_dir: Path) -> str:
                                    "KARN_HTTP_PORT": str(http := free_port())}, http)
     fleet.start("tamiyo", ["tamiyo"], {"TAMIYO_KARN_ADDRESS": f"127.0.0.1:{karn_grpc}",
                                        "TAMIYO_GRPC_PORT": str(free_port()),
-                                       "TAMIYO_MIN_DELTA": "0.01",
+                                       "TAMIYO_MIN_DELTA": str(args.min_delta),
+                                       "TAMIYO_PLATEAU_EPOCHS": str(args.plateau_epochs),
                                        # digits epochs take ~0.1 s: decide quickly
                                        "TAMIYO_TICK_S": "0.1", "TAMIYO_REPORT_GRACE_S": "0.2",
                                        "TAMIYO_HTTP_PORT": str(http := free_port())}, http)
@@ -157,13 +158,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--runs", type=int, default=3, help="random seeds (each: seeded and host)")
     p.add_argument("--name", default="fleet")
+    p.add_argument("--plateau-epochs", type=int, default=3,
+                   help="Tamiyo germinates after this many epochs without progress")
+    p.add_argument("--min-delta", type=float, default=0.01,
+                   help="validation-loss improvement that counts as progress")
     args = p.parse_args(argv)
     run_dir = Path("runs") / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(run_dir)
     start = time.perf_counter()
     try:
-        url = start_fleet(fleet, run_dir)
+        url = start_fleet(fleet, run_dir, args)
         print(f"fleet up in {time.perf_counter() - start:.1f} s (logs in {run_dir}/)")
         channel = grpc.insecure_channel(f"127.0.0.1:{fleet.runtime_port}")
         stub = pb_grpc.KasminaRuntimeStub(channel)
