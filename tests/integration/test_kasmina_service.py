@@ -1,6 +1,7 @@
 """The Kasmina runtime as a real process (`python -m kasmina serve`) on an embedded Redis: a
 job submitted over gRPC trains, applies a lifecycle command from the bus with an ack, streams
-its progress, answers ListSeeds and CheckpointJob, and can be cancelled; SIGTERM ends it."""
+its progress, answers ListSeeds and CheckpointJob, resumes from a checkpoint, and can be
+cancelled; SIGTERM ends it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import grpc
 import pytest
 import torch
 
+from kasmina import SeedStage
+
 from oona import BusSettings, EmbeddedRedis, open_bus, streams
-from oona.contracts import Germinate, LifecycleCommand
+from oona.contracts import Germinate, LifecycleCommand, stage_from_wire
 from oona.embedded import free_port
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
@@ -78,6 +81,18 @@ def test_runtime_service_runs_a_job_from_the_bus(oona_restartable_broker: Embedd
         assert updates[-1].state == pb.JobState.JOB_STATE_SUCCEEDED
         seeds = stub.ListSeeds(pb.ListSeedsRequest(job_id=job))
         assert [r.layer_id for r in seeds.layers] == ["0"]
+        # Resume from the checkpoint under a new job: it carries on at the saved epoch with the
+        # seed it had germinated.
+        resumed = stub.SubmitJob(pb.SubmitJobRequest(recipe="digits", parameters={
+            "epochs": "6", "resume_from": checkpoint.path}))
+        later = list(stub.WatchJob(pb.WatchJobRequest(job_id=resumed.job_id), timeout=120))
+        assert later[-1].state == pb.JobState.JOB_STATE_SUCCEEDED
+        epochs = json.loads([u.epoch_event for u in later
+                             if u.HasField("epoch_event")][-1].message)["epochs"]
+        assert [e["epoch"] for e in epochs] == list(range(checkpoint.epoch + 1, 7))
+        first = [u.health for u in later if u.HasField("health")][0]
+        assert first.epoch == checkpoint.epoch + 1
+        assert stage_from_wire(first.stage[2]) == SeedStage.GERMINATED
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert f'kasmina_seeds{{job_id="{job}",layer="0",stage="TRAINING"}}' in text or \

@@ -30,7 +30,7 @@ def run(p: DigitsParams, data: dict[str, torch.Tensor], plateau_epochs: int, min
             blueprints=tuple(blueprints.split(","))))
     events: list[str] = []
 
-    def on_epoch(record: EpochRecord, new_events: object) -> bool:
+    def on_epoch(record: EpochRecord, new_events: object, _snapshot: object) -> bool:
         for e in new_events or ():
             events.append(f"epoch {record.epoch:3d}  {e.layer_id}[{e.seed_id}] "
                           f"{e.from_stage.name} -> {e.to_stage.name} ({e.reason})")

@@ -42,6 +42,7 @@ class DigitsParams:
     seed_lr: float = 3e-3
     batch_size: int = 64
     seeded: bool = True
+    resume_from: str = ""  # a checkpoint written by CheckpointJob: carry on from its epoch
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> DigitsParams:
@@ -53,7 +54,9 @@ class DigitsParams:
         parsed: dict[str, object] = {}
         for name, text in values.items():
             kind = kinds[name]
-            if kind in ("bool", bool):
+            if kind in ("str", str):
+                parsed[name] = text
+            elif kind in ("bool", bool):
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(f"{name}: expected true/false, got {text!r}")
                 parsed[name] = text.lower() in ("true", "1")
@@ -104,19 +107,27 @@ def build_model(p: DigitsParams) -> nn.Module:
 
 def train_digits(p: DigitsParams, model: nn.Module, grower: Grower | None,
                  data: dict[str, torch.Tensor],
-                 on_epoch: Callable[[EpochRecord, object], bool] | None = None) -> RunResult:
-    """Train; `on_epoch(record, grower_result)` after each epoch may return False to stop."""
+                 on_epoch: Callable[[EpochRecord, object, Callable[[], dict]], bool] | None = None,
+                 resume: dict | None = None) -> RunResult:
+    """Train; after each epoch `on_epoch(record, grower_result, snapshot)` may return False to
+    stop; `snapshot()` returns a checkpoint (model, optimizer, data order, epoch) that `resume`
+    continues from (the model's own state must be loaded before the grower attaches)."""
     result = RunResult(params=p, params_host=sum(p_.numel() for p_ in host_parameters(model)))
     opt = torch.optim.Adam(host_parameters(model), lr=p.lr)
     gen = torch.Generator().manual_seed(p.seed)
     n = len(data["y_tr"])
+    first = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        first = int(resume["epoch"])
 
     def val_loss() -> float:
         model.eval()
         with torch.no_grad():
             return F.cross_entropy(model(data["x_va"]), data["y_va"]).item()
 
-    for epoch in range(p.epochs):
+    for epoch in range(first, p.epochs):
         model.train()
         losses = []
         for idx in torch.randperm(n, generator=gen).split(p.batch_size):
@@ -131,7 +142,12 @@ def train_digits(p: DigitsParams, model: nn.Module, grower: Grower | None,
                              len(losses))
         result.epochs.append(record)
         outcome = grower.end_epoch(record.val_loss, evaluate=val_loss) if grower else None
-        if on_epoch is not None and on_epoch(record, outcome) is False:
+
+        def snapshot(epoch: int = record.epoch) -> dict:
+            return {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "generator": gen.get_state()}
+
+        if on_epoch is not None and on_epoch(record, outcome, snapshot) is False:
             break
     model.eval()
     with torch.no_grad():

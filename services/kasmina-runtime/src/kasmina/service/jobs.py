@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,13 @@ class Job:
         try:
             data = load_digits_split()
             self.model = build_model(self.params)
+            resume = (torch.load(self.params.resume_from, weights_only=True)
+                      if self.params.resume_from else None)
+            if resume is not None:  # before the runtime attaches: it starts at this epoch
+                self.model.load_state_dict(resume["model"])
             if self.params.seeded:
                 runtime = FleetRuntime(self.model, self.job_id, self.bus, metric_name="val_loss")
-            result = train_digits(self.params, self.model, runtime, data, self._on_epoch)
+            result = train_digits(self.params, self.model, runtime, data, self._on_epoch, resume)
             summary = {"test_accuracy": result.test_accuracy, "params_host": result.params_host,
                        "params_added": result.params_added,
                        "final_stages": result.final_stages,
@@ -87,7 +92,7 @@ class Job:
                               else "job failed")
             self._answer_checkpoints()
 
-    def _on_epoch(self, record: EpochRecord, acks: object) -> bool:
+    def _on_epoch(self, record: EpochRecord, acks: object, snapshot: Callable[[], dict]) -> bool:
         now = time.monotonic()
         started = getattr(self, "_epoch_started", now)
         self._epoch_started = now
@@ -114,7 +119,7 @@ class Job:
             job_id=self.job_id, kind=EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED,
             epoch=record.epoch, train_loss=record.train_loss, val_metric=record.val_loss,
             val_metric_name="val_loss", higher_is_better=False)))
-        self._answer_checkpoints(record.epoch)
+        self._answer_checkpoints(snapshot)
         return self.cancel_reason is None
 
     def checkpoint(self, path: str, timeout: float) -> tuple[str, int]:
@@ -131,15 +136,16 @@ class Job:
             raise RuntimeError(f"job {self.job_id} ended before the next epoch boundary")
         return target, out[0]
 
-    def _answer_checkpoints(self, epoch: int | None = None) -> None:
+    def _answer_checkpoints(self, snapshot: Callable[[], dict] | None = None) -> None:
+        """At an epoch boundary (snapshot given) write the requested checkpoints; at the end
+        of the job release the waiters empty-handed."""
         while self.checkpoints:
             path, done, out = self.checkpoints.pop(0)
-            if epoch is not None and self.model is not None:
+            if snapshot is not None:
+                state = snapshot()
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"job_id": self.job_id, "epoch": epoch,
-                            "params": vars(self.params), "model": self.model.state_dict()},
-                           path)
-                out.append(epoch)
+                torch.save({**state, "job_id": self.job_id, "params": vars(self.params)}, path)
+                out.append(state["epoch"])
             done.set()
 
 
