@@ -15,7 +15,7 @@ from oona import BusSettings
 from oona.connection import client_for
 from oona.embedded import free_port
 
-from karn.http_api import HttpServer, create_app
+from oona.http import HttpServer, create_app
 from karn.service import readiness_checks
 from karn.store import FieldReportStore
 
@@ -52,7 +52,8 @@ def _get(store: FieldReportStore, redis_url: str, *paths: str, shutting_down: bo
             stopping.set()
         redis = client_for(BusSettings.from_dsn(redis_url, socket_timeout_s=1.0))
         port = free_port()
-        server = HttpServer(create_app(readiness_checks(store, redis, stopping)), "127.0.0.1",
+        app = create_app("Karn feedback", readiness_checks(store, redis, stopping))
+        server = HttpServer(app, "127.0.0.1",
                             port)
         serving = asyncio.create_task(server.serve())
         try:

@@ -11,7 +11,7 @@ import urllib.request
 from oona import BusSettings
 from oona.connection import client_for
 from oona.embedded import free_port
-from tamiyo.http_api import HttpServer, create_app
+from oona.http import HttpServer, create_app
 from tamiyo.service import readiness_checks
 
 Response = tuple[int, str]
@@ -37,7 +37,8 @@ def _get(redis_url: str, path: str, *, resumed: bool = True,
             stopping.set()
         redis = client_for(BusSettings.from_dsn(redis_url, socket_timeout_s=1.0))
         port = free_port()
-        server = HttpServer(create_app(readiness_checks(redis, loaded, stopping)), "127.0.0.1",
+        app = create_app("Tamiyo controller", readiness_checks(redis, loaded, stopping))
+        server = HttpServer(app, "127.0.0.1",
                             port)
         serving = asyncio.create_task(server.serve())
         try:

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from sqlalchemy.exc import OperationalError
 
 from karn.grpc_api import KarnServicer, start_grpc_server
-from karn.http_api import HttpServer, ReadinessCheck, create_app
+from oona.http import HttpServer, ReadinessCheck, create_app
 from karn.recommender import BlueprintRecommender
 from karn.settings import KarnSettings
 from karn.store import FieldReportStore
@@ -95,8 +95,8 @@ async def _serve_with(settings: KarnSettings, store: FieldReportStore, bus: Bus)
     worker = FieldReportWorker(bus, store, settings.consumer_name, ConsumerConfig(
         max_deliveries=settings.max_deliveries, shutdown_grace_s=settings.shutdown_grace_s))
     stopping = asyncio.Event()
-    http = HttpServer(create_app(readiness_checks(store, bus.redis, stopping)),
-                      settings.bind_host, settings.http_port)
+    app = create_app("Karn feedback", readiness_checks(store, bus.redis, stopping))
+    http = HttpServer(app, settings.bind_host, settings.http_port)
     # Bound here, not inside uvicorn: a port in use is then an OSError before anything runs
     # (uvicorn would sys.exit from inside its task).
     http_socket = socket.create_server((settings.bind_host, settings.http_port))

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from tamiyo.blueprints import KarnAdvisor
 from tamiyo.controller import Controller, DeliveryConfig
 from tamiyo.grpc_api import TamiyoServicer, start_grpc_server
-from tamiyo.http_api import HttpServer, ReadinessCheck, create_app
+from oona.http import HttpServer, ReadinessCheck, create_app
 from tamiyo.policy import HeuristicPolicy
 from tamiyo.settings import TamiyoSettings
 from tamiyo.store import StateStore
@@ -74,8 +74,8 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
         config=ConsumerConfig(max_deliveries=settings.max_deliveries,
                               shutdown_grace_s=settings.shutdown_grace_s))
     stopping = asyncio.Event()
-    http = HttpServer(create_app(readiness_checks(bus.redis, worker.resumed, stopping)),
-                      settings.bind_host, settings.http_port)
+    app = create_app("Tamiyo controller", readiness_checks(bus.redis, worker.resumed, stopping))
+    http = HttpServer(app, settings.bind_host, settings.http_port)
     # Bound here, not inside uvicorn: a port in use is then an OSError before anything runs
     # (uvicorn would sys.exit from inside its task).
     http_socket = socket.create_server((settings.bind_host, settings.http_port))

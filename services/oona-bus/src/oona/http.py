@@ -1,4 +1,5 @@
-"""HTTP endpoints for operators: liveness, readiness and Prometheus metrics."""
+"""HTTP endpoints every fleet service serves to operators: liveness, readiness (each named
+check must pass) and Prometheus metrics, on uvicorn inside the service's own event loop."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ ReadinessCheck = Callable[[], Awaitable[None]]
 _CHECK_TIMEOUT_S = 2.0
 
 
-def create_app(checks: Mapping[str, ReadinessCheck]) -> FastAPI:
-    app = FastAPI(title="Karn feedback", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(title: str, checks: Mapping[str, ReadinessCheck]) -> FastAPI:
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -50,8 +51,8 @@ async def _run(check: ReadinessCheck) -> str:
 
 
 class HttpServer(uvicorn.Server):
-    """uvicorn inside Karn's event loop. Signals belong to the service (it stops the worker and
-    gRPC too); uvicorn's own handlers would swallow SIGTERM."""
+    """uvicorn inside a service's event loop. Signals belong to the service (it stops its worker
+    and gRPC too); uvicorn's own handlers would swallow SIGTERM."""
 
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
         super().__init__(uvicorn.Config(app, host=host, port=port, log_level="warning",
