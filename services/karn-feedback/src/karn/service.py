@@ -12,16 +12,16 @@ import logging
 import random
 import signal
 import socket
-import sys
 import time
 from importlib.metadata import version
 
-from oona import Bus, BusSettings, BusUnavailable, ConsumerConfig, IncompatibleServer, open_bus
+from oona import Bus, BusSettings, ConsumerConfig, open_bus
+from oona.http import HttpServer, ReadinessCheck, create_app
+from oona.service import run_service
 from redis.asyncio import Redis
 from sqlalchemy.exc import OperationalError
 
 from karn.grpc_api import KarnServicer, start_grpc_server
-from oona.http import HttpServer, ReadinessCheck, create_app
 from karn.recommender import BlueprintRecommender
 from karn.settings import KarnSettings
 from karn.store import FieldReportStore
@@ -31,17 +31,6 @@ log = logging.getLogger("karn")
 
 _DB_CONNECT_ATTEMPTS = 5
 _DB_CONNECT_BACKOFF_S = 0.5
-
-NO_BUS_MESSAGE = """\
-karn: OONA_REDIS_URL is not set, so there is no bus to read field reports from.
-Karn joins the fleet's bus rather than starting a private one. Either start the embedded broker
-in another terminal and export the URL it prints:
-
-    python -m oona serve-embedded          # prints OONA_REDIS_URL=redis://127.0.0.1:PORT/0
-    export OONA_REDIS_URL=redis://127.0.0.1:PORT/0
-
-or point OONA_REDIS_URL at any Redis >= 6.2."""
-
 
 def open_store(settings: KarnSettings) -> FieldReportStore:
     """Connect and migrate, retrying a database that is not up yet a bounded number of times."""
@@ -134,25 +123,5 @@ async def _serve_with(settings: KarnSettings, store: FieldReportStore, bus: Bus)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args:
-        print(__doc__ + "\nConfigured by environment variables only; see the README.",
-              file=sys.stderr)
-        return 0 if args[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    bus_settings = BusSettings.from_env()
-    if bus_settings.url is None:
-        print(NO_BUS_MESSAGE, file=sys.stderr)
-        return 2
-    try:
-        settings = KarnSettings.from_env()
-    except ValueError as exc:
-        print(f"karn: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(settings, bus_settings))
-    except (BusUnavailable, IncompatibleServer, OperationalError, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    return 0
+    return run_service("karn", __doc__, "read field reports from", KarnSettings.from_env,
+                       serve, argv, fatal=(OperationalError,))

@@ -11,33 +11,22 @@ import asyncio
 import logging
 import signal
 import socket
-import sys
 from importlib.metadata import version
 
-from oona import Bus, BusSettings, BusUnavailable, ConsumerConfig, IncompatibleServer, open_bus
+from oona import Bus, BusSettings, ConsumerConfig, open_bus
+from oona.http import HttpServer, ReadinessCheck, create_app
+from oona.service import run_service
 from redis.asyncio import Redis
 
 from tamiyo.blueprints import KarnAdvisor
 from tamiyo.controller import Controller, DeliveryConfig
 from tamiyo.grpc_api import TamiyoServicer, start_grpc_server
-from oona.http import HttpServer, ReadinessCheck, create_app
 from tamiyo.policy import HeuristicPolicy
 from tamiyo.settings import TamiyoSettings
 from tamiyo.store import StateStore
 from tamiyo.worker import ControllerWorker
 
 log = logging.getLogger("tamiyo")
-
-NO_BUS_MESSAGE = """\
-tamiyo: OONA_REDIS_URL is not set, so there is no bus to read health reports from.
-Tamiyo joins the fleet's bus rather than starting a private one nobody would publish to. Start
-the embedded broker in another terminal and export the URL it prints:
-
-    python -m oona serve-embedded          # prints OONA_REDIS_URL=redis://127.0.0.1:PORT/0
-    export OONA_REDIS_URL=redis://127.0.0.1:PORT/0
-
-or point OONA_REDIS_URL at any Redis >= 6.2."""
-
 
 def readiness_checks(redis: Redis, resumed: asyncio.Event,
                      stopping: asyncio.Event) -> dict[str, ReadinessCheck]:
@@ -115,25 +104,5 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args:
-        print(__doc__ + "\nConfigured by environment variables only; see the README.",
-              file=sys.stderr)
-        return 0 if args[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    bus_settings = BusSettings.from_env()
-    if bus_settings.url is None:
-        print(NO_BUS_MESSAGE, file=sys.stderr)
-        return 2
-    try:
-        settings = TamiyoSettings.from_env()
-    except ValueError as exc:
-        print(f"tamiyo: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(settings, bus_settings))
-    except (BusUnavailable, IncompatibleServer, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    return 0
+    return run_service("tamiyo", __doc__, "read health reports from",
+                       TamiyoSettings.from_env, serve, argv)
