@@ -143,3 +143,22 @@ def test_a_job_resumed_from_an_older_checkpoint_is_decided_again(controller, rep
     # it as a duplicate of the command the stopped run took with it.
     assert again.WhichOneof("action") == "germinate"
     assert again.command_id not in {c.command_id for c in first_run}
+
+
+def test_a_decision_repeated_after_a_crash_is_resolved_by_its_early_ack(controller, report,
+                                                                          epoch_ended):
+    """Crash after publishing a decision, before saving it: the restarted controller may read
+    the runtime's ack before it decides that epoch again. The repeat must not stay in flight
+    (the runtime acks an id once) nor be sent again."""
+    layer = report(stages=[Stage.SEED_STAGE_GERMINATED, *[Stage.SEED_STAGE_DORMANT] * 3])
+    view = JobView("job-1")
+    view.record_report(layer)
+    view.record_epoch_end(epoch_ended(0, 0.5), now=100.0)
+    saved = view.to_json()  # the state as it was saved, before the decision
+    (promote,) = controller.decide(view, now=100.0)
+    restarted = JobView.from_json(JobView.from_json(saved).to_json())
+    assert controller.on_ack(restarted, _ack(promote)) is None  # not (yet) in flight
+    restarted = JobView.from_json(restarted.to_json())  # the early ack is saved too
+    assert controller.decide(restarted, now=101.0) == []
+    assert restarted.pending == {} and restarted.early_acks == {}
+    assert restarted.applied[(promote.layer_id, promote.seed_index)].epoch == 2

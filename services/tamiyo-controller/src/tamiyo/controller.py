@@ -55,6 +55,7 @@ class Controller:
         assert view.epoch is not None
         started = time.perf_counter()
         commands = self.policy.decide(view)
+        already_applied = []
         for command in commands:
             action = command.WhichOneof("action")
             command.job_id = view.job_id
@@ -67,12 +68,16 @@ class Controller:
             if self.delivery.over_bus:
                 command.apply_at_epoch = view.epoch + 1
                 view.pending[command.command_id] = PendingCommand(command)
+                early = view.early_acks.pop(command.command_id, None)
+                if early is not None:  # decided again after a crash, and already acked
+                    self.on_ack(view, early)
+                    already_applied.append(command)
             if action == "germinate":
                 view.last_germination_epoch = view.epoch
             metrics.DECISIONS.labels(action).inc()
         view.last_decided_epoch = view.epoch
         metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
-        return commands
+        return [c for c in commands if c not in already_applied]
 
     def on_ack(self, view: JobView, ack: CommandAck) -> PendingCommand | None:
         pending = view.record_ack(ack)

@@ -20,6 +20,7 @@ from oona.contracts import SeedStage as Stage
 ACTIVE_STAGES = frozenset(range(Stage.SEED_STAGE_GERMINATED, Stage.SEED_STAGE_FINE_TUNING + 1))
 
 _STATE_VERSION = 1
+_MAX_EARLY_ACKS = 1000  # per job; an early ack older than that is for a long-gone decision
 
 
 def expected_stage(command: LifecycleCommand) -> int | None:
@@ -83,6 +84,11 @@ class JobView:
     last_germination_epoch: int | None = None
     pending: dict[str, PendingCommand] = field(default_factory=dict)
     applied: dict[tuple[str, int], AppliedCommand] = field(default_factory=dict)
+    # Acks that came before their command was (re)decided: after a crash between publishing a
+    # decision and saving it, the restarted controller decides the epoch again (same ids) and
+    # may read the runtime's ack first. Kept so that decision resolves at once, not in flight
+    # forever (the runtime acks a command id once).
+    early_acks: dict[str, CommandAck] = field(default_factory=dict)
     finished: bool = False
 
     # -- recording what the bus says ------------------------------------------------------
@@ -138,6 +144,9 @@ class JobView:
         or a command of another controller)."""
         pending = self.pending.pop(ack.command_id, None)
         if pending is None:
+            self.early_acks[ack.command_id] = ack
+            while len(self.early_acks) > _MAX_EARLY_ACKS:
+                del self.early_acks[next(iter(self.early_acks))]
             return None
         command = pending.command
         if ack.success and command.HasField("seed_index"):
@@ -191,6 +200,7 @@ class JobView:
                          "retry_at": p.retry_at} for p in self.pending.values()],
             "applied": [[layer, seed, a.stage_before, a.stage_after, a.epoch]
                         for (layer, seed), a in self.applied.items()],
+            "early_acks": [_b64(a.SerializeToString()) for a in self.early_acks.values()],
         }
         if with_reports:
             state["reports"] = {k: _b64(r.SerializeToString()) for k, r in self.reports.items()}
@@ -215,6 +225,9 @@ class JobView:
                                                               item["retry_at"])
         for layer, seed, before, after, epoch in state["applied"]:
             view.applied[(layer, seed)] = AppliedCommand(before, after, epoch)
+        for data in state.get("early_acks", []):
+            ack = CommandAck.FromString(base64.b64decode(data))
+            view.early_acks[ack.command_id] = ack
         if reports is None:
             reports = {k: LayerHealthReport.FromString(base64.b64decode(v))
                        for k, v in state.get("reports", {}).items()}
