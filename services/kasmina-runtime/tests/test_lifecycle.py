@@ -28,7 +28,7 @@ def assert_unchanged(layer, snap):
     now = layer.state_dict()
     assert tensors.keys() == {k for k, v in now.items() if torch.is_tensor(v)}
     for k, v in tensors.items():
-        assert torch.equal(v, now[k]) or (v.isnan() == now[k].isnan()).all(), k
+        torch.testing.assert_close(now[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
     assert np.array_equal(mirror, layer._mirror) and np.array_equal(slot, layer._slot)
     assert ready == layer.readiness()
 

@@ -47,7 +47,7 @@ def summarize(results: list[tuple[RunResult, list[str]]]) -> str:
     seeded_runs = [r for r, _ in results if r.params.seeded]
     seeded = np.array([r.test_accuracy for r in seeded_runs])
     ends = Counter()
-    for r, events in results:
+    for _, events in results:
         ends.update(e.split(" -> ")[1].split(" ")[0] for e in events)
     lines = [
         "", "Kasmina demo: digits, under-sized MLP host, seeds grown by the LocalController", "",
