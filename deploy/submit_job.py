@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-id", default=f"digits-{int(time.time())}")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="more recipe parameters (hidden, depth, seeds_per_layer, seed, lr, ...)")
+                   help="more recipe parameters (hidden, bottleneck, seeds_per_layer, seed, lr, weight_decay, ...)")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     args = p.parse_args(argv)
     parameters = {"epochs": str(args.epochs), **dict(kv.split("=", 1) for kv in args.param)}

@@ -1,7 +1,8 @@
 """`make run`'s fleet job, small: every service as a real process, two jobs over gRPC, a
 summary and a report with plots, every process stopped. The whole loop runs: Tamiyo (told that
 every epoch is a plateau) germinates from health reports, the runtime applies and acks its
-commands, seeds move through the lifecycle, and their field reports reach Karn's database."""
+commands, seeds move through the lifecycle, their field reports reach Karn's database, and
+Karn's statistics and recommendation for the next seed change with them."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ def test_fleet_run_end_to_end(tmp_path):
     with sqlite3.connect(tmp_path / "runs" / "smoke" / "karn.db") as db:
         (stored,) = db.execute("SELECT count(*) FROM karn_field_reports").fetchone()
     assert stored >= 1, done.stdout  # seeds ended and Karn stored what happened to them
+    before, after = done.stdout.split("Karn before the run:")[1].split("Karn after the run:")
+    fresh = re.search(r"residual_mlp: (.*)", before).group(1)
+    assert fresh.startswith("0/0 reports"), before
+    reports = int(re.search(r"residual_mlp\s+reports\s+(\d+)", after).group(1))
+    assert reports == stored, after  # only residual_mlp may germinate (the fleet's default)
+    learned = re.search(r"residual_mlp: (.*)", after).group(1)
+    assert learned != fresh and learned.split(" ")[0].endswith(f"/{stored}"), (fresh, learned)
     for service in ("karn", "tamiyo", "kasmina"):
         log = (tmp_path / "runs" / "smoke" / f"{service}.log").read_text()
         assert "Traceback" not in log, (service, log[-2000:])

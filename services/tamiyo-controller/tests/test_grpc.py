@@ -125,6 +125,20 @@ def test_karn_recommendation_is_used(karn):
     advisor.close()
 
 
+def test_an_allow_list_keeps_karns_best_allowed_blueprint(karn):
+    fake, address = karn
+    advisor = KarnAdvisor(address, 2.0, default_blueprint="residual_mlp",
+                          default_strategy="fixed_ramp", allowed=frozenset({"residual_mlp"}))
+    fake.recommendations = [_recommendation("linear", "grad_norm_gated"),
+                            _recommendation("residual_mlp", "drift_controlled")]
+    assert advisor.choose("job-1", "fc", 24) == BlueprintChoice("residual_mlp",
+                                                                "drift_controlled", "karn")
+    assert fake.requests[0].limit > 1, "the whole ranking is asked for"
+    fake.recommendations = [_recommendation("linear", "grad_norm_gated")]
+    assert advisor.choose("job-1", "fc", 24) is None, "nothing allowed fits: no germination"
+    advisor.close()
+
+
 @pytest.mark.parametrize("karn_state", ["down", "slow"])
 def test_without_a_timely_karn_the_catalog_default_is_used(karn, karn_state):
     fake, address = karn

@@ -20,14 +20,12 @@ from .recipes import (DigitsParams, EpochRecord, RunResult, build_model, load_di
                       train_digits)
 
 
-def run(p: DigitsParams, data: dict[str, torch.Tensor], plateau_epochs: int, min_delta: float,
-        blueprints: str, progress: tqdm) -> tuple[RunResult, list[str]]:
+def run(p: DigitsParams, data: dict[str, torch.Tensor], controller: ControllerConfig,
+        progress: tqdm) -> tuple[RunResult, list[str]]:
     model = build_model(p)
     ctl = None
     if p.seeded:
-        ctl = LocalController(model, ControllerConfig(
-            higher_is_better=False, plateau_epochs=plateau_epochs, min_delta=min_delta,
-            blueprints=tuple(blueprints.split(","))))
+        ctl = LocalController(model, controller)
     events: list[str] = []
 
     def on_epoch(record: EpochRecord, new_events: object, _snapshot: object) -> bool:
@@ -56,8 +54,10 @@ def summarize(results: list[tuple[RunResult, list[str]]]) -> str:
         f"{', '.join(f'{a:.4f}' for a in host)}",
         f"{'host + seeds':<14}{seeded.mean():.4f} ± {seeded.std():.4f}{'':<25}"
         f"{', '.join(f'{a:.4f}' for a in seeded)}",
-        "", f"difference: {seeded.mean() - host.mean():+.4f} (spread: host {np.ptp(host):.4f}, "
-        f"seeded {np.ptp(seeded):.4f})",
+        "", f"difference: {seeded.mean() - host.mean():+.4f} (std: host {host.std():.4f}, "
+        f"seeded {seeded.std():.4f}; range: host {np.ptp(host):.4f}, seeded {np.ptp(seeded):.4f})",
+        "paired differences (seeded - host, per random seed): "
+        + ", ".join(f"{d:+.4f}" for d in seeded - host),
         f"host parameters: {results[0][0].params_host}; blueprint parameters added (mean): "
         f"{np.mean([r.params_added for r in seeded_runs]):.0f}",
         "transitions over all seeded runs: " + ", ".join(
@@ -71,13 +71,14 @@ def summarize(results: list[tuple[RunResult, list[str]]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kasmina demo", description=__doc__)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--runs", type=int, default=3, help="random seeds per variant")
-    p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--depth", type=int, default=2, help="linear layers in the host")
+    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--runs", type=int, default=5, help="random seeds per variant")
+    p.add_argument("--hidden", type=int, default=64, help="width of the seeded host layer")
+    p.add_argument("--bottleneck", type=int, default=4, help="width of the host's bottleneck")
     p.add_argument("--seeds-per-layer", type=int, default=4)
     p.add_argument("--blueprints", default="residual_mlp")
-    p.add_argument("--plateau-epochs", type=int, default=3)
+    p.add_argument("--plateau-epochs", type=int, default=2)
+    p.add_argument("--germinations-per-plateau", type=int, default=4)
     p.add_argument("--min-delta", type=float, default=0.01, help="val-loss plateau threshold")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -86,17 +87,21 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     data = load_digits_split()
+    controller = ControllerConfig(
+        higher_is_better=False, plateau_epochs=args.plateau_epochs, min_delta=args.min_delta,
+        germinations_per_plateau=args.germinations_per_plateau,
+        blueprints=tuple(args.blueprints.split(",")))
     start = time.perf_counter()
     results = []
     with tqdm(total=2 * args.runs * args.epochs, unit="epoch", desc="training") as progress:
         for seed in range(args.runs):
             for seeded in (False, True):
-                p = DigitsParams(epochs=args.epochs, hidden=args.hidden, depth=args.depth,
+                p = DigitsParams(epochs=args.epochs, hidden=args.hidden,
+                                 bottleneck=args.bottleneck,
                                  seeds_per_layer=args.seeds_per_layer, seed=seed, lr=args.lr,
                                  seed_lr=args.seed_lr, batch_size=args.batch_size,
                                  seeded=seeded)
-                results.append(run(p, data, args.plateau_epochs, args.min_delta,
-                                   args.blueprints, progress))
+                results.append(run(p, data, controller, progress))
     text = summarize(results)
     print(text)
     print(f"\nwall time {time.perf_counter() - start:.1f} s")

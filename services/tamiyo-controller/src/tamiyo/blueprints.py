@@ -21,6 +21,9 @@ _CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500),
                     ("grpc.min_reconnect_backoff_ms", 500),
                     ("grpc.max_reconnect_backoff_ms", 5000)]
 
+# Karn ranks the whole catalog when asked for this many.
+_ALL = 1024
+
 
 @dataclass(frozen=True)
 class BlueprintChoice:
@@ -38,19 +41,22 @@ class BlueprintAdvisor(Protocol):
 
 class KarnAdvisor:
     """Asks Karn's `Recommend` with a short deadline. Karn unreachable, slow or failing:
-    `default_blueprint` (counted in tamiyo_karn_fallbacks_total) so growth never waits on it."""
+    `default_blueprint` (counted in tamiyo_karn_fallbacks_total) so growth never waits on it.
+    `allowed` (catalog names; empty: any) keeps Karn's best recommendation among those."""
 
     def __init__(self, address: str, timeout_s: float, *, default_blueprint: str,
-                 default_strategy: str) -> None:
+                 default_strategy: str, allowed: frozenset[str] = frozenset()) -> None:
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._karn = karn_grpc.KarnStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout_s = timeout_s
         self._default_blueprint = default_blueprint
         self._default_strategy = default_strategy
+        self._allowed = allowed
 
     def choose(self, job_id: str, layer_id: str, chunk_size: int) -> BlueprintChoice | None:
         request = karn_pb.RecommendRequest(job_id=job_id, layer_id=layer_id,
-                                           chunk_size=chunk_size, limit=1)
+                                           chunk_size=chunk_size,
+                                           limit=_ALL if self._allowed else 1)
         try:
             reply = self._karn.Recommend(request, timeout=self._timeout_s)
         except grpc.RpcError as exc:
@@ -58,9 +64,11 @@ class KarnAdvisor:
             log.warning("karn unavailable (%s); germinating %s with %s", exc.code(), layer_id,
                         self._default_blueprint)
             return BlueprintChoice(self._default_blueprint, self._default_strategy, "fallback")
-        if not reply.recommendations:
+        ranked = [r for r in reply.recommendations
+                  if not self._allowed or r.blueprint.name in self._allowed]
+        if not ranked:
             return None
-        best = reply.recommendations[0]
+        best = ranked[0]
         return BlueprintChoice(best.blueprint.name, best.strategy_name or self._default_strategy,
                                "karn")
 

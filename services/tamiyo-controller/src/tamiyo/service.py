@@ -55,7 +55,8 @@ async def serve(settings: TamiyoSettings, bus_settings: BusSettings) -> None:
 async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
     advisor = KarnAdvisor(settings.karn_address, settings.karn_timeout_s,
                           default_blueprint=settings.default_blueprint,
-                          default_strategy=settings.default_strategy)
+                          default_strategy=settings.default_strategy,
+                          allowed=frozenset(filter(None, settings.blueprints.split(","))))
     policy = HeuristicPolicy(settings.policy(), advisor)
     worker = ControllerWorker(
         bus, StateStore(bus.redis), Controller(policy, settings.delivery()),

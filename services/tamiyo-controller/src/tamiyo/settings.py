@@ -33,6 +33,8 @@ class TamiyoSettings:
     karn_timeout_s: float = 1.0
     default_blueprint: str = "residual_mlp"
     default_strategy: str = "fixed_ramp"
+    # Comma-separated catalog names germinations may use (Karn's best among them); empty: any.
+    blueprints: str = ""
 
     plateau_epochs: int = 3
     min_delta: float = 1e-3
