@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import math
 from pathlib import Path
 
 import torch
@@ -43,34 +44,36 @@ def make_case(hidden, rows, seeds, frac, dtype):
     n_active = 0 if frac == 0 else max(1, round(frac * seeds))
     active = torch.linspace(0, seeds - 1, n_active).round().long().unique().tolist()
     run_of = torch.full((hidden,), -1, dtype=torch.int32)
-    pos_of = torch.zeros(hidden, dtype=torch.int32)
+    bounds = torch.zeros(len(active), 2, dtype=torch.int32)
     feats = []
     for a, s in enumerate(active):
         lo, hi = chunks[s]
         run_of[lo:hi] = a
-        pos_of[lo:hi] = torch.arange(hi - lo, dtype=torch.int32)
+        bounds[a] = torch.tensor([lo, hi - lo])
         feats.append(torch.arange(lo, hi))
+    common = math.gcd(16, *bounds.flatten().tolist())
     feat = torch.cat(feats) if feats else torch.zeros(0, dtype=torch.long)
     h = torch.randn(rows, hidden, device="cuda").to(dtype)
     y = torch.randn(len(active), rows, width, device="cuda")
     alpha = torch.rand(len(active), device="cuda") * 0.9 + 0.05
-    meta = (feat.cuda(), run_of.cuda(), pos_of.cuda())
+    meta = (feat.cuda(), run_of.cuda(), bounds.cuda(), common & -common)
     return chunks, active, h, y, alpha, meta
 
 
 def providers(chunks, active, alpha, meta):
-    feat, run_of, pos_of = meta
+    feat, run_of, bounds, align = meta
     blending = len(active) > 0
     alpha_of = dict(zip(active, alpha.tolist()))
 
     def eager(h, y):
         stats = reference.column_stats(h.detach(), THR)
-        return (reference.chunk_blend(h, y, alpha, feat, run_of, pos_of) if blending else h), stats
+        return (reference.chunk_blend(h, y, alpha, feat, run_of, bounds) if blending else h), stats
 
     def ours(h, y):
         if not blending:
             return h, ops.column_stats(h.detach(), THR, triton=True)
-        return ops.chunk_blend(h, y, alpha, feat, run_of, pos_of, True, THR, triton=True)
+        return ops.chunk_blend(h, y, alpha, feat, run_of, bounds, True, THR, align,
+                               triton=True)
 
     def loop(h, y):
         out = h.clone() if blending else h

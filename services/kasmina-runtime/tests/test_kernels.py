@@ -22,7 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (features, seeds, running seeds with their effective alpha): prime widths, ragged chunks,
 # chunk size 1, alpha 0 (TRAINING) next to blending seeds.
 CASES = [(23, 5, {1: 0.5, 3: 0.0}), (7, 7, {0: 1.0, 6: 0.25}), (130, 3, {2: 0.7}),
-         (13, 1, {0: 0.3})]
+         (13, 1, {0: 0.3}), (64, 4, {0: 0.5, 2: 0.0, 3: 1.0}), (40, 5, {1: 0.5, 4: 0.9})]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -51,15 +51,25 @@ def close(a, b, dtype):
 @pytest.mark.parametrize("features,seeds,running", CASES)
 def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype):
     h, y, alpha, plan = blend_inputs(features, seeds, running, dtype)
-    out, stats = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.pos_of, True, 1e-6)
-    ref = reference.chunk_blend(h, y, alpha, plan.feat, plan.run_of, plan.pos_of)
+    out, stats = triton_blend.chunk_blend(h, y, alpha, plan.bounds, True, 1e-6,
+                                          plan.align)
+    ref = reference.chunk_blend(h, y, alpha, plan.feat, plan.run_of, plan.bounds)
     close(out, ref, dtype)
     untouched = alpha[plan.run_of.long().clamp(min=0)].eq(0) | plan.run_of.lt(0)
     assert torch.equal(out[:, untouched], h[:, untouched])  # identity is exact
     torch.testing.assert_close(stats, reference.column_stats(h, 1e-6), rtol=STATS_RTOL,
                                atol=1e-5)
-    out2, empty = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.pos_of, False, 1e-6)
+    out2, empty = triton_blend.chunk_blend(h, y, alpha, plan.bounds, False, 1e-6,
+                                            plan.align)
     assert torch.equal(out2, out) and empty.shape == (0, features)
+
+
+@pytest.mark.parametrize("features,seeds,align", [(23, 5, 1), (64, 4, 16), (40, 5, 8),
+                                                  (96, 4, 8), (130, 3, 1)])
+def test_plan_align_divides_every_running_chunk(features, seeds, align):
+    _, _, _, plan = blend_inputs(features, seeds, {seeds - 1: 0.5, 0: 0.5}, torch.float32)
+    assert plan.align == align
+    assert (plan.bounds % plan.align == 0).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -80,9 +90,10 @@ def test_op_gradients_match_the_reference_and_keep_identity_exact(dtype):
     for op in (torch.ops.kasmina.chunk_blend, None):
         hh, yy = h.clone().requires_grad_(), y.clone().requires_grad_()
         if op is None:
-            out = reference.chunk_blend(hh, yy, alpha, plan.feat, plan.run_of, plan.pos_of)
+            out = reference.chunk_blend(hh, yy, alpha, plan.feat, plan.run_of, plan.bounds)
         else:
-            out, _ = op(hh, yy, alpha, plan.feat, plan.run_of, plan.pos_of, True, 1e-6)
+            out, _ = op(hh, yy, alpha, plan.feat, plan.run_of, plan.bounds, True, 1e-6,
+                        plan.align)
         out.backward(g)
         grads.append((hh.grad, yy.grad))
     (gh, gy), (rh, ry) = grads
@@ -97,7 +108,8 @@ def test_opcheck_passes_for_both_ops():
     hh, yy = h.requires_grad_(), y.requires_grad_()
     for track in (True, False):
         torch.library.opcheck(torch.ops.kasmina.chunk_blend,
-                              (hh, yy, alpha, plan.feat, plan.run_of, plan.pos_of, track, 1e-6))
+                              (hh, yy, alpha, plan.feat, plan.run_of, plan.bounds, track, 1e-6,
+                               plan.align))
     torch.library.opcheck(torch.ops.kasmina.column_stats, (h.detach(), 1e-6))
 
 

@@ -105,8 +105,9 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
             if plan.has_blend:  # one fused pass: blend, and the telemetry when tracking
                 alpha = torch.where(ok, self.alpha.index_select(0, plan.seeds) * plan.blend, 0.0)
                 out2, stats = kernels.chunk_blend(h2, y, alpha, plan.feat, plan.run_of,
-                                                  plan.pos_of, tracking,
-                                                  self.config.dead_threshold, self._triton)
+                                                  plan.bounds, tracking,
+                                                  self.config.dead_threshold, plan.align,
+                                                  self._triton)
                 out = out2.view_as(h)
         if tracking:
             if stats is None:  # nothing blended: a read-only pass over the host output

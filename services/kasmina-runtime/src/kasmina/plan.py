@@ -24,7 +24,8 @@ class ForwardPlan:
     valid: torch.Tensor | None = None  # (A, 1, C) 1.0 on real features; None if no padding
     feat: torch.Tensor | None = None  # (M,) host features of the running seeds
     run_of: torch.Tensor | None = None  # (F,) int32 running index of each feature's seed, or -1
-    pos_of: torch.Tensor | None = None  # (F,) int32 position of each feature in its chunk
+    bounds: torch.Tensor | None = None  # (A, 2) int32 first host feature and width per chunk
+    align: int = 1  # the largest power of two (<= 16) dividing every chunk's start and width
     sizes: torch.Tensor | None = None  # (A,) chunk widths, float
     blend: torch.Tensor | None = None  # (A,) 1.0 where the seed's output is blended in
     train: torch.Tensor | None = None  # (A,) bool, TRAINING (reconstruction loss)
@@ -65,17 +66,17 @@ def build_plan(state: np.ndarray, slot: np.ndarray, chunks: list[tuple[int, int]
 
     features = chunks[-1][1]
     run_of = np.full(features, -1, dtype=np.int32)
-    pos_of = np.zeros(features, dtype=np.int32)
     feat = gather[valid]  # (M,)
     run_of[feat] = np.repeat(np.arange(len(running)), sizes)
-    pos_of[feat] = np.broadcast_to(pos, valid.shape)[valid]
+    common = int(np.gcd.reduce(np.concatenate([starts, sizes, [16]])))
     padded = not valid.all()
     plan = ForwardPlan(
         num_running=len(running), seeds=t(running, torch.long),
         slots=t(slot[running], torch.long), segments=segments,
         gather_idx=t(gather.reshape(-1), torch.long),
         valid=t(valid[:, None, :], torch.float32) if padded else None,
-        feat=t(feat, torch.long), run_of=t(run_of, torch.int32), pos_of=t(pos_of, torch.int32),
+        feat=t(feat, torch.long), run_of=t(run_of, torch.int32),
+        bounds=t(np.stack([starts, sizes], axis=1), torch.int32), align=common & -common,
         sizes=t(sizes, torch.float32), blend=t(blend, torch.float32), train=t(train, torch.bool),
         through=t(through[:, None, None], torch.float32) if through.any() else None,
         has_blend=bool(blend.any()), has_train=bool(train.any()))

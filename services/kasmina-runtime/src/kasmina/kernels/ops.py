@@ -3,9 +3,11 @@
 
 - `kasmina::column_stats(h, dead_threshold) -> (3, F)`: telemetry of a layer with no running
   seed (a read-only pass).
-- `kasmina::chunk_blend(h, y, alpha, feat, run_of, pos_of, track, dead_threshold)
+- `kasmina::chunk_blend(h, y, alpha, feat, run_of, bounds, track, dead_threshold, align)
   -> (out, stats)`: the blend of running seeds' outputs into the host output, with the
-  telemetry of h in the same pass when `track` (stats is (0, F) otherwise).
+  telemetry of h in the same pass when `track` (stats is (0, F) otherwise). `align` is a
+  power of two dividing every running chunk's start and width (ForwardPlan.align): the
+  kernel's vector width on the running chunks.
 
 On CUDA the ops run the Triton kernels; on the CPU they run the Triton interpreter when
 TRITON_INTERPRET=1 (tests), else the reference. The backward is PyTorch index ops over the
@@ -59,43 +61,45 @@ def _column_stats_fake(h: Tensor, dead_threshold: float) -> Tensor:
 
 @torch.library.custom_op("kasmina::chunk_blend", mutates_args=())
 def _chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
-                 pos_of: Tensor, track: bool, dead_threshold: float) -> tuple[Tensor, Tensor]:
+                 bounds: Tensor, track: bool, dead_threshold: float, align: int
+                 ) -> tuple[Tensor, Tensor]:
     if _interpreting():
         from . import triton_blend
-        return triton_blend.chunk_blend(h, y, alpha, run_of, pos_of, track, dead_threshold)
+        return triton_blend.chunk_blend(h, y, alpha, bounds, track, dead_threshold, align)
     stats = (reference.column_stats(h, dead_threshold) if track
              else h.new_zeros(0, h.shape[1], dtype=torch.float32))
-    return reference.chunk_blend(h, y, alpha, feat, run_of, pos_of), stats
+    return reference.chunk_blend(h, y, alpha, feat, run_of, bounds), stats
 
 
 @_chunk_blend.register_kernel("cuda")
 def _chunk_blend_cuda(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
-                      pos_of: Tensor, track: bool, dead_threshold: float
+                      bounds: Tensor, track: bool, dead_threshold: float, align: int
                       ) -> tuple[Tensor, Tensor]:
     from . import triton_blend
-    return triton_blend.chunk_blend(h, y, alpha, run_of, pos_of, track, dead_threshold)
+    return triton_blend.chunk_blend(h, y, alpha, bounds, track, dead_threshold, align)
 
 
 @_chunk_blend.register_fake
-def _chunk_blend_fake(h, y, alpha, feat, run_of, pos_of, track, dead_threshold):  # noqa: ANN001
+def _chunk_blend_fake(h, y, alpha, feat, run_of, bounds, track, dead_threshold,  # noqa: ANN001
+                      align):
     return torch.empty_like(h), h.new_empty(3 if track else 0, h.shape[1], dtype=torch.float32)
 
 
 def _blend_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    _, y, alpha, feat, run_of, pos_of, _, _ = inputs
-    ctx.save_for_backward(alpha, feat, run_of, pos_of)
+    _, y, alpha, feat, run_of, bounds, _, _, _ = inputs
+    ctx.save_for_backward(alpha, feat, run_of, bounds)
     ctx.y_shape = y.shape
 
 
 def _blend_backward(ctx, grad_out: Tensor, _grad_stats: Tensor):  # noqa: ANN202
-    alpha, feat, run_of, pos_of = ctx.saved_tensors
-    run, pos = run_of[feat].long(), pos_of[feat].long()  # (M,)
+    alpha, feat, run_of, bounds = ctx.saved_tensors
+    run, pos = reference.positions(feat, run_of, bounds)  # (M,)
     a = alpha[run]  # (M,)
     g = grad_out.index_select(1, feat).float()  # (N, M)
     grad_h = grad_out.index_copy(1, feat, (g * (1 - a)).to(grad_out.dtype))
     grad_y = grad_out.new_zeros(ctx.y_shape, dtype=torch.float32)  # (A, N, C)
     grad_y.permute(1, 0, 2)[:, run, pos] = g * a
-    return grad_h, grad_y, None, None, None, None, None, None
+    return grad_h, grad_y, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("kasmina::chunk_blend", _blend_backward,
@@ -115,12 +119,12 @@ def column_stats(h: Tensor, dead_threshold: float, triton: bool) -> Tensor:
 
 
 def chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
-                pos_of: Tensor, track: bool, dead_threshold: float, triton: bool
+                bounds: Tensor, track: bool, dead_threshold: float, align: int, triton: bool
                 ) -> tuple[Tensor, Tensor | None]:
     """(out, stats or None). The reference path is differentiable as it stands."""
     if triton:
-        out, stats = torch.ops.kasmina.chunk_blend(h, y, alpha, feat, run_of, pos_of, track,
-                                                   dead_threshold)
+        out, stats = torch.ops.kasmina.chunk_blend(h, y, alpha, feat, run_of, bounds, track,
+                                                   dead_threshold, align)
         return out, stats if track else None
-    out = reference.chunk_blend(h, y, alpha, feat, run_of, pos_of)
+    out = reference.chunk_blend(h, y, alpha, feat, run_of, bounds)
     return out, reference.column_stats(h.detach(), dead_threshold) if track else None

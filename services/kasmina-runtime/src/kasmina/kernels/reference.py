@@ -4,8 +4,9 @@ Inputs shared with the Triton kernels (see `ops.py`):
 - h (N, F): the host layer's output, any float dtype.
 - y (A, N, C) float32: blueprint outputs of the A running seeds (C = padded chunk width).
 - alpha (A,) float32: effective blend weight per running seed (0 = the host's output exactly).
-- feat (M,) int64: host features of the running seeds; run_of / pos_of (F,) int32: per host
-  feature, its running seed index (-1: none) and position in the chunk.
+- feat (M,) int64: host features of the running seeds; run_of (F,) int32: per host feature,
+  its running seed index (-1: none); bounds (A, 2) int32: each running chunk's first host
+  feature and width.
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
 
 
 def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, feat: torch.Tensor,
-                run_of: torch.Tensor, pos_of: torch.Tensor) -> torch.Tensor:
+                run_of: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """out = h, except on running seeds' features: (1 - alpha) * h + alpha * y, and exactly h
     where alpha == 0 (TRAINING seeds, seeds switched off, non-finite seeds)."""
-    run, pos = run_of[feat].long(), pos_of[feat].long()  # (M,)
+    run, pos = positions(feat, run_of, bounds)
     hv = h.index_select(1, feat).float()  # (N, M)
     yv = y.permute(1, 0, 2)[:, run, pos]  # (N, M)
     a = alpha[run]  # (M,)
     blended = torch.where(a == 0, hv, (1 - a) * hv + a * yv)
     return h.index_copy(1, feat, blended.to(h.dtype))
+
+
+def positions(feat: torch.Tensor, run_of: torch.Tensor, bounds: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) running seed index and position in its chunk of each of `feat`'s host features."""
+    run = run_of[feat].long()
+    return run, feat - bounds[run, 0].long()

@@ -1,12 +1,24 @@
 """Triton kernels for the chunked layer (Liger shape: private jit kernels, plain launchers).
 
-One pass over the host output h (N, F): per column tile, every program walks a slab of rows,
-writes the output (identity, or the alpha blend with the running seed's blueprint output) and
-keeps (BLOCK_N, BLOCK_F) partial sums in registers (elementwise adds: no cross-thread reduction
-inside the loop); at the end one reduction and one atomic per column per statistic. Accumulation
-is float32 whatever h's dtype. Tile shapes are autotuned per (N, F) on the GPU; under
-TRITON_INTERPRET=1 the first config runs on CPU tensors. The statistics buffer is restored
-between autotuning runs (the atomics add into it), so the first call counts once.
+Two passes, each with plain affine addresses so every load and store is a full-width vector:
+1. `_host_pass_kernel`, over the host output h (N, F): per column tile, every program walks a
+   slab of rows, copies h to the output (the blend's pass) and keeps (BLOCK_N, BLOCK_F) partial
+   sums in registers (elementwise adds: no cross-thread reduction inside the loop); at the end
+   one reduction and one atomic per column per statistic. Accumulation is float32 whatever h's
+   dtype. Without the copy it is the telemetry of a layer with no running seed.
+2. `_seed_blend_kernel`, over the running seeds only: one program per (seed, row block) reads
+   the seed's chunk of h and its blueprint output y (A, N, C), and overwrites the chunk with the
+   alpha blend; seeds whose alpha is 0 return at once, so their chunks stay the copied h bit for
+   bit. `align` (a power of two dividing every running chunk's start and width) is declared to
+   the compiler so these loads vectorise too.
+The first version blended in one pass, gathering y through a per-column (run, position) map:
+the compiler could not prove those addresses contiguous, so every y load was a scalar one,
+issued for every column whether its seed ran or not (10 % active seeds ran no faster than
+100 %; benchmarks/NOTES.md, Fused Triton kernels).
+
+Tile shapes of pass 1 are autotuned per (N, F) on the GPU; under TRITON_INTERPRET=1 the first
+config runs on CPU tensors. The statistics buffer is restored between autotuning runs (the
+atomics add into it), so the first call counts once.
 """
 
 from __future__ import annotations
@@ -28,45 +40,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _CONFIGS = _CONFIGS[:1]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "F"], restore_value=["stats_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK", "COPY"], restore_value=["stats_ptr"])
 @triton.jit
-def _column_stats_kernel(h_ptr, stats_ptr, N, F, stride_h, dead_threshold,
-                         BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-                         SLABS_PER_TILE: tl.constexpr):
+def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_threshold,
+                      TRACK: tl.constexpr, COPY: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_F: tl.constexpr, SLABS_PER_TILE: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     cmask = cols < F
-    rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
-    row0 = tl.program_id(1) * rows_per_prog
-    s = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
-    q = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
-    d = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
-    for r in range(0, rows_per_prog, BLOCK_N):
-        rows = row0 + r + tl.arange(0, BLOCK_N)
-        m = (rows[:, None] < N) & cmask[None, :]
-        x = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :], mask=m,
-                    other=0.0).to(tl.float32)
-        s += x
-        q += x * x
-        d += ((tl.abs(x) < dead_threshold) & m).to(tl.float32)
-    tl.atomic_add(stats_ptr + cols, tl.sum(s, axis=0), mask=cmask)
-    tl.atomic_add(stats_ptr + F + cols, tl.sum(q, axis=0), mask=cmask)
-    tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
-
-
-@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK"], restore_value=["stats_ptr"])
-@triton.jit
-def _chunk_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, pos_ptr,
-                        N, F, C, stride_h, stride_o, dead_threshold, TRACK: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-                        SLABS_PER_TILE: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    cmask = cols < F
-    run = tl.load(run_ptr + cols, mask=cmask, other=-1)
-    active = run >= 0
-    a = tl.load(alpha_ptr + run, mask=cmask & active, other=0.0)  # (BLOCK_F,) float32
-    blend = a != 0.0
-    # y is (A, N, C): element (run, n, pos) at run * N * C + n * C + pos
-    y_col = run.to(tl.int64) * N * C + tl.load(pos_ptr + cols, mask=cmask, other=0)
     rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
     row0 = tl.program_id(1) * rows_per_prog
     s = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
@@ -77,11 +57,10 @@ def _chunk_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, po
         m = (rows[:, None] < N) & cmask[None, :]
         rows64 = rows[:, None].to(tl.int64)
         h = tl.load(h_ptr + rows64 * stride_h + cols[None, :], mask=m, other=0.0)
-        x = h.to(tl.float32)
-        yv = tl.load(y_ptr + y_col[None, :] + rows64 * C, mask=m & blend[None, :], other=0.0)
-        o = tl.where(blend[None, :], (1.0 - a[None, :]) * x + a[None, :] * yv, x)
-        tl.store(out_ptr + rows64 * stride_o + cols[None, :], o.to(h.dtype), mask=m)
+        if COPY:
+            tl.store(out_ptr + rows64 * stride_o + cols[None, :], h, mask=m)
         if TRACK:
+            x = h.to(tl.float32)
             s += x
             q += x * x
             d += ((tl.abs(x) < dead_threshold) & m).to(tl.float32)
@@ -89,6 +68,26 @@ def _chunk_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, po
         tl.atomic_add(stats_ptr + cols, tl.sum(s, axis=0), mask=cmask)
         tl.atomic_add(stats_ptr + F + cols, tl.sum(q, axis=0), mask=cmask)
         tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
+
+
+@triton.jit
+def _seed_blend_kernel(h_ptr, y_ptr, out_ptr, alpha_ptr, bounds_ptr, N, C, stride_h, stride_o,
+                       ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    run = tl.program_id(0)
+    a = tl.load(alpha_ptr + run)
+    if a != 0.0:
+        start = tl.multiple_of(tl.load(bounds_ptr + 2 * run), ALIGN)
+        width = tl.multiple_of(tl.load(bounds_ptr + 2 * run + 1), ALIGN)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows64 = rows[:, None].to(tl.int64)
+        y_rows = y_ptr + run.to(tl.int64) * N * C + rows64 * C  # y is (A, N, C)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            m = (rows[:, None] < N) & (cs[None, :] < width)
+            h = tl.load(h_ptr + rows64 * stride_h + start + cs[None, :], mask=m, other=0.0)
+            yv = tl.load(y_rows + cs[None, :], mask=m, other=0.0)
+            o = (1.0 - a) * h.to(tl.float32) + a * yv
+            tl.store(out_ptr + rows64 * stride_o + start + cs[None, :], o.to(h.dtype), mask=m)
 
 
 def _grid(n: int, f: int):
@@ -104,19 +103,26 @@ def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     n, f = h.shape
     stats = torch.zeros(3, f, dtype=torch.float32, device=h.device)
-    _column_stats_kernel[_grid(n, f)](h, stats, n, f, h.stride(0), dead_threshold)
+    _host_pass_kernel[_grid(n, f)](h, h, stats, n, f, h.stride(0), h.stride(0), dead_threshold,
+                                   TRACK=True, COPY=False)
     return stats
 
 
-def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: torch.Tensor,
-                pos_of: torch.Tensor, track: bool, dead_threshold: float
+def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor,
+                track: bool, dead_threshold: float, align: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     assert y.is_contiguous() and y.dtype == torch.float32 and alpha.dtype == torch.float32
     n, f = h.shape
     out = torch.empty_like(h)
     stats = torch.zeros(3 if track else 0, f, dtype=torch.float32, device=h.device)
-    _chunk_blend_kernel[_grid(n, f)](h, y, out, stats, alpha, run_of, pos_of, n, f,
-                                     y.shape[2], h.stride(0), out.stride(0), dead_threshold,
-                                     TRACK=track)
+    _host_pass_kernel[_grid(n, f)](h, out, stats, n, f, h.stride(0), out.stride(0),
+                                   dead_threshold, TRACK=track, COPY=True)
+    runs, _, c = y.shape
+    if runs:
+        block_c = min(triton.next_power_of_2(c), 128)
+        block_n = max(16, 4096 // block_c)
+        _seed_blend_kernel[(runs, triton.cdiv(n, block_n))](
+            h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align,
+            BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats
