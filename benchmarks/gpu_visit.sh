@@ -10,7 +10,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
   | tee -a "$OUT/gpu.txt"
-timeout 150 python3 -m pytest services/kasmina-runtime/tests -q -p no:cacheprovider -rs -x 2>&1 \
+timeout 200 python3 -m pytest services/kasmina-runtime/tests -q -p no:cacheprovider -rs \
+  --ignore=services/kasmina-runtime/tests/test_fleet.py 2>&1 \
   | tee "$OUT/pytest_gpu.log" | tail -8
 timeout 120 python3 benchmarks/probe_blend.py 2>&1 | tee "$OUT/probe_blend.log"
 timeout 90 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \

@@ -20,8 +20,8 @@ feat = torch.nonzero(run_of >= 0).flatten()
 calls = {
     "column_stats launcher": lambda: triton_blend.column_stats(h, 1e-6),
     "column_stats op": lambda: torch.ops.kasmina.column_stats(h, 1e-6),
-    "chunk_blend launcher": lambda: triton_blend.chunk_blend(h, y, alpha, bounds, True, 1e-6,
-                                                             1),
+    "chunk_blend launcher": lambda: triton_blend.chunk_blend(h, y, alpha, run_of, bounds, True,
+                                                             1e-6, 1),
     "chunk_blend op": lambda: torch.ops.kasmina.chunk_blend(h, y, alpha, feat, run_of, bounds,
                                                             True, 1e-6, 1),
 }

@@ -51,7 +51,7 @@ def close(a, b, dtype):
 @pytest.mark.parametrize("features,seeds,running", CASES)
 def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype):
     h, y, alpha, plan = blend_inputs(features, seeds, running, dtype)
-    out, stats = triton_blend.chunk_blend(h, y, alpha, plan.bounds, True, 1e-6,
+    out, stats = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.bounds, True, 1e-6,
                                           plan.align)
     ref = reference.chunk_blend(h, y, alpha, plan.feat, plan.run_of, plan.bounds)
     close(out, ref, dtype)
@@ -59,7 +59,7 @@ def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype):
     assert torch.equal(out[:, untouched], h[:, untouched])  # identity is exact
     torch.testing.assert_close(stats, reference.column_stats(h, 1e-6), rtol=STATS_RTOL,
                                atol=1e-5)
-    out2, empty = triton_blend.chunk_blend(h, y, alpha, plan.bounds, False, 1e-6,
+    out2, empty = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.bounds, False, 1e-6,
                                             plan.align)
     assert torch.equal(out2, out) and empty.shape == (0, features)
 

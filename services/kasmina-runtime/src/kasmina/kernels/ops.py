@@ -65,7 +65,8 @@ def _chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tens
                  ) -> tuple[Tensor, Tensor]:
     if _interpreting():
         from . import triton_blend
-        return triton_blend.chunk_blend(h, y, alpha, bounds, track, dead_threshold, align)
+        return triton_blend.chunk_blend(h, y, alpha, run_of, bounds, track, dead_threshold,
+                                        align)
     stats = (reference.column_stats(h, dead_threshold) if track
              else h.new_zeros(0, h.shape[1], dtype=torch.float32))
     return reference.chunk_blend(h, y, alpha, feat, run_of, bounds), stats
@@ -76,7 +77,8 @@ def _chunk_blend_cuda(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of:
                       bounds: Tensor, track: bool, dead_threshold: float, align: int
                       ) -> tuple[Tensor, Tensor]:
     from . import triton_blend
-    return triton_blend.chunk_blend(h, y, alpha, bounds, track, dead_threshold, align)
+    return triton_blend.chunk_blend(h, y, alpha, run_of, bounds, track, dead_threshold,
+                                        align)
 
 
 @_chunk_blend.register_fake

@@ -1,24 +1,27 @@
 """Triton kernels for the chunked layer (Liger shape: private jit kernels, plain launchers).
 
-Two passes, each with plain affine addresses so every load and store is a full-width vector:
-1. `_host_pass_kernel`, over the host output h (N, F): per column tile, every program walks a
-   slab of rows, copies h to the output (the blend's pass) and keeps (BLOCK_N, BLOCK_F) partial
-   sums in registers (elementwise adds: no cross-thread reduction inside the loop); at the end
-   one reduction and one atomic per column per statistic. Accumulation is float32 whatever h's
-   dtype. Without the copy it is the telemetry of a layer with no running seed.
-2. `_seed_blend_kernel`, over the running seeds only: one program per (seed, row block) reads
-   the seed's chunk of h and its blueprint output y (A, N, C), and overwrites the chunk with the
-   alpha blend; seeds whose alpha is 0 return at once, so their chunks stay the copied h bit for
-   bit. `align` (a power of two dividing every running chunk's start and width) is declared to
-   the compiler so these loads vectorise too.
-The first version blended in one pass, gathering y through a per-column (run, position) map:
-the compiler could not prove those addresses contiguous, so every y load was a scalar one,
-issued for every column whether its seed ran or not (10 % active seeds ran no faster than
-100 %; benchmarks/NOTES.md, Fused Triton kernels).
+`_host_pass_kernel`, over the host output h (N, F): per column tile, every program walks a slab
+of rows, optionally copies h to the output, and keeps (BLOCK_N, BLOCK_F) partial sums in
+registers (elementwise adds: no cross-thread reduction inside the loop); at the end one
+reduction and one atomic per column per statistic. Accumulation is float32 whatever h's dtype.
+Without the copy it is the telemetry of a layer with no running seed.
 
-Tile shapes of pass 1 are autotuned per (N, F) on the GPU; under TRITON_INTERPRET=1 the first
-config runs on CPU tensors. The statistics buffer is restored between autotuning runs (the
-atomics add into it), so the first call counts once.
+The blend of running seeds' outputs y (A, N, C) into h has two forms, chosen by chunk width C
+(measured on an H200, benchmarks/NOTES.md, "Fused Triton kernels", version 4):
+- wide chunks (C >= 16): two passes with affine addresses, so every load and store is a full
+  vector: the host pass with the copy, then `_seed_blend_kernel`, one program per (running
+  seed, row block), which overwrites the seed's chunk with the alpha blend; seeds whose alpha
+  is 0 return at once, so their chunks stay the copied h bit for bit. `align` (a power of two
+  dividing every running chunk's start and width) is declared to the compiler.
+- narrow chunks: one pass, `_gather_blend_kernel`: the host pass reading y through each
+  column's running seed. Its y loads are gathers (scalar, 255 registers, 12 % occupancy in
+  Nsight Compute), but for chunks of a few features the two-pass form reads and writes whole
+  32-byte sectors for a few useful bytes and loses (C = 4: 0.32 vs 0.38 of the copy ceiling at
+  10 % active, 0.26 vs 0.54 at 100 %).
+
+Tile shapes of the column passes are autotuned per (N, F) on the GPU; under TRITON_INTERPRET=1
+the first config runs on CPU tensors. The statistics buffer is restored between autotuning runs
+(the atomics add into it), so the first call counts once.
 """
 
 from __future__ import annotations
@@ -70,6 +73,45 @@ def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_
         tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
 
 
+@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK"], restore_value=["stats_ptr"])
+@triton.jit
+def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, bounds_ptr,
+                         N, F, C, stride_h, stride_o, dead_threshold, TRACK: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                         SLABS_PER_TILE: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    cmask = cols < F
+    run = tl.load(run_ptr + cols, mask=cmask, other=-1)
+    active = cmask & (run >= 0)
+    a = tl.load(alpha_ptr + run, mask=active, other=0.0)  # (BLOCK_F,) float32
+    blend = a != 0.0
+    start = tl.load(bounds_ptr + 2 * run, mask=active, other=0)
+    # y is (A, N, C): element (run, n, pos) at run * N * C + n * C + pos
+    y_col = run.to(tl.int64) * N * C + (cols - start)
+    rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
+    row0 = tl.program_id(1) * rows_per_prog
+    s = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+    q = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+    d = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+    for r in range(0, rows_per_prog, BLOCK_N):
+        rows = row0 + r + tl.arange(0, BLOCK_N)
+        m = (rows[:, None] < N) & cmask[None, :]
+        rows64 = rows[:, None].to(tl.int64)
+        h = tl.load(h_ptr + rows64 * stride_h + cols[None, :], mask=m, other=0.0)
+        x = h.to(tl.float32)
+        yv = tl.load(y_ptr + y_col[None, :] + rows64 * C, mask=m & blend[None, :], other=0.0)
+        o = tl.where(blend[None, :], (1.0 - a[None, :]) * x + a[None, :] * yv, x)
+        tl.store(out_ptr + rows64 * stride_o + cols[None, :], o.to(h.dtype), mask=m)
+        if TRACK:
+            s += x
+            q += x * x
+            d += ((tl.abs(x) < dead_threshold) & m).to(tl.float32)
+    if TRACK:
+        tl.atomic_add(stats_ptr + cols, tl.sum(s, axis=0), mask=cmask)
+        tl.atomic_add(stats_ptr + F + cols, tl.sum(q, axis=0), mask=cmask)
+        tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
+
+
 @triton.jit
 def _seed_blend_kernel(h_ptr, y_ptr, out_ptr, alpha_ptr, bounds_ptr, N, C, stride_h, stride_o,
                        ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -108,20 +150,29 @@ def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
     return stats
 
 
-def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor,
-                track: bool, dead_threshold: float, align: int
+# Chunks at least this wide take the two-pass blend (see the module docstring).
+WIDE_CHUNK = 16
+
+
+def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: torch.Tensor,
+                bounds: torch.Tensor, track: bool, dead_threshold: float, align: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     assert y.is_contiguous() and y.dtype == torch.float32 and alpha.dtype == torch.float32
     n, f = h.shape
+    runs, _, c = y.shape
     out = torch.empty_like(h)
     stats = torch.zeros(3 if track else 0, f, dtype=torch.float32, device=h.device)
+    if c < WIDE_CHUNK:
+        _gather_blend_kernel[_grid(n, f)](h, y, out, stats, alpha, run_of, bounds, n, f, c,
+                                          h.stride(0), out.stride(0), dead_threshold,
+                                          TRACK=track)
+        return out, stats
     _host_pass_kernel[_grid(n, f)](h, out, stats, n, f, h.stride(0), out.stride(0),
                                    dead_threshold, TRACK=track, COPY=True)
-    runs, _, c = y.shape
     if runs:
         block_c = min(triton.next_power_of_2(c), 128)
-        block_n = max(16, 4096 // block_c)
+        block_n = max(16, min(64, 4096 // block_c))  # 64 x 32: best of a sweep at C = 32
         _seed_blend_kernel[(runs, triton.cdiv(n, block_n))](
             h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align,
             BLOCK_N=block_n, BLOCK_C=block_c)
