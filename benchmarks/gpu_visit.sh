@@ -10,8 +10,9 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
   | tee -a "$OUT/gpu.txt"
-timeout 200 python3 -m pytest services/kasmina-runtime/tests -q -p no:cacheprovider -rs \
-  --ignore=services/kasmina-runtime/tests/test_fleet.py 2>&1 \
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rs services/kasmina-runtime/tests/test_kernels.py \
+  services/kasmina-runtime/tests/test_gpu.py services/kasmina-runtime/tests/test_exactness.py \
+  services/kasmina-runtime/tests/test_hot_path.py 2>&1 \
   | tee "$OUT/pytest_gpu.log" | tail -8
 timeout 120 python3 benchmarks/probe_blend.py 2>&1 | tee "$OUT/probe_blend.log"
 timeout 90 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \

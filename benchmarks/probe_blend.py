@@ -4,7 +4,7 @@ measured in the same run) of
 
 - gather:   one pass over h, y gathered through each column's running seed;
 - two-pass: a vectorised copy+telemetry pass, then a blend pass over the running seeds only;
-- ours:     what the launcher chooses (two-pass from WIDE_CHUNK features per chunk).
+- ours:     what the launcher chooses (`triton_blend._two_pass`).
 
     python3 benchmarks/probe_blend.py
 """
@@ -29,7 +29,7 @@ def gather(h, y, alpha, run_of, bounds):
     stats = torch.zeros(3, f, dtype=torch.float32, device=h.device)
     triton_blend._gather_blend_kernel[triton_blend._grid(n, f)](
         h, y, out, stats, alpha, run_of, bounds, n, f, y.shape[2], h.stride(0), out.stride(0),
-        THR, TRACK=True)
+        THR, TRACK=True, I64=False)
     return out, stats
 
 
@@ -39,11 +39,11 @@ def two_pass(h, y, alpha, bounds, align):
     out = torch.empty_like(h)
     stats = torch.zeros(3, f, dtype=torch.float32, device=h.device)
     triton_blend._host_pass_kernel[triton_blend._grid(n, f)](
-        h, out, stats, n, f, h.stride(0), out.stride(0), THR, TRACK=True, COPY=True)
+        h, out, stats, n, f, h.stride(0), out.stride(0), THR, TRACK=True, COPY=True, I64=False)
     block_c = min(triton.next_power_of_2(c), 128)
     block_n = max(16, min(64, 4096 // block_c))
     triton_blend._seed_blend_kernel[(runs, triton.cdiv(n, block_n))](
-        h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align,
+        h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=False,
         BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats
 
@@ -73,7 +73,7 @@ def main() -> None:
                                                              return_mode="median") * 1e-3) / 1e9
     del src, dst
     print(f"{torch.cuda.get_device_name()}  copy ceiling {ceiling:.0f} GB/s; "
-          f"fraction of it (time in us), WIDE_CHUNK {triton_blend.WIDE_CHUNK}")
+          "fraction of it (time in us)")
     print(f"{'dtype':<6}{'hidden x rows':>16}{'seeds':>6}{'C':>4}{'active':>7}{'floor MB':>9}"
           f"{'gather':>16}{'two-pass':>16}{'ours':>16}")
     shapes = ((4096, 32768, 1024), (4096, 32768, 512), (4096, 32768, 256), (4096, 32768, 128),

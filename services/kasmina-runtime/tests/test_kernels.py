@@ -47,9 +47,18 @@ def close(a, b, dtype):
     torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
 
 
+@pytest.fixture(params=["one pass", "two passes"])
+def blend_form(request, monkeypatch):
+    """Both forms of the Triton blend on every case: the launcher picks by size, so force it."""
+    monkeypatch.setattr(triton_blend, "MIN_TWO_PASS_BYTES",
+                        2**62 if request.param == "one pass" else 0)
+    monkeypatch.setattr(triton_blend, "WIDE_CHUNK", 2)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("features,seeds,running", CASES)
-def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype):
+def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype, blend_form):
     h, y, alpha, plan = blend_inputs(features, seeds, running, dtype)
     out, stats = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.bounds, True, 1e-6,
                                           plan.align)
@@ -62,6 +71,19 @@ def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype):
     out2, empty = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.bounds, False, 1e-6,
                                             plan.align)
     assert torch.equal(out2, out) and empty.shape == (0, features)
+
+
+def test_int64_offsets_give_the_same_result(monkeypatch, blend_form):
+    h, y, alpha, plan = blend_inputs(40, 5, {1: 0.5, 4: 0.9}, torch.float32)
+    args = (h, y, alpha, plan.run_of, plan.bounds, True, 1e-6, plan.align)
+    narrow, stats = triton_blend.chunk_blend(*args), triton_blend.column_stats(h, 1e-6)
+    monkeypatch.setattr(triton_blend, "_needs_i64", lambda *_: True)
+    wide = triton_blend.chunk_blend(*args)
+    assert torch.equal(narrow[0], wide[0])  # no atomics in the output: bit for bit
+    # The statistics' atomics may add in another order on a GPU.
+    torch.testing.assert_close(wide[1], narrow[1], rtol=STATS_RTOL, atol=1e-5)
+    torch.testing.assert_close(triton_blend.column_stats(h, 1e-6), stats, rtol=STATS_RTOL,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("features,seeds,align", [(23, 5, 1), (64, 4, 16), (40, 5, 8),

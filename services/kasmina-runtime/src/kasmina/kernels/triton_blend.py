@@ -6,14 +6,15 @@ registers (elementwise adds: no cross-thread reduction inside the loop); at the 
 reduction and one atomic per column per statistic. Accumulation is float32 whatever h's dtype.
 Without the copy it is the telemetry of a layer with no running seed.
 
-The blend of running seeds' outputs y (A, N, C) into h has two forms, chosen by chunk width C
-(measured on an H200, benchmarks/NOTES.md, "Fused Triton kernels", version 4):
-- wide chunks (C >= 16): two passes with affine addresses, so every load and store is a full
+The blend of running seeds' outputs y (A, N, C) into h has two forms, chosen by `_two_pass`
+from the chunk width C, the running fraction and the size (measured on an H200,
+benchmarks/NOTES.md, "Fused Triton kernels", versions 4 and 5):
+- wide chunks: two passes with affine addresses, so every load and store is a full
   vector: the host pass with the copy, then `_seed_blend_kernel`, one program per (running
   seed, row block), which overwrites the seed's chunk with the alpha blend; seeds whose alpha
   is 0 return at once, so their chunks stay the copied h bit for bit. `align` (a power of two
   dividing every running chunk's start and width) is declared to the compiler.
-- narrow chunks: one pass, `_gather_blend_kernel`: the host pass reading y through each
+- narrow chunks and small activations: one pass, `_gather_blend_kernel`: the host pass reading y through each
   column's running seed. Its y loads are gathers (scalar, 255 registers, 12 % occupancy in
   Nsight Compute), but for chunks of a few features the two-pass form reads and writes whole
   32-byte sectors for a few useful bytes and loses (C = 4: 0.32 vs 0.38 of the copy ceiling at
@@ -43,11 +44,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _CONFIGS = _CONFIGS[:1]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK", "COPY"], restore_value=["stats_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK", "COPY", "I64"],
+                 restore_value=["stats_ptr"])
 @triton.jit
 def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_threshold,
-                      TRACK: tl.constexpr, COPY: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_F: tl.constexpr, SLABS_PER_TILE: tl.constexpr):
+                      TRACK: tl.constexpr, COPY: tl.constexpr, I64: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                      SLABS_PER_TILE: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     cmask = cols < F
     rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
@@ -58,10 +61,12 @@ def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_
     for r in range(0, rows_per_prog, BLOCK_N):
         rows = row0 + r + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < N) & cmask[None, :]
-        rows64 = rows[:, None].to(tl.int64)
-        h = tl.load(h_ptr + rows64 * stride_h + cols[None, :], mask=m, other=0.0)
+        rows_i = rows[:, None]
+        if I64:
+            rows_i = rows_i.to(tl.int64)
+        h = tl.load(h_ptr + rows_i * stride_h + cols[None, :], mask=m, other=0.0)
         if COPY:
-            tl.store(out_ptr + rows64 * stride_o + cols[None, :], h, mask=m)
+            tl.store(out_ptr + rows_i * stride_o + cols[None, :], h, mask=m)
         if TRACK:
             x = h.to(tl.float32)
             s += x
@@ -73,11 +78,11 @@ def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_
         tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK"], restore_value=["stats_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK", "I64"], restore_value=["stats_ptr"])
 @triton.jit
 def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, bounds_ptr,
                          N, F, C, stride_h, stride_o, dead_threshold, TRACK: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                         I64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
                          SLABS_PER_TILE: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     cmask = cols < F
@@ -87,7 +92,10 @@ def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, b
     blend = a != 0.0
     start = tl.load(bounds_ptr + 2 * run, mask=active, other=0)
     # y is (A, N, C): element (run, n, pos) at run * N * C + n * C + pos
-    y_col = run.to(tl.int64) * N * C + (cols - start)
+    run_i = run
+    if I64:
+        run_i = run.to(tl.int64)
+    y_col = run_i * N * C + (cols - start)
     rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
     row0 = tl.program_id(1) * rows_per_prog
     s = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
@@ -96,12 +104,14 @@ def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, b
     for r in range(0, rows_per_prog, BLOCK_N):
         rows = row0 + r + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < N) & cmask[None, :]
-        rows64 = rows[:, None].to(tl.int64)
-        h = tl.load(h_ptr + rows64 * stride_h + cols[None, :], mask=m, other=0.0)
+        rows_i = rows[:, None]
+        if I64:
+            rows_i = rows_i.to(tl.int64)
+        h = tl.load(h_ptr + rows_i * stride_h + cols[None, :], mask=m, other=0.0)
         x = h.to(tl.float32)
-        yv = tl.load(y_ptr + y_col[None, :] + rows64 * C, mask=m & blend[None, :], other=0.0)
+        yv = tl.load(y_ptr + (y_col[None, :] + rows_i * C), mask=m & blend[None, :], other=0.0)
         o = tl.where(blend[None, :], (1.0 - a[None, :]) * x + a[None, :] * yv, x)
-        tl.store(out_ptr + rows64 * stride_o + cols[None, :], o.to(h.dtype), mask=m)
+        tl.store(out_ptr + rows_i * stride_o + cols[None, :], o.to(h.dtype), mask=m)
         if TRACK:
             s += x
             q += x * x
@@ -114,22 +124,28 @@ def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, b
 
 @triton.jit
 def _seed_blend_kernel(h_ptr, y_ptr, out_ptr, alpha_ptr, bounds_ptr, N, C, stride_h, stride_o,
-                       ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                       ALIGN: tl.constexpr, I64: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     run = tl.program_id(0)
     a = tl.load(alpha_ptr + run)
     if a != 0.0:
         start = tl.multiple_of(tl.load(bounds_ptr + 2 * run), ALIGN)
         width = tl.multiple_of(tl.load(bounds_ptr + 2 * run + 1), ALIGN)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows64 = rows[:, None].to(tl.int64)
-        y_rows = y_ptr + run.to(tl.int64) * N * C + rows64 * C  # y is (A, N, C)
+        rows_i = rows[:, None]
+        if I64:
+            rows_i = rows_i.to(tl.int64)
+        run_i = run
+        if I64:
+            run_i = run.to(tl.int64)
+        y_rows = y_ptr + (run_i * N * C + rows_i * C)  # y is (A, N, C)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             m = (rows[:, None] < N) & (cs[None, :] < width)
-            h = tl.load(h_ptr + rows64 * stride_h + start + cs[None, :], mask=m, other=0.0)
+            h = tl.load(h_ptr + rows_i * stride_h + start + cs[None, :], mask=m, other=0.0)
             yv = tl.load(y_rows + cs[None, :], mask=m, other=0.0)
             o = (1.0 - a) * h.to(tl.float32) + a * yv
-            tl.store(out_ptr + rows64 * stride_o + start + cs[None, :], o.to(h.dtype), mask=m)
+            tl.store(out_ptr + rows_i * stride_o + start + cs[None, :], o.to(h.dtype), mask=m)
 
 
 def _grid(n: int, f: int):
@@ -141,17 +157,33 @@ def _grid(n: int, f: int):
     return grid
 
 
+def _needs_i64(h: torch.Tensor, y: torch.Tensor | None = None) -> bool:
+    """Whether an element offset into h (rows of stride h.stride(0)) or y may not fit in int32;
+    int32 offsets need fewer registers (benchmarks/NOTES.md, Fused Triton kernels)."""
+    extent = max(h.shape[0] * h.stride(0), 0 if y is None else y.numel())
+    return extent >= 2**31 - 1
+
+
 def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     n, f = h.shape
     stats = torch.zeros(3, f, dtype=torch.float32, device=h.device)
     _host_pass_kernel[_grid(n, f)](h, h, stats, n, f, h.stride(0), h.stride(0), dead_threshold,
-                                   TRACK=True, COPY=False)
+                                   TRACK=True, COPY=False, I64=_needs_i64(h))
     return stats
 
 
-# Chunks at least this wide take the two-pass blend (see the module docstring).
+# When the two-pass blend wins (H200 probe, benchmarks/NOTES.md, Fused Triton kernels): from
+# 16-feature chunks, or 8 with at most a quarter of the features running; never below 32 MiB
+# of activations, where the second launch costs more than the pass saves.
 WIDE_CHUNK = 16
+MIN_TWO_PASS_BYTES = 2**25
+
+
+def _two_pass(h: torch.Tensor, runs: int, c: int) -> bool:
+    if h.numel() * h.element_size() < MIN_TWO_PASS_BYTES:
+        return False
+    return c >= WIDE_CHUNK or (c >= WIDE_CHUNK // 2 and 4 * runs * c <= h.shape[1])
 
 
 def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: torch.Tensor,
@@ -163,17 +195,18 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
     runs, _, c = y.shape
     out = torch.empty_like(h)
     stats = torch.zeros(3 if track else 0, f, dtype=torch.float32, device=h.device)
-    if c < WIDE_CHUNK:
+    i64 = _needs_i64(h, y)
+    if not _two_pass(h, runs, c):
         _gather_blend_kernel[_grid(n, f)](h, y, out, stats, alpha, run_of, bounds, n, f, c,
                                           h.stride(0), out.stride(0), dead_threshold,
-                                          TRACK=track)
+                                          TRACK=track, I64=i64)
         return out, stats
     _host_pass_kernel[_grid(n, f)](h, out, stats, n, f, h.stride(0), out.stride(0),
-                                   dead_threshold, TRACK=track, COPY=True)
+                                   dead_threshold, TRACK=track, COPY=True, I64=i64)
     if runs:
         block_c = min(triton.next_power_of_2(c), 128)
         block_n = max(16, min(64, 4096 // block_c))  # 64 x 32: best of a sweep at C = 32
         _seed_blend_kernel[(runs, triton.cdiv(n, block_n))](
-            h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align,
+            h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=i64,
             BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats
