@@ -18,7 +18,7 @@ timeout 120 python3 benchmarks/probe_blend.py 2>&1 | tee "$OUT/probe_blend.log"
 timeout 90 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
   --section Occupancy --section WarpStateStats --section LaunchStats \
   python3 benchmarks/probe_blend.py --ncu > "$OUT/ncu_blend.log" 2>&1
-grep -E "_kernel|Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Block Size|Grid Size" \
+grep -E "_kernel|Spilling Requests  |Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Block Size|Grid Size" \
   "$OUT/ncu_blend.log" | head -40
 timeout 200 python3 benchmarks/bench_layer.py --out "$OUT" 2>&1 | tee "$OUT/bench_layer.log" | tail -45
 timeout 40 python3 benchmarks/probe_overhead.py 2>&1 | tee "$OUT/probe_overhead.log"
