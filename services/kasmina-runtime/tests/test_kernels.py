@@ -125,7 +125,7 @@ def test_op_gradients_match_the_reference_and_keep_identity_exact(dtype):
     assert torch.equal(gh[:, identity], g[:, identity])
 
 
-def test_opcheck_passes_for_both_ops():
+def test_opcheck_passes_for_every_op():
     h, y, alpha, plan = blend_inputs(23, 5, {1: 0.5, 3: 0.0}, torch.float32, rows=9)
     hh, yy = h.requires_grad_(), y.requires_grad_()
     for track in (True, False):
@@ -133,6 +133,9 @@ def test_opcheck_passes_for_both_ops():
                               (hh, yy, alpha, plan.feat, plan.run_of, plan.bounds, track, 1e-6,
                                plan.align))
     torch.library.opcheck(torch.ops.kasmina.column_stats, (h.detach(), 1e-6))
+    g = torch.randn_like(h)
+    torch.library.opcheck(torch.ops.kasmina.chunk_blend_backward,
+                          (g, alpha, plan.feat, plan.run_of, plan.bounds, y.shape[2]))
 
 
 def test_layer_selects_the_path_and_both_agree():

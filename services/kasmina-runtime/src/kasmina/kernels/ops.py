@@ -9,10 +9,13 @@
   power of two dividing every running chunk's start and width (ForwardPlan.align): the
   kernel's vector width on the running chunks.
 
+- `kasmina::chunk_blend_backward(grad_out, alpha, feat, run_of, bounds, width)
+  -> (grad_h, grad_y)`: chunk_blend's backward (registered as its autograd formula), one pass
+  over the gradient: the host's gradient is exactly `grad * (1 - alpha)` on running features
+  and exactly `grad` elsewhere; y's is `grad * alpha`.
+
 On CUDA the ops run the Triton kernels; on the CPU they run the Triton interpreter when
-TRITON_INTERPRET=1 (tests), else the reference. The backward is PyTorch index ops over the
-running seeds' features only (a copy of the gradient plus small gathers): the host's gradient
-is exactly `grad * (1 - alpha)`, and exactly `grad` where alpha is 0.
+TRITON_INTERPRET=1 (tests), else the reference.
 """
 
 from __future__ import annotations
@@ -90,18 +93,36 @@ def _chunk_blend_fake(h, y, alpha, feat, run_of, bounds, track, dead_threshold, 
 def _blend_setup(ctx, inputs, output) -> None:  # noqa: ANN001
     _, y, alpha, feat, run_of, bounds, _, _, _ = inputs
     ctx.save_for_backward(alpha, feat, run_of, bounds)
-    ctx.y_shape = y.shape
+    ctx.width = y.shape[2]
 
 
 def _blend_backward(ctx, grad_out: Tensor, _grad_stats: Tensor):  # noqa: ANN202
     alpha, feat, run_of, bounds = ctx.saved_tensors
-    run, pos = reference.positions(feat, run_of, bounds)  # (M,)
-    a = alpha[run]  # (M,)
-    g = grad_out.index_select(1, feat).float()  # (N, M)
-    grad_h = grad_out.index_copy(1, feat, (g * (1 - a)).to(grad_out.dtype))
-    grad_y = grad_out.new_zeros(ctx.y_shape, dtype=torch.float32)  # (A, N, C)
-    grad_y.permute(1, 0, 2)[:, run, pos] = g * a
+    grad_h, grad_y = torch.ops.kasmina.chunk_blend_backward(grad_out, alpha, feat, run_of,
+                                                            bounds, ctx.width)
     return grad_h, grad_y, None, None, None, None, None, None, None
+
+
+@torch.library.custom_op("kasmina::chunk_blend_backward", mutates_args=())
+def _chunk_blend_backward(grad_out: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+                          bounds: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    if _interpreting():
+        from . import triton_blend
+        return triton_blend.chunk_blend_backward(grad_out, alpha, run_of, bounds, width)
+    return reference.chunk_blend_backward(grad_out, alpha, feat, run_of, bounds, width)
+
+
+@_chunk_blend_backward.register_kernel("cuda")
+def _chunk_blend_backward_cuda(grad_out: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+                               bounds: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    from . import triton_blend
+    return triton_blend.chunk_blend_backward(grad_out, alpha, run_of, bounds, width)
+
+
+@_chunk_blend_backward.register_fake
+def _chunk_blend_backward_fake(grad_out, alpha, feat, run_of, bounds, width):  # noqa: ANN001
+    return (torch.empty_like(grad_out, memory_format=torch.contiguous_format),
+            grad_out.new_empty(alpha.shape[0], grad_out.shape[0], width, dtype=torch.float32))
 
 
 torch.library.register_autograd("kasmina::chunk_blend", _blend_backward,

@@ -40,3 +40,17 @@ def positions(feat: torch.Tensor, run_of: torch.Tensor, bounds: torch.Tensor
     """(M,) running seed index and position in its chunk of each of `feat`'s host features."""
     run = run_of[feat].long()
     return run, feat - bounds[run, 0].long()
+
+
+def chunk_blend_backward(grad_out: torch.Tensor, alpha: torch.Tensor, feat: torch.Tensor,
+                         run_of: torch.Tensor, bounds: torch.Tensor, width: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `chunk_blend` for h (grad * (1 - alpha) on running features, grad
+    elsewhere) and for y ((A, N, width) float32: grad * alpha; 0 on padding)."""
+    run, pos = positions(feat, run_of, bounds)  # (M,)
+    a = alpha[run]  # (M,)
+    g = grad_out.index_select(1, feat).float()  # (N, M)
+    grad_h = grad_out.index_copy(1, feat, (g * (1 - a)).to(grad_out.dtype))
+    grad_y = grad_out.new_zeros(alpha.shape[0], grad_out.shape[0], width, dtype=torch.float32)
+    grad_y.permute(1, 0, 2)[:, run, pos] = g * a
+    return grad_h, grad_y

@@ -122,6 +122,39 @@ def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, b
         tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
 
 
+@triton.autotune(configs=_CONFIGS, key=["N", "F", "I64"])
+@triton.jit
+def _blend_backward_kernel(g_ptr, gh_ptr, gy_ptr, alpha_ptr, run_ptr, bounds_ptr, N, F, C,
+                           stride_g, stride_gh, I64: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_F: tl.constexpr, SLABS_PER_TILE: tl.constexpr):
+    """The gather blend's backward: grad_h = g * (1 - alpha) on running columns, g elsewhere;
+    grad_y[run, n, pos] = g * alpha, scattered like the forward's y gather."""
+    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    cmask = cols < F
+    run = tl.load(run_ptr + cols, mask=cmask, other=-1)
+    active = cmask & (run >= 0)
+    a = tl.load(alpha_ptr + run, mask=active, other=0.0)
+    start = tl.load(bounds_ptr + 2 * run, mask=active, other=0)
+    run_i = run
+    if I64:
+        run_i = run.to(tl.int64)
+    y_col = run_i * N * C + (cols - start)
+    rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
+    row0 = tl.program_id(1) * rows_per_prog
+    for r in range(0, rows_per_prog, BLOCK_N):
+        rows = row0 + r + tl.arange(0, BLOCK_N)
+        m = (rows[:, None] < N) & cmask[None, :]
+        rows_i = rows[:, None]
+        if I64:
+            rows_i = rows_i.to(tl.int64)
+        g = tl.load(g_ptr + rows_i * stride_g + cols[None, :], mask=m, other=0.0)
+        gf = g.to(tl.float32)
+        gh = tl.where(active[None, :], gf * (1.0 - a[None, :]), gf)
+        tl.store(gh_ptr + rows_i * stride_gh + cols[None, :], gh.to(g.dtype), mask=m)
+        tl.store(gy_ptr + (y_col[None, :] + rows_i * C), gf * a[None, :],
+                 mask=m & active[None, :])
+
+
 @triton.jit
 def _seed_blend_kernel(h_ptr, y_ptr, out_ptr, alpha_ptr, bounds_ptr, N, C, stride_h, stride_o,
                        ALIGN: tl.constexpr, I64: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -210,3 +243,16 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
             h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=i64,
             BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats
+
+
+def chunk_blend_backward(grad_out: torch.Tensor, alpha: torch.Tensor, run_of: torch.Tensor,
+                         bounds: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_h, grad_y) of chunk_blend, in one pass over the gradient (either blend form)."""
+    g = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
+    n, f = g.shape
+    grad_h = torch.empty(n, f, dtype=g.dtype, device=g.device)
+    grad_y = torch.zeros(alpha.shape[0], n, width, dtype=torch.float32, device=g.device)
+    _blend_backward_kernel[_grid(n, f)](g, grad_h, grad_y, alpha, run_of, bounds, n, f, width,
+                                        g.stride(0), grad_h.stride(0),
+                                        I64=_needs_i64(g, grad_y))
+    return grad_h, grad_y
