@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from kasmina import KasminaConfig, KasminaLayer
+from torch import nn
 
 
 def machine_name(device: str) -> str:
@@ -96,14 +95,14 @@ def main() -> None:
             with torch.no_grad():
                 assert torch.equal(layer(x), host(x)), "a dormant layer must be the host"
 
-            def fwd(m):
+            def fwd(m, x=x):
                 def run():
                     m(x)
                     if isinstance(m, KasminaLayer):
                         m.step()  # advances the telemetry_every clock
                 return run
 
-            def fwd_bwd(m):
+            def fwd_bwd(m, x=x, g=g):
                 def run():
                     m(x).backward(g)
                     if isinstance(m, KasminaLayer):

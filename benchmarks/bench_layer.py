@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import triton.testing
-
 from kasmina.kernels import ops, reference
 from kasmina.layer import split_chunks
 
@@ -63,7 +62,7 @@ def make_case(hidden, rows, seeds, frac, dtype):
 def providers(chunks, active, alpha, meta):
     feat, run_of, bounds, align = meta
     blending = len(active) > 0
-    alpha_of = dict(zip(active, alpha.tolist()))
+    alpha_of = dict(zip(active, alpha.tolist(), strict=True))
 
     def eager(h, y):
         stats = reference.column_stats(h.detach(), THR)

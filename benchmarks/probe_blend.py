@@ -16,7 +16,6 @@ import math
 import torch
 import triton
 import triton.testing
-
 from kasmina.kernels import reference, triton_blend
 from kasmina.layer import split_chunks
 
@@ -66,12 +65,15 @@ def case(hidden, rows, seeds, frac, dtype):
     return h, y, alpha, run_of.cuda(), bounds.cuda(), common & -common, feat.cuda()
 
 
-def main() -> None:
-    src = torch.empty(2**28, device="cuda")
+def copy_ceiling_gbs() -> float:
+    src = torch.empty(2**28, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
-    ceiling = 2 * src.numel() * 4 / (triton.testing.do_bench(lambda: dst.copy_(src),
-                                                             return_mode="median") * 1e-3) / 1e9
-    del src, dst
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def main() -> None:
+    ceiling = copy_ceiling_gbs()
     print(f"{torch.cuda.get_device_name()}  copy ceiling {ceiling:.0f} GB/s; "
           "fraction of it (time in us)")
     print(f"{'dtype':<6}{'hidden x rows':>16}{'seeds':>6}{'C':>4}{'active':>7}{'floor MB':>9}"
@@ -83,10 +85,11 @@ def main() -> None:
             for frac in (0.1, 1.0):
                 h, y, alpha, run_of, bounds, align, feat = case(hidden, rows, seeds, frac, dtype)
                 ref = reference.chunk_blend(h, y, alpha, feat, run_of, bounds)
-                calls = {"gather": lambda: gather(h, y, alpha, run_of, bounds),
-                         "two-pass": lambda: two_pass(h, y, alpha, bounds, align),
-                         "ours": lambda: triton_blend.chunk_blend(h, y, alpha, run_of, bounds,
-                                                                  True, THR, align)}
+                args = (h, y, alpha, run_of, bounds, align)
+                calls = {"gather": lambda a=args: gather(*a[:5]),
+                         "two-pass": lambda a=args: two_pass(*a[:3], *a[4:]),
+                         "ours": lambda a=args: triton_blend.chunk_blend(*a[:5], True, THR,
+                                                                         a[5])}
                 moved = 2 * h.numel() * h.element_size() + feat.numel() * rows * 4
                 row = (f"{str(dtype).split('.')[-1]:<6}{f'{hidden} x {rows}':>16}{seeds:>6}"
                        f"{y.shape[2]:>4}{frac:>7.0%}{moved / 1e6:>9.0f}")

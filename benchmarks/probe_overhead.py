@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 import triton.testing
-
 from kasmina.kernels import triton_blend
 
 h = torch.randn(8192, 1024, device="cuda", dtype=torch.bfloat16)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 
+import kasmina
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
-
-import kasmina
 
 
 def main(epochs: int = 40) -> list[kasmina.LifecycleEvent]:

@@ -147,8 +147,10 @@ def test_settings_parse_and_ports_line_up(services: dict) -> None:
 
 def test_dockerfile_targets_match_compose(services: dict) -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert dockerfile.lstrip().startswith("#") and re.search(r"^ARG BASE_IMAGE=", dockerfile, re.MULTILINE)
-    stages = dict(re.findall(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", dockerfile, re.MULTILINE | re.DOTALL))
+    assert dockerfile.lstrip().startswith("#")
+    assert re.search(r"^ARG BASE_IMAGE=", dockerfile, re.MULTILINE)
+    stages = dict(re.findall(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", dockerfile,
+                             re.MULTILINE | re.DOTALL))
     for name in FLEET:
         build = services[name]["build"]
         assert (build["context"], build["dockerfile"], build["target"]) == \

@@ -20,7 +20,6 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-
 from oona import BusSettings, EmbeddedRedis, open_bus, streams
 from oona.contracts import FieldReport, SeedStage, StageVisit
 from oona.embedded import free_port

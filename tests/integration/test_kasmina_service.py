@@ -18,9 +18,7 @@ import uuid
 import grpc
 import pytest
 import torch
-
 from kasmina import SeedStage
-
 from oona import BusSettings, EmbeddedRedis, open_bus, streams
 from oona.contracts import Germinate, LifecycleCommand, stage_from_wire
 from oona.embedded import free_port
@@ -97,6 +95,8 @@ def test_runtime_service_runs_a_job_from_the_bus(oona_restartable_broker: Embedd
             text = r.read().decode()
         assert f'kasmina_seeds{{job_id="{job}",layer="0",stage="TRAINING"}}' in text or \
             f'kasmina_seeds{{job_id="{job}",layer="0",stage="GERMINATED"}}' in text
+        # The germinate command waited in its stream until the job started: one lag sample.
+        assert f'kasmina_command_lag_seconds_count{{job_id="{job}"}} 1.0' in text, text
         long = stub.SubmitJob(pb.SubmitJobRequest(recipe="digits",
                                                   parameters={"epochs": "500"}))
         stub.CancelJob(pb.CancelJobRequest(job_id=long.job_id, reason="test"))

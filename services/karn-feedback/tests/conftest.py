@@ -15,11 +15,10 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
+from karn.store import FieldReportStore
 from oona.contracts import FieldReport, SeedStage, StageVisit
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-
-from karn.store import FieldReportStore
 
 PG_URL_VAR = "KARN_TEST_DATABASE_URL"
 

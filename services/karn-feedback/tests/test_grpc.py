@@ -8,14 +8,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from oona.proto.kasmina.karn.v1 import karn_service_pb2 as pb
-from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as pb_grpc
-from prometheus_client import REGISTRY
-
 from karn.catalog import builtin_catalog
 from karn.grpc_api import KarnServicer, start_grpc_server
 from karn.recommender import BlueprintRecommender
 from karn.store import FieldReportStore
+from oona.proto.kasmina.karn.v1 import karn_service_pb2 as pb
+from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as pb_grpc
+from prometheus_client import REGISTRY
 
 RESIDUAL_MLP, LOW_RANK, LINEAR = 1, 2, 3
 

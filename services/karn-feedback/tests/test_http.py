@@ -11,13 +11,12 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 import pytest
+from karn.service import readiness_checks
+from karn.store import FieldReportStore
 from oona import BusSettings
 from oona.connection import client_for
 from oona.embedded import free_port
-
 from oona.http import HttpServer, create_app
-from karn.service import readiness_checks
-from karn.store import FieldReportStore
 
 Response = tuple[int, str]
 

@@ -7,7 +7,6 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from karn.catalog import builtin_catalog, fits, parameter_count
 from karn.recommender import BlueprintRecommender, RecommendationRequest, best_strategy
 from karn.store import FieldReportStore, StrategyRecord

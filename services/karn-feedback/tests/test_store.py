@@ -8,12 +8,11 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
-from oona.contracts import BlueprintKind, BlueprintSpec, ParameterCost
-from sqlalchemy import func, select
-
 from karn.catalog import builtin_catalog, fits, parameter_count
 from karn.database import SCHEMA_VERSION, create_database_engine, migrate, schema_version
 from karn.store import FieldReportStore
+from oona.contracts import BlueprintKind, BlueprintSpec, ParameterCost
+from sqlalchemy import func, select
 
 
 def test_a_new_database_gets_the_schema_and_the_builtin_catalog(store):

@@ -9,11 +9,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
-from oona import BusSettings, ConsumerConfig, open_bus, streams
-from prometheus_client import REGISTRY
-
 from karn.store import FieldReportStore
 from karn.worker import CONSUMER_GROUP, FieldReportWorker
+from oona import BusSettings, ConsumerConfig, open_bus, streams
+from prometheus_client import REGISTRY
 
 FAST = ConsumerConfig(block_ms=50, retry_delay_s=0.01, reclaim_idle_ms=500,
                       reclaim_interval_s=0.1, max_deliveries=5, shutdown_grace_s=2.0)

@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from kasmina import KasminaConfig, KasminaLayer, SeedStage
+from torch import nn
 
 PATH_TO = [SeedStage.TRAINING, SeedStage.GRAFTING, SeedStage.STABILIZATION,
            SeedStage.EVALUATING, SeedStage.FINE_TUNING, SeedStage.FOSSILIZED]

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
+import kasmina
 import pytest
 import torch
-
-import kasmina
 from kasmina import BlueprintSpec, KasminaConfig, SeedStage, catalog, get_blueprint
 from kasmina.bank import BlueprintBank
 
@@ -66,7 +65,7 @@ def test_masked_adam_matches_torch_adam_and_leaves_frozen_slots_alone():
     frozen = {n: p[1].detach().clone() for n, p in bank.params.items()}
     opt = torch.optim.Adam([ref, ref_b], lr=1e-2)
     trainable = torch.tensor([True, False, True, False])  # capacity grew to 4
-    for step in range(5):
+    for _ in range(5):
         x = torch.randn(2, 6, 4)
         bank(x, torch.tensor([0, 1])).sum().backward()
         (x[0] @ ref + ref_b).sum().backward()

@@ -4,9 +4,8 @@ import copy
 
 import numpy as np
 import torch
-from torch import nn
-
 from kasmina import KasminaConfig, KasminaLayer, SeedStage
+from torch import nn
 
 
 def busy_layer(make_layer, drive):

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
+import kasmina
 import pytest
 import torch
+from kasmina import ControllerConfig, KasminaConfig, LocalController, SeedStage
 from torch import nn
 from torch.nn import functional as F
-
-import kasmina
-from kasmina import ControllerConfig, KasminaConfig, LocalController, SeedStage
 
 
 def toy_problem():

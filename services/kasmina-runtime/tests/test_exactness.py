@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-
 from kasmina import SeedStage
 
 DTYPES = [torch.float32, torch.bfloat16]

@@ -6,18 +6,29 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import kasmina
 import oona
 import pytest
 import torch
-from oona import streams
-from oona.contracts import (AckReason, Advance, CommandAck, Cull, EpochEvent, EpochEventKind,
-                            FieldReport, Germinate, LayerHealthReport, LifecycleCommand,
-                            PauseAdaptation, stage_from_wire, stage_to_wire)
-from torch import nn
-
-import kasmina
 from kasmina import SeedStage
 from kasmina.fleet import CommandTarget, health_to_proto
+from oona import streams
+from oona.contracts import (
+    AckReason,
+    Advance,
+    CommandAck,
+    Cull,
+    EpochEvent,
+    EpochEventKind,
+    FieldReport,
+    Germinate,
+    LayerHealthReport,
+    LifecycleCommand,
+    PauseAdaptation,
+    stage_from_wire,
+    stage_to_wire,
+)
+from torch import nn
 
 S = SeedStage
 
@@ -126,6 +137,9 @@ def test_runtime_applies_commands_once_and_publishes_what_happened(oona_redis_ur
         later.apply_at_epoch = 2
         asyncio.run(_publish(oona_redis_url, streams.commands(job), [germ, promote, later]))
         _wait_for_inbox(runtime, 3)
+        lags = runtime.take_command_lags()  # publication to arrival, one per command
+        assert len(lags) == 3 and all(0 <= lag < 30 for lag in lags), lags
+        assert runtime.take_command_lags() == []
         x = torch.randn(8, 4)
         for _ in range(3):
             m(x).sum().backward()

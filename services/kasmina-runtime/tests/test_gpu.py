@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from kasmina import KasminaConfig, KasminaLayer, SeedStage
+from torch import nn
 
 pytestmark = pytest.mark.gpu
 

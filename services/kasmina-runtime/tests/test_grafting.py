@@ -1,9 +1,8 @@
 from __future__ import annotations
 
+import kasmina
 import pytest
 import torch
-
-import kasmina
 from kasmina import GraftingStrategy, KasminaConfig, SeedStage, get_strategy, register_strategy
 from kasmina.strategies import GraftContext
 

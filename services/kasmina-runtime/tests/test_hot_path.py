@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
+from kasmina import KasminaConfig, KasminaLayer, SeedStage
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-
-from kasmina import KasminaConfig, KasminaLayer, SeedStage
 
 
 def ops_per_step(num_seeds: int, active: int) -> list[str]:

@@ -11,12 +11,11 @@ import torch
 if not torch.cuda.is_available():  # must precede the kernels' @triton.jit decoration
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from torch import nn  # noqa: E402
-
 from kasmina import KasminaConfig, KasminaLayer, SeedStage  # noqa: E402
 from kasmina.kernels import reference, triton_blend  # noqa: E402
 from kasmina.kernels.tolerances import STATS_RTOL, TOLERANCES  # noqa: E402
 from kasmina.plan import build_plan  # noqa: E402
+from torch import nn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (features, seeds, running seeds with their effective alpha): prime widths, ragged chunks,

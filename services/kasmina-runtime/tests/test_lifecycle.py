@@ -7,13 +7,21 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from torch import nn
-
-from kasmina import (BlueprintDoesNotFitError, KasminaConfig, KasminaLayer, CapacityError, EmbargoError, GateNotPassedError,
-                     InvalidTransitionError, LifecycleError, SeedStage, UnknownBlueprintError,
-                     UnknownSeedError)
+from kasmina import (
+    BlueprintDoesNotFitError,
+    CapacityError,
+    EmbargoError,
+    GateNotPassedError,
+    InvalidTransitionError,
+    KasminaConfig,
+    KasminaLayer,
+    LifecycleError,
+    SeedStage,
+    UnknownBlueprintError,
+    UnknownSeedError,
+)
 from kasmina.lifecycle import TRANSITIONS
+from torch import nn
 
 S = SeedStage
 
@@ -133,7 +141,7 @@ def test_germination_guards(make_layer, drive):
     assert layer.request_germination(2, "residual_mlp")
     with pytest.raises(EmbargoError):
         layer.germinate(1, "residual_mlp")
-    for epoch in range(3):
+    for _ in range(3):
         assert layer.stage_of(1) is S.CULLED
         layer.end_epoch()
     assert layer.stage_of(1) is S.DORMANT  # embargo served after embargo_epochs

@@ -3,9 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from kasmina import KasminaConfig, KasminaLayer, SeedStage
+from torch import nn
 
 
 def feed(layer, batches):

@@ -13,9 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from oona.contracts import BlueprintSpec, ParameterCost
-from sqlalchemy import (JSON, BigInteger, Boolean, Column, DateTime, Double, Engine, Integer,
-                        LargeBinary, MetaData, String, Table, Text, create_engine, event, select,
-                        text)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Double,
+    Engine,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+    text,
+)
 from sqlalchemy.engine import Connection, make_url
 
 from karn.catalog import builtin_catalog

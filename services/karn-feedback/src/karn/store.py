@@ -16,8 +16,15 @@ from sqlalchemy import Engine, Table, case, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from karn.database import (SUPPORTED_BACKENDS, blueprints, create_database_engine,
-                           field_reports, migrate, spec_from_row, spec_row)
+from karn.database import (
+    SUPPORTED_BACKENDS,
+    blueprints,
+    create_database_engine,
+    field_reports,
+    migrate,
+    spec_from_row,
+    spec_row,
+)
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,18 @@ from .config import KasminaConfig
 from .controller import ControllerConfig, LocalController
 from .events import LifecycleEvent, SeedOutcome
 from .layer import KasminaLayer, split_chunks
-from .lifecycle import (BlueprintDoesNotFitError, CapacityError, EmbargoError,
-                        GateNotPassedError, InvalidTransitionError, LifecycleError, SeedStage,
-                        UnknownBlueprintError, UnknownSeedError, UnknownStrategyError)
+from .lifecycle import (
+    BlueprintDoesNotFitError,
+    CapacityError,
+    EmbargoError,
+    GateNotPassedError,
+    InvalidTransitionError,
+    LifecycleError,
+    SeedStage,
+    UnknownBlueprintError,
+    UnknownSeedError,
+    UnknownStrategyError,
+)
 from .strategies import GraftContext, GraftingStrategy, get_strategy, register_strategy
 from .telemetry import LayerHealthReport, SeedHealth
 from .wrap import host_parameters, seed_layers, wrap

@@ -63,7 +63,8 @@ class KasminaConfig:
         if self.grad_norm_lower > self.grad_norm_upper:
             raise ValueError("KasminaConfig.grad_norm_lower must be <= grad_norm_upper")
         if self.kernels not in ("auto", "triton", "torch"):
-            raise ValueError(f"KasminaConfig.kernels must be auto, triton or torch: {self.kernels!r}")
+            raise ValueError("KasminaConfig.kernels must be auto, triton or torch: "
+                             f"{self.kernels!r}")
         if not 0.0 <= self.drift_ema < 1.0:
             raise ValueError("KasminaConfig.drift_ema must be in [0, 1)")
 

@@ -16,8 +16,14 @@ import torch
 from tqdm import tqdm
 
 from .controller import ControllerConfig, LocalController
-from .recipes import (DigitsParams, EpochRecord, RunResult, build_model, load_digits_split,
-                      train_digits)
+from .recipes import (
+    DigitsParams,
+    EpochRecord,
+    RunResult,
+    build_model,
+    load_digits_split,
+    train_digits,
+)
 
 
 def run(p: DigitsParams, data: dict[str, torch.Tensor], controller: ControllerConfig,

@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from .report import plot_stage_timeline, plot_training, write_report
 
-
 # The digits recipe's seed layer: 64 features in 4 chunks.
 CHUNK_SIZE = 16
 
@@ -82,7 +81,8 @@ def _ready(port: int) -> bool:
 
 
 def start_fleet(fleet: Fleet, run_dir: Path, args: argparse.Namespace) -> str:
-    broker = fleet.start("redis", ["oona", "serve-embedded", "--dir", str((run_dir / "redis").resolve())],
+    redis_dir = str((run_dir / "redis").resolve())
+    broker = fleet.start("redis", ["oona", "serve-embedded", "--dir", redis_dir],
                          {}, None)
     url = broker.stdout.readline().decode().strip().removeprefix("OONA_REDIS_URL=")
     if not url.startswith(("redis://", "unix://")):

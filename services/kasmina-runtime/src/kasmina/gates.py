@@ -22,7 +22,8 @@ def evaluate_gates(stage: np.ndarray, epochs: np.ndarray, steps: np.ndarray,
     def set_ready(mask: np.ndarray, target: S) -> None:
         ready[mask & (ready < 0)] = target
 
-    training, evaluating, tuning = stage == S.TRAINING, stage == S.EVALUATING, stage == S.FINE_TUNING
+    training, evaluating = stage == S.TRAINING, stage == S.EVALUATING
+    tuning = stage == S.FINE_TUNING
     # Safety limits first: they override any other readiness.
     active = np.isin(stage, [S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING,
                              S.FINE_TUNING])

@@ -16,10 +16,22 @@ import torch
 from .blueprints import BlueprintSpec, get_blueprint
 from .events import LifecycleEvent, SeedOutcome, SeedRecord
 from .gates import evaluate_gates
-from .lifecycle import (ACTIVE_STAGES, ROLLBACK_FROM, RUNNING_STAGES, TERMINAL_OUTCOMES, UNGATED,
-                        BlueprintDoesNotFitError, CapacityError, EmbargoError, GateNotPassedError,
-                        InvalidTransitionError, LifecycleError, SeedStage, UnknownSeedError,
-                        check_transition)
+from .lifecycle import (
+    ACTIVE_STAGES,
+    ROLLBACK_FROM,
+    RUNNING_STAGES,
+    TERMINAL_OUTCOMES,
+    UNGATED,
+    BlueprintDoesNotFitError,
+    CapacityError,
+    EmbargoError,
+    GateNotPassedError,
+    InvalidTransitionError,
+    LifecycleError,
+    SeedStage,
+    UnknownSeedError,
+    check_transition,
+)
 from .plan import BLUEPRINT_ID, EPOCHS_IN_STAGE, STAGE, STRATEGY
 from .strategies import get_strategy
 from .telemetry import LayerHealthReport
@@ -136,7 +148,8 @@ class SeedLifecycleMixin:
                 raise EmbargoError(f"seed {seed_id} is under embargo")
             if current is S.CANCELLED and not self._time_served(seed_id, current):
                 raise GateNotPassedError(seed_id, current, target)
-            if current not in (S.CULLED, S.CANCELLED) and self._readiness.get(seed_id) is not target:
+            if (current not in (S.CULLED, S.CANCELLED)
+                    and self._readiness.get(seed_id) is not target):
                 raise GateNotPassedError(seed_id, current, target)
         self._move(seed_id, target, reason)
 

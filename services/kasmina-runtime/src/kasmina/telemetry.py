@@ -2,8 +2,9 @@
 
 The forward pass adds per-feature column statistics (from `kasmina.kernels`) into device
 buffers; nothing is read back until `summarize`, which runs at an epoch boundary, sums features
-into seeds and makes one transfer. Correlation is sampled: at most `correlation_features` evenly spaced features of each
-chunk and the first `correlation_rows` rows of each accumulated batch.
+into seeds and makes one transfer. Correlation is sampled: at most `correlation_features`
+evenly spaced features of each chunk and the first `correlation_rows` rows of each
+accumulated batch.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ def stale_files(expected: dict[Path, bytes], root: Path = GENERATED_ROOT) -> lis
     """Paths under root that differ from, are missing from, or are not in `expected`."""
     present = {p.relative_to(root) for p in root.rglob("*") if p.is_file()
                and "__pycache__" not in p.parts}
-    changed = [p for p, data in expected.items() if p not in present or (root / p).read_bytes() != data]
+    changed = [p for p, data in expected.items()
+               if p not in present or (root / p).read_bytes() != data]
     return sorted(str(p) for p in (set(changed) | (present - set(expected))))
 
 

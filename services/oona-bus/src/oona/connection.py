@@ -24,7 +24,8 @@ TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 
 def client_for(settings: BusSettings) -> Redis:
-    """A redis-py asyncio client (bytes replies) that retries single commands on transient errors."""
+    """A redis-py asyncio client (bytes replies) that retries single commands on transient
+    errors."""
     if settings.url is None:
         raise ValueError("settings.url is None: open the bus with oona.open_bus to use the "
                          "embedded broker")

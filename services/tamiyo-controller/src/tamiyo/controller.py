@@ -60,8 +60,9 @@ class Controller:
             action = command.WhichOneof("action")
             command.job_id = view.job_id
             # Deterministic: deciding the same epoch of the same run again after a crash yields
-            # the same ids, which the bus and the runtime both deduplicate. A UUID, as it is the envelope's
-            # event id too, which has a length limit that long job and layer names could pass.
+            # the same ids, which the bus and the runtime both deduplicate. A UUID, as it is the
+            # envelope's event id too, which has a length limit that long job and layer names
+            # could pass.
             seed = command.seed_index if command.HasField("seed_index") else "*"
             command.command_id = str(uuid.uuid5(_COMMAND_NAMESPACE, "\n".join(map(str, (
                 view.job_id, view.run_id, view.epoch, command.layer_id, seed, action)))))

@@ -22,13 +22,13 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import oona
 import torch
 from oona import streams
-from oona.contracts import (AckReason, CommandAck, EpochEvent, EpochEventKind,
-                            LifecycleCommand)
+from oona.contracts import AckReason, CommandAck, EpochEvent, EpochEventKind, LifecycleCommand
 from torch import nn
 
 from ..lifecycle import ACTIVE_STAGES
@@ -64,6 +64,8 @@ class FleetRuntime:
         self.settings = settings
         self._inbox: collections.deque[LifecycleCommand] = collections.deque()
         self._applied: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Seconds from each command's publication to its arrival here (take_command_lags).
+        self._lags: collections.deque[float] = collections.deque(maxlen=10_000)
         self._ready = threading.Event()
         self._outbox = oona.OutboxThread(settings, sender_id=f"kasmina-{job_id}").start()
         self._thread = threading.Thread(target=self._consume, name=f"kasmina-commands-{job_id}",
@@ -100,6 +102,14 @@ class FleetRuntime:
                     outcome, self.job_id, end - start, self.higher_is_better, self.metric_name))
         self._event(EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED, val_metric, train_loss)
         return acks
+
+    def take_command_lags(self) -> list[float]:
+        """Seconds each command spent between its publication and its arrival at this runtime,
+        for the commands received since the last call (the bus lag seen by this job)."""
+        lags = []
+        while self._lags:
+            lags.append(self._lags.popleft())
+        return lags
 
     def close(self, failed: str | None = None, timeout: float = 10.0) -> None:
         kind = (EpochEventKind.EPOCH_EVENT_KIND_JOB_FAILED if failed
@@ -163,7 +173,8 @@ class FleetRuntime:
         asyncio.run(self._consume_async())
 
     async def _consume_async(self) -> None:
-        async def on_command(command: LifecycleCommand, _delivery: oona.Delivery) -> None:
+        async def on_command(command: LifecycleCommand, delivery: oona.Delivery) -> None:
+            self._lags.append(time.time() - delivery.envelope.timestamp.ToNanoseconds() / 1e9)
             self._inbox.append(command)  # applied by the training thread at its next boundary
 
         async with oona.open_bus(self.settings) as bus:

@@ -5,8 +5,16 @@ Pure functions (no bus, no threads): the runtime calls them at epoch boundaries.
 from __future__ import annotations
 
 import numpy as np
-from oona.contracts import (AckReason, CommandAck, FieldReport, LayerHealthReport,
-                            LifecycleCommand, StageVisit, stage_from_wire, stage_to_wire)
+from oona.contracts import (
+    AckReason,
+    CommandAck,
+    FieldReport,
+    LayerHealthReport,
+    LifecycleCommand,
+    StageVisit,
+    stage_from_wire,
+    stage_to_wire,
+)
 
 from ..blueprints import get_blueprint
 from ..events import SeedOutcome

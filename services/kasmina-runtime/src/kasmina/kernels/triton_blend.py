@@ -14,11 +14,11 @@ benchmarks/NOTES.md, "Fused Triton kernels", versions 4 and 5):
   seed, row block), which overwrites the seed's chunk with the alpha blend; seeds whose alpha
   is 0 return at once, so their chunks stay the copied h bit for bit. `align` (a power of two
   dividing every running chunk's start and width) is declared to the compiler.
-- narrow chunks and small activations: one pass, `_gather_blend_kernel`: the host pass reading y through each
-  column's running seed. Its y loads are gathers (scalar, 255 registers, 12 % occupancy in
-  Nsight Compute), but for chunks of a few features the two-pass form reads and writes whole
-  32-byte sectors for a few useful bytes and loses (C = 4: 0.32 vs 0.38 of the copy ceiling at
-  10 % active, 0.26 vs 0.54 at 100 %).
+- narrow chunks and small activations: one pass, `_gather_blend_kernel`: the host pass
+  reading y through each column's running seed. Its y loads are gathers (scalar; 255
+  registers, 12 % occupancy in Nsight Compute), but for chunks of a few features the
+  two-pass form reads and writes whole 32-byte sectors for a few useful bytes and loses
+  (C = 4: 0.34 vs 0.39 of the copy ceiling at 10 % active, 0.29 vs 0.62 at 100 %).
 
 Tile shapes of the column passes are autotuned per (N, F) on the GPU; under TRITON_INTERPRET=1
 the first config runs on CPU tensors. The statistics buffer is restored between autotuning runs

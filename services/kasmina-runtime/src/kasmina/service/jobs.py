@@ -41,6 +41,7 @@ class Job:
         self.cancel_reason: str | None = None
         self.checkpoints: list[tuple[str, threading.Event, list]] = []
         self.model: torch.nn.Module | None = None
+        self.runtime: FleetRuntime | None = None
         self.thread = threading.Thread(target=self._run, name=f"job-{job_id}", daemon=True)
 
     @property
@@ -70,6 +71,7 @@ class Job:
                 self.model.load_state_dict(resume["model"])
             if self.params.seeded:
                 runtime = FleetRuntime(self.model, self.job_id, self.bus, metric_name="val_loss")
+                self.runtime = runtime
             result = train_digits(self.params, self.model, runtime, data, self._on_epoch, resume)
             summary = {"test_accuracy": result.test_accuracy, "params_host": result.params_host,
                        "params_added": result.params_added,
@@ -100,6 +102,9 @@ class Job:
         metrics.STEP_SECONDS.labels(self.job_id).set((now - started) / record.steps)
         metrics.VAL_METRIC.labels(self.job_id).set(record.val_loss)
         metrics.TRAIN_LOSS.labels(self.job_id).set(record.train_loss)
+        if self.runtime is not None:
+            for lag in self.runtime.take_command_lags():
+                metrics.COMMAND_LAG.labels(self.job_id).observe(lag)
         for ack in acks or ():
             metrics.COMMANDS.labels(self.job_id, str(ack.reason)).inc()
             self._push(JobUpdate(job_id=self.job_id, state=self.state, ack=ack))

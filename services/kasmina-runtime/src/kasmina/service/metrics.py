@@ -16,4 +16,7 @@ COMMANDS = Counter("kasmina_commands_total", "Lifecycle commands applied, by out
                    ["job_id", "reason"])
 VAL_METRIC = Gauge("kasmina_val_metric", "Validation metric at the last epoch boundary", ["job_id"])
 TRAIN_LOSS = Gauge("kasmina_train_loss", "Mean training loss of the last epoch", ["job_id"])
+COMMAND_LAG = Histogram("kasmina_command_lag_seconds",
+                        "Time from a lifecycle command's publication to its arrival at the job",
+                        ["job_id"], buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60))
 JOBS = Gauge("kasmina_jobs", "Jobs by state", ["state"])
