@@ -88,7 +88,7 @@ compose up -d --no-build
 compose ps
 
 step "submit job $JOB over gRPC ($EPOCHS epochs)"
-compose exec -T kasmina python /opt/fleet/submit_job.py --job-id "$JOB" --epochs "$EPOCHS"
+compose exec -T kasmina python -m kasmina submit --job-id "$JOB" --epochs "$EPOCHS"
 
 step "seed metrics in Prometheus"
 "$PYTHON" - "$JOB" "$TIMEOUT_S" <<'EOF'

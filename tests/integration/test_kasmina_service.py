@@ -97,6 +97,13 @@ def test_runtime_service_runs_a_job_from_the_bus(oona_restartable_broker: Embedd
             f'kasmina_seeds{{job_id="{job}",layer="0",stage="GERMINATED"}}' in text
         # The germinate command waited in its stream until the job started: one lag sample.
         assert f'kasmina_command_lag_seconds_count{{job_id="{job}"}} 1.0' in text, text
+        # The command-line client: submits, prints every epoch, exits 0 on success.
+        cli = subprocess.run([sys.executable, "-m", "kasmina", "submit", "--address",
+                              f"127.0.0.1:{grpc_port}", "--epochs", "2", "--param",
+                              "seeded=false"], capture_output=True, text=True, timeout=120,
+                             check=False)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "epoch 2: train_loss" in cli.stdout and "JOB_STATE_SUCCEEDED" in cli.stdout
         long = stub.SubmitJob(pb.SubmitJobRequest(recipe="digits",
                                                   parameters={"epochs": "500"}))
         stub.CancelJob(pb.CancelJobRequest(job_id=long.job_id, reason="test"))

@@ -1,8 +1,7 @@
-"""Submit a digits training job to the Kasmina runtime over gRPC and follow it to the end.
-
-Runs where the runtime's gRPC port is reachable: inside the kasmina container
-(`docker compose exec kasmina python /opt/fleet/submit_job.py`) or from a checkout's venv.
-Prints one line per epoch and exits 0 when the job succeeded."""
+"""`python -m kasmina submit`: submit a digits training job to a running Kasmina runtime
+(`python -m kasmina serve`) over gRPC and follow it to the end: one line per epoch, exit
+status 0 when the job succeeded. In the containers: `docker compose exec kasmina python -m
+kasmina submit`."""
 
 from __future__ import annotations
 
@@ -19,12 +18,13 @@ EPOCH_ENDED = EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m kasmina submit", description=__doc__)
     p.add_argument("--address", default="127.0.0.1:50051", help="runtime gRPC host:port")
     p.add_argument("--job-id", default=f"digits-{int(time.time())}")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="more recipe parameters (hidden, bottleneck, seeds_per_layer, seed, lr, weight_decay, ...)")
+                   help="more recipe parameters (hidden, bottleneck, seeds_per_layer, seed, "
+                        "seeded, lr, weight_decay, resume_from, ...)")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     args = p.parse_args(argv)
     parameters = {"epochs": str(args.epochs), **dict(kv.split("=", 1) for kv in args.param)}
