@@ -137,6 +137,12 @@ def test_an_allow_list_keeps_karns_best_allowed_blueprint(karn):
     fake.recommendations = [_recommendation("linear", "grad_norm_gated")]
     assert advisor.choose("job-1", "fc", 24) is None, "nothing allowed fits: no germination"
     advisor.close()
+    # With Karn down, the fallback is an allowed blueprint too.
+    down = KarnAdvisor(f"127.0.0.1:{free_port()}", 0.2, default_blueprint="residual_mlp",
+                       default_strategy="fixed_ramp", allowed=frozenset({"low_rank"}))
+    assert down.choose("job-1", "fc", 24) == BlueprintChoice("low_rank", "fixed_ramp",
+                                                             "fallback")
+    down.close()
 
 
 @pytest.mark.parametrize("karn_state", ["down", "slow"])

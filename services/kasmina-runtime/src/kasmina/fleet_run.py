@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,8 +137,9 @@ def watch(stub: pb_grpc.KasminaRuntimeStub, job_id: str, out: dict, progress: tq
 def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int]) -> tuple[str, dict]:
     results, acks, seeded_stages = {}, Counter(), Counter()
     for job_id, updates in jobs.items():
-        final = [u.epoch_event for u in updates if u.HasField("epoch_event")][-1]
-        results[job_id] = json.loads(final.message) if final.message.startswith("{") else {}
+        events = [u.epoch_event for u in updates if u.HasField("epoch_event")]
+        final = events[-1].message if events else ""  # a job that failed says why, not JSON
+        results[job_id] = json.loads(final) if final.startswith("{") else {}
         for u in updates:
             if u.HasField("ack"):
                 acks["acked ok" if u.ack.success else "refused"] += 1
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     run_dir = Path("runs") / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    # A fresh bus per run, so its message counts are this run's; Karn's database is kept: it is
+    # the record of every seed's outcome, which later runs learn from.
+    shutil.rmtree(run_dir / "redis", ignore_errors=True)
     fleet = Fleet(run_dir)
     start = time.perf_counter()
     try:
@@ -233,14 +238,15 @@ def main(argv: list[str] | None = None) -> None:
         bus = {s: client.xlen(s) for s in (streams.TELEMETRY_SEED_HEALTH, streams.EPOCH_EVENTS,
                                            streams.CONTROL_ACKS, streams.FIELD_REPORTS)}
         bus["commands"] = sum(client.xlen(streams.commands(j)) for j in jobs.values())
-        text, results = summarize({k: collected[j] for k, j in jobs.items()}, args.runs, bus)
+        text, results = summarize({k: collected.get(j, []) for k, j in jobs.items()},
+                                  args.runs, bus)
         text += "\n".join(["", "Karn before the run:", *karn_before, "Karn after the run:",
                             *karn_view(fleet.karn_port, CHUNK_SIZE)])
         runs = {k: {"epochs": results[k].get("epochs", []),
-                    "events": [(u.ack.applied_epoch, "") for u in collected[j]
+                    "events": [(u.ack.applied_epoch, "") for u in collected.get(j, [])
                                if u.HasField("ack")]} for k, j in jobs.items()}
         plot_training(runs, run_dir / "training.png")
-        plot_stage_timeline(stage_grid(collected[jobs["seeded-0"]]) or
+        plot_stage_timeline(stage_grid(collected.get(jobs["seeded-0"], [])) or
                             {"-": np.zeros((1, 1), int)}, run_dir / "stages.png")
         write_report(run_dir / "report.md", text, ["training.png", "stages.png"])
         print("\n" + text)

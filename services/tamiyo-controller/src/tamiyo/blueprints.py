@@ -52,6 +52,8 @@ class KarnAdvisor:
         self._default_blueprint = default_blueprint
         self._default_strategy = default_strategy
         self._allowed = allowed
+        if allowed and default_blueprint not in allowed:  # the fallback obeys the list too
+            self._default_blueprint = sorted(allowed)[0]
 
     def choose(self, job_id: str, layer_id: str, chunk_size: int) -> BlueprintChoice | None:
         request = karn_pb.RecommendRequest(job_id=job_id, layer_id=layer_id,
@@ -67,6 +69,9 @@ class KarnAdvisor:
         ranked = [r for r in reply.recommendations
                   if not self._allowed or r.blueprint.name in self._allowed]
         if not ranked:
+            if reply.recommendations:
+                log.warning("none of Karn's blueprints for %s (chunk %d) is allowed (%s): "
+                            "not germinating", layer_id, chunk_size, sorted(self._allowed))
             return None
         best = ranked[0]
         return BlueprintChoice(best.blueprint.name, best.strategy_name or self._default_strategy,

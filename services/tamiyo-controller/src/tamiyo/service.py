@@ -56,7 +56,8 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
     advisor = KarnAdvisor(settings.karn_address, settings.karn_timeout_s,
                           default_blueprint=settings.default_blueprint,
                           default_strategy=settings.default_strategy,
-                          allowed=frozenset(filter(None, settings.blueprints.split(","))))
+                          allowed=frozenset(filter(None, map(str.strip,
+                                                         settings.blueprints.split(",")))))
     policy = HeuristicPolicy(settings.policy(), advisor)
     worker = ControllerWorker(
         bus, StateStore(bus.redis), Controller(policy, settings.delivery()),

@@ -93,6 +93,7 @@ def _chunk_blend_fake(h, y, alpha, feat, run_of, bounds, track, dead_threshold, 
 def _blend_setup(ctx, inputs, output) -> None:  # noqa: ANN001
     _, y, alpha, feat, run_of, bounds, _, _, _ = inputs
     ctx.save_for_backward(alpha, feat, run_of, bounds)
+    ctx.mark_non_differentiable(output[1])  # the telemetry
     ctx.width = y.shape[2]
 
 

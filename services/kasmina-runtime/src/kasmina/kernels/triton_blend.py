@@ -10,8 +10,8 @@ The blend of running seeds' outputs y (A, N, C) into h has two forms, chosen by 
 from the chunk width C, the running fraction and the size (measured on an H200,
 benchmarks/NOTES.md, "Fused Triton kernels", versions 4 and 5):
 - wide chunks: two passes with affine addresses, so every load and store is a full
-  vector: the host pass with the copy, then `_seed_blend_kernel`, one program per (running
-  seed, row block), which overwrites the seed's chunk with the alpha blend; seeds whose alpha
+  vector: the host pass with the copy, then `_seed_blend_kernel`, one program per (row block,
+  running seed), which overwrites the seed's chunk with the alpha blend; seeds whose alpha
   is 0 return at once, so their chunks stay the copied h bit for bit. `align` (a power of two
   dividing every running chunk's start and width) is declared to the compiler.
 - narrow chunks and small activations: one pass, `_gather_blend_kernel`: the host pass
@@ -159,12 +159,12 @@ def _blend_backward_kernel(g_ptr, gh_ptr, gy_ptr, alpha_ptr, run_ptr, bounds_ptr
 def _seed_blend_kernel(h_ptr, y_ptr, out_ptr, alpha_ptr, bounds_ptr, N, C, stride_h, stride_o,
                        ALIGN: tl.constexpr, I64: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_C: tl.constexpr):
-    run = tl.program_id(0)
+    run = tl.program_id(1)  # row blocks on axis 0: axes 1 and 2 allow only 65,535 programs
     a = tl.load(alpha_ptr + run)
     if a != 0.0:
         start = tl.multiple_of(tl.load(bounds_ptr + 2 * run), ALIGN)
         width = tl.multiple_of(tl.load(bounds_ptr + 2 * run + 1), ALIGN)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_i = rows[:, None]
         if I64:
             rows_i = rows_i.to(tl.int64)
@@ -191,9 +191,10 @@ def _grid(n: int, f: int):
 
 
 def _needs_i64(h: torch.Tensor, y: torch.Tensor | None = None) -> bool:
-    """Whether an element offset into h (rows of stride h.stride(0)) or y may not fit in int32;
-    int32 offsets need fewer registers (benchmarks/NOTES.md, Fused Triton kernels)."""
-    extent = max(h.shape[0] * h.stride(0), 0 if y is None else y.numel())
+    """Whether an element offset into h (rows of stride h.stride(0)), the contiguous (N, F)
+    output or y may not fit in int32; int32 offsets need fewer registers
+    (benchmarks/NOTES.md, Fused Triton kernels)."""
+    extent = max(h.shape[0] * max(h.stride(0), h.shape[1]), 0 if y is None else y.numel())
     return extent >= 2**31 - 1
 
 
@@ -239,7 +240,7 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
     if runs:
         block_c = min(triton.next_power_of_2(c), 128)
         block_n = max(16, min(64, 4096 // block_c))  # 64 x 32: best of a sweep at C = 32
-        _seed_blend_kernel[(runs, triton.cdiv(n, block_n))](
+        _seed_blend_kernel[(triton.cdiv(n, block_n), runs)](
             h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=i64,
             BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats
