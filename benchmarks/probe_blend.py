@@ -41,7 +41,7 @@ def two_pass(h, y, alpha, bounds, align):
         h, out, stats, n, f, h.stride(0), out.stride(0), THR, TRACK=True, COPY=True, I64=False)
     block_c = min(triton.next_power_of_2(c), 128)
     block_n = max(16, min(64, 4096 // block_c))
-    triton_blend._seed_blend_kernel[(triton.cdiv(n, block_n), runs)](
+    triton_blend._seed_blend_kernel[(runs, min(triton.cdiv(n, block_n), triton_blend.MAX_GRID_Y))](
         h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=False,
         BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats

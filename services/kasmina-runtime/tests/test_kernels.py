@@ -72,6 +72,17 @@ def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype, b
     assert torch.equal(out2, out) and empty.shape == (0, features)
 
 
+def test_seed_pass_strides_over_row_blocks_past_the_grid_limit(monkeypatch):
+    monkeypatch.setattr(triton_blend, "MIN_TWO_PASS_BYTES", 0)
+    h, y, alpha, plan = blend_inputs(64, 4, {0: 0.5, 3: 1.0}, torch.float32, rows=70)
+    args = (h, y, alpha, plan.run_of, plan.bounds, False, 1e-6, plan.align)
+    whole = triton_blend.chunk_blend(*args)[0]
+    monkeypatch.setattr(triton_blend, "MAX_GRID_Y", 1)  # one program walks every row block
+    assert torch.equal(triton_blend.chunk_blend(*args)[0], whole)
+    close(whole, reference.chunk_blend(h, y, alpha, plan.feat, plan.run_of, plan.bounds),
+          torch.float32)
+
+
 def test_int64_offsets_give_the_same_result(monkeypatch, blend_form):
     h, y, alpha, plan = blend_inputs(40, 5, {1: 0.5, 4: 0.9}, torch.float32)
     args = (h, y, alpha, plan.run_of, plan.bounds, True, 1e-6, plan.align)

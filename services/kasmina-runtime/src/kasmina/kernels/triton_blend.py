@@ -10,8 +10,8 @@ The blend of running seeds' outputs y (A, N, C) into h has two forms, chosen by 
 from the chunk width C, the running fraction and the size (measured on an H200,
 benchmarks/NOTES.md, "Fused Triton kernels", versions 4 and 5):
 - wide chunks: two passes with affine addresses, so every load and store is a full
-  vector: the host pass with the copy, then `_seed_blend_kernel`, one program per (row block,
-  running seed), which overwrites the seed's chunk with the alpha blend; seeds whose alpha
+  vector: the host pass with the copy, then `_seed_blend_kernel`, one program per (running
+  seed, row block), which overwrites the seed's chunk with the alpha blend; seeds whose alpha
   is 0 return at once, so their chunks stay the copied h bit for bit. `align` (a power of two
   dividing every running chunk's start and width) is declared to the compiler.
 - narrow chunks and small activations: one pass, `_gather_blend_kernel`: the host pass
@@ -159,26 +159,31 @@ def _blend_backward_kernel(g_ptr, gh_ptr, gy_ptr, alpha_ptr, run_ptr, bounds_ptr
 def _seed_blend_kernel(h_ptr, y_ptr, out_ptr, alpha_ptr, bounds_ptr, N, C, stride_h, stride_o,
                        ALIGN: tl.constexpr, I64: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_C: tl.constexpr):
-    run = tl.program_id(1)  # row blocks on axis 0: axes 1 and 2 allow only 65,535 programs
+    # Seeds on axis 0: neighbouring programs blend neighbouring chunks of the same rows (row
+    # blocks first was 10-25 % slower at 100 % active, probe_blend_h200_2026-11-27_axis0.log).
+    # Axis 1 allows 65,535 programs: each strides over the row blocks.
+    run = tl.program_id(0)
     a = tl.load(alpha_ptr + run)
     if a != 0.0:
         start = tl.multiple_of(tl.load(bounds_ptr + 2 * run), ALIGN)
         width = tl.multiple_of(tl.load(bounds_ptr + 2 * run + 1), ALIGN)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_i = rows[:, None]
-        if I64:
-            rows_i = rows_i.to(tl.int64)
         run_i = run
         if I64:
             run_i = run.to(tl.int64)
-        y_rows = y_ptr + (run_i * N * C + rows_i * C)  # y is (A, N, C)
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            m = (rows[:, None] < N) & (cs[None, :] < width)
-            h = tl.load(h_ptr + rows_i * stride_h + start + cs[None, :], mask=m, other=0.0)
-            yv = tl.load(y_rows + cs[None, :], mask=m, other=0.0)
-            o = (1.0 - a) * h.to(tl.float32) + a * yv
-            tl.store(out_ptr + rows_i * stride_o + start + cs[None, :], o.to(h.dtype), mask=m)
+        for block in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
+            rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows_i = rows[:, None]
+            if I64:
+                rows_i = rows_i.to(tl.int64)
+            y_rows = y_ptr + (run_i * N * C + rows_i * C)  # y is (A, N, C)
+            for c0 in range(0, C, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                m = (rows[:, None] < N) & (cs[None, :] < width)
+                h = tl.load(h_ptr + rows_i * stride_h + start + cs[None, :], mask=m, other=0.0)
+                yv = tl.load(y_rows + cs[None, :], mask=m, other=0.0)
+                o = (1.0 - a) * h.to(tl.float32) + a * yv
+                tl.store(out_ptr + rows_i * stride_o + start + cs[None, :], o.to(h.dtype),
+                         mask=m)
 
 
 def _grid(n: int, f: int):
@@ -212,6 +217,7 @@ def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
 # of activations, where the second launch costs more than the pass saves.
 WIDE_CHUNK = 16
 MIN_TWO_PASS_BYTES = 2**25
+MAX_GRID_Y = 65_535  # CUDA's limit on grid axis 1
 
 
 def _two_pass(h: torch.Tensor, runs: int, c: int) -> bool:
@@ -240,7 +246,7 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
     if runs:
         block_c = min(triton.next_power_of_2(c), 128)
         block_n = max(16, min(64, 4096 // block_c))  # 64 x 32: best of a sweep at C = 32
-        _seed_blend_kernel[(triton.cdiv(n, block_n), runs)](
+        _seed_blend_kernel[(runs, min(triton.cdiv(n, block_n), MAX_GRID_Y))](
             h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=i64,
             BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats
