@@ -245,7 +245,7 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
                                    dead_threshold, TRACK=track, COPY=True, I64=i64)
     if runs:
         block_c = min(triton.next_power_of_2(c), 128)
-        block_n = max(16, min(64, 4096 // block_c))  # 64 x 32: best of a sweep at C = 32
+        block_n = max(16, min(64, 4096 // block_c))  # at C = 32, 16-256 rows tied (v4 sweep)
         _seed_blend_kernel[(runs, min(triton.cdiv(n, block_n), MAX_GRID_Y))](
             h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=i64,
             BLOCK_N=block_n, BLOCK_C=block_c)
