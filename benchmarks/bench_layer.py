@@ -55,7 +55,7 @@ def make_case(hidden, rows, seeds, frac, dtype):
     h = torch.randn(rows, hidden, device="cuda").to(dtype)
     y = torch.randn(len(active), rows, width, device="cuda")
     alpha = torch.rand(len(active), device="cuda") * 0.9 + 0.05
-    meta = (feat.cuda(), run_of.cuda(), bounds.cuda(), common & -common)
+    meta = (feat.cuda(), run_of.cuda(), bounds.cuda(), common)  # gcd with 16: a power of two
     return chunks, active, h, y, alpha, meta
 
 

@@ -62,7 +62,7 @@ def case(hidden, rows, seeds, frac, dtype):
     y = torch.randn(len(active), rows, width, device="cuda")
     alpha = torch.rand(len(active), device="cuda") * 0.9 + 0.05
     feat = torch.nonzero(run_of >= 0).flatten()
-    return h, y, alpha, run_of.cuda(), bounds.cuda(), common & -common, feat.cuda()
+    return h, y, alpha, run_of.cuda(), bounds.cuda(), common, feat.cuda()
 
 
 def copy_ceiling_gbs() -> float:

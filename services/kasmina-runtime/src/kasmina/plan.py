@@ -25,7 +25,7 @@ class ForwardPlan:
     feat: torch.Tensor | None = None  # (M,) host features of the running seeds
     run_of: torch.Tensor | None = None  # (F,) int32 running index of each feature's seed, or -1
     bounds: torch.Tensor | None = None  # (A, 2) int32 first host feature and width per chunk
-    align: int = 1  # the largest power of two (<= 16) dividing every chunk's start and width
+    align: int = 1  # largest power of two <= 16 dividing every running chunk's start, width
     sizes: torch.Tensor | None = None  # (A,) chunk widths, float
     blend: torch.Tensor | None = None  # (A,) 1.0 where the seed's output is blended in
     train: torch.Tensor | None = None  # (A,) bool, TRAINING (reconstruction loss)
@@ -68,7 +68,7 @@ def build_plan(state: np.ndarray, slot: np.ndarray, chunks: list[tuple[int, int]
     run_of = np.full(features, -1, dtype=np.int32)
     feat = gather[valid]  # (M,)
     run_of[feat] = np.repeat(np.arange(len(running)), sizes)
-    common = int(np.gcd.reduce(np.concatenate([starts, sizes, [16]])))
+    common = int(np.gcd.reduce(np.concatenate([starts, sizes, [16]])))  # divides 16
     padded = not valid.all()
     plan = ForwardPlan(
         num_running=len(running), seeds=t(running, torch.long),
@@ -76,7 +76,7 @@ def build_plan(state: np.ndarray, slot: np.ndarray, chunks: list[tuple[int, int]
         gather_idx=t(gather.reshape(-1), torch.long),
         valid=t(valid[:, None, :], torch.float32) if padded else None,
         feat=t(feat, torch.long), run_of=t(run_of, torch.int32),
-        bounds=t(np.stack([starts, sizes], axis=1), torch.int32), align=common & -common,
+        bounds=t(np.stack([starts, sizes], axis=1), torch.int32), align=common,
         sizes=t(sizes, torch.float32), blend=t(blend, torch.float32), train=t(train, torch.bool),
         through=t(through[:, None, None], torch.float32) if through.any() else None,
         has_blend=bool(blend.any()), has_train=bool(train.any()))

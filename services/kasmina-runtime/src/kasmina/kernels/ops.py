@@ -6,8 +6,8 @@
 - `kasmina::chunk_blend(h, y, alpha, feat, run_of, bounds, track, dead_threshold, align)
   -> (out, stats)`: the blend of running seeds' outputs into the host output, with the
   telemetry of h in the same pass when `track` (stats is (0, F) otherwise). `align` is a
-  power of two dividing every running chunk's start and width (ForwardPlan.align): the
-  kernel's vector width on the running chunks.
+  power of two dividing every running chunk's start and width (ForwardPlan.align), declared
+  to the two-pass kernel so its loads on the running chunks vectorise.
 
 - `kasmina::chunk_blend_backward(grad_out, alpha, feat, run_of, bounds, width)
   -> (grad_h, grad_y)`: chunk_blend's backward (registered as its autograd formula), one pass
