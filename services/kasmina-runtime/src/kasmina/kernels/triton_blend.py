@@ -44,6 +44,28 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _CONFIGS = _CONFIGS[:1]
 
 
+@triton.jit
+def _row_offsets(rows, I64: tl.constexpr):
+    """rows as a (BLOCK_N, 1) column of element-offset multipliers, int64 only when needed."""
+    r = rows[:, None]
+    if I64:
+        r = r.to(tl.int64)
+    return r
+
+
+@triton.jit
+def _running_columns(cols, cmask, run_ptr, alpha_ptr, bounds_ptr, N, C, I64: tl.constexpr):
+    """Per column of a tile: whether its seed runs, that seed's alpha (0 if none), and the
+    column's offset in y (A, N, C) at row 0: element (run, n, pos) is at run*N*C + n*C + pos."""
+    run = tl.load(run_ptr + cols, mask=cmask, other=-1)
+    active = cmask & (run >= 0)
+    a = tl.load(alpha_ptr + run, mask=active, other=0.0)
+    start = tl.load(bounds_ptr + 2 * run, mask=active, other=0)
+    if I64:
+        run = run.to(tl.int64)
+    return active, a, run * N * C + (cols - start)
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK", "COPY", "I64"],
                  restore_value=["stats_ptr"])
 @triton.jit
@@ -61,9 +83,7 @@ def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_
     for r in range(0, rows_per_prog, BLOCK_N):
         rows = row0 + r + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < N) & cmask[None, :]
-        rows_i = rows[:, None]
-        if I64:
-            rows_i = rows_i.to(tl.int64)
+        rows_i = _row_offsets(rows, I64)
         h = tl.load(h_ptr + rows_i * stride_h + cols[None, :], mask=m, other=0.0)
         if COPY:
             tl.store(out_ptr + rows_i * stride_o + cols[None, :], h, mask=m)
@@ -86,16 +106,8 @@ def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, b
                          SLABS_PER_TILE: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     cmask = cols < F
-    run = tl.load(run_ptr + cols, mask=cmask, other=-1)
-    active = cmask & (run >= 0)
-    a = tl.load(alpha_ptr + run, mask=active, other=0.0)  # (BLOCK_F,) float32
+    _, a, y_col = _running_columns(cols, cmask, run_ptr, alpha_ptr, bounds_ptr, N, C, I64)
     blend = a != 0.0
-    start = tl.load(bounds_ptr + 2 * run, mask=active, other=0)
-    # y is (A, N, C): element (run, n, pos) at run * N * C + n * C + pos
-    run_i = run
-    if I64:
-        run_i = run.to(tl.int64)
-    y_col = run_i * N * C + (cols - start)
     rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
     row0 = tl.program_id(1) * rows_per_prog
     s = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
@@ -104,9 +116,7 @@ def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, b
     for r in range(0, rows_per_prog, BLOCK_N):
         rows = row0 + r + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < N) & cmask[None, :]
-        rows_i = rows[:, None]
-        if I64:
-            rows_i = rows_i.to(tl.int64)
+        rows_i = _row_offsets(rows, I64)
         h = tl.load(h_ptr + rows_i * stride_h + cols[None, :], mask=m, other=0.0)
         x = h.to(tl.float32)
         yv = tl.load(y_ptr + (y_col[None, :] + rows_i * C), mask=m & blend[None, :], other=0.0)
@@ -131,22 +141,13 @@ def _blend_backward_kernel(g_ptr, gh_ptr, gy_ptr, alpha_ptr, run_ptr, bounds_ptr
     grad_y[run, n, pos] = g * alpha, scattered like the forward's y gather."""
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     cmask = cols < F
-    run = tl.load(run_ptr + cols, mask=cmask, other=-1)
-    active = cmask & (run >= 0)
-    a = tl.load(alpha_ptr + run, mask=active, other=0.0)
-    start = tl.load(bounds_ptr + 2 * run, mask=active, other=0)
-    run_i = run
-    if I64:
-        run_i = run.to(tl.int64)
-    y_col = run_i * N * C + (cols - start)
+    active, a, y_col = _running_columns(cols, cmask, run_ptr, alpha_ptr, bounds_ptr, N, C, I64)
     rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
     row0 = tl.program_id(1) * rows_per_prog
     for r in range(0, rows_per_prog, BLOCK_N):
         rows = row0 + r + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < N) & cmask[None, :]
-        rows_i = rows[:, None]
-        if I64:
-            rows_i = rows_i.to(tl.int64)
+        rows_i = _row_offsets(rows, I64)
         g = tl.load(g_ptr + rows_i * stride_g + cols[None, :], mask=m, other=0.0)
         gf = g.to(tl.float32)
         gh = tl.where(active[None, :], gf * (1.0 - a[None, :]), gf)
@@ -172,9 +173,7 @@ def _seed_blend_kernel(h_ptr, y_ptr, out_ptr, alpha_ptr, bounds_ptr, N, C, strid
             run_i = run.to(tl.int64)
         for block in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
             rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            rows_i = rows[:, None]
-            if I64:
-                rows_i = rows_i.to(tl.int64)
+            rows_i = _row_offsets(rows, I64)
             y_rows = y_ptr + (run_i * N * C + rows_i * C)  # y is (A, N, C)
             for c0 in range(0, C, BLOCK_C):
                 cs = c0 + tl.arange(0, BLOCK_C)
