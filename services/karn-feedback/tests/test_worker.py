@@ -118,6 +118,27 @@ def test_undecodable_entries_are_dead_lettered_and_the_rest_stored(bus_settings,
     _run(body)
 
 
+def test_a_report_the_database_refuses_is_dead_lettered_at_once(bus_settings, stream, store,
+                                                               database_url, field_report):
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite does not enforce VARCHAR lengths; PostgreSQL refuses the report")
+
+    async def body() -> None:
+        async with open_bus(bus_settings) as bus:
+            worker = FieldReportWorker(bus, store, "karn-test", FAST, stream=stream)
+            await worker.consumer.ensure_group()
+            publisher = bus.publisher("kasmina-test")
+            await publisher.publish(stream, field_report(report_id="x" * 300))  # > VARCHAR(256)
+            await publisher.publish(stream, field_report())
+            await _until(worker, lambda: store.report_count() == 1)
+            (letter,) = await bus.redis.xrange(streams.dead_letters(stream))
+            assert letter[1][b"dlq.reason"] == b"rejected"
+            assert letter[1][b"dlq.deliveries"] == b"1", "not retried: no retry can store it"
+            assert (await bus.redis.xpending(stream, CONSUMER_GROUP))["pending"] == 0
+
+    _run(body)
+
+
 def test_reports_wait_out_a_database_outage_and_are_stored_once_it_is_back(
         bus_settings, stream, sqlite_url, field_report, database_outage):
     store = FieldReportStore.open(sqlite_url)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from oona import ConsumerConfig, Delivery, Retry, open_bus
+from oona import ConsumerConfig, Delivery, Reject, Retry, open_bus
 from oona.contracts import CommandAck, EpochEvent, LayerHealthReport
 from oona.settings import BusSettings
 from prometheus_client import REGISTRY
@@ -119,6 +119,39 @@ def test_retry_redelivers_after_the_delay_with_a_higher_delivery_count(settings,
             assert counts == [1, 2, 3]
             assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
             assert await bus.redis.xlen(stream + ".dlq") == 0
+
+    asyncio.run(body())
+
+
+def test_a_rejected_message_is_dead_lettered_at_once_with_the_reason(settings, stream, pump,
+                                                                      fast_config):
+    async def body() -> None:
+        seen: list[int] = []
+
+        async def handler(msg: EpochEvent, delivery: Delivery) -> None:
+            seen.append(delivery.delivery_count)
+            if msg.epoch == 13:
+                raise Reject("epoch 13 is not allowed here")
+
+        async with open_bus(settings) as bus:
+            consumer = bus.consumer(stream, "g", "c", {EpochEvent: handler}, fast_config)
+            await consumer.ensure_group()
+            ids = await bus.publisher("p").publish_many(
+                [(stream, EpochEvent(job_id="j", epoch=i)) for i in (12, 13, 14)])
+
+            async def dead_lettered() -> bool:
+                return bool(await bus.redis.xlen(stream + ".dlq"))
+
+            await pump(consumer, until=dead_lettered)
+            await pump(consumer, until=lambda: len(seen) == 3)
+            assert seen == [1, 1, 1], "rejected on its first delivery, not redelivered"
+            (letter,) = await bus.redis.xrange(stream + ".dlq")
+            fields = letter[1]
+            assert fields[b"dlq.reason"] == b"rejected"
+            assert fields[b"dlq.original_id"] == ids[1].encode()
+            assert fields[b"dlq.detail"] == b"epoch 13 is not allowed here"
+            assert fields[b"dlq.deliveries"] == b"1"
+            assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
 
     asyncio.run(body())
 

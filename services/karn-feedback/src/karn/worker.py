@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 
-from oona import Bus, Consumer, ConsumerConfig, Delivery, Retry, streams
+from oona import Bus, Consumer, ConsumerConfig, Delivery, Reject, Retry, streams
 from oona.contracts import FieldReport
 from sqlalchemy.exc import DBAPIError
 
@@ -49,8 +49,8 @@ class FieldReportWorker:
             # The store is synchronous (and may wait on a lock or the network): off the loop.
             inserted = await asyncio.to_thread(self._store.record, report)
         except DBAPIError as exc:
-            if not is_transient(exc):
-                raise
+            if not is_transient(exc):  # this report breaks a rule of the schema: never storable
+                raise Reject(f"the database refused it: {exc.orig}") from exc
             metrics.STORE_ERRORS.inc()
             delay = min(_RETRY_DELAY_S * 2 ** (delivery.delivery_count - 1), _RETRY_DELAY_MAX_S)
             log.warning("database unavailable storing %s (delivery %d): %s; retrying in %.1fs",

@@ -18,6 +18,7 @@ from oona.errors import (
                          IncompatibleServer,
                          OutboxFull,
                          PayloadTooLarge,
+                         Reject,
                          Retry,
 )
 from oona.outbox import Outbox, OutboxConfig
@@ -28,6 +29,7 @@ from oona.settings import BusSettings
 __all__ = [
     "Bus", "BusSettings", "BusUnavailable", "Consumer", "ConsumerConfig", "DeadLetterReason",
     "Delivery", "EmbeddedRedis", "Handler", "IncompatibleServer", "Outbox", "OutboxConfig",
-    "OutboxFull", "OutboxThread", "PayloadTooLarge", "Publisher", "Retry", "connect", "open_bus",
+    "OutboxFull", "OutboxThread", "PayloadTooLarge", "Publisher", "Reject", "Retry", "connect",
+    "open_bus",
     "streams",
 ]

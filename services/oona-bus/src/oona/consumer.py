@@ -27,7 +27,7 @@ from oona import dead_letters, metrics, scripts, streams
 from oona.connection import TRANSIENT_ERRORS
 from oona.contracts import schema_of
 from oona.envelope import ENVELOPE_FIELD, open_envelope, parse_payload, verify_blob
-from oona.errors import DeadLetterReason, InvalidMessage, Retry
+from oona.errors import DeadLetterReason, InvalidMessage, Reject, Retry
 from oona.proto.kasmina.bus.v1.envelope_pb2 import Envelope
 from oona.settings import BusSettings
 
@@ -215,6 +215,11 @@ class Consumer:
 
     async def _handler_failed(self, exc: Exception, delivery: Delivery,
                               fields: dict[bytes, bytes]) -> None:
+        if isinstance(exc, Reject):
+            log.warning("%s: handler rejected %s: %s", self.name, delivery.entry_id, exc)
+            await self._dead_letter(delivery.entry_id, fields, DeadLetterReason.REJECTED,
+                                    str(exc) or type(exc).__name__, delivery.delivery_count)
+            return
         if isinstance(exc, Retry):
             delay, error = exc.delay_s, str(exc)
         else:

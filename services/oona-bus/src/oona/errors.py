@@ -18,6 +18,13 @@ class Retry(Exception):
         self.delay_s = delay_s
 
 
+class Reject(Exception):
+    """Raise from a handler for a message that is sound on the wire but that this consumer can
+    never take (its content breaks a rule no retry will change): it goes to the dead letters at
+    once, with reason `rejected` and this exception's text, instead of being redelivered
+    `max_deliveries` times."""
+
+
 class BusUnavailable(ConnectionError):
     """Redis could not be reached within the bounded connect retries (recoverable later)."""
 
@@ -47,6 +54,7 @@ class DeadLetterReason(StrEnum):
     CLAIM_CHECK_CORRUPT = "claim_check_corrupt"  # the blob's size or SHA-256 does not match
     PAYLOAD_UNDECODABLE = "payload_undecodable"  # the payload does not parse as its schema
     MAX_DELIVERIES = "max_deliveries"  # the handler did not succeed within max_deliveries
+    REJECTED = "rejected"  # the handler raised Reject: its content can never be taken
 
 
 class InvalidMessage(Exception):
