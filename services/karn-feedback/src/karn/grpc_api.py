@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
+import oona.service
 from oona.proto.kasmina.karn.v1 import karn_service_pb2 as pb
 from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as pb_grpc
 from sqlalchemy.exc import DBAPIError
@@ -85,15 +85,5 @@ def _database(context: grpc.ServicerContext, query: Callable[[], T]) -> T:
 def start_grpc_server(servicer: KarnServicer, host: str, port: int,
                       max_workers: int = 8) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the port it bound (useful when `port` is 0)."""
-    # No SO_REUSEPORT (grpcio's default on Linux): a second Karn on the same port must fail to
-    # start rather than silently share the port.
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
-                                            thread_name_prefix="karn-grpc"),
-                         options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_KarnServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    try:
-        bound: int = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:  # grpcio's way to say the bind failed
-        raise OSError(f"gRPC could not bind {host}:{port} (in use?)") from exc
-    server.start()
-    return server, bound
+    return oona.service.start_grpc_server(pb_grpc.add_KarnServicer_to_server, servicer, host, port,
+                                          name="karn", max_workers=max_workers)

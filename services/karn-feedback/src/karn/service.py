@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import signal
 import socket
 import time
 from importlib.metadata import version
 
 from oona import Bus, BusSettings, ConsumerConfig, open_bus
 from oona.http import HttpServer, ReadinessCheck, create_app
-from oona.service import run_service
+from oona.service import run_service, serve_until_stopped
 from redis.asyncio import Redis
 from sqlalchemy.exc import OperationalError
 
@@ -95,30 +94,12 @@ async def _serve_with(settings: KarnSettings, store: FieldReportStore, bus: Bus)
     except BaseException:
         http_socket.close()
         raise
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        async with asyncio.TaskGroup() as tasks:
-            worker_task = tasks.create_task(worker.run())
-            tasks.create_task(http.serve(sockets=[http_socket]))
-            log.info("karn %s serving: gRPC %s:%d, HTTP %s:%d, consuming %s as %s/%s",
-                     version("karn-feedback"), settings.bind_host, grpc_port, settings.bind_host,
-                     settings.http_port, worker.consumer.stream, worker.consumer.group,
-                     worker.consumer.name)
-            # A worker that dies (not a transient Redis error: those it rides out) is fatal.
-            await asyncio.wait({worker_task, tasks.create_task(stopping.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)
-            stopping.set()
-            log.info("shutting down: draining the worker and in-flight calls")
-            worker.stop()
-            await worker_task
-            await asyncio.to_thread(grpc_server.stop(settings.shutdown_grace_s).wait)
-            http.should_exit = True
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        grpc_server.stop(None)
+    log.info("karn %s serving: gRPC %s:%d, HTTP %s:%d, consuming %s as %s/%s",
+             version("karn-feedback"), settings.bind_host, grpc_port, settings.bind_host,
+             settings.http_port, worker.consumer.stream, worker.consumer.group,
+             worker.consumer.name)
+    await serve_until_stopped(worker, http, http_socket, grpc_server, stopping,
+                              settings.shutdown_grace_s)
     log.info("stopped")
 
 

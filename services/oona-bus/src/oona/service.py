@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import grpc
 
 from oona.errors import BusUnavailable, IncompatibleServer
 from oona.settings import BusSettings
+
+if TYPE_CHECKING:
+    from oona.http import HttpServer
 
 S = TypeVar("S")
 
@@ -57,3 +65,58 @@ def run_service(name: str, doc: str, purpose: str, load_settings: Callable[[], S
         logging.getLogger(name).error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def start_grpc_server(add_servicer: Callable[[Any, grpc.Server], None], servicer: object,
+                      host: str, port: int, *, name: str, max_workers: int = 8
+                      ) -> tuple[grpc.Server, int]:
+    """Start a service's gRPC server (`add_servicer`: the generated add_*Servicer_to_server);
+    returns it and the port it bound (useful when `port` is 0)."""
+    # No SO_REUSEPORT (grpcio's default on Linux): a second instance on the same port must fail
+    # to start rather than silently share the port.
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
+                                            thread_name_prefix=f"{name}-grpc"),
+                         options=[("grpc.so_reuseport", 0)])
+    add_servicer(servicer, server)
+    try:
+        bound: int = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpcio's way to say the bind failed
+        raise OSError(f"gRPC could not bind {host}:{port} (in use?)") from exc
+    if bound == 0:  # older grpcio reports a failed bind this way
+        raise OSError(f"gRPC could not bind {host}:{port} (in use?)")
+    server.start()
+    return server, bound
+
+
+class _Worker(Protocol):
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+async def serve_until_stopped(worker: _Worker, http: HttpServer, http_socket: socket.socket,
+                              grpc_server: grpc.Server, stopping: asyncio.Event,
+                              shutdown_grace_s: float) -> None:
+    """Run a bus worker and the HTTP endpoints until SIGTERM/SIGINT (or the worker ends: a
+    worker that dies, not a transient Redis error it rides out, is fatal), then drain: the
+    worker first, then in-flight gRPC calls within `shutdown_grace_s`, then HTTP."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            worker_task = tasks.create_task(worker.run())
+            tasks.create_task(http.serve(sockets=[http_socket]))
+            await asyncio.wait({worker_task, tasks.create_task(stopping.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            stopping.set()
+            logging.getLogger(__name__).info(
+                "shutting down: draining the worker and in-flight calls")
+            worker.stop()
+            await worker_task
+            await asyncio.to_thread(grpc_server.stop(shutdown_grace_s).wait)
+            http.should_exit = True
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        grpc_server.stop(None)

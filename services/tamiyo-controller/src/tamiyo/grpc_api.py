@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import oona.service
 from oona.contracts import EpochEvent, EpochEventKind
 from oona.proto.kasmina.tamiyo.v1 import tamiyo_service_pb2 as pb
 from oona.proto.kasmina.tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
@@ -64,15 +64,5 @@ class TamiyoServicer(pb_grpc.TamiyoServicer):
 def start_grpc_server(servicer: TamiyoServicer, host: str, port: int,
                       max_workers: int = 4) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the port it bound (useful when `port` is 0)."""
-    # No SO_REUSEPORT (grpcio's default on Linux): a second Tamiyo on the same port must fail
-    # to start rather than silently share the port.
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
-                                            thread_name_prefix="tamiyo-grpc"),
-                         options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_TamiyoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    try:
-        bound: int = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:  # grpcio's way to say the bind failed
-        raise OSError(f"gRPC could not bind {host}:{port} (in use?)") from exc
-    server.start()
-    return server, bound
+    return oona.service.start_grpc_server(pb_grpc.add_TamiyoServicer_to_server, servicer, host,
+                                          port, name="tamiyo", max_workers=max_workers)

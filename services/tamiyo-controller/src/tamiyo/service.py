@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from importlib.metadata import version
 
 from oona import Bus, BusSettings, ConsumerConfig, open_bus
 from oona.http import HttpServer, ReadinessCheck, create_app
-from oona.service import run_service
+from oona.service import run_service, serve_until_stopped
 from redis.asyncio import Redis
 
 from tamiyo.blueprints import KarnAdvisor
@@ -77,30 +76,13 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
         http_socket.close()
         advisor.close()
         raise
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    log.info("tamiyo %s serving: gRPC %s:%d, HTTP %s:%d, consuming as %s/%s, Karn at %s",
+             version("tamiyo-controller"), settings.bind_host, grpc_port, settings.bind_host,
+             settings.http_port, "tamiyo", settings.consumer_name, settings.karn_address)
     try:
-        async with asyncio.TaskGroup() as tasks:
-            worker_task = tasks.create_task(worker.run())
-            tasks.create_task(http.serve(sockets=[http_socket]))
-            log.info("tamiyo %s serving: gRPC %s:%d, HTTP %s:%d, consuming as %s/%s, Karn at %s",
-                     version("tamiyo-controller"), settings.bind_host, grpc_port,
-                     settings.bind_host, settings.http_port, "tamiyo", settings.consumer_name,
-                     settings.karn_address)
-            # A worker that dies (not a transient Redis error: those it rides out) is fatal.
-            await asyncio.wait({worker_task, tasks.create_task(stopping.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)
-            stopping.set()
-            log.info("shutting down: draining the worker and in-flight calls")
-            worker.stop()
-            await worker_task
-            await asyncio.to_thread(grpc_server.stop(settings.shutdown_grace_s).wait)
-            http.should_exit = True
+        await serve_until_stopped(worker, http, http_socket, grpc_server, stopping,
+                                  settings.shutdown_grace_s)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        grpc_server.stop(None)
         advisor.close()
     log.info("stopped")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
+import oona.service
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
 
@@ -77,10 +77,7 @@ class RuntimeServicer(pb_grpc.KasminaRuntimeServicer):
 
 
 def start_grpc_server(jobs: JobManager, host: str, port: int) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    pb_grpc.add_KasminaRuntimeServicer_to_server(RuntimeServicer(jobs), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC to {host}:{port}")
-    server.start()
-    return server, bound
+    # 16 workers: every WatchJob stream holds one for the job's whole run.
+    return oona.service.start_grpc_server(pb_grpc.add_KasminaRuntimeServicer_to_server,
+                                          RuntimeServicer(jobs), host, port, name="kasmina",
+                                          max_workers=16)
