@@ -11,13 +11,11 @@ measured in the same run) of
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.testing
+from bench_layer import copy_ceiling_gbs, make_case  # the same cases, one definition
 from kasmina.kernels import reference, triton_blend
-from kasmina.layer import split_chunks
 
 THR = 1e-6
 
@@ -48,28 +46,8 @@ def two_pass(h, y, alpha, bounds, align):
 
 
 def case(hidden, rows, seeds, frac, dtype):
-    chunks = split_chunks(hidden, seeds)
-    width = max(e - s for s, e in chunks)
-    active = torch.linspace(0, seeds - 1, max(1, round(frac * seeds))).round().long().unique()
-    run_of = torch.full((hidden,), -1, dtype=torch.int32)
-    bounds = torch.zeros(len(active), 2, dtype=torch.int32)
-    for a, s in enumerate(active.tolist()):
-        lo, hi = chunks[s]
-        run_of[lo:hi] = a
-        bounds[a] = torch.tensor([lo, hi - lo])
-    common = math.gcd(16, *bounds.flatten().tolist())
-    h = torch.randn(rows, hidden, device="cuda").to(dtype)
-    y = torch.randn(len(active), rows, width, device="cuda")
-    alpha = torch.rand(len(active), device="cuda") * 0.9 + 0.05
-    feat = torch.nonzero(run_of >= 0).flatten()
-    return h, y, alpha, run_of.cuda(), bounds.cuda(), common, feat.cuda()
-
-
-def copy_ceiling_gbs() -> float:
-    src = torch.empty(2**28, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    _, _, h, y, alpha, (feat, run_of, bounds, align) = make_case(hidden, rows, seeds, frac, dtype)
+    return h, y, alpha, run_of, bounds, align, feat
 
 
 def main() -> None:
