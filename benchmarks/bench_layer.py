@@ -66,12 +66,12 @@ def providers(chunks, active, alpha, meta):
 
     def eager(h, y):
         stats = reference.column_stats(h.detach(), THR)
-        return (reference.chunk_blend(h, y, alpha, feat, run_of, bounds) if blending else h), stats
+        return (reference.chunk_blend(h, y, alpha, run_of, bounds) if blending else h), stats
 
     def ours(h, y):
         if not blending:
             return h, ops.column_stats(h.detach(), THR, triton=True)
-        return ops.chunk_blend(h, y, alpha, feat, run_of, bounds, True, THR, align,
+        return ops.chunk_blend(h, y, alpha, run_of, bounds, True, THR, align,
                                triton=True)
 
     def loop(h, y):

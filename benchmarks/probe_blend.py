@@ -62,7 +62,7 @@ def main() -> None:
         for hidden, rows, seeds in shapes:
             for frac in (0.1, 1.0):
                 h, y, alpha, run_of, bounds, align, feat = case(hidden, rows, seeds, frac, dtype)
-                ref = reference.chunk_blend(h, y, alpha, feat, run_of, bounds)
+                ref = reference.chunk_blend(h, y, alpha, run_of, bounds)
                 args = (h, y, alpha, run_of, bounds, align)
                 calls = {"gather": lambda a=args: gather(*a[:5]),
                          "two-pass": lambda a=args: two_pass(*a[:3], *a[4:]),

@@ -22,7 +22,7 @@ def main(epochs: int = 40) -> list[kasmina.LifecycleEvent]:
 
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
     kasmina.wrap(model, seeds_per_layer=4, exclude=("2",),  # kasmina
-                 config=kasmina.KasminaConfig(higher_is_better=True))
+                 config=kasmina.KasminaConfig(mode="max"))
     controller = kasmina.LocalController(model)  # kasmina
     optimizer = torch.optim.Adam(kasmina.host_parameters(model), lr=3e-3)  # kasmina
 

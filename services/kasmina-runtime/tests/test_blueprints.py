@@ -37,14 +37,13 @@ def test_custom_spec_registers_and_conflicts_are_refused():
 @pytest.mark.parametrize("name", ["residual_mlp", "low_rank", "linear"])
 def test_batched_bank_equals_a_per_seed_loop(name):
     spec, chunk = get_blueprint(name), 7
-    bank = BlueprintBank(spec, chunk, torch.device("cpu"))
+    bank = BlueprintBank(spec, chunk, 5, torch.device("cpu"))
     for slot in range(5):
-        bank.init_slot(slot)
-    x = torch.randn(3, 11, chunk)
-    slots = torch.tensor([4, 0, 2])
-    y = bank(x, slots)
-    for i, s in enumerate(slots.tolist()):
-        p = {n: t[s] for n, t in bank.params.items()}
+        bank.init_slot(slot, seed=slot)
+    x = torch.randn(5, 11, chunk)
+    y = bank(x)
+    for i in range(5):
+        p = {n: t[i] for n, t in bank.params.items()}
         xi = x[i]
         if name == "residual_mlp":
             ref = xi + torch.nn.functional.gelu(xi @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
@@ -57,17 +56,17 @@ def test_batched_bank_equals_a_per_seed_loop(name):
 
 def test_masked_adam_matches_torch_adam_and_leaves_frozen_slots_alone():
     cfg = KasminaConfig(seed_lr=1e-2)
-    bank = BlueprintBank(get_blueprint("linear"), 4, torch.device("cpu"))
+    bank = BlueprintBank(get_blueprint("linear"), 4, 4, torch.device("cpu"))
     for slot in range(3):
-        bank.init_slot(slot)
+        bank.init_slot(slot, seed=slot)
     ref = bank.params["w"][0].detach().clone().requires_grad_()
     ref_b = bank.params["b"][0].detach().clone().requires_grad_()
     frozen = {n: p[1].detach().clone() for n, p in bank.params.items()}
     opt = torch.optim.Adam([ref, ref_b], lr=1e-2)
-    trainable = torch.tensor([True, False, True, False])  # capacity grew to 4
+    trainable = torch.tensor([True, False, True, False])
     for _ in range(5):
-        x = torch.randn(2, 6, 4)
-        bank(x, torch.tensor([0, 1])).sum().backward()
+        x = torch.randn(4, 6, 4)
+        bank(x)[:2].sum().backward()  # slots 2 and 3 are outside the loss
         (x[0] @ ref + ref_b).sum().backward()
         bank.seed_step(trainable, cfg)
         opt.step()
@@ -112,10 +111,16 @@ def test_training_learns_to_reconstruct_and_passes_the_gate(make_layer, drive):
     layer.transition(1, SeedStage.GRAFTING)
 
 
-def test_banks_grow_past_their_capacity(make_layer, drive):
-    layer = make_layer(in_f=4, out_f=64, seeds=64, max_active_seeds=64)
-    for seed in range(9):
+def test_banks_are_fixed_and_a_full_bank_refuses_germination(make_layer, drive):
+    layer = make_layer(in_f=4, out_f=64, seeds=64, max_active_seeds=64, bank_slots=8)
+    params = [p.data_ptr() for p in layer.parameters()]
+    for seed in range(8):
         drive(layer, seed, SeedStage.FOSSILIZED)
-    assert layer.banks["1"].capacity >= 9 and sorted(layer._slot[:9].tolist()) == list(range(9))
+    assert sorted(layer.table.slot[:8].tolist()) == list(range(8))  # residual_mlp's lanes
+    with pytest.raises(kasmina.CapacityError, match="bank_slots"):
+        layer.germinate(8, "residual_mlp")
+    assert layer.stage_of(8) is SeedStage.DORMANT
+    layer.germinate(8, "linear")  # another blueprint's bank has room
+    assert [p.data_ptr() for p in layer.parameters()] == params  # the same tensors throughout
     out = layer(torch.randn(3, 4))
     assert out.shape == (3, 64)

@@ -20,11 +20,11 @@ def test_local_controller_grows_seeds_through_the_whole_lifecycle():
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2))
     cfg = KasminaConfig(min_training_steps=4, max_training_epochs=3, ramp_steps=4,
                         stabilization_epochs=1, evaluation_epochs=1, fine_tuning_epochs=1,
-                        higher_is_better=False, fossilize_min_gain=-1.0, embargo_epochs=2,
+                        mode="min", fossilize_min_gain=-1.0, embargo_epochs=2,
                         seed_lr=1e-2)
     kasmina.wrap(model, seeds_per_layer=2, config=cfg, exclude=("1",))
     ctl = LocalController(model, ControllerConfig(plateau_epochs=1, min_delta=1.0,
-                                                  higher_is_better=False))
+                                                  mode="min"))
     opt = torch.optim.Adam(kasmina.host_parameters(model), lr=1e-2)
 
     def val_loss() -> float:

@@ -78,7 +78,8 @@ def test_blend_gives_the_host_exactly_its_one_minus_alpha_share(make_layer, driv
     expected[:, s:e] *= 0.75
     assert torch.equal(h_probe.grad, expected)
     chunk = h_probe.detach()[:, s:e]
-    bp = layer.banks["1"](chunk.unsqueeze(0), layer.slot[:1].long())[0]
+    bank = layer.banks["1"]  # the first bank: its slots are lanes 0..capacity-1
+    bp = bank(chunk.unsqueeze(0).expand(bank.capacity, -1, -1))[int(layer.slot[0])]
     assert torch.allclose(out[:, s:e], 0.75 * chunk + 0.25 * bp, rtol=0, atol=1e-6)
     assert torch.equal(out[:, e:], h_probe.detach()[:, e:])
 

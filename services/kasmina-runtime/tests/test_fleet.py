@@ -129,7 +129,7 @@ def test_runtime_applies_commands_once_and_publishes_what_happened(oona_redis_ur
     job = f"job-{uuid.uuid4().hex[:8]}"
     m = model()
     runtime = kasmina.attach(m, job, oona.BusSettings.from_dsn(oona_redis_url),
-                             higher_is_better=True)
+                             mode="max")
     try:
         germ = command(job, germinate=Germinate(blueprint_name="residual_mlp"))
         promote = advance(job, S.TRAINING)

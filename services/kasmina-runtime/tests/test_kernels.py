@@ -4,6 +4,7 @@ custom ops' registrations (opcheck), and torch.compile through a seed layer."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ if not torch.cuda.is_available():  # must precede the kernels' @triton.jit decor
 from kasmina import KasminaConfig, KasminaLayer, SeedStage  # noqa: E402
 from kasmina.kernels import reference, triton_blend  # noqa: E402
 from kasmina.kernels.tolerances import STATS_RTOL, TOLERANCES  # noqa: E402
-from kasmina.plan import build_plan  # noqa: E402
 from torch import nn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,17 +27,18 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def blend_inputs(features, seeds, running, dtype, rows=37):
     torch.manual_seed(0)
-    layer = KasminaLayer(nn.Linear(4, features), seeds, KasminaConfig(max_active_seeds=seeds))
+    layer = KasminaLayer(nn.Linear(4, features), seeds,
+                         KasminaConfig(max_active_seeds=seeds, blueprints=("residual_mlp",)))
     for s in running:
         layer.germinate(s, "residual_mlp")
         layer.transition(s, SeedStage.TRAINING)
-    plan = build_plan(layer._mirror, layer._slot, layer.chunks, layer.chunk_width, {}, True,
-                      set(), torch.device(DEVICE))
+    plan = SimpleNamespace(run_of=layer.run_of.to(DEVICE), bounds=layer.bounds.to(DEVICE),
+                           align=layer._align)
     h = torch.randn(rows, features, device=DEVICE).to(dtype)
     h[0, 0] = 0.0  # a dead value
-    y = torch.randn(len(running), rows, layer.chunk_width, device=DEVICE)
-    order = plan.seeds.tolist()
-    alpha = torch.tensor([running[s] for s in order], device=DEVICE)
+    owner = layer.table.lane_owner().tolist()  # every lane, free ones included (alpha 0)
+    y = torch.randn(len(owner), rows, layer.chunk_width, device=DEVICE)
+    alpha = torch.tensor([running.get(s, 0.0) for s in owner], device=DEVICE)
     return h, y, alpha, plan
 
 
@@ -61,7 +62,7 @@ def test_chunk_blend_kernel_matches_reference(features, seeds, running, dtype, b
     h, y, alpha, plan = blend_inputs(features, seeds, running, dtype)
     out, stats = triton_blend.chunk_blend(h, y, alpha, plan.run_of, plan.bounds, True, 1e-6,
                                           plan.align)
-    ref = reference.chunk_blend(h, y, alpha, plan.feat, plan.run_of, plan.bounds)
+    ref = reference.chunk_blend(h, y, alpha, plan.run_of, plan.bounds)
     close(out, ref, dtype)
     untouched = alpha[plan.run_of.long().clamp(min=0)].eq(0) | plan.run_of.lt(0)
     assert torch.equal(out[:, untouched], h[:, untouched])  # identity is exact
@@ -79,7 +80,7 @@ def test_seed_pass_strides_over_row_blocks_past_the_grid_limit(monkeypatch):
     whole = triton_blend.chunk_blend(*args)[0]
     monkeypatch.setattr(triton_blend, "MAX_GRID_Y", 1)  # one program walks every row block
     assert torch.equal(triton_blend.chunk_blend(*args)[0], whole)
-    close(whole, reference.chunk_blend(h, y, alpha, plan.feat, plan.run_of, plan.bounds),
+    close(whole, reference.chunk_blend(h, y, alpha, plan.run_of, plan.bounds),
           torch.float32)
 
 
@@ -122,9 +123,9 @@ def test_op_gradients_match_the_reference_and_keep_identity_exact(dtype):
     for op in (torch.ops.kasmina.chunk_blend, None):
         hh, yy = h.clone().requires_grad_(), y.clone().requires_grad_()
         if op is None:
-            out = reference.chunk_blend(hh, yy, alpha, plan.feat, plan.run_of, plan.bounds)
+            out = reference.chunk_blend(hh, yy, alpha, plan.run_of, plan.bounds)
         else:
-            out, _ = op(hh, yy, alpha, plan.feat, plan.run_of, plan.bounds, True, 1e-6,
+            out, _ = op(hh, yy, alpha, plan.run_of, plan.bounds, True, 1e-6,
                         plan.align)
         out.backward(g)
         grads.append((hh.grad, yy.grad))
@@ -140,12 +141,12 @@ def test_opcheck_passes_for_every_op():
     hh, yy = h.requires_grad_(), y.requires_grad_()
     for track in (True, False):
         torch.library.opcheck(torch.ops.kasmina.chunk_blend,
-                              (hh, yy, alpha, plan.feat, plan.run_of, plan.bounds, track, 1e-6,
+                              (hh, yy, alpha, plan.run_of, plan.bounds, track, 1e-6,
                                plan.align))
     torch.library.opcheck(torch.ops.kasmina.column_stats, (h.detach(), 1e-6))
     g = torch.randn_like(h)
     torch.library.opcheck(torch.ops.kasmina.chunk_blend_backward,
-                          (g, alpha, plan.feat, plan.run_of, plan.bounds, y.shape[2]))
+                          (g, alpha, plan.run_of, plan.bounds, y.shape[2]))
 
 
 def test_layer_selects_the_path_and_both_agree():

@@ -28,7 +28,7 @@ S = SeedStage
 
 def snapshot(layer):
     return ({k: v.clone() for k, v in layer.state_dict().items() if torch.is_tensor(v)},
-            layer._mirror.copy(), layer._slot.copy(), dict(layer.readiness()))
+            layer.table.state.copy(), layer.table.slot.copy(), dict(layer.readiness()))
 
 
 def assert_unchanged(layer, snap):
@@ -37,7 +37,7 @@ def assert_unchanged(layer, snap):
     assert tensors.keys() == {k for k, v in now.items() if torch.is_tensor(v)}
     for k, v in tensors.items():
         torch.testing.assert_close(now[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
-    assert np.array_equal(mirror, layer._mirror) and np.array_equal(slot, layer._slot)
+    assert np.array_equal(mirror, layer.table.state) and np.array_equal(slot, layer.table.slot)
     assert ready == layer.readiness()
 
 
@@ -211,11 +211,11 @@ def test_random_command_sequences_never_leave_the_table(commands):
         after = layer.stage_of(seed)
         if op in ("germinate", "cancel", "transition", "force") and after is not before:
             assert after in TRANSITIONS[before] or (before, after) == (S.ROLLED_BACK, S.DORMANT)
-        stages = layer._mirror[:, 0]
-        assert np.array_equal(layer.state.numpy(), layer._mirror)
+        stages = layer.table.state[:, 0]
+        assert np.array_equal(layer.state.numpy(), layer.table.state)
         active = np.isin(stages, [1, 2, 3, 4, 5, 6]).sum()
         assert active <= 2
         has_bp = np.isin(stages, [1, 2, 3, 4, 5, 6, 7])
-        assert np.array_equal(layer._mirror[:, 1] >= 0, has_bp)
-        assert np.array_equal(layer._slot >= 0, has_bp)
+        assert np.array_equal(layer.table.state[:, 1] >= 0, has_bp)
+        assert np.array_equal(layer.table.slot >= 0, has_bp)
         assert float(layer.alpha.min()) >= 0.0 and float(layer.alpha.max()) <= 1.0

@@ -19,7 +19,7 @@ from .lifecycle import (
 )
 from .strategies import GraftContext, GraftingStrategy, get_strategy, register_strategy
 from .telemetry import LayerHealthReport, SeedHealth
-from .wrap import host_parameters, seed_layers, wrap
+from .wrap import check_unique_ids, host_parameters, name_layers, seed_layers, wrap
 
 __all__ = [
     "BlueprintDoesNotFitError", "BlueprintSpec", "CapacityError", "ControllerConfig",
@@ -27,8 +27,8 @@ __all__ = [
     "InvalidTransitionError", "KasminaConfig", "KasminaLayer", "LayerHealthReport",
     "LifecycleError", "LifecycleEvent", "LocalController", "SeedHealth", "SeedOutcome",
     "SeedStage", "UnknownBlueprintError", "UnknownSeedError", "UnknownStrategyError", "catalog",
-    "get_blueprint", "get_strategy", "host_parameters", "register_blueprint",
-    "register_strategy", "seed_layers", "split_chunks", "wrap",
+    "check_unique_ids", "get_blueprint", "get_strategy", "host_parameters", "name_layers",
+    "register_blueprint", "register_strategy", "seed_layers", "split_chunks", "wrap",
 ]
 
 

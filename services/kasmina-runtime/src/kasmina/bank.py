@@ -1,10 +1,10 @@
 """`BlueprintBank`: the parameters of every seed of one blueprint spec in one layer, slot-major.
 
-All seeds of a spec run as one batched op (`forward` gathers their slots), and the seeds' own
-optimizer is a masked Adam over the whole bank: one set of tensor ops per bank per step, whatever
-the number of seeds, with per-slot step counts so a frozen or newly germinated seed is exact.
-The bank keeps float32 master weights whatever the host's dtype. Capacity grows by doubling; a
-checkpoint of any capacity loads into a fresh bank (see `_load_from_state_dict`).
+The capacity is fixed at construction (so the layer's parameter set never changes); every slot
+runs as one batched op (free slots compute on zeros and are masked by the layer), and the seeds'
+own optimizer is a masked Adam over the whole bank: one set of tensor ops per bank per step,
+whatever the number of seeds, with per-slot step counts so a frozen or newly germinated seed is
+exact. The bank keeps float32 master weights whatever the host's dtype.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ _STATE = ("exp_avg", "exp_avg_sq", "ema")  # per-parameter optimizer / drift sta
 
 
 class BlueprintBank(nn.Module):
-    def __init__(self, spec: BlueprintSpec, chunk: int, device: torch.device,
-                 capacity: int = 0) -> None:
+    def __init__(self, spec: BlueprintSpec, chunk: int, capacity: int,
+                 device: torch.device) -> None:
         super().__init__()
         self.spec, self.chunk = spec, chunk
         self._shapes = spec.shapes(chunk)
@@ -43,32 +43,15 @@ class BlueprintBank(nn.Module):
     def _state(self, kind: str, name: str) -> torch.Tensor:
         return getattr(self, f"{kind}_{name}")
 
-    def grow(self, capacity: int) -> None:
-        """Resize to `capacity` slots, keeping the contents of the existing ones."""
-        old = self.capacity
-        if capacity <= old:
-            return
-
-        def bigger(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros(capacity, *t.shape[1:])
-            out[:old] = t
-            return out
-
-        with torch.no_grad():
-            for n in self._shapes:
-                self.params[n] = nn.Parameter(bigger(self.params[n].data))
-                for k in _STATE:
-                    setattr(self, f"{k}_{n}", bigger(self._state(k, n)))
-            self.opt_step = bigger(self.opt_step)
-
     @torch.no_grad()
-    def init_slot(self, slot: int) -> None:
-        """Fresh random parameters (uniform ±1/sqrt(fan_in), as nn.Linear) and empty state."""
-        if slot >= self.capacity:
-            self.grow(max(4, 2 * self.capacity, slot + 1))
+    def init_slot(self, slot: int, seed: int) -> None:
+        """Fresh parameters (uniform ±1/sqrt(fan_in), as nn.Linear) from a generator seeded with
+        `seed`, so every rank and every process draws the same ones; empty optimizer state."""
+        gen = torch.Generator().manual_seed(seed)
         for n, p in self.params.items():
             bound = 1.0 / math.sqrt(self._fan_in[n])
-            p[slot].uniform_(-bound, bound)
+            fresh = torch.empty(p.shape[1:]).uniform_(-bound, bound, generator=gen)
+            p[slot].copy_(fresh)
             self._state("exp_avg", n)[slot].zero_()
             self._state("exp_avg_sq", n)[slot].zero_()
             self._state("ema", n)[slot].copy_(p[slot])
@@ -82,20 +65,28 @@ class BlueprintBank(nn.Module):
                 self._state(k, n)[slot].zero_()
         self.opt_step[slot] = 0
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """x (A, N, C) float32, slots (A,) long -> (A, N, C)."""
-        p = {n: t.index_select(0, slots) for n, t in self.params.items()}
-        return self._forward(p, x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (capacity, N, C) float32 -> (capacity, N, C): every slot at once."""
+        return self._forward({n: self.params[n] for n in self._shapes}, x)
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params.values() if p.grad is not None]
 
     @torch.no_grad()
-    def seed_step(self, trainable: torch.Tensor, cfg: KasminaConfig
+    def seed_step(self, trainable: torch.Tensor, cfg: KasminaConfig,
+                  grad_scale: torch.Tensor | None = None, overflow_ok: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One masked Adam(W) step on the slots where `trainable` (capacity,) and the gradient is
-        finite. Returns per-slot (grad_norm, grad_finite, drift); no host synchronisation."""
+        finite. `grad_scale` (capacity,): what each slot's gradient is divided by first (an AMP
+        loss scale). Returns per-slot (grad_norm, grad_finite, drift); no host synchronisation.
+        With `overflow_ok` (a GradScaler) a non-finite gradient skips the slot's step, as the
+        scaler skips the host's, and reads as finite."""
         sq = torch.zeros(self.capacity, device=self.opt_step.device)
         grads = {}
         for n, p in self.params.items():
             g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if grad_scale is not None:
+                g = g / grad_scale.view((-1,) + (1,) * (g.dim() - 1))
             grads[n] = g
             sq += g.pow(2).flatten(1).sum(1)
         finite = torch.isfinite(sq)
@@ -121,10 +112,5 @@ class BlueprintBank(nn.Module):
             drift_den += ema.pow(2).flatten(1).sum(1)
             p.grad = None
         drift = drift_num.sqrt() / drift_den.sqrt().clamp(min=1e-12)
-        return sq.sqrt(), finite, drift
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        key = prefix + "opt_step"
-        if key in state_dict:
-            self.grow(int(state_dict[key].shape[0]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        norm = torch.where(finite, sq.sqrt(), 0.0) if overflow_ok else sq.sqrt()
+        return norm, finite | overflow_ok, drift

@@ -28,14 +28,22 @@ class KasminaConfig:
     fine_tuning_epochs: int = 3
     fossilize_min_gain: float = 0.001
     embargo_epochs: int = 10
-    # Direction of the validation metric passed to end_epoch (accuracy: True, loss: False).
-    higher_is_better: bool = True
+    # Direction of the validation metric passed to end_epoch: "max" (accuracy) or "min" (a
+    # loss). The controllers carry their own `mode` to the layers they drive.
+    mode: str = "max"
     # Blend: by default the blueprint sees the host output detached, so the host's gradient is
     # exactly its (1 - alpha) share.
     isolate_host_in_blend: bool = True
     # Safety triggers published as ROLLED_BACK readiness (non-finite values roll back at once).
     rollback_drift_limit: float = 1.0
     rollback_grad_norm_limit: float = 1e3
+    # Banks, fixed at construction so the layer's parameters never change (DDP, FSDP2,
+    # optimizers and torch.compile follow them): one bank per catalog blueprint named here that
+    # fits some chunk (None: every registered blueprint), each with `bank_slots` slots, the
+    # most seeds of that blueprint that can be running or fossilised at once (0: min(num_seeds,
+    # 4 * max_active_seeds)). Every slot of a bank in use runs each step.
+    blueprints: tuple[str, ...] | None = None
+    bank_slots: int = 0
     # The seeds' own optimizer (Adam over the blueprint banks).
     seed_lr: float = 1e-3
     seed_betas: tuple[float, float] = (0.9, 0.999)
@@ -65,8 +73,15 @@ class KasminaConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("KasminaConfig.kernels must be auto, triton or torch: "
                              f"{self.kernels!r}")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"KasminaConfig.mode must be 'max' or 'min', got {self.mode!r}")
         if not 0.0 <= self.drift_ema < 1.0:
             raise ValueError("KasminaConfig.drift_ema must be in [0, 1)")
+
+    @property
+    def sign(self) -> float:
+        """+1 when a larger metric is better, -1 when smaller is."""
+        return 1.0 if self.mode == "max" else -1.0
 
     def replace(self, **changes: object) -> KasminaConfig:
         return dataclasses.replace(self, **changes)

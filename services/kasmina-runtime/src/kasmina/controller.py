@@ -17,7 +17,9 @@ validation progress has plateaued.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,16 +30,15 @@ from .blueprints import get_blueprint
 from .events import LifecycleEvent, SeedOutcome
 from .gates import gate_reason
 from .lifecycle import ACTIVE_STAGES, LifecycleError, SeedStage
-from .plan import STAGE
 from .telemetry import LayerHealthReport
-from .wrap import seed_layers
+from .wrap import unique_seed_layers
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
     plateau_epochs: int = 3  # epochs without an improvement > min_delta that make a plateau
     min_delta: float = 1e-3
-    higher_is_better: bool = True
+    mode: str = "max"  # the validation metric: "max" (accuracy) or "min" (a loss)
     germinations_per_plateau: int = 1
     blueprints: tuple[str, ...] = ("residual_mlp",)  # tried in order; first that fits
     strategy: str = "fixed_ramp"
@@ -45,6 +46,29 @@ class ControllerConfig:
     w_variance: float = 1.0
     w_dead: float = 1.0
     w_correlation: float = 1.0
+
+
+def check_metric(val_metric: float | None, evaluate: Callable[[], float] | None
+                 ) -> float | None:
+    """The boundary's metric, as a float; a missing one is warned about (nothing can be
+    judged or germinated on it)."""
+    if val_metric is None:
+        warnings.warn("end_epoch got no validation metric: gates that compare metrics cannot "
+                      "pass and no seed germinates on a plateau", RuntimeWarning, stacklevel=3)
+        return None
+    return float(val_metric)
+
+
+@contextlib.contextmanager
+def restore_mode(model: nn.Module) -> Iterator[None]:
+    """Put back every module's train/eval mode after the block (a user's validate() usually
+    calls model.eval() and nothing after it)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def health_scores(report: LayerHealthReport, cfg: ControllerConfig) -> np.ndarray:
@@ -57,46 +81,61 @@ def health_scores(report: LayerHealthReport, cfg: ControllerConfig) -> np.ndarra
 
 class LocalController:
     def __init__(self, model: nn.Module, config: ControllerConfig | None = None) -> None:
-        self.layers = seed_layers(model)
+        self.model = model
+        self.layers = unique_seed_layers(model)
         if not self.layers:
             raise ValueError("the model has no KasminaLayer: call kasmina.wrap(model) first")
         self.config = config or ControllerConfig()
+        if self.config.mode not in ("max", "min"):
+            raise ValueError(f"ControllerConfig.mode must be 'max' or 'min', got "
+                             f"{self.config.mode!r}")
+        for layer in self.layers:  # one metric direction, set here, read by every gate
+            layer.config = layer.config.replace(mode=self.config.mode)
         self.best: float | None = None
         self.epochs_without_progress = 0
         self.events: list[LifecycleEvent] = []  # everything that happened, in order
         self.outcomes: list[SeedOutcome] = []
         self.reports: list[LayerHealthReport] = []  # the last epoch's, one per layer
+        self._trained = False  # the model was in train mode at the last step()
 
-    def step(self, loss: torch.Tensor | float | None = None) -> None:
-        """Call once per training step, after the host optimizer's step."""
+    def step(self, loss: torch.Tensor | float | None = None,
+             scaler: torch.amp.GradScaler | None = None) -> None:
+        """Call once per training step, after the host optimizer's step (with AMP, pass the
+        GradScaler and call before `scaler.update()`)."""
+        self._trained = self.model.training
         for layer in self.layers:
-            layer.step(loss)
+            layer.step(loss, scaler)
 
-    def end_epoch(self, val_metric: float,
+    def end_epoch(self, val_metric: float | None,
                   evaluate: Callable[[], float] | None = None) -> list[LifecycleEvent]:
         """Run the policy at an epoch boundary. `evaluate()` must return the same validation
         metric as `val_metric` (it is called with single seeds switched off, to measure their
-        contribution). Returns the lifecycle events of this boundary."""
+        contribution); modes are restored after it, and a model trained in train mode is put back
+        in train mode for the next epoch. Returns the lifecycle events of this boundary."""
+        val_metric = check_metric(val_metric, evaluate)
         if evaluate is not None:
-            for layer in self.layers:
-                layer.measure_contributions(evaluate, val_metric)
+            with restore_mode(self.model):
+                for layer in self.layers:
+                    layer.measure_contributions(evaluate, val_metric)
         self.reports = [layer.end_epoch(val_metric) for layer in self.layers]
         for layer in self.layers:
             for seed_id, target in sorted(layer.readiness().items()):
                 reason = gate_reason(layer.stage_of(seed_id), target)
                 layer.transition(seed_id, target, reason=reason)
-        if self._plateaued(val_metric):
+        if val_metric is not None and self._plateaued(val_metric):
             self._germinate()
         for layer in self.layers:
             for seed_id in layer.seeds_in(SeedStage.GERMINATED):
                 layer.transition(seed_id, SeedStage.TRAINING, reason="promoted")
+        if self._trained and not self.model.training:  # validate() left the model in eval
+            self.model.train()
         new = [e for layer in self.layers for e in layer.drain_events()]
         self.events.extend(new)
         self.outcomes.extend(o for layer in self.layers for o in layer.drain_outcomes())
         return new
 
     def _plateaued(self, metric: float) -> bool:
-        sign = 1.0 if self.config.higher_is_better else -1.0
+        sign = 1.0 if self.config.mode == "max" else -1.0
         if self.best is None or sign * (metric - self.best) > self.config.min_delta:
             self.best, self.epochs_without_progress = metric, 0
             return False
@@ -110,18 +149,17 @@ class LocalController:
         """Germinate in the least healthy dormant seeds of layers with spare capacity."""
         candidates = []
         for layer, report in zip(self.layers, self.reports, strict=True):
-            stage = layer._mirror[:, STAGE]
-            if np.isin(stage, list(ACTIVE_STAGES)).sum() >= layer.config.max_active_seeds:
+            if len(layer.seeds_in(*ACTIVE_STAGES)) >= layer.config.max_active_seeds:
                 continue
             scores = health_scores(report, self.config)
-            for seed_id in np.flatnonzero(stage == SeedStage.DORMANT):
+            for seed_id in layer.seeds_in(SeedStage.DORMANT):
                 candidates.append((float(scores[seed_id]), layer, int(seed_id)))
         candidates.sort(key=lambda c: c[0])
         done = 0
         for _, layer, seed_id in candidates:
             if done == self.config.germinations_per_plateau:
                 break
-            width = layer.chunks[seed_id][1] - layer.chunks[seed_id][0]
+            width = layer.chunk_size(seed_id)
             fitting = [b for b in self.config.blueprints if get_blueprint(b).fits(width)]
             try:
                 layer.germinate(seed_id, fitting[0], self.config.strategy)

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     data = load_digits_split()
     controller = ControllerConfig(
-        higher_is_better=False, plateau_epochs=args.plateau_epochs, min_delta=args.min_delta,
+        mode="min", plateau_epochs=args.plateau_epochs, min_delta=args.min_delta,
         germinations_per_plateau=args.germinations_per_plateau,
         blueprints=tuple(args.blueprints.split(",")))
     start = time.perf_counter()

@@ -1,26 +1,41 @@
-"""`KasminaLayer`: a drop-in `nn.Linear` whose output features are split into chunks, each
+"""`KasminaLayer`: a drop-in linear layer whose output features are split into chunks, each
 watched by a seed that can grow a blueprint through the 11-stage lifecycle (DESIGN §3).
 
-Hot path (forward, `step`): a fixed number of tensor ops whatever `num_seeds`, no Python loop
-over seeds, no read back from the device. Everything that branches per seed (stage changes,
-gates, reports) happens on the host side at epoch boundaries or on commands, see `seeds.py`.
+The layer is a composition: the host-side `SeedTable` (stages, slots, records, readiness) and,
+on the device, fixed banks of blueprint parameters and the lane tensors of `lanes.py`. Commands
+and epoch boundaries change the table, then `_commit` writes the tensors once. The hot path
+(forward, `step`) launches the same ops whatever the number of seeds, has no Python loop over
+seeds and reads nothing back from the device; under `torch.compile` it reads no Python state a
+stage change touches, so the graph is compiled once (per train/eval mode and telemetry step).
 """
 
 from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import kernels
+from . import distributed, kernels
 from .bank import BlueprintBank
-from .blueprints import get_blueprint
+from .blueprints import BlueprintSpec, catalog, get_blueprint
 from .config import KasminaConfig
-from .lifecycle import SeedStage
-from .plan import STAGE, ForwardPlan, build_plan
-from .seeds import SeedLifecycleMixin
+from .events import LifecycleEvent, SeedOutcome
+from .gates import evaluate_gates
+from .lanes import LANE_TENSORS, LaneFlags, build_lanes
+from .lifecycle import RELEASING_STAGES, LifecycleError, SeedStage
+from .seed_table import BLUEPRINT_ID, EPOCHS_IN_STAGE, STAGE, STRATEGY, SeedTable
 from .strategies import GraftContext, get_strategy
-from .telemetry import SeedTelemetry
+from .telemetry import LayerHealthReport, SeedTelemetry
+
+S = SeedStage
+# Per-lane statistics of the running seeds (persistent: checkpointed), name -> fill value.
+_LANE_STATS = {"lane_steps": 0, "lane_recon": float("nan"), "lane_grad_norm": 0.0,
+               "lane_drift": 0.0, "lane_nonfinite": False}
 
 
 def split_chunks(features: int, num_seeds: int) -> list[tuple[int, int]]:
@@ -35,6 +50,23 @@ def split_chunks(features: int, num_seeds: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+def host_features(host: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a host a seed layer can wrap: `nn.Linear`, or Hugging Face's
+    `Conv1D` (a linear layer with its weight stored transposed, (in, out))."""
+    if isinstance(host, nn.Linear):
+        return host.in_features, host.out_features
+    if type(host).__name__ == "Conv1D" and hasattr(host, "nf"):
+        return int(host.weight.shape[0]), int(host.nf)
+    raise TypeError(f"KasminaLayer wraps nn.Linear or transformers' Conv1D, got "
+                    f"{type(host).__name__}")
+
+
+def _no_fused_fast_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing. torch's fused inference paths
+    (`TransformerEncoderLayer`'s) read their linears' weights directly, which would bypass the
+    seeds; they check for hooks on their sub-modules and take the plain path when one exists."""
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -52,62 +84,112 @@ class _AttachLoss(torch.autograd.Function):
         return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
 
 
-class KasminaLayer(SeedLifecycleMixin, nn.Module):
-    def __init__(self, host: nn.Linear, num_seeds: int, config: KasminaConfig | None = None,
+class KasminaLayer(nn.Module):
+    def __init__(self, host: nn.Module, num_seeds: int, config: KasminaConfig | None = None,
                  layer_id: str = "") -> None:
         super().__init__()
-        if not isinstance(host, nn.Linear):
-            raise TypeError(f"KasminaLayer wraps nn.Linear, got {type(host).__name__}")
+        self.in_features, self.out_features = host_features(host)
         self.host = host
-        self.config = config or KasminaConfig()
-        self.layer_id = layer_id
+        self.config = cfg = config or KasminaConfig()
         self.num_seeds = num_seeds
-        self.chunks = split_chunks(host.out_features, num_seeds)
-        self.chunk_width = max(e - s for s, e in self.chunks)  # padded width of a bank's chunk
+        self.chunks = split_chunks(self.out_features, num_seeds)
+        self.chunk_width = width = max(e - s for s, e in self.chunks)  # a bank's padded chunk
         device = host.weight.device
-        state = torch.zeros(num_seeds, 4, dtype=torch.int32)
-        state[:, 1:4:2] = -1  # BLUEPRINT_ID and STRATEGY: none
-        self.register_buffer("state", state.to(device))
-        self.register_buffer("alpha", torch.zeros(num_seeds, device=device))
-        self.register_buffer("slot", torch.full((num_seeds,), -1, dtype=torch.int32,
-                                                device=device))
-        self.register_buffer("steps_in_stage", torch.zeros(num_seeds, dtype=torch.int64,
-                                                           device=device))
-        self.register_buffer("recon_ratio", torch.full((num_seeds,), float("nan"),
-                                                       device=device))
-        self.register_buffer("grad_norm", torch.zeros(num_seeds, device=device))
-        self.register_buffer("drift", torch.zeros(num_seeds, device=device))
-        self.register_buffer("nonfinite", torch.zeros(num_seeds, dtype=torch.bool,
-                                                      device=device))
-        self.register_buffer("strategy_state", torch.zeros(num_seeds, 2, device=device))
-        self.telemetry = SeedTelemetry(self.chunks, self.config, device)
+        # Banks: one per blueprint that fits some chunk, fixed for the layer's life.
+        names = cfg.blueprints if cfg.blueprints is not None else [s.name for s in catalog()]
+        slots = cfg.bank_slots or min(num_seeds, 4 * cfg.max_active_seeds)
+        widths = {e - s for s, e in self.chunks}
         self.banks = nn.ModuleDict()
-        self._init_lifecycle()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_from_buffers())
+        lanes, start = {}, 0
+        for spec in (get_blueprint(n) for n in names):
+            fitting = sum(spec.fits(w) for w in (e - s for s, e in self.chunks))
+            if not any(spec.fits(w) for w in widths) or slots == 0:
+                continue
+            capacity = min(slots, fitting)
+            self.banks[str(spec.id)] = BlueprintBank(spec, width, capacity, device)
+            lanes[spec.id] = (start, start + capacity)
+            start += capacity
+        self._bank_of_lane = np.repeat(np.arange(len(lanes)),
+                                       [e - s for s, e in lanes.values()])
+        self.table = SeedTable(self.chunks, lanes, cfg.max_active_seeds, cfg.embargo_epochs,
+                               layer_id)
+        self.register_buffer("state", torch.from_numpy(self.table.state).to(device, copy=True))
+        self.register_buffer("alpha", torch.zeros(num_seeds, device=device))
+        self.register_buffer("slot", torch.from_numpy(self.table.slot).to(device, copy=True))
+        self.num_lanes = num_lanes = self.table.num_lanes
+        features = self.out_features
+        for name, (dtype, shape) in LANE_TENSORS.items():
+            self.register_buffer(name, torch.zeros(shape(num_lanes, width, features),
+                                                   dtype=dtype, device=device), persistent=False)
+        for name, fill in _LANE_STATS.items():
+            dtype = {int: torch.int64, float: torch.float32, bool: torch.bool}[type(fill)]
+            self.register_buffer(name, torch.full((num_lanes,), fill, dtype=dtype,
+                                                  device=device))
+        self.register_buffer("lane_strategy_state", torch.zeros(num_lanes, 2, device=device))
+        self.telemetry = SeedTelemetry(self.chunks, cfg, device)
+        # gcd of every chunk's start and width (and 16): lets the blend's loads vectorise.
+        self._align = int(np.gcd.reduce([*(v for c in self.chunks for v in c), 16]))
+        self._flags = LaneFlags()
+        self._tracking_step = True
+        # Steps reported this epoch while a blueprint ran, and how many of them in train mode.
+        self._live_steps = self._train_mode_steps = 0
+        self._last_report: LayerHealthReport | None = None
+        self._loaded_extra: dict | None = None
+        self.register_forward_pre_hook(_no_fused_fast_path)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
+        self._commit()
+
+    # ---------------------------------------------------------------- drop-in surface
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.host.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.host.bias
+
+    @property
+    def layer_id(self) -> str:
+        return self.table.layer_id
+
+    @layer_id.setter
+    def layer_id(self, value: str) -> None:
+        self.table.layer_id = value
 
     def extra_repr(self) -> str:
         return (f"layer_id={self.layer_id!r}, num_seeds={self.num_seeds}, "
-                f"chunk_width={self.chunk_width}")
+                f"chunk_width={self.chunk_width}, banks={self.bank_names()}")
+
+    def bank_names(self) -> list[str]:
+        return [bank.spec.name for bank in self.banks.values()]
+
+    def blueprint_parameters(self) -> list[nn.Parameter]:
+        """The seeds' parameters, stepped by their own optimizer (`step`), never the host's."""
+        return list(self.banks.parameters())
 
     # ---------------------------------------------------------------- hot path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.host(x)  # (..., F)
-        plan: ForwardPlan = self._plan
+        # Compiled, every lane runs: nothing below may read what a commit changes in Python
+        # (`_flags`), or dynamo would guard on it and recompile at every stage change.
+        compiling = torch.compiler.is_compiling()
+        flags = None if compiling else self._flags
         tracking = self.training and self._tracking_step
-        if not (tracking or plan.num_running):
+        live = compiling or flags.live
+        if not (tracking or live) or h.numel() == 0:
             return h
         h2 = h.reshape(-1, h.shape[-1])  # (N, F)
         out, stats, loss = h, None, None
-        if plan.num_running:
-            xs, y, ok = self._run_blueprints(h2, plan)
-            if plan.has_train and self.training and torch.is_grad_enabled():
-                loss = self._reconstruction_loss(xs, y, plan, ok)
-            if plan.has_blend:  # one fused pass: blend, and the telemetry when tracking
-                alpha = torch.where(ok, self.alpha.index_select(0, plan.seeds) * plan.blend, 0.0)
-                out2, stats = kernels.chunk_blend(h2, y, alpha, plan.feat, plan.run_of,
-                                                  plan.bounds, tracking,
-                                                  self.config.dead_threshold, plan.align,
-                                                  self._triton)
+        if live:
+            xs, y, ok = self._run_blueprints(h2, compiling)
+            if self.training and torch.is_grad_enabled() and (compiling or flags.has_train):
+                loss = self._reconstruction_loss(xs, y, ok)
+            if compiling or flags.has_blend:  # one fused pass: blend, telemetry when tracking
+                alpha = torch.where(ok, self.alpha.index_select(0, self.lane_index)
+                                    * self.lane_blend, 0.0)
+                out2, stats = kernels.chunk_blend(h2, y, alpha, self.run_of, self.bounds,
+                                                  tracking, self.config.dead_threshold,
+                                                  self._align, self._triton)
                 out = out2.view_as(h)
         if tracking:
             if stats is None:  # nothing blended: a read-only pass over the host output
@@ -118,103 +200,306 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
             out = _AttachLoss.apply(out, loss)
         return out
 
-    def _run_blueprints(self, h2: torch.Tensor, plan: ForwardPlan
+    @property
+    def _triton(self) -> bool:
+        return kernels.use_triton(self.config.kernels, self.alpha.device)
+
+    def _run_blueprints(self, h2: torch.Tensor, compiling: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The running seeds' chunks through their blueprints, one batched op per blueprint.
-        Returns (inputs, outputs) as (A, N, C) float32 and which seeds are finite (A,)."""
-        n, a, c = h2.shape[0], plan.num_running, self.chunk_width
-        hg = h2.index_select(1, plan.gather_idx).view(n, a, c).transpose(0, 1)  # (A, N, C)
+        """Every lane's chunk through its bank, one batched op per bank. Returns inputs and
+        outputs as (L, N, W) float32, and which lanes are finite (L,). In eager mode a bank
+        with no running lane is skipped (its outputs stand in as its inputs, never blended)."""
+        n, num_lanes, w = h2.shape[0], self.num_lanes, self.chunk_width
+        hg = h2.index_select(1, self.lane_gather).view(n, num_lanes, w).transpose(0, 1)
         xs = hg.detach().float()
-        if plan.through is not None:  # exact value, gradient only for non-isolated seeds
-            xs = xs + (hg.float() - xs) * plan.through
-        if plan.valid is not None:
-            xs = xs * plan.valid
-        y = torch.cat([self.banks[key](xs[s:e], plan.slots[s:e])
-                       for key, s, e in plan.segments]).contiguous()  # (A, N, C)
-        with torch.no_grad():  # a non-finite seed stays off until the boundary rolls it back
-            bad = self.nonfinite.index_select(0, plan.seeds) | ~torch.isfinite(y).flatten(1).all(1)
-            self.nonfinite.index_copy_(0, plan.seeds, bad)
+        if compiling or self._flags.has_through:  # exact value; gradient where through
+            xs = xs + (hg.float() - xs) * self.lane_through
+        xs = xs * self.lane_valid
+        parts, start = [], 0
+        for key, bank in self.banks.items():
+            end = start + bank.capacity
+            run = compiling or key in self._flags.banks
+            parts.append(bank(xs[start:end]) if run else xs[start:end])
+            start = end
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)  # (L, N, W)
+        with torch.no_grad():  # a non-finite lane stays off until the boundary rolls it back
+            bad = self.lane_nonfinite | (self.lane_running & ~torch.isfinite(y).flatten(1).all(1))
+            self.lane_nonfinite.copy_(bad)
         return xs, y, ~bad
 
-    def _reconstruction_loss(self, xs: torch.Tensor, y: torch.Tensor, plan: ForwardPlan,
+    def _reconstruction_loss(self, xs: torch.Tensor, y: torch.Tensor,
                              ok: torch.Tensor) -> torch.Tensor:
-        """Sum over TRAINING seeds of mse(bp(x), x); tracks mse / var(x) for the gate."""
-        diff = y - xs
-        if plan.valid is not None:
-            diff = diff * plan.valid
-        elems = plan.sizes * xs.shape[1]  # (A,)
+        """Sum over TRAINING lanes of mse(bp(x), x); tracks mse / var(x) for the gate."""
+        diff = (y - xs) * self.lane_valid
+        elems = self.lane_sizes * xs.shape[1]  # (L,)
         mse = diff.square().sum((1, 2)) / elems
+        train = self.lane_train & ok
         with torch.no_grad():
             mean = xs.sum((1, 2)) / elems
             var = (xs.square().sum((1, 2)) / elems - mean.square()).clamp(min=1e-12)
             ratio = mse / var
-            old = self.recon_ratio.index_select(0, plan.seeds)
+            old = self.lane_recon
             ema = torch.where(torch.isnan(old), ratio, 0.9 * old + 0.1 * ratio)
-            self.recon_ratio.index_copy_(0, plan.seeds, torch.where(plan.train & ok, ema, old))
-        return torch.where(plan.train & ok, mse, 0.0).sum()
+            self.lane_recon.copy_(torch.where(train, ema, old))
+        return torch.where(train, mse, 0.0).sum()
 
     @torch.no_grad()
-    def step(self, loss: torch.Tensor | float | None = None) -> None:
-        """Report one training step (call once, after the host optimizer's step): the seeds'
-        optimizer steps, grafting alphas move, step counters advance."""
-        self._step += 1
-        self._tracking_step = self._step % self.config.telemetry_every == 0
-        plan: ForwardPlan = self._plan
-        if not plan.num_running:
+    def step(self, loss: torch.Tensor | float | None = None,
+             scaler: torch.amp.GradScaler | None = None) -> None:
+        """Report one training step (call once, after the host optimizer's step; with AMP,
+        pass the `GradScaler` and call before `scaler.update()`): the seeds' optimizer steps,
+        grafting alphas move, step counters advance."""
+        table, flags = self.table, self._flags
+        table.step += 1
+        self._tracking_step = table.step % self.config.telemetry_every == 0
+        if not flags.live:
             return
-        for key, s, e in plan.segments:
-            seeds, slots = plan.seeds[s:e], plan.slots[s:e]
-            norm, finite, drift = self.banks[key].seed_step(plan.trainable[key], self.config)
-            self.grad_norm.index_copy_(0, seeds, norm.index_select(0, slots))
-            self.drift.index_copy_(0, seeds, drift.index_select(0, slots))
-            bad = self.nonfinite.index_select(0, seeds) | ~finite.index_select(0, slots)
-            self.nonfinite.index_copy_(0, seeds, bad)
-        self.steps_in_stage.index_add_(0, plan.seeds, torch.ones_like(plan.seeds))
-        if isinstance(loss, (int, float)):
+        self._live_steps += 1
+        self._train_mode_steps += self.training
+        keys = flags.banks
+        distributed.all_reduce_mean_([g for k in keys for g in self.banks[k].grads()])
+        scale = None
+        if scaler is not None and scaler.is_enabled() and scaler._scale is not None:
+            # The task loss's gradients are scaled; the reconstruction loss's (TRAINING) not.
+            scale = torch.where(self.lane_train, 1.0, scaler._scale.float().to(self.alpha.device))
+        start = 0
+        for key, bank in self.banks.items():
+            end = start + bank.capacity
+            if key in keys:
+                norm, finite, drift = bank.seed_step(
+                    self.lane_trainable[start:end], self.config,
+                    None if scale is None else scale[start:end], overflow_ok=scale is not None)
+                self.lane_grad_norm[start:end] = norm
+                self.lane_drift[start:end] = drift
+                self.lane_nonfinite[start:end] |= ~finite & self.lane_running[start:end]
+            else:  # compiled graphs run every bank: drop the (zero) gradients of idle ones
+                for p in bank.params.values():
+                    p.grad = None
+            start = end
+        self.lane_steps += self.lane_running
+        if flags.grafting and isinstance(loss, torch.Tensor):
+            loss = loss.detach().float().reshape(()).clone()
+            distributed.all_reduce_mean_([loss])
+        elif isinstance(loss, (int, float)):
             loss = torch.tensor(float(loss), device=self.alpha.device)
-        for strategy_id, seeds in plan.grafting.items():
+        for strategy_id, (seeds, lanes) in (flags.grafting or {}).items():
             ctx = GraftContext(
-                steps=self.steps_in_stage.index_select(0, seeds),
-                drift=self.drift.index_select(0, seeds),
-                grad_norm=self.grad_norm.index_select(0, seeds),
-                loss=loss, state=self.strategy_state.index_select(0, seeds),
+                steps=self.lane_steps.index_select(0, lanes),
+                drift=self.lane_drift.index_select(0, lanes),
+                grad_norm=self.lane_grad_norm.index_select(0, lanes),
+                loss=loss, state=self.lane_strategy_state.index_select(0, lanes),
                 config=self.config)
             alpha, state = get_strategy(strategy_id).update(self.alpha.index_select(0, seeds), ctx)
             self.alpha.index_copy_(0, seeds, alpha.clamp(0.0, 1.0))
-            self.strategy_state.index_copy_(0, seeds, state)
+            self.lane_strategy_state.index_copy_(0, lanes, state)
 
-    # ---------------------------------------------------------------- structure
-    def _bank(self, blueprint_id: int) -> BlueprintBank:
-        key = str(blueprint_id)
-        if key not in self.banks:
-            self.banks[key] = BlueprintBank(get_blueprint(blueprint_id), self.chunk_width,
-                                            self.alpha.device)
-        return self.banks[key]
+    # ---------------------------------------------------------------- commit
+    @torch.no_grad()
+    def _commit(self) -> None:
+        """Apply the table's changes to the tensors: one write of the stage table and of the
+        lanes, whatever the number of transitions since the last commit."""
+        table = self.table
+        for change in table.changes:
+            lane, seed = change.lane, change.seed
+            if change.target in (S.GRAFTING, *RELEASING_STAGES):
+                self.alpha[seed] = 0.0
+            if lane < 0:
+                continue
+            self.lane_steps[lane] = 0
+            if change.target is S.TRAINING:
+                self.lane_recon[lane] = float("nan")
+            if change.target is S.GRAFTING:
+                self.lane_strategy_state[lane] = 0.0
+            bank, local = self._bank_slot(lane)
+            if change.init_seed is not None:
+                bank.init_slot(local, change.init_seed)
+            if change.target in RELEASING_STAGES:
+                bank.clear_slot(local)
+                for name, fill in _LANE_STATS.items():
+                    getattr(self, name)[lane] = fill
+                self.lane_strategy_state[lane] = 0.0
+        table.changes.clear()
+        self.state.copy_(torch.from_numpy(table.state))
+        self.slot.copy_(torch.from_numpy(table.slot))
+        arrays, self._flags = build_lanes(table, self.chunk_width,
+                                          self.config.isolate_host_in_blend, self._bank_of_lane,
+                                          list(self.banks), self.alpha.device)
+        for name, value in arrays.items():
+            buf = getattr(self, name)
+            buf.copy_(torch.as_tensor(value).to(buf.dtype).view(buf.shape))
 
-    def _rebuild_plan(self) -> None:
-        self._triton = kernels.use_triton(self.config.kernels, self.alpha.device)
-        self._plan = build_plan(
-            self._mirror, self._slot, self.chunks, self.chunk_width,
-            {k: b.capacity for k, b in self.banks.items()}, self.config.isolate_host_in_blend,
-            self._counterfactual, self.alpha.device)
+    def _bank_slot(self, lane: int) -> tuple[BlueprintBank, int]:
+        key = list(self.banks)[int(self._bank_of_lane[lane])]
+        start, _ = self.table.lanes[int(key)]
+        return self.banks[key], lane - start
 
-    def _push_state(self) -> None:
-        self.state.copy_(torch.from_numpy(self._mirror))
-        self.slot.copy_(torch.from_numpy(self._slot))
-        self._rebuild_plan()
+    def _command(self, fn: Callable[[], object]) -> object:
+        """Run a table command; commit whatever it changed (nothing, when it was refused)."""
+        try:
+            return fn()
+        finally:
+            if self.table.changes:
+                self._commit()
 
-    def _sync_from_buffers(self) -> None:
-        """After load_state_dict: the host-side mirror follows the loaded buffers."""
-        self._mirror = self.state.cpu().numpy().astype(np.int32).copy()
-        self._slot = self.slot.cpu().numpy().astype(np.int32).copy()
-        self._rebuild_plan()
+    # ---------------------------------------------------------------- queries
+    def stage_of(self, seed_id: int) -> SeedStage:
+        return self.table.stage_of(seed_id)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        # Create the banks a checkpoint has, so a fresh layer loads without re-germinating.
-        for key in state_dict:
-            if key.startswith(prefix + "banks.") and key.endswith(".opt_step"):
-                self._bank(int(key[len(prefix + "banks."):].split(".")[0]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def seeds_in(self, *stages: SeedStage) -> list[int]:
+        return self.table.seeds_in(*stages)
+
+    def readiness(self) -> dict[int, SeedStage]:
+        """Seed -> the transition its gate passed at the last epoch boundary."""
+        return dict(self.table.readiness)
+
+    def chunk_size(self, seed_id: int) -> int:
+        start, end = self.chunks[self.table.check_seed(seed_id)]
+        return end - start
+
+    @property
+    def epoch(self) -> int:
+        return self.table.epoch
+
+    def params_added(self) -> int:
+        """Blueprint parameters currently part of the layer (running or fossilized seeds)."""
+        return self.table.params_added()
+
+    @property
+    def stage_counts(self) -> dict[str, int]:
+        values, counts = np.unique(self.table.state[:, STAGE], return_counts=True)
+        return {SeedStage(int(v)).name: int(c) for v, c in zip(values, counts, strict=True)}
+
+    def drain_events(self) -> list[LifecycleEvent]:
+        return self.table.drain_events()
+
+    def drain_outcomes(self) -> list[SeedOutcome]:
+        return self.table.drain_outcomes()
+
+    def health_report(self) -> LayerHealthReport | None:
+        """The report of the last epoch boundary (None before the first)."""
+        return self._last_report
+
+    # ---------------------------------------------------------------- commands
+    def germinate(self, seed_id: int, blueprint: str | int | BlueprintSpec = "residual_mlp",
+                  strategy: str | int = "fixed_ramp") -> None:
+        """DORMANT -> GERMINATED with a blueprint; raises a `LifecycleError` when refused."""
+        self._command(lambda: self.table.germinate(seed_id, blueprint, strategy))
+
+    def request_germination(self, seed_id: int,
+                            blueprint: str | int | BlueprintSpec = "residual_mlp",
+                            strategy: str | int = "fixed_ramp") -> bool:
+        try:
+            self.germinate(seed_id, blueprint, strategy)
+        except LifecycleError:
+            return False
+        return True
+
+    def cancel_germination(self, seed_id: int) -> bool:
+        return bool(self._command(lambda: self.table.cancel(seed_id)))
+
+    def transition(self, seed_id: int, stage: SeedStage | int, force: bool = False,
+                   reason: str = "command") -> None:
+        """Move a seed along the table. Refusals raise a `LifecycleError` (a `ValueError`)
+        and change nothing. `force` skips a gate, never the table (except the operator reset
+        ROLLED_BACK -> DORMANT, which needs it)."""
+        self._command(lambda: self.table.transition(seed_id, stage, force, reason))
+
+    def set_counterfactual(self, seeds: Iterable[int]) -> None:
+        """From now on, the given seeds' outputs are not blended in (as if alpha were 0)."""
+        self.table.set_counterfactual(seeds)
+        self._commit()
+
+    @contextlib.contextmanager
+    def counterfactual(self, seeds: Iterable[int]) -> Iterator[None]:
+        """Within the block, the given seeds' outputs are not blended in (as if alpha were 0)."""
+        previous = self.table.counterfactual
+        self.set_counterfactual(previous | set(seeds))
+        try:
+            yield
+        finally:
+            self.set_counterfactual(previous)
+
+    def measure_contributions(self, evaluate: Callable[[], float], val_metric: float) -> None:
+        """For each EVALUATING seed, one counterfactual pass of `evaluate` (the validation metric
+        with that seed at alpha 0); contribution = improvement the seed brings (sign-adjusted)."""
+        for seed_id in self.seeds_in(S.EVALUATING):
+            with self.counterfactual([seed_id]):
+                without = float(evaluate())
+            self.table.records[seed_id].contributions.append(
+                self.config.sign * (val_metric - without))
+
+    # ---------------------------------------------------------------- epoch boundary
+    @torch.no_grad()
+    def end_epoch(self, val_metric: float | None = None) -> LayerHealthReport:
+        """Advance EPOCHS_IN_STAGE, roll back seeds that produced non-finite values, return
+        CANCELLED and embargo-served CULLED seeds to DORMANT, evaluate gates (see readiness())
+        and return this epoch's health report. Statistics are reduced across ranks under
+        torch.distributed; one device-to-host transfer."""
+        table, num, lanes = self.table, self.num_seeds, self.table.num_lanes
+        if self._live_steps and not self._train_mode_steps:
+            warnings.warn(f"seed layer {self.layer_id!r}: all {self._live_steps} steps of this "
+                          "epoch ran in eval mode, so its seeds did not train (call "
+                          "model.train() after validating)", RuntimeWarning, stacklevel=2)
+        self._live_steps = self._train_mode_steps = 0
+        self.telemetry.reduce_across_ranks()
+        distributed.all_reduce_mean_([self.lane_recon])
+        flags = self.lane_nonfinite.to(torch.int32)
+        distributed.all_reduce_([flags], op="max")
+        tel = self.telemetry.summarize()
+        cols = torch.cat([tel["chunk_variance"], tel["dead_ratio"], tel["mean_abs_correlation"],
+                          self.alpha.double(), self.lane_recon.double(),
+                          self.lane_grad_norm.double(), self.lane_drift.double(),
+                          self.lane_steps.double(), flags.double()]).cpu().numpy()
+        self.telemetry.reset()
+        self.lane_nonfinite.zero_()
+        var, dead, corr, alpha = cols[:4 * num].reshape(4, num)
+        per_lane = cols[4 * num:].reshape(5, lanes)
+        held = table.slot >= 0
+        recon, gnorm, drift, steps, nonfinite = np.full((5, num), np.nan)
+        for row, values in zip((recon, gnorm, drift, steps, nonfinite), per_lane, strict=True):
+            row[held] = values[table.slot[held]]
+        nonfinite = np.nan_to_num(nonfinite) > 0
+        contribution, gain = table.end_epoch(nonfinite, val_metric, self.config.sign)
+        table.readiness = evaluate_gates(
+            table.state[:, STAGE], table.state[:, EPOCHS_IN_STAGE], np.nan_to_num(steps),
+            recon, alpha, np.nan_to_num(drift), np.nan_to_num(gnorm), contribution, gain,
+            self.config)
+        self._commit()
+        ready = np.full(num, -1, dtype=np.int32)
+        for seed_id, target in table.readiness.items():
+            ready[seed_id] = target
+        m = table.state
+        self._last_report = LayerHealthReport(
+            layer_id=self.layer_id, epoch=table.epoch, step=table.step, val_metric=val_metric,
+            stage=m[:, STAGE].copy(), blueprint_id=m[:, BLUEPRINT_ID].copy(),
+            epochs_in_stage=m[:, EPOCHS_IN_STAGE].copy(), strategy_id=m[:, STRATEGY].copy(),
+            alpha=alpha.astype(np.float32), chunk_variance=var.astype(np.float32),
+            dead_ratio=dead.astype(np.float32), mean_abs_correlation=corr.astype(np.float32),
+            reconstruction_ratio=recon.astype(np.float32),
+            grad_norm=np.nan_to_num(gnorm).astype(np.float32),
+            drift=np.nan_to_num(drift).astype(np.float32),
+            contribution=contribution.astype(np.float32), ready_for=ready,
+            chunks=list(self.chunks))
+        return self._last_report
+
+    # ---------------------------------------------------------------- checkpoint
+    def get_extra_state(self) -> torch.Tensor:
+        # JSON bytes in a uint8 tensor: safetensors, save_pretrained and
+        # torch.load(weights_only=True) all take a state_dict made only of tensors.
+        return torch.frombuffer(bytearray(json.dumps(self.table.to_dict()).encode()),
+                                dtype=torch.uint8)
+
+    def set_extra_state(self, extra: torch.Tensor) -> None:
+        self._loaded_extra = json.loads(bytes(extra.cpu().numpy().tobytes()).decode())
+
+    def _after_load(self) -> None:
+        """After load_state_dict: the table follows the loaded buffers and bookkeeping."""
+        if self._loaded_extra is not None:
+            self.table.load_dict(self._loaded_extra, self.state.cpu().numpy(),
+                                 self.slot.cpu().numpy())
+            self._loaded_extra = None
+            self._tracking_step = self.table.step % self.config.telemetry_every == 0
+        self._commit()
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
         """`.to(dtype)` and friends change the host only: alpha stays float32, accumulators
@@ -226,15 +511,6 @@ class KasminaLayer(SeedLifecycleMixin, nn.Module):
             if name != "host":
                 child._apply(move, recurse)
         super()._apply(move, recurse=False)
-        if hasattr(self, "_plan"):
-            self._rebuild_plan()
+        if hasattr(self, "_flags") and self._flags.grafting:
+            self._commit()  # the grafting index tensors live on the device too
         return self
-
-    def __setstate__(self, state: dict) -> None:  # copy.deepcopy / pickle
-        super().__setstate__(state)
-        self._rebuild_plan()
-
-    @property
-    def stage_counts(self) -> dict[str, int]:
-        values, counts = np.unique(self._mirror[:, STAGE], return_counts=True)
-        return {SeedStage(int(v)).name: int(c) for v, c in zip(values, counts, strict=True)}

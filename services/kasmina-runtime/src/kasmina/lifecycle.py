@@ -33,6 +33,9 @@ TRAINABLE_STAGES = frozenset({S.TRAINING, S.GRAFTING, S.FINE_TUNING, S.FOSSILIZE
 # A seed that ends here produces a field report.
 TERMINAL_OUTCOMES = frozenset({S.FOSSILIZED, S.CULLED, S.ROLLED_BACK, S.CANCELLED})
 
+# A seed that moves here gives its blueprint slot back: the chunk is the host's again.
+RELEASING_STAGES = frozenset({S.CULLED, S.CANCELLED, S.ROLLED_BACK})
+
 ROLLBACK_FROM = (S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING)
 
 # from -> allowed targets. The only move outside this table is the operator reset

@@ -107,7 +107,7 @@ def build_model(p: DigitsParams) -> nn.Module:
         # keep"): with the defaults (a 30-step ramp, host isolated from the blend) most seeds
         # are culled at evaluation, having trained on the task for two epochs; a 150-step
         # (~9 epoch) ramp that lets the host's gradient through the blueprint fossilizes them.
-        cfg = KasminaConfig(higher_is_better=False, seed_lr=p.seed_lr, ramp_steps=150,
+        cfg = KasminaConfig(mode="min", seed_lr=p.seed_lr, ramp_steps=150,
                             isolate_host_in_blend=False)
         wrap(model, seeds_per_layer=p.seeds_per_layer, config=cfg, exclude=("1", "2"))
     return model

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .config import KasminaConfig
 from .lifecycle import SeedStage
 
@@ -88,6 +89,12 @@ class SeedTelemetry(nn.Module):
         return {"chunk_variance": torch.where(empty, nan, var),
                 "dead_ratio": torch.where(empty, nan, dead / count),
                 "mean_abs_correlation": torch.where(empty, nan, mean_abs_corr)}
+
+    @torch.no_grad()
+    def reduce_across_ranks(self) -> None:
+        """Sum every rank's accumulators (all additive), so every rank summarises the same."""
+        distributed.all_reduce_([self.columns, self.rows, self.corr_sum, self.corr_prod,
+                                 self.corr_n])
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -32,7 +32,7 @@ from oona.contracts import AckReason, CommandAck, EpochEvent, EpochEventKind, Li
 from torch import nn
 
 from ..lifecycle import ACTIVE_STAGES
-from ..wrap import seed_layers
+from ..wrap import unique_seed_layers
 from .wire import CommandTarget, health_to_proto, outcome_to_field_report
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,20 @@ MAX_LATENESS_EPOCHS = 10
 
 class FleetRuntime:
     def __init__(self, model: nn.Module, job_id: str, settings: oona.BusSettings | None = None,
-                 metric_name: str = "val_metric", higher_is_better: bool | None = None) -> None:
-        layers = seed_layers(model)
+                 metric_name: str = "val_metric", mode: str | None = None) -> None:
+        layers = unique_seed_layers(model)
         if not layers:
             raise ValueError("the model has no KasminaLayer: call kasmina.wrap(model) first")
         self.job_id = job_id
         self.layers = layers
         self.target = CommandTarget(job_id, layers)
         self.metric_name = metric_name
-        self.higher_is_better = (layers[0].config.higher_is_better if higher_is_better is None
-                                 else higher_is_better)
+        mode = mode or layers[0].config.mode
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        for layer in layers:  # one metric direction for the job, read by every gate
+            layer.config = layer.config.replace(mode=mode)
+        self.higher_is_better = mode == "max"
         self.epoch = max(layer.epoch for layer in layers)
         self.step_count = 0
         settings = settings or oona.BusSettings.from_env()

@@ -3,13 +3,13 @@
 
 - `kasmina::column_stats(h, dead_threshold) -> (3, F)`: telemetry of a layer with no running
   seed (a read-only pass).
-- `kasmina::chunk_blend(h, y, alpha, feat, run_of, bounds, track, dead_threshold, align)
+- `kasmina::chunk_blend(h, y, alpha, run_of, bounds, track, dead_threshold, align)
   -> (out, stats)`: the blend of running seeds' outputs into the host output, with the
   telemetry of h in the same pass when `track` (stats is (0, F) otherwise). `align` is a
   power of two dividing every running chunk's start and width (ForwardPlan.align), declared
   to the two-pass kernel so its loads on the running chunks vectorise.
 
-- `kasmina::chunk_blend_backward(grad_out, alpha, feat, run_of, bounds, width)
+- `kasmina::chunk_blend_backward(grad_out, alpha, run_of, bounds, width)
   -> (grad_h, grad_y)`: chunk_blend's backward (registered as its autograd formula), one pass
   over the gradient: the host's gradient is exactly `grad * (1 - alpha)` on running features
   and exactly `grad` elsewhere; y's is `grad * alpha`.
@@ -63,7 +63,7 @@ def _column_stats_fake(h: Tensor, dead_threshold: float) -> Tensor:
 
 
 @torch.library.custom_op("kasmina::chunk_blend", mutates_args=())
-def _chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+def _chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, run_of: Tensor,
                  bounds: Tensor, track: bool, dead_threshold: float, align: int
                  ) -> tuple[Tensor, Tensor]:
     if _interpreting():
@@ -72,11 +72,11 @@ def _chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tens
                                         align)
     stats = (reference.column_stats(h, dead_threshold) if track
              else h.new_zeros(0, h.shape[1], dtype=torch.float32))
-    return reference.chunk_blend(h, y, alpha, feat, run_of, bounds), stats
+    return reference.chunk_blend(h, y, alpha, run_of, bounds), stats
 
 
 @_chunk_blend.register_kernel("cuda")
-def _chunk_blend_cuda(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+def _chunk_blend_cuda(h: Tensor, y: Tensor, alpha: Tensor, run_of: Tensor,
                       bounds: Tensor, track: bool, dead_threshold: float, align: int
                       ) -> tuple[Tensor, Tensor]:
     from . import triton_blend
@@ -85,43 +85,43 @@ def _chunk_blend_cuda(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of:
 
 
 @_chunk_blend.register_fake
-def _chunk_blend_fake(h, y, alpha, feat, run_of, bounds, track, dead_threshold,  # noqa: ANN001
+def _chunk_blend_fake(h, y, alpha, run_of, bounds, track, dead_threshold,  # noqa: ANN001
                       align):
     return torch.empty_like(h), h.new_empty(3 if track else 0, h.shape[1], dtype=torch.float32)
 
 
 def _blend_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    _, y, alpha, feat, run_of, bounds, _, _, _ = inputs
-    ctx.save_for_backward(alpha, feat, run_of, bounds)
+    _, y, alpha, run_of, bounds, _, _, _ = inputs
+    ctx.save_for_backward(alpha, run_of, bounds)
     ctx.mark_non_differentiable(output[1])  # the telemetry
     ctx.width = y.shape[2]
 
 
 def _blend_backward(ctx, grad_out: Tensor, _grad_stats: Tensor):  # noqa: ANN202
-    alpha, feat, run_of, bounds = ctx.saved_tensors
-    grad_h, grad_y = torch.ops.kasmina.chunk_blend_backward(grad_out, alpha, feat, run_of,
+    alpha, run_of, bounds = ctx.saved_tensors
+    grad_h, grad_y = torch.ops.kasmina.chunk_blend_backward(grad_out, alpha, run_of,
                                                             bounds, ctx.width)
-    return grad_h, grad_y, None, None, None, None, None, None, None
+    return grad_h, grad_y, None, None, None, None, None, None
 
 
 @torch.library.custom_op("kasmina::chunk_blend_backward", mutates_args=())
-def _chunk_blend_backward(grad_out: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+def _chunk_blend_backward(grad_out: Tensor, alpha: Tensor, run_of: Tensor,
                           bounds: Tensor, width: int) -> tuple[Tensor, Tensor]:
     if _interpreting():
         from . import triton_blend
         return triton_blend.chunk_blend_backward(grad_out, alpha, run_of, bounds, width)
-    return reference.chunk_blend_backward(grad_out, alpha, feat, run_of, bounds, width)
+    return reference.chunk_blend_backward(grad_out, alpha, run_of, bounds, width)
 
 
 @_chunk_blend_backward.register_kernel("cuda")
-def _chunk_blend_backward_cuda(grad_out: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
+def _chunk_blend_backward_cuda(grad_out: Tensor, alpha: Tensor, run_of: Tensor,
                                bounds: Tensor, width: int) -> tuple[Tensor, Tensor]:
     from . import triton_blend
     return triton_blend.chunk_blend_backward(grad_out, alpha, run_of, bounds, width)
 
 
 @_chunk_blend_backward.register_fake
-def _chunk_blend_backward_fake(grad_out, alpha, feat, run_of, bounds, width):  # noqa: ANN001
+def _chunk_blend_backward_fake(grad_out, alpha, run_of, bounds, width):  # noqa: ANN001
     return (torch.empty_like(grad_out, memory_format=torch.contiguous_format),
             grad_out.new_empty(alpha.shape[0], grad_out.shape[0], width, dtype=torch.float32))
 
@@ -142,13 +142,13 @@ def column_stats(h: Tensor, dead_threshold: float, triton: bool) -> Tensor:
     return triton_blend.column_stats(h, dead_threshold)
 
 
-def chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, feat: Tensor, run_of: Tensor,
-                bounds: Tensor, track: bool, dead_threshold: float, align: int, triton: bool
+def chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, run_of: Tensor, bounds: Tensor,
+                track: bool, dead_threshold: float, align: int, triton: bool
                 ) -> tuple[Tensor, Tensor | None]:
     """(out, stats or None). The reference path is differentiable as it stands."""
     if triton:
-        out, stats = torch.ops.kasmina.chunk_blend(h, y, alpha, feat, run_of, bounds, track,
+        out, stats = torch.ops.kasmina.chunk_blend(h, y, alpha, run_of, bounds, track,
                                                    dead_threshold, align)
         return out, stats if track else None
-    out = reference.chunk_blend(h, y, alpha, feat, run_of, bounds)
+    out = reference.chunk_blend(h, y, alpha, run_of, bounds)
     return out, reference.column_stats(h.detach(), dead_threshold) if track else None

@@ -4,9 +4,8 @@ Inputs shared with the Triton kernels (see `ops.py`):
 - h (N, F): the host layer's output, any float dtype.
 - y (A, N, C) float32: blueprint outputs of the A running seeds (C = padded chunk width).
 - alpha (A,) float32: effective blend weight per running seed (0 = the host's output exactly).
-- feat (M,) int64: host features of the running seeds; run_of (F,) int32: per host feature,
-  its running seed index (-1: none); bounds (A, 2) int32: each running chunk's first host
-  feature and width.
+- run_of (F,) int32: per host feature, its running lane (-1: none); bounds (A, 2) int32:
+  each running lane's first host feature and width (0, 0 for lanes that do not run).
 """
 
 from __future__ import annotations
@@ -23,34 +22,38 @@ def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
     return torch.stack([hf.sum(0), (hf * hf).sum(0), dead])
 
 
-def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, feat: torch.Tensor,
-                run_of: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """out = h, except on running seeds' features: (1 - alpha) * h + alpha * y, and exactly h
-    where alpha == 0 (TRAINING seeds, seeds switched off, non-finite seeds)."""
-    run, pos = positions(feat, run_of, bounds)
-    hv = h.index_select(1, feat).float()  # (N, M)
-    yv = y.permute(1, 0, 2)[:, run, pos]  # (N, M)
-    a = alpha[run]  # (M,)
-    blended = torch.where(a == 0, hv, (1 - a) * hv + a * yv)
-    return h.index_copy(1, feat, blended.to(h.dtype))
+def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: torch.Tensor,
+                bounds: torch.Tensor) -> torch.Tensor:
+    """out = h, except on running lanes' features: (1 - alpha) * h + alpha * y, and exactly h
+    where alpha == 0 (TRAINING seeds, seeds switched off, non-finite seeds). Every shape is
+    fixed by the layer (L lanes, F features), whatever the number of running seeds."""
+    run, pos, a = _per_feature(alpha, run_of, bounds, y.shape[2])  # (F,)
+    hf = h.float()
+    yv = y.permute(1, 0, 2)[:, run, pos]  # (N, F)
+    return torch.where(a == 0, h, ((1 - a) * hf + a * yv).to(h.dtype))
 
 
-def positions(feat: torch.Tensor, run_of: torch.Tensor, bounds: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M,) running seed index and position in its chunk of each of `feat`'s host features."""
-    run = run_of[feat].long()
-    return run, feat - bounds[run, 0].long()
+def _per_feature(alpha: torch.Tensor, run_of: torch.Tensor, bounds: torch.Tensor, width: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F,) lane, position in its chunk and alpha of each host feature; features off every
+    running lane read lane 0, position 0, alpha 0 (fixed shapes, no data-dependent masks)."""
+    on = run_of >= 0
+    run = run_of.long().clamp(min=0)
+    pos = torch.arange(run_of.shape[0], device=run_of.device) - bounds[run, 0].long()
+    pos = torch.where(on, pos, 0).clamp(0, width - 1)
+    return run, pos, torch.where(on, alpha[run], 0.0)
 
 
-def chunk_blend_backward(grad_out: torch.Tensor, alpha: torch.Tensor, feat: torch.Tensor,
-                         run_of: torch.Tensor, bounds: torch.Tensor, width: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_blend_backward(grad_out: torch.Tensor, alpha: torch.Tensor, run_of: torch.Tensor,
+                         bounds: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `chunk_blend` for h (grad * (1 - alpha) on running features, grad
-    elsewhere) and for y ((A, N, width) float32: grad * alpha; 0 on padding)."""
-    run, pos = positions(feat, run_of, bounds)  # (M,)
-    a = alpha[run]  # (M,)
-    g = grad_out.index_select(1, feat).float()  # (N, M)
-    grad_h = grad_out.index_copy(1, feat, (g * (1 - a)).to(grad_out.dtype))
-    grad_y = grad_out.new_zeros(alpha.shape[0], grad_out.shape[0], width, dtype=torch.float32)
-    grad_y.permute(1, 0, 2)[:, run, pos] = g * a
-    return grad_h, grad_y
+    elsewhere) and for y ((L, N, width) float32: grad * alpha; 0 on padding)."""
+    run, pos, a = _per_feature(alpha, run_of, bounds, width)
+    g = grad_out.float()
+    grad_h = torch.where(a == 0, grad_out, (g * (1 - a)).to(grad_out.dtype))
+    n, lanes = grad_out.shape[0], alpha.shape[0]
+    # Features off every running lane add into one spare column, dropped after.
+    into = torch.where(run_of >= 0, run * width + pos, lanes * width)
+    grad_y = grad_out.new_zeros(n, lanes * width + 1, dtype=torch.float32)
+    grad_y.index_add_(1, into, g * a)
+    return grad_h, grad_y[:, :-1].reshape(n, lanes, width).permute(1, 0, 2).contiguous()
