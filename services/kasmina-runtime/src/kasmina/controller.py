@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .blueprints import get_blueprint
 from .events import LifecycleEvent, SeedOutcome
 from .gates import gate_reason
@@ -85,6 +86,7 @@ class LocalController:
         self.layers = unique_seed_layers(model)
         if not self.layers:
             raise ValueError("the model has no KasminaLayer: call kasmina.wrap(model) first")
+        distributed.check_ddp(model)
         self.config = config or ControllerConfig()
         if self.config.mode not in ("max", "min"):
             raise ValueError(f"ControllerConfig.mode must be 'max' or 'min', got "
@@ -112,11 +114,15 @@ class LocalController:
         metric as `val_metric` (it is called with single seeds switched off, to measure their
         contribution); modes are restored after it, and a model trained in train mode is put back
         in train mode for the next epoch. Returns the lifecycle events of this boundary."""
-        val_metric = check_metric(val_metric, evaluate)
+        # Under torch.distributed every rank decides on rank 0's numbers (DESIGN §8).
+        val_metric = distributed.broadcast_object(check_metric(val_metric, evaluate))
         if evaluate is not None:
+            def shared() -> float:
+                return distributed.broadcast_object(float(evaluate()))
+
             with restore_mode(self.model):
                 for layer in self.layers:
-                    layer.measure_contributions(evaluate, val_metric)
+                    layer.measure_contributions(shared, val_metric)
         self.reports = [layer.end_epoch(val_metric) for layer in self.layers]
         for layer in self.layers:
             for seed_id, target in sorted(layer.readiness().items()):

@@ -74,3 +74,16 @@ def prepare_ddp(model: nn.Module) -> nn.Module:
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(ddp_ignored_names(model)))
     return model
+
+
+def check_ddp(model: nn.Module) -> None:
+    """A DDP-wrapped model must leave the seed layers' tensors alone (`prepare_ddp` before
+    wrapping); otherwise its broadcast overwrites other ranks' statistics and its all-reduce
+    fights the seeds' own, so ranks would silently diverge."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return
+    missing = set(ddp_ignored_names(model.module)) - set(model.parameters_to_ignore)
+    if missing:
+        raise ValueError(f"DistributedDataParallel manages {len(missing)} seed-layer tensors "
+                         f"(e.g. {sorted(missing)[0]!r}): call kasmina.wrap(model) or "
+                         "kasmina.prepare_ddp(model) before wrapping the model in DDP")

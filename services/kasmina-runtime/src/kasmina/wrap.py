@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from torch import nn
 
 from .config import KasminaConfig
+from .distributed import prepare_ddp
 from .layer import KasminaLayer
 
 log = logging.getLogger("kasmina")
@@ -82,7 +83,7 @@ def wrap(model: nn.Module, targets: tuple[type[nn.Module], ...] | None = None,
     named = None if target_modules is None else _selector(target_modules)
     if named is None and isinstance(model, types) and not excluded(""):
         _check_host(model, "", "")
-        return _seed_layer(model, seeds_per_layer, config, "")
+        return prepare_ddp(_seed_layer(model, seeds_per_layer, config, ""))
 
     modules = list(_walk(model))
     paths_of = Counter(id(child) for _, _, child, _ in modules)
@@ -111,7 +112,7 @@ def wrap(model: nn.Module, targets: tuple[type[nn.Module], ...] | None = None,
         raise ValueError(f"target_modules={target_modules!r} wrapped no module of "
                          f"{type(model).__name__} ({why})")
     _no_nested_tensors(model)
-    return model
+    return prepare_ddp(model)
 
 
 def _selector(spec: ModuleSelector) -> Callable[[str], bool]:
