@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import kasmina
 import pytest
@@ -135,3 +136,121 @@ def test_two_ranks_match_one_process_on_the_whole_batch(runs):
                 torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
             elif key.startswith("t:"):
                 assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------- the fleet bridge on two ranks
+def fleet_commands(job: str) -> list:
+    from oona.contracts import Advance, Cull, Germinate, LifecycleCommand, Rollback, stage_to_wire
+
+    def cmd(seed, at=None, **action):
+        c = LifecycleCommand(command_id=f"{job}-{len(made)}", job_id=job, layer_id="0",
+                             seed_index=seed, **action)
+        if at is not None:
+            c.apply_at_epoch = at
+        made.append(c)
+
+    made: list = []
+    for seed in (1, 2):
+        cmd(seed, at=1, germinate=Germinate(blueprint_name="residual_mlp"))
+        cmd(seed, at=1, advance=Advance(target_stage=stage_to_wire(SeedStage.TRAINING)))
+    cmd(3, at=1, germinate=Germinate(blueprint_name="no_such_blueprint"))  # refused, once
+    cmd(2, at=3, cull=Cull())
+    cmd(1, at=4, rollback=Rollback())
+    return made
+
+
+def fleet_train(rank: int, world: int, url: str, job: str) -> dict:
+    import oona
+
+    model = build()
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(kasmina.host_parameters(model), lr=0.05)
+    runtime = kasmina.attach(net, job, oona.BusSettings.from_dsn(url) if rank == 0 else None,
+                             mode="min")
+    expected = len(fleet_commands(job))
+    if rank == 0:  # every command is in before the first boundary, so the run is exact
+        start = time.monotonic()
+        while len(runtime._inbox) < expected and time.monotonic() - start < 30:
+            time.sleep(0.05)
+        assert len(runtime._inbox) == expected
+    dist.barrier()
+    rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
+    out: dict = {"tables": [], "acks": []}
+    try:
+        for epoch in range(5):
+            for step in range(STEPS):
+                x, y = data(epoch, step)
+                loss = nn.functional.mse_loss(net(x[rows]), y[rows])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                runtime.step(loss.detach())
+            acks = runtime.end_epoch(float(loss.detach()))
+            out["acks"].append([(a.command_id, a.success, a.reason) for a in acks])
+            out["tables"].append(model[0].table.state.copy())  # layer "0": the commands' layer
+    finally:
+        runtime.close()
+    return out
+
+
+def _fleet_worker(rank: int, world: int, port: int, out: str, url: str, job: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(fleet_train(rank, world, url, job), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_job_on_two_ranks_applies_each_command_once_at_the_same_boundary(oona_redis_url,
+                                                                          tmp_path):
+    import asyncio
+    import uuid
+
+    import oona
+    from oona import streams
+    from oona.contracts import CommandAck, LayerHealthReport
+
+    job = f"ddp-{uuid.uuid4().hex[:8]}"
+    commands = fleet_commands(job)
+
+    async def publish():
+        async with oona.open_bus(oona.BusSettings.from_dsn(oona_redis_url)) as bus:
+            publisher = bus.publisher("test")
+            for c in commands:
+                await publisher.publish(streams.commands(job), c, event_id=c.command_id)
+
+    async def collect(stream, cls):
+        got = []
+
+        async def on(message, _delivery):
+            got.append(message)
+
+        async with oona.open_bus(oona.BusSettings.from_dsn(oona_redis_url)) as bus:
+            consumer = bus.consumer(stream, group=f"t-{uuid.uuid4()}", name="t",
+                                    handlers={cls: on})
+            await consumer.ensure_group()
+            while await consumer.poll(block_ms=200):
+                pass
+        return [m for m in got if m.job_id == job]
+
+    asyncio.run(publish())
+    out = str(tmp_path / "fleet")
+    mp.start_processes(_fleet_worker, args=(2, free_port(), out, oona_redis_url, job), nprocs=2,
+                       start_method="spawn")
+    rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=False) for r in range(2))
+    assert rank0["acks"] == rank1["acks"]  # the same commands, at the same boundary, each rank
+    assert all((a == b).all() for a, b in zip(rank0["tables"], rank1["tables"], strict=True))
+    by_boundary = [[cid for cid, _, _ in acks] for acks in rank0["acks"]]
+    assert by_boundary[0] == [c.command_id for c in commands[:5]]
+    assert by_boundary[2] == [commands[5].command_id]  # due at epoch 3
+    assert by_boundary[3] == [commands[6].command_id]  # due at epoch 4
+    assert [ok for _, ok, _ in rank0["acks"][0]] == [True, True, True, True, False]
+    assert rank0["tables"][-1][1, 0] == SeedStage.ROLLED_BACK
+    # only rank 0 published: one ack per command, one health report per layer and boundary
+    wire = asyncio.run(collect(streams.CONTROL_ACKS, CommandAck))
+    assert sorted(a.command_id for a in wire) == sorted(c.command_id for c in commands)
+    reports = asyncio.run(collect(streams.TELEMETRY_SEED_HEALTH, LayerHealthReport))
+    assert sorted((r.layer_id, r.epoch) for r in reports) == [
+        (layer, epoch) for layer in ("0", "2") for epoch in range(1, 6)]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +33,8 @@ from oona import streams
 from oona.contracts import AckReason, CommandAck, EpochEvent, EpochEventKind, LifecycleCommand
 from torch import nn
 
+from .. import distributed
+from ..controller import restore_mode
 from ..lifecycle import ACTIVE_STAGES
 from ..wrap import unique_seed_layers
 from .wire import CommandTarget, health_to_proto, outcome_to_field_report
@@ -49,6 +53,7 @@ class FleetRuntime:
         if not layers:
             raise ValueError("the model has no KasminaLayer: call kasmina.wrap(model) first")
         self.job_id = job_id
+        self.model = model
         self.layers = layers
         self.target = CommandTarget(job_id, layers)
         self.metric_name = metric_name
@@ -60,21 +65,28 @@ class FleetRuntime:
         self.higher_is_better = mode == "max"
         self.epoch = max(layer.epoch for layer in layers)
         self.step_count = 0
-        settings = settings or oona.BusSettings.from_env()
+        distributed.check_ddp(model)
+        # Under torch.distributed only rank 0 talks to the bus: it consumes the job's commands
+        # and broadcasts the due ones at each boundary, and it alone publishes (DESIGN §8).
+        self.leader = distributed.rank() == 0
         self._broker = None
-        if settings.url is None:  # one embedded broker shared by the outbox and the consumer
-            self._broker = oona.EmbeddedRedis(port=0).start()
-            settings = oona.BusSettings.from_dsn(self._broker.url)
-        self.settings = settings
         self._inbox: collections.deque[LifecycleCommand] = collections.deque()
         self._applied: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Seconds from each command's publication to its arrival here (take_command_lags).
         self._lags: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._stop: Callable[[], None] | None = None
+        self._outbox = self._thread = None
+        if not self.leader:
+            return
+        settings = settings or oona.BusSettings.from_env()
+        if settings.url is None:  # one embedded broker shared by the outbox and the consumer
+            self._broker = oona.EmbeddedRedis(port=0).start()
+            settings = oona.BusSettings.from_dsn(self._broker.url)
+        self.settings = settings
         self._ready = threading.Event()
         self._outbox = oona.OutboxThread(settings, sender_id=f"kasmina-{job_id}").start()
         self._thread = threading.Thread(target=self._consume, name=f"kasmina-commands-{job_id}",
                                         daemon=True)
-        self._stop: Callable[[], None] | None = None
         self._thread.start()
         if not self._ready.wait(timeout=30):
             raise oona.BusUnavailable("the command consumer did not start within 30 s")
@@ -91,16 +103,24 @@ class FleetRuntime:
                   train_loss: float | None = None) -> list[CommandAck]:
         """The epoch boundary: contributions, due commands, gates, and what goes on the bus.
         Returns this boundary's acks."""
+        val_metric = distributed.broadcast_object(val_metric)  # every rank: rank 0's numbers
         if evaluate is not None:
-            for layer in self.layers:
-                layer.measure_contributions(evaluate, val_metric)
+            def shared() -> float:
+                return distributed.broadcast_object(float(evaluate()))
+
+            with restore_mode(self.model):
+                for layer in self.layers:
+                    layer.measure_contributions(shared, val_metric)
         acks = self._apply_due_commands()
         self.epoch += 1
         for layer in self.layers:
             report = layer.end_epoch(val_metric)
+            outcomes = layer.drain_outcomes()
+            if not self.leader:
+                continue
             self._outbox.put_telemetry(streams.TELEMETRY_SEED_HEALTH,
                                        health_to_proto(report, self.job_id))
-            for outcome in layer.drain_outcomes():
+            for outcome in outcomes:
                 start, end = layer.chunks[outcome.seed_id]
                 self._outbox.put(streams.FIELD_REPORTS, outcome_to_field_report(
                     outcome, self.job_id, end - start, self.higher_is_better, self.metric_name))
@@ -116,6 +136,8 @@ class FleetRuntime:
         return lags
 
     def close(self, failed: str | None = None, timeout: float = 10.0) -> None:
+        if not self.leader:
+            return
         kind = (EpochEventKind.EPOCH_EVENT_KIND_JOB_FAILED if failed
                 else EpochEventKind.EPOCH_EVENT_KIND_JOB_FINISHED)
         self._event(kind, message=failed or "")
@@ -136,31 +158,48 @@ class FleetRuntime:
 
     # ---------------------------------------------------------------- internals
     def _apply_due_commands(self) -> list[CommandAck]:
-        boundary, acks, later = self.epoch + 1, [], []
+        """Rank 0 picks the due commands; every rank applies the same ones, in the same order;
+        rank 0 publishes the acks."""
+        due = distributed.broadcast_object(
+            [c.SerializeToString() for c in self._take_due()] if self.leader else None)
+        acks = []
+        for raw in due:
+            command = LifecycleCommand.FromString(raw)
+            boundary = self.epoch + 1
+            when = command.apply_at_epoch if command.HasField("apply_at_epoch") else boundary
+            if when < boundary - MAX_LATENESS_EPOCHS:
+                ack = CommandAck(command_id=command.command_id, job_id=self.job_id,
+                                 reason=AckReason.ACK_REASON_EXPIRED, applied_epoch=self.epoch,
+                                 message=f"due at epoch {when}, now {boundary}")
+            else:
+                ack = self.target.apply(command, self.epoch, self.step_count)
+            if self.leader:
+                self._outbox.put(streams.CONTROL_ACKS, ack)
+            acks.append(ack)
+        return acks
+
+    def _take_due(self) -> list[LifecycleCommand]:
+        """The commands due at this boundary, each once, in arrival order; later ones wait."""
+        boundary, due, later = self.epoch + 1, [], []
         while self._inbox:
             command = self._inbox.popleft()
             if command.command_id in self._applied:
                 continue  # redelivered or resent after its ack: applied once
-            due = command.apply_at_epoch if command.HasField("apply_at_epoch") else boundary
-            if due > boundary:
+            when = command.apply_at_epoch if command.HasField("apply_at_epoch") else boundary
+            if when > boundary:
                 later.append(command)
                 continue
-            if due < boundary - MAX_LATENESS_EPOCHS:
-                ack = CommandAck(command_id=command.command_id, job_id=self.job_id,
-                                 reason=AckReason.ACK_REASON_EXPIRED, applied_epoch=self.epoch,
-                                 message=f"due at epoch {due}, now {boundary}")
-            else:
-                ack = self.target.apply(command, self.epoch, self.step_count)
             self._applied[command.command_id] = None
             while len(self._applied) > 100_000:
                 self._applied.popitem(last=False)
-            self._outbox.put(streams.CONTROL_ACKS, ack)
-            acks.append(ack)
+            due.append(command)
         self._inbox.extend(later)
-        return acks
+        return due
 
     def _event(self, kind: int, val_metric: float | None = None,
                train_loss: float | None = None, message: str = "") -> None:
+        if not self.leader:
+            return
         event = EpochEvent(job_id=self.job_id, kind=kind, epoch=self.epoch, step=self.step_count,
                            val_metric_name=self.metric_name,
                            higher_is_better=self.higher_is_better, message=message,
@@ -182,8 +221,11 @@ class FleetRuntime:
             self._inbox.append(command)  # applied by the training thread at its next boundary
 
         async with oona.open_bus(self.settings) as bus:
+            # One consumer per process: a restarted job is a new consumer, and the old one's
+            # pending commands are reclaimed (XAUTOCLAIM) rather than shared by name.
             consumer = bus.consumer(streams.commands(self.job_id), group=f"kasmina-{self.job_id}",
-                                    name="runtime", handlers={LifecycleCommand: on_command})
+                                    name=f"runtime-{socket.gethostname()}-{os.getpid()}",
+                                    handlers={LifecycleCommand: on_command})
             await consumer.ensure_group()
             loop = asyncio.get_running_loop()
             self._stop = lambda: loop.call_soon_threadsafe(consumer.stop)
