@@ -67,8 +67,7 @@ def build_lanes(table: SeedTable, width: int, isolate: bool, bank_of_lane: np.nd
     gather = starts[:, None] + np.minimum(pos[None, :], np.maximum(sizes, 1)[:, None] - 1)
     valid = (pos[None, :] < sizes[:, None]) & running[:, None]
     run_of = np.full(features, -1, dtype=np.int32)
-    for lane in np.flatnonzero(running):
-        run_of[starts[lane]:starts[lane] + sizes[lane]] = lane
+    run_of[gather[valid]] = np.repeat(np.arange(num_lanes), valid.sum(1))
     arrays = {
         "lane_index": seed, "lane_gather": gather.reshape(-1), "lane_valid": valid[:, None, :],
         "lane_through": through[:, None, None], "lane_blend": blend, "lane_train": train,

@@ -135,6 +135,7 @@ class KasminaLayer(nn.Module):
         self._live_steps = self._train_mode_steps = 0
         self._last_report: LayerHealthReport | None = None
         self._loaded_extra: dict | None = None
+        self._batching = False
         self.register_forward_pre_hook(_no_fused_fast_path)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
         self._commit()
@@ -334,10 +335,23 @@ class KasminaLayer(nn.Module):
         return self.banks[key], lane - start
 
     def _command(self, fn: Callable[[], object]) -> object:
-        """Run a table command; commit whatever it changed (nothing, when it was refused)."""
+        """Run a table command; commit whatever it changed (nothing, when it was refused),
+        unless inside `batch()`."""
         try:
             return fn()
         finally:
+            if self.table.changes and not self._batching:
+                self._commit()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Commands inside the block are committed to the tensors once, at its end (each is
+        still checked, and refused, on its own): many germinations cost one commit."""
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
             if self.table.changes:
                 self._commit()
 
