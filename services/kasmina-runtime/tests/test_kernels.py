@@ -154,7 +154,9 @@ def test_layer_selects_the_path_and_both_agree():
     layers = {}
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)
-        layer = KasminaLayer(nn.Linear(6, 23), 5, KasminaConfig(kernels=kernels)).to(DEVICE)
+        # one bank: its output is the blend's input as it stands (no cat makes it contiguous)
+        layer = KasminaLayer(nn.Linear(6, 23), 5, KasminaConfig(
+            kernels=kernels, blueprints=("residual_mlp",))).to(DEVICE)
         layer.germinate(2, "residual_mlp")
         for stage in (SeedStage.TRAINING, SeedStage.GRAFTING):
             layer.transition(2, stage, force=True)

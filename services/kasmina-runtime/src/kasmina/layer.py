@@ -222,7 +222,8 @@ class KasminaLayer(nn.Module):
             run = compiling or key in self._flags.banks
             parts.append(bank(xs[start:end]) if run else xs[start:end])
             start = end
-        y = parts[0] if len(parts) == 1 else torch.cat(parts)  # (L, N, W)
+        # (L, N, W), contiguous for the blend kernels (xs is a transposed view of h2)
+        y = (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
         with torch.no_grad():  # a non-finite lane stays off until the boundary rolls it back
             bad = self.lane_nonfinite | (self.lane_running & ~torch.isfinite(y).flatten(1).all(1))
             self.lane_nonfinite.copy_(bad)
