@@ -3,13 +3,16 @@
 PY       := .venv/bin/python
 PYPROJ   := $(sort $(wildcard services/*/pyproject.toml))
 SERVICES := $(patsubst %/pyproject.toml,%,$(PYPROJ))
+# Extras a service's tests need: kasmina-runtime's library needs only torch and numpy, its tests
+# every extra (the fleet, the digits demo, the Lightning and Hugging Face integrations, Triton).
+EXTRAS_kasmina-runtime := [all]
 
 .PHONY: setup run demo test bench proto lint clean up down smoke
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt $(PYPROJ)
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -r requirements.txt $(foreach s,$(SERVICES),-e ./$(s))
+	$(PY) -m pip install -q -r requirements.txt $(foreach s,$(SERVICES),-e './$(s)$(EXTRAS_$(notdir $(s)))')
 	touch $@
 
 # The main job: the whole fleet as processes and a real training job (see README).

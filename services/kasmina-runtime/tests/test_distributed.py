@@ -106,8 +106,12 @@ def runs(tmp_path_factory) -> tuple[list, list, list]:
     out = str(tmp_path_factory.mktemp("ddp") / "history")
     mp.start_processes(_worker, args=(2, free_port(), out), nprocs=2, start_method="spawn")
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
-    torch.set_num_threads(1)
-    return ranks[0], ranks[1], train(0, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran: the same summation order in every matmul
+    try:
+        return ranks[0], ranks[1], train(0, 1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ranks_stay_bit_identical_through_a_whole_lifecycle(runs):

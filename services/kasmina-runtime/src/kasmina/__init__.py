@@ -3,7 +3,9 @@
 from .blueprints import BlueprintSpec, catalog, get_blueprint, register_blueprint
 from .config import KasminaConfig
 from .controller import ControllerConfig, LocalController
+from .distributed import prepare_ddp
 from .events import LifecycleEvent, SeedOutcome
+from .export import SeedLayerSummary, Summary, export, summary
 from .layer import KasminaLayer, split_chunks
 from .lifecycle import (
     BlueprintDoesNotFitError,
@@ -26,15 +28,19 @@ __all__ = [
     "EmbargoError", "GateNotPassedError", "GraftContext", "GraftingStrategy",
     "InvalidTransitionError", "KasminaConfig", "KasminaLayer", "LayerHealthReport",
     "LifecycleError", "LifecycleEvent", "LocalController", "SeedHealth", "SeedOutcome",
-    "SeedStage", "UnknownBlueprintError", "UnknownSeedError", "UnknownStrategyError", "catalog",
-    "check_unique_ids", "get_blueprint", "get_strategy", "host_parameters", "name_layers",
-    "register_blueprint", "register_strategy", "seed_layers", "split_chunks", "wrap",
+    "SeedLayerSummary", "SeedStage", "Summary", "UnknownBlueprintError", "UnknownSeedError",
+    "UnknownStrategyError", "catalog", "check_unique_ids", "export", "get_blueprint",
+    "get_strategy", "host_parameters", "name_layers", "prepare_ddp", "register_blueprint",
+    "register_strategy",
+    "seed_layers", "split_chunks", "summary", "wrap",
 ]
 
 
 def __getattr__(name: str) -> object:
     # The fleet bridge needs the bus library (oona); library use without a fleet does not.
     if name in ("attach", "FleetRuntime"):
-        from . import fleet
+        from .extras import requires_extras
+        with requires_extras(f"kasmina.{name}", "fleet"):
+            from . import fleet
         return getattr(fleet, name)
     raise AttributeError(f"module 'kasmina' has no attribute {name!r}")

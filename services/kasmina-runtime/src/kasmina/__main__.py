@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+
+from .extras import MissingExtraError, requires_extras
+
+# The extras each command needs: serve and fleet run the digits recipe (scikit-learn), and fleet
+# plots its report (matplotlib).
+NEEDS = {"demo": ("demo",), "fleet": ("fleet", "demo"), "serve": ("fleet", "demo"),
+         "submit": ("fleet",)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,21 +23,28 @@ def main(argv: list[str] | None = None) -> None:
               "          OONA_REDIS_URL)\n"
               "  submit  submit a digits job to a running runtime service and follow it")
         sys.exit(0 if argv else 2)
-    if argv[0] == "demo":
-        from .demo import main as demo
-        demo(argv[1:])
-    elif argv[0] == "fleet":
-        from .fleet_run import main as fleet
-        fleet(argv[1:])
-    elif argv[0] == "serve":
-        from .service.main import serve
-        sys.exit(serve())
-    elif argv[0] == "submit":
-        from .submit import main as submit
-        sys.exit(submit(argv[1:]))
-    else:
+    if argv[0] not in NEEDS:
         print(f"unknown command {argv[0]!r}; try --help", file=sys.stderr)
         sys.exit(2)
+    try:
+        with requires_extras(f"python -m kasmina {argv[0]}", *NEEDS[argv[0]]):
+            command = _load(argv[0])
+    except MissingExtraError as e:
+        sys.exit(str(e))  # the one line, on stderr, exit status 1
+    sys.exit(command(argv[1:]))
+
+
+def _load(name: str) -> Callable[[list[str]], int | None]:
+    if name == "demo":
+        from .demo import main
+    elif name == "fleet":
+        from .fleet_run import main
+    elif name == "serve":
+        from .service.main import serve
+        return lambda argv: serve()
+    else:
+        from .submit import main
+    return main
 
 
 if __name__ == "__main__":
