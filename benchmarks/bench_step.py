@@ -206,9 +206,9 @@ def check(name: str, m: Mode, x: torch.Tensor, g: torch.Tensor, chunks: list) ->
         for (lo, hi), bp in zip(m.layer.spans, m.layer.bps, strict=True) if loop else ():
             bp[0].weight.copy_(w["w1"][:hi - lo].T), bp[0].bias.copy_(w["b1"])
             bp[2].weight.copy_(w["w2"][:, :hi - lo].T), bp[2].bias.copy_(w["b2"][:hi - lo])
-        for key, p in () if loop else m.layer.named_parameters():
-            if not key.startswith("host."):
-                v = w.get(key.rsplit(".", 1)[-1])
+        for bank in () if loop else m.layer.banks.values():
+            for key, p in bank.params.items():  # named (slots, *shape) views of the bank
+                v = w.get(key)
                 assert v is not None and p.shape[1:] == v.shape, f"bank layout? {key} {p.shape}"
                 p.copy_(v.expand_as(p))
     rows = min(x.shape[0], 1024)

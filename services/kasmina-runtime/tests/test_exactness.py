@@ -59,8 +59,8 @@ def test_training_seed_leaves_output_and_host_gradients_exact(make_layer, drive,
         assert torch.equal(layer.host.weight.grad[untouched], host.weight.grad[untouched])
         assert not torch.equal(out, ref)
     # the blueprints of training seeds did get a reconstruction gradient
-    assert layer.banks["1"].params["w1"].grad.abs().sum() > 0
-    assert layer.banks["3"].params["w"].grad.abs().sum() > 0
+    assert layer.banks["1"].named_grads["w1"].abs().sum() > 0
+    assert layer.banks["3"].named_grads["w"].abs().sum() > 0
 
 
 def test_blend_gives_the_host_exactly_its_one_minus_alpha_share(make_layer, drive):

@@ -68,7 +68,7 @@ def test_non_finite_gradient_is_not_applied_and_rolls_back(make_layer, drive):
     x = torch.randn(6, 12)
     layer(x).sum().backward()
     bank = layer.banks["1"]
-    bank.params["w2"].grad[int(layer.slot[0])] = math.nan
+    bank.named_grads["w2"][int(layer.slot[0])] = math.nan
     before = bank.params["w2"].detach().clone()
     layer.step()
     assert torch.equal(bank.params["w2"], before)

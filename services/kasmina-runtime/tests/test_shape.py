@@ -157,7 +157,7 @@ def test_grad_scaler_unscales_the_seeds_gradients_and_overflow_is_not_a_rollback
     # An fp16 overflow (inf gradients) skips the seeds' step as the scaler skips the host's.
     before = {n: p.detach().clone() for n, p in scaled.banks["1"].params.items()}
     scaled(x).sum().backward()
-    scaled.banks["1"].params["w1"].grad.fill_(float("inf"))
+    scaled.banks["1"].named_grads["w1"].fill_(float("inf"))
     scaled.step(None, scaler)
     assert not scaled.lane_nonfinite.any()
     assert all(torch.equal(p, before[n]) for n, p in scaled.banks["1"].params.items())

@@ -1,10 +1,13 @@
 """`BlueprintBank`: the parameters of every seed of one blueprint spec in one layer, slot-major.
 
 The capacity is fixed at construction (so the layer's parameter set never changes); every slot
-runs as one batched op (free slots compute on zeros and are masked by the layer), and the seeds'
-own optimizer is a masked Adam over the whole bank: one set of tensor ops per bank per step,
-whatever the number of seeds, with per-slot step counts so a frozen or newly germinated seed is
-exact. The bank keeps float32 master weights whatever the host's dtype.
+runs as one batched op (free slots compute on zeros and are masked by the layer). A bank's
+parameters are one flat `(capacity, P)` tensor, each named parameter a view of its columns, so
+the seeds' own optimizer (a masked Adam with per-slot step counts: a frozen or newly germinated
+seed is exact) is one set of elementwise ops over the bank whatever the number of parameters:
+measured on an H200 at 1,024 seeds, the step's per-parameter form launched about 60 kernels a
+bank, each ~25 us of host time on a CPU-bound step (benchmarks/NOTES.md, "The training step").
+The bank keeps float32 master weights whatever the host's dtype.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from .blueprints import KINDS, BlueprintSpec
 from .config import KasminaConfig
 
-_STATE = ("exp_avg", "exp_avg_sq", "ema")  # per-parameter optimizer / drift state
+_STATE = ("exp_avg", "exp_avg_sq", "ema")  # optimizer / drift state, the shape of `flat`
 
 
 class BlueprintBank(nn.Module):
@@ -26,51 +29,63 @@ class BlueprintBank(nn.Module):
         super().__init__()
         self.spec, self.chunk = spec, chunk
         self._shapes = spec.shapes(chunk)
-        self._fan_in = KINDS[spec.kind].fan_in(spec, chunk)
         self._forward = KINDS[spec.kind].forward
-        self.params = nn.ParameterDict({
-            n: nn.Parameter(torch.zeros(capacity, *s, device=device))
-            for n, s in self._shapes.items()})
-        for n, s in self._shapes.items():
-            for k in _STATE:
-                self.register_buffer(f"{k}_{n}", torch.zeros(capacity, *s, device=device))
+        fan_in = KINDS[spec.kind].fan_in(spec, chunk)
+        self._columns: dict[str, tuple[int, int]] = {}
+        bounds, start = [], 0
+        for name, shape in self._shapes.items():
+            size = math.prod(shape)
+            self._columns[name] = (start, start + size)
+            bounds.append(torch.full((size,), 1.0 / math.sqrt(fan_in[name])))
+            start += size
+        self.flat = nn.Parameter(torch.zeros(capacity, start, device=device))
+        for k in _STATE:
+            self.register_buffer(k, torch.zeros(capacity, start, device=device))
         self.register_buffer("opt_step", torch.zeros(capacity, device=device))
+        # uniform(-b, b) initialisation bound of each column, as nn.Linear's
+        self.register_buffer("init_bound", torch.cat(bounds), persistent=False)
 
     @property
     def capacity(self) -> int:
         return int(self.opt_step.shape[0])
 
-    def _state(self, kind: str, name: str) -> torch.Tensor:
-        return getattr(self, f"{kind}_{name}")
+    def view(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named (capacity, *shape) views of a (capacity, P) tensor: parameters, gradients or
+        optimizer state."""
+        return {n: flat[:, s:e].unflatten(1, self._shapes[n])
+                for n, (s, e) in self._columns.items()}
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.view(self.flat)
 
     @torch.no_grad()
     def init_slot(self, slot: int, seed: int) -> None:
         """Fresh parameters (uniform ±1/sqrt(fan_in), as nn.Linear) from a generator seeded with
         `seed`, so every rank and every process draws the same ones; empty optimizer state."""
         gen = torch.Generator().manual_seed(seed)
-        for n, p in self.params.items():
-            bound = 1.0 / math.sqrt(self._fan_in[n])
-            fresh = torch.empty(p.shape[1:]).uniform_(-bound, bound, generator=gen)
-            p[slot].copy_(fresh)
-            self._state("exp_avg", n)[slot].zero_()
-            self._state("exp_avg_sq", n)[slot].zero_()
-            self._state("ema", n)[slot].copy_(p[slot])
+        fresh = (torch.rand(self.flat.shape[1], generator=gen) * 2 - 1) * self.init_bound.cpu()
+        self.flat[slot] = fresh
+        self.exp_avg[slot] = self.exp_avg_sq[slot] = 0.0
+        self.ema[slot] = self.flat[slot]
         self.opt_step[slot] = 0
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
-        for n, p in self.params.items():
-            p[slot].zero_()
-            for k in _STATE:
-                self._state(k, n)[slot].zero_()
+        for t in (self.flat, *(getattr(self, k) for k in _STATE)):
+            t[slot] = 0.0
         self.opt_step[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (capacity, N, C) float32 -> (capacity, N, C): every slot at once."""
-        return self._forward({n: self.params[n] for n in self._shapes}, x)
+        return self._forward(self.params, x)
 
     def grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params.values() if p.grad is not None]
+        return [] if self.flat.grad is None else [self.flat.grad]
+
+    @property
+    def named_grads(self) -> dict[str, torch.Tensor] | None:
+        return None if self.flat.grad is None else self.view(self.flat.grad)
 
     @torch.no_grad()
     def seed_step(self, trainable: torch.Tensor, cfg: KasminaConfig,
@@ -81,36 +96,28 @@ class BlueprintBank(nn.Module):
         loss scale). Returns per-slot (grad_norm, grad_finite, drift); no host synchronisation.
         With `overflow_ok` (a GradScaler) a non-finite gradient skips the slot's step, as the
         scaler skips the host's, and reads as finite."""
-        sq = torch.zeros(self.capacity, device=self.opt_step.device)
-        grads = {}
-        for n, p in self.params.items():
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            if grad_scale is not None:
-                g = g / grad_scale.view((-1,) + (1,) * (g.dim() - 1))
-            grads[n] = g
-            sq += g.pow(2).flatten(1).sum(1)
+        p = self.flat
+        g = p.grad if p.grad is not None else torch.zeros_like(p)  # (capacity, P)
+        if grad_scale is not None:
+            g = g / grad_scale[:, None]
+        sq = g.square().sum(1)
         finite = torch.isfinite(sq)
         update = trainable & finite  # (capacity,)
-        self.opt_step += update.float()
+        self.opt_step += update
         b1, b2 = cfg.seed_betas
-        step = self.opt_step.clamp(min=1.0)
-        bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step  # (capacity,)
-        drift_num = torch.zeros_like(sq)
-        drift_den = torch.zeros_like(sq)
-        for n, p in self.params.items():
-            view = (-1,) + (1,) * (p.dim() - 1)
-            u = update.view(view)
-            g = torch.where(u, grads[n], 0.0)
-            m, v, ema = (self._state(k, n) for k in _STATE)
-            m.copy_(torch.where(u, m * b1 + g * (1 - b1), m))
-            v.copy_(torch.where(u, v * b2 + g * g * (1 - b2), v))
-            delta = (m / bc1.view(view)) / ((v / bc2.view(view)).sqrt() + cfg.seed_eps)
+        step = self.opt_step.clamp(min=1.0)[:, None]
+        u = update[:, None]
+        g = torch.where(u, g, 0.0)
+        self.exp_avg.copy_(torch.where(u, self.exp_avg.lerp(g, 1 - b1), self.exp_avg))
+        self.exp_avg_sq.copy_(torch.where(u, self.exp_avg_sq * b2 + g * g * (1 - b2),
+                                          self.exp_avg_sq))
+        delta = (self.exp_avg / (1 - b1 ** step)) / (
+            (self.exp_avg_sq / (1 - b2 ** step)).sqrt() + cfg.seed_eps)
+        if cfg.seed_weight_decay:
             delta = delta + cfg.seed_weight_decay * p
-            p.copy_(torch.where(u, p - cfg.seed_lr * delta, p))
-            ema.copy_(torch.where(u, ema * cfg.drift_ema + p * (1 - cfg.drift_ema), ema))
-            drift_num += (p - ema).pow(2).flatten(1).sum(1)
-            drift_den += ema.pow(2).flatten(1).sum(1)
-            p.grad = None
-        drift = drift_num.sqrt() / drift_den.sqrt().clamp(min=1e-12)
+        p.copy_(torch.where(u, p - cfg.seed_lr * delta, p))
+        self.ema.copy_(torch.where(u, self.ema.lerp(p, 1 - cfg.drift_ema), self.ema))
+        drift = (p - self.ema).norm(dim=1) / self.ema.norm(dim=1).clamp(min=1e-12)
+        p.grad = None
         norm = torch.where(finite, sq.sqrt(), 0.0) if overflow_ok else sq.sqrt()
         return norm, finite | overflow_ok, drift
