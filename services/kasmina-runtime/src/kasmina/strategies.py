@@ -62,12 +62,18 @@ class PerformanceLinked(GraftingStrategy):
         if ctx.loss is None:
             return self.ramp(alpha, ctx), ctx.state
         loss = ctx.loss.detach().float().to(alpha.device).expand_as(alpha)
-        ema_decrease, prev_loss, seen = ctx.state[:, 0], ctx.state[:, 1], ctx.steps > 1
+        # A non-finite loss (an empty batch's mean, an fp16 overflow) is no loss this step: the
+        # state keeps its last finite values; NaN as the previous loss means none seen yet.
+        finite = torch.isfinite(loss)
+        old_ema, prev_loss = ctx.state[:, 0], ctx.state[:, 1]
+        seen = (ctx.steps > 1) & torch.isfinite(prev_loss)
         decrease = torch.where(seen, prev_loss - loss, 0.0)
-        ema_decrease = torch.where(seen, self.ema * ema_decrease + (1 - self.ema) * decrease, 0.0)
-        speed = torch.where(ema_decrease > 0, 2.0, 0.5)
+        ema = torch.where(seen, self.ema * old_ema + (1 - self.ema) * decrease, 0.0)
+        ema = torch.where(finite, ema, old_ema)
+        prev = torch.where(finite, loss, torch.where(ctx.steps <= 1, float("nan"), prev_loss))
+        speed = torch.where(ema > 0, 2.0, 0.5)
         new_alpha = torch.maximum(alpha, self.ramp(alpha, ctx, speed))
-        return new_alpha, torch.stack([ema_decrease, loss], dim=1)
+        return new_alpha, torch.stack([ema, prev], dim=1)
 
 
 class DriftControlled(GraftingStrategy):
