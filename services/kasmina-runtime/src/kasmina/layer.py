@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, kernels
+from . import boundary, distributed, kernels
 from .bank import BlueprintBank
 from .blueprints import BlueprintSpec, catalog, get_blueprint
 from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
-from .gates import evaluate_gates
+from .host import AttachLoss, host_features, no_fused_fast_path, split_chunks
 from .lanes import LANE_TENSORS, LaneFlags, build_lanes
 from .lifecycle import RELEASING_STAGES, LifecycleError, SeedStage
-from .seed_table import BLUEPRINT_ID, EPOCHS_IN_STAGE, STAGE, STRATEGY, SeedTable
+from .seed_table import STAGE, SeedTable
 from .strategies import GraftContext, get_strategy
 from .telemetry import LayerHealthReport, SeedTelemetry
 
@@ -36,52 +35,6 @@ S = SeedStage
 # Per-lane statistics of the running seeds (persistent: checkpointed), name -> fill value.
 _LANE_STATS = {"lane_steps": 0, "lane_recon": float("nan"), "lane_grad_norm": 0.0,
                "lane_drift": 0.0, "lane_nonfinite": False}
-
-
-def split_chunks(features: int, num_seeds: int) -> list[tuple[int, int]]:
-    """Contiguous (start, end) bounds; the first `features % num_seeds` chunks are one wider."""
-    if not 1 <= num_seeds <= features:
-        raise ValueError(f"num_seeds must be in [1, {features}] for {features} features, "
-                         f"got {num_seeds}")
-    base, extra = divmod(features, num_seeds)
-    bounds, start = [], 0
-    for i in range(num_seeds):
-        end = start + base + (i < extra)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def host_features(host: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a host a seed layer can wrap: `nn.Linear`, or Hugging Face's
-    `Conv1D` (a linear layer with its weight stored transposed, (in, out))."""
-    if isinstance(host, nn.Linear):
-        return host.in_features, host.out_features
-    if type(host).__name__ == "Conv1D" and hasattr(host, "nf"):
-        return int(host.weight.shape[0]), int(host.nf)
-    raise TypeError(f"KasminaLayer wraps nn.Linear or transformers' Conv1D, got "
-                    f"{type(host).__name__}")
-
-
-def _no_fused_fast_path(module: nn.Module, args: tuple) -> None:
-    """A forward pre-hook that does nothing. torch's fused inference paths
-    (`TransformerEncoderLayer`'s) read their linears' weights directly, which would bypass the
-    seeds; they check for hooks on their sub-modules and take the plain path when one exists."""
-
-
-class _AttachLoss(torch.autograd.Function):
-    """Identity on `out`; in backward also seeds the gradient of `loss` with 1, so the
-    blueprints' reconstruction loss is differentiated in the same backward as the task loss
-    (its graph starts from detached inputs: the host's gradients are untouched)."""
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
 
 
 class KasminaLayer(nn.Module):
@@ -136,7 +89,7 @@ class KasminaLayer(nn.Module):
         self._last_report: LayerHealthReport | None = None
         self._loaded_extra: dict | None = None
         self._batching = False
-        self.register_forward_pre_hook(_no_fused_fast_path)
+        self.register_forward_pre_hook(no_fused_fast_path)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
         self._commit()
 
@@ -198,7 +151,7 @@ class KasminaLayer(nn.Module):
                                              self._triton)
             self.telemetry.add(stats, h2.detach())
         if loss is not None:
-            out = _AttachLoss.apply(out, loss)
+            out = AttachLoss.apply(out, loss)
         return out
 
     @property
@@ -444,57 +397,12 @@ class KasminaLayer(nn.Module):
                 self.config.sign * (val_metric - without))
 
     # ---------------------------------------------------------------- epoch boundary
-    @torch.no_grad()
     def end_epoch(self, val_metric: float | None = None) -> LayerHealthReport:
         """Advance EPOCHS_IN_STAGE, roll back seeds that produced non-finite values, return
         CANCELLED and embargo-served CULLED seeds to DORMANT, evaluate gates (see readiness())
         and return this epoch's health report. Statistics are reduced across ranks under
         torch.distributed; one device-to-host transfer."""
-        table, num, lanes = self.table, self.num_seeds, self.table.num_lanes
-        if self._live_steps and not self._train_mode_steps:
-            warnings.warn(f"seed layer {self.layer_id!r}: all {self._live_steps} steps of this "
-                          "epoch ran in eval mode, so its seeds did not train (call "
-                          "model.train() after validating)", RuntimeWarning, stacklevel=2)
-        self._live_steps = self._train_mode_steps = 0
-        self.telemetry.reduce_across_ranks()
-        distributed.all_reduce_mean_([self.lane_recon])
-        flags = self.lane_nonfinite.to(torch.int32)
-        distributed.all_reduce_([flags], op="max")
-        tel = self.telemetry.summarize()
-        cols = torch.cat([tel["chunk_variance"], tel["dead_ratio"], tel["mean_abs_correlation"],
-                          self.alpha.double(), self.lane_recon.double(),
-                          self.lane_grad_norm.double(), self.lane_drift.double(),
-                          self.lane_steps.double(), flags.double()]).cpu().numpy()
-        self.telemetry.reset()
-        self.lane_nonfinite.zero_()
-        var, dead, corr, alpha = cols[:4 * num].reshape(4, num)
-        per_lane = cols[4 * num:].reshape(5, lanes)
-        held = table.slot >= 0
-        recon, gnorm, drift, steps, nonfinite = np.full((5, num), np.nan)
-        for row, values in zip((recon, gnorm, drift, steps, nonfinite), per_lane, strict=True):
-            row[held] = values[table.slot[held]]
-        nonfinite = np.nan_to_num(nonfinite) > 0
-        contribution, gain = table.end_epoch(nonfinite, val_metric, self.config.sign)
-        table.readiness = evaluate_gates(
-            table.state[:, STAGE], table.state[:, EPOCHS_IN_STAGE], np.nan_to_num(steps),
-            recon, alpha, np.nan_to_num(drift), np.nan_to_num(gnorm), contribution, gain,
-            self.config)
-        self._commit()
-        ready = np.full(num, -1, dtype=np.int32)
-        for seed_id, target in table.readiness.items():
-            ready[seed_id] = target
-        m = table.state
-        self._last_report = LayerHealthReport(
-            layer_id=self.layer_id, epoch=table.epoch, step=table.step, val_metric=val_metric,
-            stage=m[:, STAGE].copy(), blueprint_id=m[:, BLUEPRINT_ID].copy(),
-            epochs_in_stage=m[:, EPOCHS_IN_STAGE].copy(), strategy_id=m[:, STRATEGY].copy(),
-            alpha=alpha.astype(np.float32), chunk_variance=var.astype(np.float32),
-            dead_ratio=dead.astype(np.float32), mean_abs_correlation=corr.astype(np.float32),
-            reconstruction_ratio=recon.astype(np.float32),
-            grad_norm=np.nan_to_num(gnorm).astype(np.float32),
-            drift=np.nan_to_num(drift).astype(np.float32),
-            contribution=contribution.astype(np.float32), ready_for=ready,
-            chunks=list(self.chunks))
+        self._last_report = boundary.end_epoch(self, val_metric)
         return self._last_report
 
     # ---------------------------------------------------------------- checkpoint

@@ -1,0 +1,53 @@
+"""What a seed layer needs from its host: its chunks, its feature counts, and the two pieces
+that keep the host's own callers and gradients as they were."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def split_chunks(features: int, num_seeds: int) -> list[tuple[int, int]]:
+    """Contiguous (start, end) bounds; the first `features % num_seeds` chunks are one wider."""
+    if not 1 <= num_seeds <= features:
+        raise ValueError(f"num_seeds must be in [1, {features}] for {features} features, "
+                         f"got {num_seeds}")
+    base, extra = divmod(features, num_seeds)
+    bounds, start = [], 0
+    for i in range(num_seeds):
+        end = start + base + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def host_features(host: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a host a seed layer can wrap: `nn.Linear`, or Hugging Face's
+    `Conv1D` (a linear layer with its weight stored transposed, (in, out))."""
+    if isinstance(host, nn.Linear):
+        return host.in_features, host.out_features
+    if type(host).__name__ == "Conv1D" and hasattr(host, "nf"):
+        return int(host.weight.shape[0]), int(host.nf)
+    raise TypeError(f"KasminaLayer wraps nn.Linear or transformers' Conv1D, got "
+                    f"{type(host).__name__}")
+
+
+def no_fused_fast_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing. torch's fused inference paths
+    (`TransformerEncoderLayer`'s) read their linears' weights directly, which would bypass the
+    seeds; they check for hooks on their sub-modules and take the plain path when one exists."""
+
+
+class AttachLoss(torch.autograd.Function):
+    """Identity on `out`; in backward also seeds the gradient of `loss` with 1, so the
+    blueprints' reconstruction loss is differentiated in the same backward as the task loss
+    (its graph starts from detached inputs: the host's gradients are untouched)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
