@@ -246,6 +246,18 @@ def test_a_layer_stepped_only_in_eval_mode_warns(make_layer, drive):
         layer.end_epoch(0.1)
 
 
+def test_the_layer_is_a_seed_layer_and_the_controllers_use_only_that(make_layer):
+    import inspect
+
+    from kasmina import SeedLayer, controller
+    from kasmina.fleet import wire
+
+    assert isinstance(make_layer(), SeedLayer)
+    for module in (controller, wire):  # no private field of a layer read above it
+        source = inspect.getsource(module)
+        assert "layer._" not in source and ".table" not in source, module.__name__
+
+
 def test_drop_in_surface_of_the_host(make_layer):
     layer = make_layer()
     assert layer.weight is layer.host.weight and layer.bias is layer.host.bias

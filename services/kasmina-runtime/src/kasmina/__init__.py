@@ -19,6 +19,7 @@ from .lifecycle import (
     UnknownSeedError,
     UnknownStrategyError,
 )
+from .protocol import SeedLayer
 from .strategies import GraftContext, GraftingStrategy, get_strategy, register_strategy
 from .telemetry import LayerHealthReport, SeedHealth
 from .wrap import check_unique_ids, host_parameters, name_layers, seed_layers, wrap
@@ -28,7 +29,8 @@ __all__ = [
     "EmbargoError", "GateNotPassedError", "GraftContext", "GraftingStrategy",
     "InvalidTransitionError", "KasminaConfig", "KasminaLayer", "LayerHealthReport",
     "LifecycleError", "LifecycleEvent", "LocalController", "SeedHealth", "SeedOutcome",
-    "SeedLayerSummary", "SeedStage", "Summary", "UnknownBlueprintError", "UnknownSeedError",
+    "SeedLayer", "SeedLayerSummary", "SeedStage", "Summary", "UnknownBlueprintError",
+    "UnknownSeedError",
     "UnknownStrategyError", "catalog", "check_unique_ids", "export", "get_blueprint",
     "get_strategy", "host_parameters", "name_layers", "prepare_ddp", "register_blueprint",
     "register_strategy",

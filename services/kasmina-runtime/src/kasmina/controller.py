@@ -31,6 +31,7 @@ from .blueprints import get_blueprint
 from .events import LifecycleEvent, SeedOutcome
 from .gates import gate_reason
 from .lifecycle import ACTIVE_STAGES, LifecycleError, SeedStage
+from .protocol import SeedLayer
 from .telemetry import LayerHealthReport
 from .wrap import unique_seed_layers
 
@@ -83,7 +84,7 @@ def health_scores(report: LayerHealthReport, cfg: ControllerConfig) -> np.ndarra
 class LocalController:
     def __init__(self, model: nn.Module, config: ControllerConfig | None = None) -> None:
         self.model = model
-        self.layers = unique_seed_layers(model)
+        self.layers: list[SeedLayer] = unique_seed_layers(model)
         if not self.layers:
             raise ValueError("the model has no KasminaLayer: call kasmina.wrap(model) first")
         distributed.check_ddp(model)

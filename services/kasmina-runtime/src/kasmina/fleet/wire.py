@@ -18,8 +18,8 @@ from oona.contracts import (
 
 from ..blueprints import get_blueprint
 from ..events import SeedOutcome
-from ..layer import KasminaLayer
 from ..lifecycle import ACTIVE_STAGES, InvalidTransitionError, LifecycleError, SeedStage
+from ..protocol import SeedLayer
 from ..strategies import get_strategy
 from ..telemetry import LayerHealthReport as Report
 
@@ -77,7 +77,7 @@ def outcome_to_field_report(outcome: SeedOutcome, job_id: str, chunk_size: int,
 class CommandTarget:
     """The seed layers of one job, and the job-wide adaptation switches."""
 
-    def __init__(self, job_id: str, layers: list[KasminaLayer]) -> None:
+    def __init__(self, job_id: str, layers: list[SeedLayer]) -> None:
         self.job_id = job_id
         self.layers = {layer.layer_id: layer for layer in layers}
         self.paused = False
@@ -137,7 +137,7 @@ class CommandTarget:
         return ack
 
 
-def _act(layer: KasminaLayer, seed: int, command: LifecycleCommand, action: str) -> None:
+def _act(layer: SeedLayer, seed: int, command: LifecycleCommand, action: str) -> None:
     reason = f"command {command.command_id}: {command.rationale}".rstrip(": ")
     if action == "germinate":
         g = command.germinate
