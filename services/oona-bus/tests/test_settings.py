@@ -23,9 +23,23 @@ def test_from_env_without_url_means_embedded_and_reads_overrides():
     assert (s.url, s.password, s.tls_enabled) == ("redis://h:1/0", "pw", False)
 
 
+def test_cluster_urls_select_cluster_mode_and_keep_the_marker_in_the_url():
+    s = BusSettings.from_dsn("rediss+cluster://fleet:pw@node-1:7000/0?ssl_cert_reqs=none")
+    assert (s.cluster, s.tls_enabled, s.tls_verify, s.password) == (True, True, False, "pw")
+    assert s.client_url() == "rediss://fleet:pw@node-1:7000/0?ssl_cert_reqs=none"
+    assert s.redacted_url() == "rediss+cluster://fleet:***@node-1:7000/0?ssl_cert_reqs=none"
+    s = BusSettings.from_env({"OONA_REDIS_URL": "redis+cluster://node-1:7000"})
+    assert (s.cluster, s.tls_enabled, s.url) == (True, False, "redis+cluster://node-1:7000")
+    plain = BusSettings.from_dsn("redis://h:1/0")
+    assert (plain.cluster, plain.client_url()) == (False, "redis://h:1/0")
+    assert not BusSettings().cluster
+
+
 def test_invalid_settings_are_refused():
     with pytest.raises(ValueError):
         BusSettings.from_dsn("http://h")
+    with pytest.raises(ValueError):
+        BusSettings.from_dsn("unix+cluster:///tmp/redis.sock")
     with pytest.raises(ValueError):
         BusSettings(claim_check_bytes=10, max_payload_bytes=5)
 

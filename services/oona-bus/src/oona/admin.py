@@ -7,9 +7,9 @@ from typing import Any
 
 from google.protobuf import descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError
-from redis.asyncio import Redis
 
 from oona import contracts  # noqa: F401 - registers every wire message for `describe_entry`
+from oona.connection import Client
 from oona.envelope import ENVELOPE_FIELD
 from oona.proto.kasmina.bus.v1.envelope_pb2 import Envelope
 
@@ -38,7 +38,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _lag(redis: Redis, stream: str, group: dict[str, Any]) -> int | None:
+async def _lag(redis: Client, stream: str, group: dict[str, Any]) -> int | None:
     if "lag" in group:  # Redis >= 7.0
         return None if group["lag"] is None else int(group["lag"])
     after = await redis.xrange(stream, min=f"({_text(group['last-delivered-id'])}",
@@ -46,7 +46,7 @@ async def _lag(redis: Redis, stream: str, group: dict[str, Any]) -> int | None:
     return len(after or ())
 
 
-async def stream_info(redis: Redis, stream: str) -> StreamInfo:
+async def stream_info(redis: Client, stream: str) -> StreamInfo:
     groups = []
     for group in await redis.xinfo_groups(stream):
         groups.append(GroupInfo(
@@ -56,12 +56,12 @@ async def stream_info(redis: Redis, stream: str) -> StreamInfo:
     return StreamInfo(stream, int(await redis.xlen(stream)), groups)
 
 
-async def list_streams(redis: Redis, pattern: str = "*") -> list[StreamInfo]:
+async def list_streams(redis: Client, pattern: str = "*") -> list[StreamInfo]:
     names = sorted({_text(k) async for k in redis.scan_iter(match=pattern, _type="STREAM")})
     return [await stream_info(redis, name) for name in names]
 
 
-async def pending_entries(redis: Redis, stream: str, group: str,
+async def pending_entries(redis: Client, stream: str, group: str,
                           count: int = 100) -> list[dict[str, Any]]:
     rows = await redis.xpending_range(stream, group, "-", "+", count)
     return [{"id": _text(r["message_id"]), "consumer": _text(r["consumer"]),
@@ -69,7 +69,7 @@ async def pending_entries(redis: Redis, stream: str, group: str,
             for r in rows]
 
 
-async def trim(redis: Redis, stream: str, maxlen: int, exact: bool = False) -> int:
+async def trim(redis: Client, stream: str, maxlen: int, exact: bool = False) -> int:
     """Trim to about (or, with exact, exactly) maxlen entries; returns how many were removed."""
     return int(await redis.xtrim(stream, maxlen=maxlen, approximate=not exact))
 

@@ -7,9 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
-from redis.asyncio import Redis
-
-from oona.connection import connect
+from oona.connection import Client, connect
 from oona.consumer import Consumer, ConsumerConfig, Handler
 from oona.embedded import EmbeddedRedis
 from oona.publisher import Publisher
@@ -20,7 +18,7 @@ from oona.settings import BusSettings
 class Bus:
     """A connected bus. Create publishers and consumers from it; they share its client."""
 
-    redis: Redis
+    redis: Client
     settings: BusSettings
     embedded: EmbeddedRedis | None = None
 

@@ -11,10 +11,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-
 from oona import admin, dead_letters
-from oona.connection import connect
+from oona.connection import Client, connect
 from oona.embedded import EmbeddedRedis
 from oona.settings import BusSettings
 
@@ -32,7 +30,7 @@ def _serve_embedded(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _streams(redis: Redis, args: argparse.Namespace) -> None:
+async def _streams(redis: Client, args: argparse.Namespace) -> None:
     print(f"{'stream':<48} {'length':>8}  {'group':<20} {'consumers':>9} {'pending':>8} "
           f"{'lag':>8}")
     for info in await admin.list_streams(redis, args.pattern):
@@ -44,19 +42,19 @@ async def _streams(redis: Redis, args: argparse.Namespace) -> None:
                   f"{group.pending:>8} {lag:>8}")
 
 
-async def _pending(redis: Redis, args: argparse.Namespace) -> None:
+async def _pending(redis: Client, args: argparse.Namespace) -> None:
     for row in await admin.pending_entries(redis, args.stream, args.group, args.count):
         print(f"{row['id']:<24} {row['consumer']:<24} idle {row['idle_ms']:>9} ms  "
               f"deliveries {row['deliveries']}")
 
 
-async def _dlq_list(redis: Redis, args: argparse.Namespace) -> None:
+async def _dlq_list(redis: Client, args: argparse.Namespace) -> None:
     for letter in await dead_letters.list_dead_letters(redis, args.stream, args.count):
         print(f"{letter.entry_id:<24} {letter.reason:<20} deliveries {letter.deliveries:<3} "
               f"original {letter.original_id}  {letter.detail[:80]}")
 
 
-async def _dlq_inspect(redis: Redis, args: argparse.Namespace) -> None:
+async def _dlq_inspect(redis: Client, args: argparse.Namespace) -> None:
     letter = await dead_letters.get_dead_letter(redis, args.stream, args.entry_id)
     if letter is None:
         raise SystemExit(f"no dead letter {args.entry_id} in {args.stream}.dlq")
@@ -66,7 +64,7 @@ async def _dlq_inspect(redis: Redis, args: argparse.Namespace) -> None:
     print(admin.describe_entry(letter.original_fields))
 
 
-async def _dlq_replay(redis: Redis, args: argparse.Namespace) -> None:
+async def _dlq_replay(redis: Client, args: argparse.Namespace) -> None:
     ids = args.entry_ids
     if args.all:
         ids = [d.entry_id for d in await dead_letters.list_dead_letters(redis, args.stream,
@@ -75,11 +73,11 @@ async def _dlq_replay(redis: Redis, args: argparse.Namespace) -> None:
         print(f"replayed as {new_id}")
 
 
-async def _trim(redis: Redis, args: argparse.Namespace) -> None:
+async def _trim(redis: Client, args: argparse.Namespace) -> None:
     print(f"removed {await admin.trim(redis, args.stream, args.maxlen, args.exact)} entries")
 
 
-Command = Callable[[Redis, argparse.Namespace], Coroutine[Any, Any, None]]
+Command = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, None]]
 
 
 async def _with_redis(command: Command, args: argparse.Namespace) -> None:

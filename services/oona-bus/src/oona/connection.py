@@ -6,9 +6,10 @@ import asyncio
 import logging
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -22,10 +23,21 @@ MIN_SERVER_VERSION = (6, 2)
 # ConnectionError subclass, so it is retried too.
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
+# What the bus talks to: one server, or a Redis Cluster (settings.cluster) through redis-py's
+# cluster client, which routes each command by its key's slot.
+Client = Redis | RedisCluster
 
-def client_for(settings: BusSettings) -> Redis:
+
+def atomic_across(client: Client, *keys: str) -> bool:
+    """Whether one script or MULTI may touch all of `keys`: always on one server; in a cluster
+    only when they hash to one slot (a per-job stream and its DLQ do: the job is their hash tag;
+    a global stream and its DLQ need not)."""
+    return not isinstance(client, RedisCluster) or len({key_slot(k.encode()) for k in keys}) == 1
+
+
+def client_for(settings: BusSettings) -> Client:
     """A redis-py asyncio client (bytes replies) that retries single commands on transient
-    errors."""
+    errors; the cluster client for a `redis+cluster://` URL."""
     if settings.url is None:
         raise ValueError("settings.url is None: open the bus with oona.open_bus to use the "
                          "embedded broker")
@@ -42,10 +54,14 @@ def client_for(settings: BusSettings) -> Redis:
         options.update(ssl_ca_certs=settings.tls_ca_file, ssl_certfile=settings.tls_cert_file,
                        ssl_keyfile=settings.tls_key_file,
                        ssl_cert_reqs="required" if settings.tls_verify else "none")
-    return Redis.from_url(settings.url, **options)
+    url = settings.client_url()
+    assert url is not None
+    if settings.cluster:
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
 
 
-async def connect(settings: BusSettings) -> Redis:
+async def connect(settings: BusSettings) -> Client:
     """A client that has answered PING, on a server >= 6.2; BusUnavailable after
     `connect_attempts` tries with exponential backoff."""
     client = client_for(settings)

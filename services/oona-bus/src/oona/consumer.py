@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 from google.protobuf.message import Message
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from oona import dead_letters, metrics, scripts, streams
-from oona.connection import TRANSIENT_ERRORS
+from oona.connection import TRANSIENT_ERRORS, Client, atomic_across
 from oona.contracts import schema_of
 from oona.envelope import ENVELOPE_FIELD, open_envelope, parse_payload, verify_blob
 from oona.errors import DeadLetterReason, InvalidMessage, Reject, Retry
@@ -75,7 +74,7 @@ class ConsumerConfig:
 
 
 class Consumer:
-    def __init__(self, redis: Redis, settings: BusSettings, *, stream: str, group: str,
+    def __init__(self, redis: Client, settings: BusSettings, *, stream: str, group: str,
                  name: str, handlers: Mapping[type[Message], Handler],
                  config: ConsumerConfig | None = None) -> None:
         self.config = config or ConsumerConfig()
@@ -93,6 +92,7 @@ class Consumer:
         self._handlers = {schema_of(cls).message_type: (cls, h) for cls, h in handlers.items()}
         self._ack_script = redis.register_script(scripts.ACK)
         self._autoclaim_ids = redis.register_script(scripts.AUTOCLAIM_IDS)
+        self._dead_letter_script = redis.register_script(scripts.DEAD_LETTER)
         self._retry_heap: list[tuple[float, str]] = []
         self._retrying: set[str] = set()
         self._next_reclaim = 0.0
@@ -241,14 +241,22 @@ class Consumer:
         letter = dead_letters.record(fields, stream=self.stream, original_id=entry_id,
                                      reason=reason, detail=detail, deliveries=deliveries,
                                      group=self.group, consumer=self.name)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(streams.dead_letters(self.stream), letter,  # type: ignore[arg-type]
-                      maxlen=self._settings.stream_maxlen, approximate=True)
-            pipe.xack(self.stream, self.group, entry_id)
-            await pipe.execute()
+        dlq = streams.dead_letters(self.stream)
+        if atomic_across(self._redis, dlq, self.stream):
+            await self._dead_letter_script(
+                keys=[dlq, self.stream],
+                args=[self._settings.stream_maxlen, self.group, entry_id,
+                      *(part for pair in letter.items() for part in pair)])
+        else:
+            # A global stream and its DLQ on two cluster slots: no one call spans them. DLQ
+            # first, then ack, so this stays at least once: dying in between leaves the entry
+            # pending, it is reclaimed and dead-lettered again (a second letter, never a loss).
+            await self._redis.xadd(dlq, letter,  # type: ignore[arg-type]
+                                   maxlen=self._settings.stream_maxlen, approximate=True)
+            await self._redis.xack(self.stream, self.group, entry_id)
         metrics.DEAD_LETTERED.labels(self._family, reason.value).inc()
-        log.warning("%s: %s %s -> %s (%s: %s)", self.name, self.stream, entry_id,
-                    streams.dead_letters(self.stream), reason.value, detail)
+        log.warning("%s: %s %s -> %s (%s: %s)", self.name, self.stream, entry_id, dlq,
+                    reason.value, detail)
 
     async def _redeliver_due(self) -> int:
         now = time.monotonic()

@@ -10,9 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from redis.asyncio import Redis
-
-from oona import streams
+from oona import scripts, streams
+from oona.connection import Client, atomic_across
 
 _PREFIX = b"dlq."
 Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py returns it (bytes mode)
@@ -62,32 +61,38 @@ def parse(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> DeadLetter:
     )
 
 
-async def list_dead_letters(redis: Redis, stream: str, count: int = 100,
+async def list_dead_letters(redis: Client, stream: str, count: int = 100,
                             start: str = "-") -> list[DeadLetter]:
     entries = cast(list[Entry], await redis.xrange(streams.dead_letters(stream), min=start,
                                                    count=count))
     return [parse(entry_id, fields) for entry_id, fields in entries]
 
 
-async def get_dead_letter(redis: Redis, stream: str, entry_id: str) -> DeadLetter | None:
+async def get_dead_letter(redis: Client, stream: str, entry_id: str) -> DeadLetter | None:
     entries = cast(list[Entry], await redis.xrange(streams.dead_letters(stream), min=entry_id,
                                                    max=entry_id))
     return parse(*entries[0]) if entries else None
 
 
-async def replay(redis: Redis, stream: str, entry_ids: Sequence[str]) -> list[str]:
+async def replay(redis: Client, stream: str, entry_ids: Sequence[str]) -> list[str]:
     """Re-publish dead letters to their stream verbatim (same event_id) and remove them from the
-    DLQ, atomically per letter; returns the new entry ids. Fix the cause first: a letter that
-    fails again comes back after max_deliveries."""
+    DLQ, atomically per letter (in a Redis Cluster where both share a slot); returns the new
+    entry ids. Fix the cause first: a letter that fails again comes back after max_deliveries."""
     new_ids = []
     dlq = streams.dead_letters(stream)
     for entry_id in entry_ids:
         letter = await get_dead_letter(redis, stream, entry_id)
         if letter is None:
             raise KeyError(f"no dead letter {entry_id} in {dlq}")
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(stream, letter.original_fields)  # type: ignore[arg-type]
-            pipe.xdel(dlq, entry_id)
-            new_id, _ = await pipe.execute()
+        if atomic_across(redis, stream, dlq):
+            new_id = await redis.register_script(scripts.REPLAY)(
+                keys=[stream, dlq],
+                args=[entry_id, *(part for pair in letter.original_fields.items()
+                                  for part in pair)])
+        else:
+            # A global stream and its DLQ on two cluster slots: stream first, so dying in
+            # between leaves the letter in the DLQ (replayed twice at worst, never lost).
+            new_id = await redis.xadd(stream, letter.original_fields)  # type: ignore[arg-type]
+            await redis.xdel(dlq, entry_id)
         new_ids.append(new_id.decode())
     return new_ids

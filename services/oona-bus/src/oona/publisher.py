@@ -6,9 +6,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from google.protobuf.message import Message
-from redis.asyncio import Redis
 
 from oona import metrics, scripts, streams
+from oona.connection import Client
 from oona.envelope import Outgoing, encode
 from oona.settings import BusSettings
 
@@ -26,7 +26,7 @@ class Publisher:
     droppable and high-volume, is published without (it would cost one key per message).
     """
 
-    def __init__(self, redis: Redis, settings: BusSettings, sender_id: str) -> None:
+    def __init__(self, redis: Client, settings: BusSettings, sender_id: str) -> None:
         self._redis = redis
         self._settings = settings
         self._publish_script = redis.register_script(scripts.PUBLISH)

@@ -42,6 +42,25 @@ for id in string.gmatch(ARGV[2], '[^\\n]+') do ids[#ids + 1] = id end
 if #ids == 0 then return 0 end
 return redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
 """
+# Dead-letter an entry: XADD to the DLQ and XACK on the stream, atomically. A script rather than
+# MULTI: it is atomic on one server and on one cluster slot alike, and the async cluster client of
+# older redis-py (the pin allows redis>=5.0) refuses MULTI. In a Redis Cluster it is used only
+# where both keys share a slot (oona.connection.atomic_across); Consumer._dead_letter does the
+# other case.
+# KEYS: DLQ, stream. ARGV: MAXLEN (approximate), group, entry id, then field, value, ...
+DEAD_LETTER = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
+"""
+
+# Replay a dead letter: XADD its fields to the stream and XDEL it from the DLQ, atomically.
+# KEYS: stream, DLQ. ARGV: the dead letter's entry id, then field, value, ... Returns the new id.
+REPLAY = """
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[2], ARGV[1])
+return id
+"""
+
 # Lua's unpack() limit (LUAI_MAXCSTACK 8000) bounds how many ids one ACK call takes.
 MAX_ACK_BATCH = 1000
 _HASH_TAG = re.compile(r"\{[^}]+\}")

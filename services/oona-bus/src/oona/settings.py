@@ -8,6 +8,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+# `redis+cluster://` and `rediss+cluster://` name a Redis Cluster (any one node: the client finds
+# the others); the URL stays whole in OONA_REDIS_URL, so a child process inherits cluster mode.
+_CLUSTER_SUFFIX = "+cluster"
+_SCHEMES = ("redis", "rediss", "unix", "redis" + _CLUSTER_SUFFIX, "rediss" + _CLUSTER_SUFFIX)
+
 
 @dataclass(frozen=True)
 class BusSettings:
@@ -51,18 +56,35 @@ class BusSettings:
             raise ValueError("TLS over a unix socket is not supported")
 
     @property
+    def _scheme(self) -> str:
+        return urlsplit(self.url).scheme if self.url else ""
+
+    @property
     def tls_enabled(self) -> bool:
-        return bool(self.url and self.url.startswith("rediss://"))
+        return self._scheme.removesuffix(_CLUSTER_SUFFIX) == "rediss"
+
+    @property
+    def cluster(self) -> bool:
+        """A Redis Cluster URL: open_bus then uses redis-py's cluster client."""
+        return self._scheme.endswith(_CLUSTER_SUFFIX)
+
+    def client_url(self) -> str | None:
+        """The URL as redis-py takes it (without the `+cluster` marker)."""
+        if self.url is None or not self.cluster:
+            return self.url
+        return urlsplit(self.url)._replace(scheme=self._scheme.removesuffix(_CLUSTER_SUFFIX)
+                                           ).geturl()
 
     @classmethod
     def from_dsn(cls, dsn: str, **overrides: Any) -> BusSettings:
-        """Settings from a Redis URL (`redis://`, `rediss://` or `unix://`), credentials included.
+        """Settings from a Redis URL (`redis://`, `rediss://` or `unix://`; `redis+cluster://` or
+        `rediss+cluster://` for a Redis Cluster), credentials included.
 
         Query parameters `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile` and `ssl_cert_reqs=none`
         set the TLS fields, as redis-py names them.
         """
         parts = urlsplit(dsn)
-        if parts.scheme not in ("redis", "rediss", "unix"):
+        if parts.scheme not in _SCHEMES:
             raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {dsn!r}")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         fields: dict[str, Any] = {
