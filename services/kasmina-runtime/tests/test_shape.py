@@ -206,10 +206,13 @@ def test_the_controllers_mode_sets_the_direction_of_every_contribution(make_laye
         LocalController(model, ControllerConfig(mode="lower"))
 
 
-def test_end_epoch_without_a_metric_warns(make_layer):
-    ctl = LocalController(nn.Sequential(make_layer()))
+def test_end_epoch_without_a_metric_warns_and_judges_nothing(make_layer, drive):
+    layer = make_layer()
+    ctl = LocalController(nn.Sequential(layer))
+    drive(layer, 1, S.EVALUATING)
     with pytest.warns(RuntimeWarning, match="no validation metric"):
-        ctl.end_epoch(None)
+        ctl.end_epoch(None, evaluate=lambda: 0.5)
+    assert layer.stage_of(1) is S.EVALUATING and not layer.table.records[1].contributions
 
 
 def test_the_controller_puts_a_model_left_in_eval_mode_back_in_train_mode(make_layer, drive):

@@ -50,8 +50,7 @@ class ControllerConfig:
     w_correlation: float = 1.0
 
 
-def check_metric(val_metric: float | None, evaluate: Callable[[], float] | None
-                 ) -> float | None:
+def check_metric(val_metric: float | None) -> float | None:
     """The boundary's metric, as a float; a missing one is warned about (nothing can be
     judged or germinated on it)."""
     if val_metric is None:
@@ -116,8 +115,8 @@ class LocalController:
         contribution); modes are restored after it, and a model trained in train mode is put back
         in train mode for the next epoch. Returns the lifecycle events of this boundary."""
         # Under torch.distributed every rank decides on rank 0's numbers (DESIGN §8).
-        val_metric = distributed.broadcast_object(check_metric(val_metric, evaluate))
-        if evaluate is not None:
+        val_metric = distributed.broadcast_object(check_metric(val_metric))
+        if evaluate is not None and val_metric is not None:
             def shared() -> float:
                 return distributed.broadcast_object(float(evaluate()))
 

@@ -34,7 +34,7 @@ from oona.contracts import AckReason, CommandAck, EpochEvent, EpochEventKind, Li
 from torch import nn
 
 from .. import distributed
-from ..controller import restore_mode
+from ..controller import check_metric, restore_mode
 from ..lifecycle import ACTIVE_STAGES
 from ..wrap import unique_seed_layers
 from .wire import CommandTarget, health_to_proto, outcome_to_field_report
@@ -99,12 +99,13 @@ class FleetRuntime:
         for layer in self.layers:
             layer.step(loss)
 
-    def end_epoch(self, val_metric: float, evaluate: Callable[[], float] | None = None,
+    def end_epoch(self, val_metric: float | None, evaluate: Callable[[], float] | None = None,
                   train_loss: float | None = None) -> list[CommandAck]:
         """The epoch boundary: contributions, due commands, gates, and what goes on the bus.
         Returns this boundary's acks."""
-        val_metric = distributed.broadcast_object(val_metric)  # every rank: rank 0's numbers
-        if evaluate is not None:
+        # every rank decides on rank 0's numbers; a missing metric is warned about
+        val_metric = distributed.broadcast_object(check_metric(val_metric))
+        if evaluate is not None and val_metric is not None:
             def shared() -> float:
                 return distributed.broadcast_object(float(evaluate()))
 
