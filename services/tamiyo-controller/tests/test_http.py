@@ -87,5 +87,5 @@ def test_metrics_exposes_decisions_latency_acks_and_fallbacks():
     for series in ('tamiyo_decisions_total{kind="germinate"}', "tamiyo_decision_seconds_bucket",
                    'tamiyo_acks_total{reason="REFUSED_TRANSITION"}',
                    "tamiyo_karn_fallbacks_total", "tamiyo_command_retries_total",
-                   "tamiyo_commands_abandoned_total", "tamiyo_jobs"):
+                   "tamiyo_commands_abandoned_total", "tamiyo_jobs", "tamiyo_leased_jobs"):
         assert series in text, series

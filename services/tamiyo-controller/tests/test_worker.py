@@ -15,6 +15,7 @@ from oona.contracts import SeedStage as Stage
 from oona.envelope import ENVELOPE_FIELD
 from tamiyo import metrics
 from tamiyo.controller import Controller, DeliveryConfig
+from tamiyo.lease import JobLeases
 from tamiyo.policy import HeuristicPolicy, PolicyConfig
 from tamiyo.store import StateStore
 from tamiyo.worker import ControllerWorker
@@ -22,14 +23,17 @@ from tamiyo.worker import ControllerWorker
 FAST = ConsumerConfig(block_ms=50, shutdown_grace_s=2.0)
 POLICY = PolicyConfig(plateau_epochs=2, min_delta=0.01, cooldown_epochs=2)
 LAYERS = ("layers.0", "layers.1")
+LEASE_MS = 2000
 
 
 @asynccontextmanager
 async def _worker(bus: Bus, advisor, *, ack_timeout_s: float = 60.0,
-                  report_grace_s: float = 30.0) -> AsyncIterator[ControllerWorker]:
+                  report_grace_s: float = 30.0,
+                  name: str = "test") -> AsyncIterator[ControllerWorker]:
     controller = Controller(HeuristicPolicy(POLICY, advisor),
                             DeliveryConfig(ack_timeout_s=ack_timeout_s))
-    worker = ControllerWorker(bus, StateStore(bus.redis), controller, "tamiyo-test",
+    worker = ControllerWorker(bus, StateStore(bus.redis), controller, f"tamiyo-{name}",
+                              leases=JobLeases(bus.redis, f"replica-{name}", LEASE_MS),
                               report_grace_s=report_grace_s, tick_s=0.05, config=FAST)
     running = asyncio.create_task(worker.run())
     await _until(lambda: worker.resumed.is_set() or running.done())
@@ -52,12 +56,15 @@ async def _until(condition: Callable[[], bool | Awaitable[bool]], timeout: float
         await asyncio.sleep(0.02)
 
 
-async def _sent(bus: Bus, job: str = "job-1") -> list[tuple[str, LifecycleCommand]]:
-    """(envelope event id, command) of every command published for the job, in order."""
+async def _sent(bus: Bus, job: str = "job-1", *,
+                senders: bool = False) -> list[tuple[str, LifecycleCommand]]:
+    """(envelope event id, or sender id, command) of every command published for the job, in
+    order."""
     sent = []
     for _id, fields in await bus.redis.xrange(streams.commands(job)):
         envelope = Envelope.FromString(fields[ENVELOPE_FIELD])
-        sent.append((envelope.event_id, LifecycleCommand.FromString(envelope.payload)))
+        sent.append((envelope.sender_id if senders else envelope.event_id,
+                     LifecycleCommand.FromString(envelope.payload)))
     return sent
 
 
@@ -251,5 +258,47 @@ def test_a_job_restarted_from_a_checkpoint_gets_its_replayed_epochs_decided(
             first, again = (command for _, command in await _sent(bus))
             assert first.WhichOneof("action") == again.WhichOneof("action") == "germinate"
             assert first.command_id != again.command_id
+
+    asyncio.run(body())
+
+
+def test_two_replicas_decide_each_epoch_once_and_hand_over_at_shutdown(
+        private_redis_url, advisor, report, epoch_ended):
+    async def body() -> None:
+        async with _bus(private_redis_url) as bus:
+            async with _worker(bus, advisor, name="a") as a, _worker(bus, advisor, name="b") as b:
+                for epoch in range(3):
+                    await _epoch(bus, report, epoch_ended, epoch, 0.6)
+                await _until(lambda: _decided(bus, 2))
+                owner, follower = (a, b) if a.leases.held("job-1") else (b, a)
+                assert not follower.leases.held("job-1")
+                assert await owner.leases.owner("job-1") == owner.leases.replica_id
+                ((sender, germinate),) = await _sent(bus, senders=True)
+                assert sender == f"tamiyo-{owner.leases.replica_id.removeprefix('replica-')}"
+                # The follower read every message too, but decided and saved nothing.
+                assert follower.views["job-1"].epoch == 2
+                assert follower.views["job-1"].last_decided_epoch == -1
+                # The runtime applies it and acks, as the owner shuts down.
+                await bus.publisher("kasmina-test").publish(streams.CONTROL_ACKS, CommandAck(
+                    command_id=germinate.command_id, job_id="job-1", success=True,
+                    reason=AckReason.ACK_REASON_OK, stage_before=Stage.SEED_STAGE_DORMANT,
+                    stage_after=Stage.SEED_STAGE_GERMINATED, applied_epoch=3))
+                await _until(lambda: germinate.command_id in follower.views["job-1"].early_acks)
+                owner.stop()
+                stopped = time.monotonic()
+                await _until(lambda: follower.leases.held("job-1"))
+                assert time.monotonic() - stopped < LEASE_MS / 1000, "released, not expired"
+                view = follower.views["job-1"]
+                assert view.last_decided_epoch == 2 and not view.pending, "the ack was applied"
+                stages = [Stage.SEED_STAGE_DORMANT] * 4
+                stages[germinate.seed_index] = Stage.SEED_STAGE_GERMINATED
+                (other_layer,) = set(LAYERS) - {germinate.layer_id}
+                await _epoch(bus, report, epoch_ended, 3, 0.6, layers=(other_layer,))
+                await _epoch(bus, report, epoch_ended, 3, 0.6, layers=(germinate.layer_id,),
+                             stages=stages, event=False)
+                await _until(lambda: _decided(bus, 3))
+                sent = await _sent(bus, senders=True)
+                assert [c.WhichOneof("action") for _, c in sent] == ["germinate", "advance"]
+                assert sent[1][0] != sender, "decided by the new owner"
 
     asyncio.run(body())

@@ -21,7 +21,9 @@ COMMAND_RETRIES = Counter("tamiyo_command_retries",
                           "Commands re-sent (same command_id) because their ack was overdue.")
 COMMANDS_ABANDONED = Counter("tamiyo_commands_abandoned",
                              "Commands given up on after max attempts without an ack.")
-JOBS = Gauge("tamiyo_jobs", "Jobs Tamiyo is controlling.")
+JOBS = Gauge("tamiyo_jobs", "Running jobs this replica follows (every replica follows all).")
+LEASED_JOBS = Gauge("tamiyo_leased_jobs",
+                    "Jobs whose lease this replica holds: the ones it decides and commands.")
 
 # Every series exists from the start, at 0, so rates and dashboards see it.
 for _kind in COMMAND_KINDS:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from tamiyo.blueprints import KarnAdvisor
 from tamiyo.controller import Controller, DeliveryConfig
 from tamiyo.grpc_api import TamiyoServicer, start_grpc_server
+from tamiyo.lease import JobLeases
 from tamiyo.policy import HeuristicPolicy
 from tamiyo.settings import TamiyoSettings
 from tamiyo.store import StateStore
@@ -60,7 +61,8 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
     policy = HeuristicPolicy(settings.policy(), advisor)
     worker = ControllerWorker(
         bus, StateStore(bus.redis), Controller(policy, settings.delivery()),
-        settings.consumer_name, report_grace_s=settings.report_grace_s, tick_s=settings.tick_s,
+        settings.consumer_name, leases=JobLeases(bus.redis, settings.replica_id, settings.lease_ms),
+        report_grace_s=settings.report_grace_s, tick_s=settings.tick_s,
         config=ConsumerConfig(max_deliveries=settings.max_deliveries,
                               shutdown_grace_s=settings.shutdown_grace_s))
     stopping = asyncio.Event()
@@ -76,9 +78,11 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
         http_socket.close()
         advisor.close()
         raise
-    log.info("tamiyo %s serving: gRPC %s:%d, HTTP %s:%d, consuming as %s/%s, Karn at %s",
-             version("tamiyo-controller"), settings.bind_host, grpc_port, settings.bind_host,
-             settings.http_port, "tamiyo", settings.consumer_name, settings.karn_address)
+    log.info("tamiyo %s serving: gRPC %s:%d, HTTP %s:%d, consuming as %s in its groups, "
+             "replica %s (leases of %d ms), Karn at %s", version("tamiyo-controller"),
+             settings.bind_host, grpc_port, settings.bind_host, settings.http_port,
+             settings.consumer_name, settings.replica_id, settings.lease_ms,
+             settings.karn_address)
     try:
         await serve_until_stopped(worker, http, http_socket, grpc_server, stopping,
                                   settings.shutdown_grace_s)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tamiyo.controller import DeliveryConfig
@@ -26,8 +27,14 @@ class TamiyoSettings:
     http_port: int = 8082
     # Both servers listen here; 0.0.0.0 in a container.
     bind_host: str = "127.0.0.1"
-    # This process's name in the `tamiyo` consumer group.
+    # This replica's stable name: its consumer groups are `tamiyo.<consumer_name>` (one per
+    # replica, so every replica sees every message), so each replica needs its own, kept
+    # across its restarts.
     consumer_name: str = "tamiyo-1"
+    # Owner id in the job leases; unique per process, so a restarted replica is a new owner.
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # A job whose owner stops renewing is taken over by another replica after this long.
+    lease_ms: int = 5000
     karn_address: str = "127.0.0.1:50053"
     # Short: a germination falls back to default_blueprint rather than hold up the decision.
     karn_timeout_s: float = 1.0
@@ -64,6 +71,11 @@ class TamiyoSettings:
                 raise ValueError(f"{name} must be > 0")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
+        if not self.replica_id:
+            raise ValueError("replica_id must not be empty")
+        # Renewed every lease_ms / 3: a lease shorter than a tick would lapse between ticks.
+        if self.lease_ms < 3 * self.tick_s * 1000:
+            raise ValueError("lease_ms must be at least 3 * tick_s")
         # Fail at start, not at the first decision.
         self.policy()
         self.delivery()
@@ -85,13 +97,13 @@ class TamiyoSettings:
         """Settings from `TAMIYO_*` variables; unset or empty ones keep their defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            variable = f"TAMIYO_{field.name.upper()}"
+        for setting in fields(cls):
+            variable = f"TAMIYO_{setting.name.upper()}"
             raw = env.get(variable)
             if not raw:
                 continue
             try:
-                values[field.name] = _PARSERS[str(field.type)](raw)
+                values[setting.name] = _PARSERS[str(setting.type)](raw)
             except ValueError as exc:
                 raise ValueError(f"{variable}={raw!r}: {exc}") from exc
         return cls(**values)

@@ -144,15 +144,19 @@ class JobView:
         or a command of another controller)."""
         pending = self.pending.pop(ack.command_id, None)
         if pending is None:
-            self.early_acks[ack.command_id] = ack
-            while len(self.early_acks) > _MAX_EARLY_ACKS:
-                del self.early_acks[next(iter(self.early_acks))]
+            self.remember_ack(ack)
             return None
         command = pending.command
         if ack.success and command.HasField("seed_index"):
             self.applied[(command.layer_id, command.seed_index)] = AppliedCommand(
                 ack.stage_before, ack.stage_after, ack.applied_epoch)
         return pending
+
+    def remember_ack(self, ack: CommandAck) -> None:
+        """Keep an ack to resolve its command once that is (re)decided or loaded."""
+        self.early_acks[ack.command_id] = ack
+        while len(self.early_acks) > _MAX_EARLY_ACKS:
+            del self.early_acks[next(iter(self.early_acks))]
 
     # -- what the policy reads ------------------------------------------------------------
 

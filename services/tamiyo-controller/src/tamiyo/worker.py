@@ -9,11 +9,21 @@ arrive before or after its layers' health reports. A job's epoch is decided as s
 end event is in and every layer the job has reported before has reported that epoch, or, for
 layers that stay silent (dropped telemetry, a first epoch with unknown layers), `report_grace_s`
 after the end event, on whatever reports are in by then.
+
+Replicas (DESIGN §5): each job is decided by the one replica holding its lease (tamiyo.lease).
+Each replica reads the three streams through a consumer group of its own, `tamiyo.<name>`,
+rather than one shared group: in a shared group a job's reports, epoch events and acks would be
+split between replicas, and the owner would need the others to forward theirs. With a group
+each, every replica keeps every job's view (cheap: the newest report per layer) and a replica
+taking a job over already has everything the bus said; only the decision state (what was
+decided, sent and acknowledged) comes from the store, which only the owner writes. Only the
+owner saves, decides and publishes; the others just follow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -28,6 +38,7 @@ from oona.contracts import (
 
 from tamiyo import metrics
 from tamiyo.controller import Controller, Retry
+from tamiyo.lease import JobLeases
 from tamiyo.store import StateStore
 from tamiyo.view import JobView
 
@@ -40,15 +51,17 @@ _JOB_ENDS = (EpochEventKind.EPOCH_EVENT_KIND_JOB_FINISHED,
 
 class ControllerWorker:
     def __init__(self, bus: Bus, store: StateStore, controller: Controller, consumer_name: str,
-                 *, report_grace_s: float, tick_s: float,
+                 *, leases: JobLeases, report_grace_s: float, tick_s: float,
                  config: ConsumerConfig | None = None) -> None:
         self._store = store
         self._controller = controller
+        self.leases = leases
         self._publisher = bus.publisher(sender_id=consumer_name)
+        group = f"{CONSUMER_GROUP}.{consumer_name}"
         self._report_grace_s = report_grace_s
         self._tick_s = tick_s
         self.consumers = [
-            bus.consumer(stream, CONSUMER_GROUP, consumer_name, {message: handler}, config)
+            bus.consumer(stream, group, consumer_name, {message: handler}, config)
             for stream, message, handler in (
                 (streams.TELEMETRY_SEED_HEALTH, LayerHealthReport, self.handle_report),
                 (streams.EPOCH_EVENTS, EpochEvent, self.handle_epoch_event),
@@ -67,10 +80,20 @@ class ControllerWorker:
         metrics.JOBS.set(len(self.views))
         log.info("resumed %d running jobs from Redis", len(self.views))
         self.resumed.set()
+        drained = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
-            for consumer in self.consumers:
-                tasks.create_task(consumer.run())
-            tasks.create_task(self._tick_loop())
+            # Renewed until the consumers have drained: a handler may still decide until then.
+            tasks.create_task(self._renew_loop(drained))
+            try:
+                async with asyncio.TaskGroup() as consuming:
+                    for consumer in self.consumers:
+                        consuming.create_task(consumer.run())
+                    consuming.create_task(self._tick_loop())
+            finally:
+                drained.set()
+        # Handed over at once rather than after the lease time: the others take over at their
+        # next tick.
+        await self.leases.release_all()
 
     def stop(self) -> None:
         self._stopping = True
@@ -82,7 +105,7 @@ class ControllerWorker:
     async def handle_report(self, report: LayerHealthReport, delivery: Delivery) -> None:
         async with self._lock:
             view = await self._view(report.job_id)
-            if view.finished or not view.record_report(report):
+            if view.finished or not view.record_report(report) or not await self._own(view):
                 return
             await self._store.save_report(view.job_id, report)
             if view.awaiting_decision and view.all_layers_reported():
@@ -94,20 +117,27 @@ class ControllerWorker:
             if view.finished:
                 return
             if event.kind in _JOB_ENDS:
+                # Taken if free: the end must be saved by someone, or the job stays listed as
+                # running; if another replica owns the job, it saves the end itself.
+                owned = await self._own(view)
                 self._controller.finish(view)
-                await self._store.save_state(view)
-                del self.views[view.job_id]
+                if owned:
+                    await self._store.save_state(view)
+                    await self.leases.release(view.job_id)
+                self.views.pop(view.job_id, None)  # _own drops a job the last owner ended
                 metrics.JOBS.set(len(self.views))
                 log.info("job %s ended (%s)", view.job_id, EpochEventKind.Name(event.kind))
             elif event.kind == EpochEventKind.EPOCH_EVENT_KIND_JOB_STARTED:
                 had_reports = bool(view.reports)
                 if view.record_job_start(event, delivery.envelope.event_id):
+                    log.info("job %s started at epoch %d", view.job_id, event.epoch)
+                    if not await self._own(view):
+                        return
                     if had_reports and not view.reports:  # rewound to an older checkpoint
                         await self._store.drop_reports(view.job_id)
                     await self._store.save_state(view)
-                    log.info("job %s started at epoch %d", view.job_id, event.epoch)
             elif event.kind == EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED:
-                if not view.record_epoch_end(event, time.time()):
+                if not view.record_epoch_end(event, time.time()) or not await self._own(view):
                     return
                 await self._store.save_state(view)
                 if view.all_layers_reported():
@@ -116,8 +146,14 @@ class ControllerWorker:
     async def handle_ack(self, ack: CommandAck, delivery: Delivery) -> None:
         async with self._lock:
             view = self.views.get(ack.job_id)
-            if view is None or self._controller.on_ack(view, ack) is None:
-                return  # not ours, or already resolved (a redelivered ack)
+            if view is None:
+                return  # not a running job
+            if not self.leases.held(view.job_id):
+                # Kept for when this replica takes the job over (see _take_over).
+                view.remember_ack(ack)
+                return
+            if self._controller.on_ack(view, ack) is None:
+                return  # already resolved (a redelivered ack)
             await self._store.save_state(view)
 
     # -- deciding and (re)sending ---------------------------------------------------------
@@ -126,6 +162,8 @@ class ControllerWorker:
         """Decide epochs whose report grace is over, and re-send overdue commands."""
         async with self._lock:
             for view in list(self.views.values()):
+                if not await self._own(view):
+                    continue
                 if view.awaiting_decision and now >= view.epoch_ended_at + self._report_grace_s:
                     log.info("job %s epoch %s: deciding on %d layer reports after the grace "
                              "period", view.job_id, view.epoch, len(view.reports))
@@ -140,9 +178,63 @@ class ControllerWorker:
             await self.tick(time.time())
             await asyncio.sleep(self._tick_s)
 
+    async def _renew_loop(self, drained: asyncio.Event) -> None:
+        # Apart from the tick and not under the lock: a decision waiting on Karn must not let
+        # the leases lapse.
+        while not drained.is_set():
+            for job_id in self.leases.jobs:
+                if not await self.leases.renew(job_id):
+                    log.warning("job %s: lease lost to another replica", job_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), self.leases.ttl_ms / 3000)
+
+    async def _own(self, view: JobView) -> bool:
+        """Whether this replica decides the job: it holds the lease, or has just taken it."""
+        if self.leases.held(view.job_id):
+            return True
+        if not await self.leases.acquire(view.job_id):
+            return False
+        await self._take_over(view)
+        if view.finished:  # it ended while another replica owned it
+            del self.views[view.job_id]
+            metrics.JOBS.set(len(self.views))
+            await self.leases.release(view.job_id)
+            return False
+        return True
+
+    async def _take_over(self, view: JobView) -> None:
+        """Continue from the decision state the last owner saved. The view's own observations
+        (reports, epochs, metrics, acks) are complete, read through this replica's groups."""
+        saved = await self._store.load(view.job_id)
+        seen_acks = list(view.early_acks.values())
+        if saved is not None and saved.run_id == view.run_id:
+            view.last_decided_epoch = saved.last_decided_epoch
+            view.last_germination_epoch = saved.last_germination_epoch
+            view.pending, view.applied = saved.pending, saved.applied
+            view.early_acks = saved.early_acks
+            view.finished = view.finished or saved.finished
+        # Another saved run: either this view has read a newer start than the last owner
+        # saved, and so the owner decided nothing in that run (it saves a start before it acks
+        # it), or this replica lags behind a start the owner saved; reading it, the view
+        # rewinds and decides that run's epochs again, with the same command ids.
+        for ack in seen_acks:  # acks read while another replica owned the job
+            self._controller.on_ack(view, ack)
+        for report in list(view.reports.values()):
+            view.record_report(report)  # drops applied commands its reports are newer than
+            await self._store.save_report(view.job_id, report)
+        await self._store.save_state(view)
+        log.info("job %s: lease taken by replica %s (decided up to epoch %d)", view.job_id,
+                 self.leases.replica_id, view.last_decided_epoch)
+
     async def _decide(self, view: JobView) -> None:
         # The policy may wait on Karn (bounded by its timeout): off the event loop.
         commands = await asyncio.to_thread(self._controller.decide, view, time.time())
+        if not self.leases.held(view.job_id):
+            # Lost while deciding: the new owner decides from the saved state (same command
+            # ids), so this decision is neither sent nor saved.
+            log.warning("job %s epoch %s: lease lost while deciding; not sent", view.job_id,
+                        view.epoch)
+            return
         if commands:
             await self._send(view.job_id, commands)
             for command in commands:
@@ -176,6 +268,5 @@ class ControllerWorker:
             if view.finished:
                 return view
             self.views[job_id] = view
-            await self._store.save_state(view)
             metrics.JOBS.set(len(self.views))
         return view
