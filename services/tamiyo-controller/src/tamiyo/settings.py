@@ -29,8 +29,9 @@ class TamiyoSettings:
     bind_host: str = "127.0.0.1"
     # This replica's stable name: its consumer groups are `tamiyo.<consumer_name>` (one per
     # replica, so every replica sees every message), so each replica needs its own, kept
-    # across its restarts.
-    consumer_name: str = "tamiyo-1"
+    # across its restarts. The host name by default: unique per container when compose scales
+    # the service, the same after a restart; two replicas on one host need a name each.
+    consumer_name: str = field(default_factory=socket.gethostname)
     # Owner id in the job leases; unique per process, so a restarted replica is a new owner.
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # A job whose owner stops renewing is taken over by another replica after this long.
