@@ -85,12 +85,13 @@ def train(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
     return history
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, run, *args) -> None:
+    """One gloo rank: `run(rank, world, *args)`, its result saved to `out.<rank>`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(train(rank, world), f"{out}.{rank}")
+        torch.save(run(rank, world, *args), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -104,7 +105,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[list, list, list]:
     out = str(tmp_path_factory.mktemp("ddp") / "history")
-    mp.start_processes(_worker, args=(2, free_port(), out), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), out, train), nprocs=2,
+                       start_method="spawn")
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks ran: the same summation order in every matmul
@@ -197,16 +199,6 @@ def fleet_train(rank: int, world: int, url: str, job: str) -> dict:
     return out
 
 
-def _fleet_worker(rank: int, world: int, port: int, out: str, url: str, job: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(fleet_train(rank, world, url, job), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_job_on_two_ranks_applies_each_command_once_at_the_same_boundary(oona_redis_url,
                                                                           tmp_path):
     import asyncio
@@ -241,8 +233,8 @@ def test_a_job_on_two_ranks_applies_each_command_once_at_the_same_boundary(oona_
 
     asyncio.run(publish())
     out = str(tmp_path / "fleet")
-    mp.start_processes(_fleet_worker, args=(2, free_port(), out, oona_redis_url, job), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), out, fleet_train, oona_redis_url, job),
+                       nprocs=2, start_method="spawn")
     rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=False) for r in range(2))
     assert rank0["acks"] == rank1["acks"]  # the same commands, at the same boundary, each rank
     assert all((a == b).all() for a, b in zip(rank0["tables"], rank1["tables"], strict=True))

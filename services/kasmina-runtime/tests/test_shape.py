@@ -261,6 +261,15 @@ def test_the_layer_is_a_seed_layer_and_the_controllers_use_only_that(make_layer)
         assert "layer._" not in source and ".table" not in source, module.__name__
 
 
+def test_the_step_drops_the_gradients_of_idle_banks(make_layer, drive):
+    layer = make_layer()
+    drive(layer, 0, S.GRAFTING)  # residual_mlp runs; the other banks are idle
+    idle = layer.banks["3"]
+    idle.flat.grad = torch.ones_like(idle.flat)  # as a compiled graph, which runs every bank
+    layer.step()
+    assert idle.flat.grad is None
+
+
 def test_drop_in_surface_of_the_host(make_layer):
     layer = make_layer()
     assert layer.weight is layer.host.weight and layer.bias is layer.host.bias

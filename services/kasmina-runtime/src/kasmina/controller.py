@@ -72,6 +72,23 @@ def restore_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def measure_contributions(model: nn.Module, layers: list[SeedLayer], val_metric: float | None,
+                          evaluate: Callable[[], float] | None) -> float | None:
+    """The boundary's metric as every rank will use it (rank 0's under torch.distributed,
+    DESIGN §8), after each EVALUATING seed's counterfactual pass of `evaluate` (also rank
+    0's), with the model's modes restored. A missing metric is warned about and judges
+    nothing."""
+    val_metric = distributed.broadcast_object(check_metric(val_metric))
+    if evaluate is not None and val_metric is not None:
+        def shared() -> float:
+            return distributed.broadcast_object(float(evaluate()))
+
+        with restore_mode(model):
+            for layer in layers:
+                layer.measure_contributions(shared, val_metric)
+    return val_metric
+
+
 def health_scores(report: LayerHealthReport, cfg: ControllerConfig) -> np.ndarray:
     """Per-seed health (higher is healthier); unmeasured telemetry counts as neutral."""
     var = np.nan_to_num(report.chunk_variance.astype(np.float64))
@@ -114,15 +131,7 @@ class LocalController:
         metric as `val_metric` (it is called with single seeds switched off, to measure their
         contribution); modes are restored after it, and a model trained in train mode is put back
         in train mode for the next epoch. Returns the lifecycle events of this boundary."""
-        # Under torch.distributed every rank decides on rank 0's numbers (DESIGN §8).
-        val_metric = distributed.broadcast_object(check_metric(val_metric))
-        if evaluate is not None and val_metric is not None:
-            def shared() -> float:
-                return distributed.broadcast_object(float(evaluate()))
-
-            with restore_mode(self.model):
-                for layer in self.layers:
-                    layer.measure_contributions(shared, val_metric)
+        val_metric = measure_contributions(self.model, self.layers, val_metric, evaluate)
         self.reports = [layer.end_epoch(val_metric) for layer in self.layers]
         for layer in self.layers:
             for seed_id, target in sorted(layer.readiness().items()):

@@ -227,13 +227,12 @@ class KasminaLayer(nn.Module):
                 self.lane_grad_norm[start:end] = norm
                 self.lane_drift[start:end] = drift
                 self.lane_nonfinite[start:end] |= ~finite & self.lane_running[start:end]
-            else:  # compiled graphs run every bank: drop the (zero) gradients of idle ones
-                for p in bank.params.values():
-                    p.grad = None
+            else:  # compiled graphs run every bank: drop the (zero) gradient of idle ones
+                bank.flat.grad = None
             start = end
         self.lane_steps += self.lane_running
-        if flags.grafting and isinstance(loss, torch.Tensor):
-            loss = loss.detach().float().reshape(()).clone()
+        if flags.grafting and isinstance(loss, torch.Tensor) and distributed.world_size() > 1:
+            loss = loss.detach().float().reshape(()).clone()  # the strategies read every rank's
             distributed.all_reduce_mean_([loss])
         elif isinstance(loss, (int, float)):
             loss = torch.tensor(float(loss), device=self.alpha.device)

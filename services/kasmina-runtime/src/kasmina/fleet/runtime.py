@@ -34,7 +34,7 @@ from oona.contracts import AckReason, CommandAck, EpochEvent, EpochEventKind, Li
 from torch import nn
 
 from .. import distributed
-from ..controller import check_metric, restore_mode
+from ..controller import measure_contributions
 from ..lifecycle import ACTIVE_STAGES
 from ..wrap import unique_seed_layers
 from .wire import CommandTarget, health_to_proto, outcome_to_field_report
@@ -103,15 +103,7 @@ class FleetRuntime:
                   train_loss: float | None = None) -> list[CommandAck]:
         """The epoch boundary: contributions, due commands, gates, and what goes on the bus.
         Returns this boundary's acks."""
-        # every rank decides on rank 0's numbers; a missing metric is warned about
-        val_metric = distributed.broadcast_object(check_metric(val_metric))
-        if evaluate is not None and val_metric is not None:
-            def shared() -> float:
-                return distributed.broadcast_object(float(evaluate()))
-
-            with restore_mode(self.model):
-                for layer in self.layers:
-                    layer.measure_contributions(shared, val_metric)
+        val_metric = measure_contributions(self.model, self.layers, val_metric, evaluate)
         acks = self._apply_due_commands()
         self.epoch += 1
         for layer in self.layers:
