@@ -18,6 +18,8 @@ step except in dormant10):
   isolate_host_in_blend), blended with a Python-float alpha; Adam over the blueprints; no
   telemetry (which favours the loop).
 - compile: torch.compile of the graft10 layer (layer.step eager), at the bars' seed count only.
+- compile_ro: the same with mode="reduce-overhead" (CUDA graphs through Inductor's cudagraph
+  trees), against the same eager bare host step.
 "Growing step" in the bars = training and graft10 at 1,024 seeds (else the largest count run).
 
 Checks, before each case is timed: dormant and training outputs bit-identical to the host
@@ -62,7 +64,8 @@ from kasmina import KasminaConfig, KasminaLayer, SeedStage, get_blueprint, split
 from torch import nn
 from torch.autograd import DeviceType
 
-MODES = ("bare", "dormant", "dormant10", "training", "graft10", "graft100", "loop", "compile")
+MODES = ("bare", "dormant", "dormant10", "training", "graft10", "graft100", "loop", "compile",
+         "compile_ro")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BP, RAMP, TAG, S = "residual_mlp", 12, "bench_step::", SeedStage
 
@@ -136,9 +139,12 @@ def make_modes(tpl: dict, seeds: int, dtype: torch.dtype, dev: str, want: set) -
             modes[name] = Mode(loop, loop.host, [sgd(loop.host), torch.optim.Adam(
                 loop.bps.parameters(), lr=1e-3)], loop.after, loop, tpl["graft10"][1])
         else:
-            layer, ids = tpl["graft10" if name == "compile" else name]
+            layer, ids = tpl["graft10" if name.startswith("compile") else name]
             layer = to(layer)
-            modes[name] = Mode(torch.compile(layer) if name == "compile" else layer,
+            model = {"compile": lambda: torch.compile(layer),
+                     "compile_ro": lambda: torch.compile(layer, mode="reduce-overhead")}.get(
+                         name, lambda: layer)()
+            modes[name] = Mode(model,
                                layer.host, [sgd(layer.host)], lambda layer=layer: layer.step(loss),
                                layer, ids, layer.config.telemetry_every)
     return modes
@@ -309,7 +315,8 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
             "telemetry_every": m.every if isinstance(m.layer, KasminaLayer) else "",
             "check": status[name], "step_ms": round(step * 1e3, 4),
             "ratio_to_bare": round(step / bare[0], 4) if bare else "",
-            "over_ours": round(step / ours[0], 3) if ours and name in ("loop", "compile") else "",
+            "over_ours": round(step / ours[0], 3) if ours and name in ("loop", "compile",
+                                                                      "compile_ro") else "",
             "fwd_us": round(fwd * 1e6, 1),
             "fwd_overhead_us": round((fwd - bare[1]) * 1e6, 1) if bare else "",
             "kernels_per_step": round(kern, 1), "cpu_ms_per_step": round(cpu * 1e3, 3),
@@ -386,7 +393,7 @@ def main() -> int:
     want = set(args.modes.split(",")) | {"bare"} if args.modes else set(MODES)
     assert want <= set(MODES), f"unknown modes {want - set(MODES)}"
     if not cuda and quick and not args.modes:
-        want.discard("compile")  # CPU Inductor: ~50 s a graph on 2 cores; --modes adds it
+        want -= {"compile", "compile_ro"}  # CPU Inductor: ~50 s a graph on 2 cores; --modes adds it
     args.rounds, args.warmup = args.rounds or (2 if quick else 3), 2 if quick and not cuda else 11
     bs = 1024 if 1024 in seeds_list else max(seeds_list)
     torch.manual_seed(0)
@@ -410,7 +417,7 @@ def main() -> int:
                 for dtype in dtypes:  # the templates are on the CPU, copied to each case
                     for n_rows in (r for h, r in shapes if h == hidden):
                         out, bad = run_case(tpl, hidden, n_rows, seeds, dtype, args,
-                                            want - (set() if seeds == bs else {"compile"}), meta)
+                                            want - (set() if seeds == bs else {"compile", "compile_ro"}), meta)
                         rows, failures = rows + out, failures + bad
                         gc.collect()
                         if cuda:

@@ -12,7 +12,9 @@ import torch
 if not torch.cuda.is_available():  # must precede the kernels' @triton.jit decoration
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kasmina import KasminaConfig, KasminaLayer, SeedStage  # noqa: E402
+from kasmina import KasminaConfig, KasminaLayer, SeedStage, kernels  # noqa: E402
+from kasmina.bank import BlueprintBank  # noqa: E402
+from kasmina.blueprints import BlueprintSpec  # noqa: E402
 from kasmina.kernels import reference, triton_blend  # noqa: E402
 from kasmina.kernels.tolerances import STATS_RTOL, TOLERANCES  # noqa: E402
 from torch import nn  # noqa: E402
@@ -169,9 +171,80 @@ def test_layer_selects_the_path_and_both_agree():
     for out in outs.values():
         out.sum().backward()
     close(layers["triton"].host.weight.grad, layers["torch"].host.weight.grad, torch.float32)
+    banks = {k: layer.banks["1"] for k, layer in layers.items()}
+    torch.testing.assert_close(banks["triton"].flat.grad, banks["torch"].flat.grad)
+    for layer in layers.values():
+        layer.step()  # the fused seed step and the PyTorch one
+    torch.testing.assert_close(banks["triton"].flat, banks["torch"].flat)
+    torch.testing.assert_close(layers["triton"].lane_drift, layers["torch"].lane_drift)
     reports = {k: layer.end_epoch() for k, layer in layers.items()}
     torch.testing.assert_close(reports["triton"].chunk_variance,
                                reports["torch"].chunk_variance, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk,hidden", [(4, 16), (3, 5), (1, 16), (16, 8), (64, 16)])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_fused_residual_mlp_matches_the_bank_formula(chunk, hidden, input_grad):
+    assert kernels.fused_mlp_fits(chunk, hidden)
+    bank = BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=hidden), chunk, 3,
+                         torch.device(DEVICE))
+    for slot in range(3):
+        bank.init_slot(slot, 100 + slot)
+    x = torch.randn(3, 37, chunk, device=DEVICE, requires_grad=input_grad)
+    dy = torch.randn(3, 37, chunk, device=DEVICE)
+    results = []
+    for fused in (False, True):
+        y = bank(x, triton=fused)
+        wrt = (x, bank.flat) if input_grad else (bank.flat,)
+        results.append((y, *torch.autograd.grad(y, wrt, dy)))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_residual_mlp_is_not_used_past_its_width():
+    assert not kernels.fused_mlp_fits(128, 16)  # 128 x 16 products a row: the GEMMs stay
+    bank = BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=16), 128, 2,
+                         torch.device(DEVICE))
+    assert not bank._fusable
+
+
+def test_opcheck_passes_for_the_fused_blueprint():
+    bank = BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=16), 4, 2,
+                         torch.device(DEVICE))
+    bank.init_slot(0, 1)
+    x = torch.randn(2, 9, 4, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.kasmina.residual_mlp, (x, bank.flat, 16))
+    for need_dx in (True, False):
+        torch.library.opcheck(torch.ops.kasmina.residual_mlp_backward,
+                              (x.detach(), bank.flat.detach(), torch.randn_like(x), 16, need_dx))
+
+
+@pytest.mark.parametrize("weight_decay,overflow_ok,scaled", [
+    (0.0, False, False), (0.01, False, True), (0.0, True, True)])
+def test_fused_seed_step_matches_the_pytorch_step(weight_decay, overflow_ok, scaled):
+    cfg = KasminaConfig(seed_weight_decay=weight_decay)
+    banks = [BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=16), 4, 5,
+                           torch.device(DEVICE)) for _ in range(2)]
+    for bank in banks:
+        for slot in range(5):
+            bank.init_slot(slot, 7 + slot)
+    trainable = torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool, device=DEVICE)
+    scale = torch.tensor([1.0, 2.0, 3.0, 1024.0, 1.0], device=DEVICE) if scaled else None
+    for step in range(3):
+        grad = torch.randn_like(banks[0].flat)
+        if step == 1:
+            grad[3, 2] = float("nan")  # a non-finite slot: no step (and flagged unless AMP)
+        outs = []
+        for fused, bank in zip((False, True), banks, strict=True):
+            bank.flat.grad = grad.clone()
+            outs.append(bank.seed_step(trainable, cfg, scale, overflow_ok, triton=fused))
+            assert bank.flat.grad is None
+        for got, want in zip(outs[1], outs[0], strict=True):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, equal_nan=True)
+        for name in ("flat", "exp_avg", "exp_avg_sq", "ema", "opt_step"):
+            torch.testing.assert_close(getattr(banks[1], name), getattr(banks[0], name))
+    assert banks[1].opt_step.tolist() == [3.0, 3.0, 0.0, 2.0, 3.0]
 
 
 # Dynamo itself instantiates autograd.Function classes while tracing and warns about it.

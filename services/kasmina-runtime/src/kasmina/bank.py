@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from . import kernels
 from .blueprints import KINDS, BlueprintSpec
 from .config import KasminaConfig
 
@@ -30,6 +31,7 @@ class BlueprintBank(nn.Module):
         self.spec, self.chunk = spec, chunk
         self._shapes = spec.shapes(chunk)
         self._forward = KINDS[spec.kind].forward
+        self._fusable = spec.kind == "residual_mlp" and kernels.fused_mlp_fits(chunk, spec.hidden)
         fan_in = KINDS[spec.kind].fan_in(spec, chunk)
         self._columns: dict[str, tuple[int, int]] = {}
         bounds, start = [], 0
@@ -76,8 +78,11 @@ class BlueprintBank(nn.Module):
             t[slot] = 0.0
         self.opt_step[slot] = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (capacity, N, C) float32 -> (capacity, N, C): every slot at once."""
+    def forward(self, x: torch.Tensor, triton: bool = False) -> torch.Tensor:
+        """x (capacity, N, C) float32 -> (capacity, N, C): every slot at once. With `triton`
+        (the layer's kernels), a residual_mlp of narrow chunks runs as one fused kernel."""
+        if triton and self._fusable and (x.is_cuda or kernels.interpreting()):
+            return kernels.residual_mlp(x, self.flat, self.spec.hidden)
         return self._forward(self.params, x)
 
     def grads(self) -> list[torch.Tensor]:
@@ -89,14 +94,23 @@ class BlueprintBank(nn.Module):
 
     @torch.no_grad()
     def seed_step(self, trainable: torch.Tensor, cfg: KasminaConfig,
-                  grad_scale: torch.Tensor | None = None, overflow_ok: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  grad_scale: torch.Tensor | None = None, overflow_ok: bool = False,
+                  triton: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One masked Adam(W) step on the slots where `trainable` (capacity,) and the gradient is
         finite. `grad_scale` (capacity,): what each slot's gradient is divided by first (an AMP
         loss scale). Returns per-slot (grad_norm, grad_finite, drift); no host synchronisation.
         With `overflow_ok` (a GradScaler) a non-finite gradient skips the slot's step, as the
-        scaler skips the host's, and reads as finite."""
+        scaler skips the host's, and reads as finite. With `triton` (the layer's kernels) it is
+        one fused kernel (kernels/triton_step.py), the same formulas."""
         p = self.flat
+        if triton and (p.is_cuda or kernels.interpreting()):
+            from .kernels import triton_step
+            out = triton_step.seed_step(p, p.grad, self.exp_avg, self.exp_avg_sq, self.ema,
+                                        self.opt_step, trainable, grad_scale, cfg.seed_lr,
+                                        cfg.seed_betas, cfg.seed_eps, cfg.seed_weight_decay,
+                                        cfg.drift_ema, overflow_ok)
+            p.grad = None
+            return out
         g = p.grad if p.grad is not None else torch.zeros_like(p)  # (capacity, P)
         if grad_scale is not None:
             g = g / grad_scale[:, None]

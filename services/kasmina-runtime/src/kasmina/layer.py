@@ -173,7 +173,7 @@ class KasminaLayer(nn.Module):
         for key, bank in self.banks.items():
             end = start + bank.capacity
             run = compiling or key in self._flags.banks
-            parts.append(bank(xs[start:end]) if run else xs[start:end])
+            parts.append(bank(xs[start:end], self._triton) if run else xs[start:end])
             start = end
         # (L, N, W), contiguous for the blend kernels (xs is a transposed view of h2)
         y = (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
@@ -223,7 +223,8 @@ class KasminaLayer(nn.Module):
             if key in keys:
                 norm, finite, drift = bank.seed_step(
                     self.lane_trainable[start:end], self.config,
-                    None if scale is None else scale[start:end], overflow_ok=scale is not None)
+                    None if scale is None else scale[start:end], overflow_ok=scale is not None,
+                    triton=self._triton)
                 self.lane_grad_norm[start:end] = norm
                 self.lane_drift[start:end] = drift
                 self.lane_nonfinite[start:end] |= ~finite & self.lane_running[start:end]

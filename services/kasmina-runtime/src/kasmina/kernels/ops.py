@@ -28,7 +28,7 @@ from torch import Tensor
 from . import reference
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -45,7 +45,7 @@ def use_triton(kernels: str, device: torch.device) -> bool:
 
 @torch.library.custom_op("kasmina::column_stats", mutates_args=())
 def _column_stats(h: Tensor, dead_threshold: float) -> Tensor:
-    if _interpreting():
+    if interpreting():
         from . import triton_blend
         return triton_blend.column_stats(h, dead_threshold)
     return reference.column_stats(h, dead_threshold)
@@ -66,7 +66,7 @@ def _column_stats_fake(h: Tensor, dead_threshold: float) -> Tensor:
 def _chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, run_of: Tensor,
                  bounds: Tensor, track: bool, dead_threshold: float, align: int
                  ) -> tuple[Tensor, Tensor]:
-    if _interpreting():
+    if interpreting():
         from . import triton_blend
         return triton_blend.chunk_blend(h, y, alpha, run_of, bounds, track, dead_threshold,
                                         align)
@@ -107,7 +107,7 @@ def _blend_backward(ctx, grad_out: Tensor, _grad_stats: Tensor):  # noqa: ANN202
 @torch.library.custom_op("kasmina::chunk_blend_backward", mutates_args=())
 def _chunk_blend_backward(grad_out: Tensor, alpha: Tensor, run_of: Tensor,
                           bounds: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    if _interpreting():
+    if interpreting():
         from . import triton_blend
         return triton_blend.chunk_blend_backward(grad_out, alpha, run_of, bounds, width)
     return reference.chunk_blend_backward(grad_out, alpha, run_of, bounds, width)
@@ -152,3 +152,81 @@ def chunk_blend(h: Tensor, y: Tensor, alpha: Tensor, run_of: Tensor, bounds: Ten
         return out, stats if track else None
     out = reference.chunk_blend(h, y, alpha, run_of, bounds)
     return out, reference.column_stats(h.detach(), dead_threshold) if track else None
+
+
+# ------------------------------------------------------------------ residual_mlp, fused
+@torch.library.custom_op("kasmina::residual_mlp", mutates_args=())
+def _residual_mlp(x: Tensor, flat: Tensor, hidden: int) -> Tensor:
+    from . import triton_mlp
+    return triton_mlp.forward(x, flat, hidden)
+
+
+@_residual_mlp.register_fake
+def _residual_mlp_fake(x, flat, hidden):  # noqa: ANN001
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("kasmina::residual_mlp_backward", mutates_args=())
+def _residual_mlp_backward(x: Tensor, flat: Tensor, dy: Tensor, hidden: int,
+                           need_dx: bool) -> tuple[Tensor, Tensor]:
+    from . import triton_mlp
+    dx, dflat = triton_mlp.backward(x, flat, dy, hidden, need_dx)
+    return (x.new_empty(0) if dx is None else dx), dflat
+
+
+@_residual_mlp_backward.register_fake
+def _residual_mlp_backward_fake(x, flat, dy, hidden, need_dx):  # noqa: ANN001
+    return (torch.empty_like(x) if need_dx else x.new_empty(0)), torch.empty_like(flat)
+
+
+def _mlp_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, flat, hidden = inputs
+    ctx.save_for_backward(x, flat)
+    ctx.hidden = hidden
+
+
+def _mlp_backward(ctx, dy: Tensor):  # noqa: ANN202
+    x, flat = ctx.saved_tensors
+    dx, dflat = torch.ops.kasmina.residual_mlp_backward(x, flat, dy, ctx.hidden,
+                                                        ctx.needs_input_grad[0])
+    return (dx if ctx.needs_input_grad[0] else None), dflat, None
+
+
+torch.library.register_autograd("kasmina::residual_mlp", _mlp_backward, setup_context=_mlp_setup)
+
+
+class _ResidualMLP(torch.autograd.Function):
+    """Eager CUDA: the same launchers without the dispatcher (see `column_stats`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, flat: Tensor, hidden: int) -> Tensor:  # noqa: ANN001
+        from . import triton_mlp
+        ctx.save_for_backward(x, flat)
+        ctx.hidden = hidden
+        return triton_mlp.forward(x, flat, hidden)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # noqa: ANN001, ANN205
+        from . import triton_mlp
+        x, flat = ctx.saved_tensors
+        dx, dflat = triton_mlp.backward(x, flat, dy, ctx.hidden, ctx.needs_input_grad[0])
+        return dx, dflat, None
+
+
+def fused_mlp_fits(chunk: int, hidden: int) -> bool:
+    """Whether the fused residual_mlp takes chunks this wide (its chunk columns are unrolled;
+    above a padded chunk x hidden of 1,024 the batched GEMMs are kept)."""
+    return _pow2(chunk) * _pow2(hidden) <= 1024
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def residual_mlp(x: Tensor, flat: Tensor, hidden: int) -> Tensor:
+    """The fused residual_mlp blueprint (kernels/triton_mlp.py) over every slot of a bank:
+    x (A, N, C) float32, flat (A, P) -> (A, N, C). Callers check `fused_mlp_fits` first."""
+    x = x.contiguous()
+    if torch.compiler.is_compiling() or x.device.type != "cuda":
+        return torch.ops.kasmina.residual_mlp(x, flat, hidden)
+    return _ResidualMLP.apply(x, flat, hidden)
