@@ -4,100 +4,23 @@ reports published while it is down are all stored once it is back; SIGTERM ends 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import grpc
+from typing import TYPE_CHECKING
+
 import pytest
 import redis
-from oona import BusSettings, EmbeddedRedis, open_bus, streams
+from oona import streams
 from oona.contracts import FieldReport, SeedStage, StageVisit
-from oona.embedded import free_port
 from oona.proto.kasmina.karn.v1 import karn_service_pb2 as pb
-from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # the fixtures' process handle (tests/integration/conftest.py)
+    from conftest import KarnProcess
 
 pytestmark = pytest.mark.integration
 
 RESIDUAL_MLP, LINEAR = 1, 3
-_START_TIMEOUT_S = 60.0
-_STOP_TIMEOUT_S = 30.0
-
-
-@dataclass
-class KarnProcess:
-    process: subprocess.Popen[bytes]
-    http_port: int
-    karn: pb_grpc.KarnStub
-    channel: grpc.Channel
-    log: Path
-
-    def logs(self) -> str:
-        return self.log.read_text()
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
-                                        timeout=5) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def terminate(self) -> int:
-        """SIGTERM, then the exit code (a hang past the timeout fails the test)."""
-        self.channel.close()
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(_STOP_TIMEOUT_S)
-
-
-StartKarn = Callable[[], KarnProcess]
-
-
-@pytest.fixture
-def start_karn(oona_restartable_broker: EmbeddedRedis, tmp_path: Path) -> Iterator[StartKarn]:
-    """Start `python -m karn` (same database every time) and wait until /readyz says ready."""
-    started: list[KarnProcess] = []
-    database = tmp_path / "karn" / "karn.db"
-
-    def start() -> KarnProcess:
-        grpc_port, http_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KARN_")}
-        env.update(OONA_REDIS_URL=oona_restartable_broker.url,
-                   KARN_DATABASE_URL=f"sqlite:///{database}", KARN_GRPC_PORT=str(grpc_port),
-                   KARN_HTTP_PORT=str(http_port), KARN_RANDOM_SEED="5",
-                   KARN_SHUTDOWN_GRACE_S="5")
-        log = tmp_path / f"karn-{len(started)}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen([sys.executable, "-m", "karn"], env=env, stdout=sink,
-                                       stderr=subprocess.STDOUT)
-        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-        karn = KarnProcess(process, http_port, pb_grpc.KarnStub(channel), channel, log)
-        started.append(karn)
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"karn exited at start:\n{karn.logs()}"
-            try:
-                if karn.get("/readyz")[0] == 200:
-                    return karn
-            except OSError:
-                pass  # not listening yet
-            assert time.monotonic() < deadline, f"karn not ready:\n{karn.logs()}"
-            time.sleep(0.1)
-
-    yield start
-    for karn in started:
-        if karn.process.poll() is None:
-            karn.process.kill()
-            karn.process.wait()
 
 
 def _report(blueprint_id: int, fossilized: bool, report_id: str | None = None) -> FieldReport:
@@ -108,15 +31,6 @@ def _report(blueprint_id: int, fossilized: bool, report_id: str | None = None) -
         final_stage=outcome, contribution=0.05 if fossilized else -0.05, chunk_size=64,
         history=[StageVisit(stage=SeedStage.SEED_STAGE_EVALUATING, epochs=2),
                  StageVisit(stage=outcome)])
-
-
-def _publish(url: str, reports: list[FieldReport]) -> None:
-    async def body() -> None:
-        async with open_bus(BusSettings.from_dsn(url)) as bus:
-            await bus.publisher("kasmina-test").publish_many(
-                [(streams.FIELD_REPORTS, r) for r in reports])
-
-    asyncio.run(body())
 
 
 def _statistics(karn: KarnProcess) -> dict[int, pb.BlueprintStatistics]:
@@ -137,8 +51,7 @@ def _first_choices(karn: KarnProcess, rounds: int) -> list[int]:
             for _ in range(rounds)]
 
 
-def test_field_reports_change_statistics_and_recommendation(start_karn,
-                                                            oona_restartable_broker):
+def test_field_reports_change_statistics_and_recommendation(start_karn, publish_field_reports):
     karn = start_karn()
     names = [b.name for b in karn.karn.ListBlueprints(pb.ListBlueprintsRequest(),
                                                       timeout=5).blueprints]
@@ -149,7 +62,7 @@ def test_field_reports_change_statistics_and_recommendation(start_karn,
     reports = [_report(LINEAR, fossilized=False) for _ in range(15)]
     reports += [_report(RESIDUAL_MLP, fossilized=True) for _ in range(15)]
     # Kasmina publishing the same report again (new event_id): stored once.
-    _publish(oona_restartable_broker.url, [*reports, reports[-1]])
+    publish_field_reports([*reports, reports[-1]])
     _wait_for_reports(karn, 30)
 
     stats = _statistics(karn)
@@ -170,15 +83,14 @@ def test_field_reports_change_statistics_and_recommendation(start_karn,
 
 
 def test_reports_published_while_karn_is_down_are_stored_when_it_returns(
-        start_karn, oona_restartable_broker):
-    url = oona_restartable_broker.url
+        start_karn, publish_field_reports, oona_restartable_broker):
     first = start_karn()
-    _publish(url, [_report(RESIDUAL_MLP, fossilized=True) for _ in range(3)])
+    publish_field_reports([_report(RESIDUAL_MLP, fossilized=True) for _ in range(3)])
     _wait_for_reports(first, 3)
     assert first.terminate() == 0
 
-    _publish(url, [_report(LINEAR, fossilized=False) for _ in range(7)])
-    client = redis.Redis.from_url(url)
+    publish_field_reports([_report(LINEAR, fossilized=False) for _ in range(7)])
+    client = redis.Redis.from_url(oona_restartable_broker.url)
     try:
         # Waiting in the stream, undelivered (Redis 6.2 has no group "lag" to ask).
         (group,) = client.xinfo_groups(streams.FIELD_REPORTS)

@@ -71,6 +71,7 @@ async def serve(settings: KarnSettings, bus_settings: BusSettings) -> None:
              await asyncio.to_thread(store.report_count))
     try:
         async with open_bus(bus_settings) as bus:
+            await bus.check_persistence()  # one warning at start when a restart would lose
             await _serve_with(settings, store, bus)
     finally:
         store.close()
@@ -81,7 +82,9 @@ async def _serve_with(settings: KarnSettings, store: FieldReportStore, bus: Bus)
     rng = random.Random(settings.random_seed)
     recommender = BlueprintRecommender(store, settings.cost_penalty, rng)
     worker = FieldReportWorker(bus, store, settings.consumer_name, ConsumerConfig(
-        max_deliveries=settings.max_deliveries, shutdown_grace_s=settings.shutdown_grace_s))
+        max_deliveries=settings.max_deliveries, shutdown_grace_s=settings.shutdown_grace_s,
+        reclaim_idle_ms=settings.reclaim_idle_ms,
+        reclaim_interval_s=settings.reclaim_interval_s))
     stopping = asyncio.Event()
     app = create_app("Karn feedback", readiness_checks(store, bus.redis, stopping))
     http = HttpServer(app, settings.bind_host, settings.http_port)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from oona import ConsumerConfig
 from sqlalchemy.engine import make_url
 
 DEFAULT_DATABASE_URL = "sqlite:///karn.db"
@@ -35,6 +36,12 @@ class KarnSettings:
     max_deliveries: int = 25
     # Bounded drain at SIGTERM: the batch in hand and in-flight RPCs get this long.
     shutdown_grace_s: float = 10.0
+    # A report left pending this long on a replica is presumed abandoned (the replica died) and
+    # taken over by another, which looks every reclaim_interval_s. Keep it above the longest a
+    # batch takes to store, or live replicas take over each other's reports in hand (still
+    # stored once, counted as duplicates). Defaults are oona's.
+    reclaim_idle_ms: int = ConsumerConfig.reclaim_idle_ms
+    reclaim_interval_s: float = ConsumerConfig.reclaim_interval_s
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -49,13 +56,18 @@ class KarnSettings:
             raise ValueError("max_deliveries must be >= 1")
         if self.shutdown_grace_s <= 0:
             raise ValueError("shutdown_grace_s must be > 0")
+        if self.reclaim_idle_ms < 1:
+            raise ValueError("reclaim_idle_ms must be >= 1")
+        if self.reclaim_interval_s <= 0:
+            raise ValueError("reclaim_interval_s must be > 0")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KarnSettings:
         """Settings from `KARN_*` variables; unset ones keep their defaults.
 
         KARN_DATABASE_URL, KARN_GRPC_PORT, KARN_HTTP_PORT, KARN_BIND_HOST, KARN_CONSUMER_NAME,
-        KARN_COST_PENALTY, KARN_RANDOM_SEED, KARN_MAX_DELIVERIES, KARN_SHUTDOWN_GRACE_S.
+        KARN_COST_PENALTY, KARN_RANDOM_SEED, KARN_MAX_DELIVERIES, KARN_SHUTDOWN_GRACE_S,
+        KARN_RECLAIM_IDLE_MS, KARN_RECLAIM_INTERVAL_S.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
