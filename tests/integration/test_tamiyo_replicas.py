@@ -85,7 +85,7 @@ def replicas(oona_restartable_broker: EmbeddedRedis, tmp_path: Path) -> Iterator
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TAMIYO_", "KARN_"))}
     env.update(OONA_REDIS_URL=oona_restartable_broker.url,
                TAMIYO_KARN_ADDRESS=f"127.0.0.1:{free_port()}",  # Karn down: the fallback
-               TAMIYO_PLATEAU_EPOCHS="2", TAMIYO_COOLDOWN_EPOCHS="2",
+               TAMIYO_PLATEAU_EPOCHS="2", TAMIYO_COOLDOWN_EPOCHS="1",
                TAMIYO_REPORT_GRACE_S="1", TAMIYO_ACK_TIMEOUT_S="60", TAMIYO_TICK_S="0.1",
                TAMIYO_LEASE_MS=str(int(LEASE_S * 1000)), TAMIYO_SHUTDOWN_GRACE_S="5")
     try:

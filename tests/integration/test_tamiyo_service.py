@@ -118,7 +118,7 @@ def services(oona_restartable_broker: EmbeddedRedis, tmp_path: Path) -> Iterator
 
 def _tamiyo_env(karn_address: str) -> dict[str, str]:
     return {"TAMIYO_KARN_ADDRESS": karn_address,
-            "TAMIYO_PLATEAU_EPOCHS": "2", "TAMIYO_COOLDOWN_EPOCHS": "2",
+            "TAMIYO_PLATEAU_EPOCHS": "2", "TAMIYO_COOLDOWN_EPOCHS": "1",
             "TAMIYO_REPORT_GRACE_S": "1", "TAMIYO_ACK_TIMEOUT_S": "60",
             # generous: a loaded 2-core CI machine must not turn this test into the fallback
             "TAMIYO_KARN_TIMEOUT_S": "10"}

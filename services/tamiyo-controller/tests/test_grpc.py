@@ -21,6 +21,7 @@ from tamiyo.blueprints import BlueprintChoice, KarnAdvisor
 from tamiyo.controller import Controller, DeliveryConfig
 from tamiyo.grpc_api import TamiyoServicer, start_grpc_server
 from tamiyo.policy import HeuristicPolicy, PolicyConfig
+from tamiyo.validation import JobLimits
 
 
 @pytest.fixture
@@ -67,6 +68,52 @@ def test_step_needs_a_job_id(tamiyo):
     with pytest.raises(grpc.RpcError) as error:
         tamiyo.Step(pb.SystemState(epoch=1), timeout=5)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_step_refuses_malformed_state_with_the_reason(tamiyo, report):
+    short = _state(report, 0, 0.7)
+    del short.layers[0].stage[1:]
+    huge = _state(report, 0, 0.7)
+    huge.job_id = "j" * 200_000
+    for state, reason in ((short, "stage has 1 elements, num_seeds is 4"),
+                          (huge, "job_id 'jjj"),
+                          (_state(report, 0, 0.7, variance=[1.0, -1.0, 1.0, 1.0]),
+                           "chunk_variance[1] = -1.0")):
+        with pytest.raises(grpc.RpcError) as error:
+            tamiyo.Step(state, timeout=5)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason in error.value.details() and len(error.value.details()) < 1000
+    assert tamiyo.Step(_state(report, 0, 0.7), timeout=5).rationale == "no change"
+
+
+def test_step_keeps_at_most_max_jobs_and_forgets_silent_ones(advisor, report):
+    now = [1000.0]
+    servicer = TamiyoServicer(
+        Controller(HeuristicPolicy(PolicyConfig(plateau_epochs=2), advisor),
+                   DeliveryConfig(over_bus=False)),
+        JobLimits(retention_s=60, max_jobs=2), clock=lambda: now[0])
+    server, port = start_grpc_server(servicer, "127.0.0.1", 0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TamiyoStub(channel)
+
+            def step(job: str) -> None:
+                state = _state(report, 0, 0.7)
+                state.job_id = job
+                stub.Step(state, timeout=5)
+            step("a")
+            step("b")
+            with pytest.raises(grpc.RpcError) as error:
+                step("c")
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            now[0] += 30
+            step("a")  # asked again: kept
+            now[0] += 31  # b silent for 61 s
+            step("c")
+            with pytest.raises(grpc.RpcError):
+                step("d")
+    finally:
+        server.stop(None)
 
 
 def test_step_refuses_a_bus_controller(advisor):

@@ -20,6 +20,9 @@ def test_settings_from_the_environment():
     policy = settings.policy()
     assert policy.min_delta == 0.05
     assert policy.weights == HealthWeights(variance=1.0, dead_ratio=3.0, correlation=1.0)
+    limits = TamiyoSettings.from_env({"TAMIYO_JOB_RETENTION_S": "3600",
+                                      "TAMIYO_MAX_JOBS": "50"}).limits()
+    assert (limits.retention_s, limits.max_jobs, limits.max_layers_per_job) == (3600, 50, 4096)
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
@@ -27,6 +30,9 @@ def test_settings_from_the_environment():
     ("TAMIYO_HTTP_PORT", "70000", "http_port must be in 0..65535"),
     ("TAMIYO_PLATEAU_EPOCHS", "0", "plateau_epochs >= 1"),
     ("TAMIYO_ACK_TIMEOUT_S", "0", "ack_timeout_s > 0"),
+    ("TAMIYO_JOB_RETENTION_S", "0", "job_retention_s > 0"),
+    ("TAMIYO_MAX_JOBS", "0", "max_jobs >= 1"),
+    ("TAMIYO_PLATEAU_EPOCHS", "256", "plateau_epochs < 256"),
 ])
 def test_bad_settings_are_refused(variable, value, message):
     with pytest.raises(ValueError, match=message):

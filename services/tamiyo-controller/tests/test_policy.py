@@ -105,13 +105,18 @@ def test_full_layers_get_no_germination(controller, report, epoch_ended):
     assert decided[3] == []
 
 
-def test_cooldown_spaces_germinations(advisor, report, epoch_ended):
+@pytest.mark.parametrize(("cooldown", "expected"), [
+    (0, [3, 4, 5, 6]),  # no cooldown: every plateau epoch, until the 4 seeds are used
+    (1, [3, 5, 7, 9]),  # one epoch decided without germination after each
+    (3, [3, 7]),
+])
+def test_cooldown_spaces_germinations(advisor, report, epoch_ended, cooldown, expected):
     config = PolicyConfig(plateau_epochs=3, min_delta=0.01, max_active_seeds=4,
-                          cooldown_epochs=3)
+                          cooldown_epochs=cooldown)
     controller = Controller(HeuristicPolicy(config, advisor), DeliveryConfig())
     decided = _run_epochs(controller, JobView("job-1"), report, epoch_ended, [0.5] * 10)
     germinated_at = [epoch for epoch, d in enumerate(decided) if "germinate" in _kinds(d)]
-    assert germinated_at == [3, 6, 9]
+    assert germinated_at == expected
 
 
 @pytest.mark.parametrize("unavailable", [S.SEED_STAGE_CULLED, S.SEED_STAGE_FOSSILIZED,

@@ -13,6 +13,7 @@ from oona.contracts import CommandAck, LifecycleCommand
 
 from tamiyo import metrics
 from tamiyo.policy import Policy
+from tamiyo.validation import MAX_LOGGED_CHARS
 from tamiyo.view import JobView, PendingCommand
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Controller:
             # Final: the runtime refused it for a reason a re-send would not change. The policy
             # sees the seed as it is in the next report and may decide again.
             log.warning("job %s: %s refused (%s): %s", view.job_id, ack.command_id,
-                        metrics.ack_reason_label(ack.reason), ack.message)
+                        metrics.ack_reason_label(ack.reason), ack.message[:MAX_LOGGED_CHARS])
         return pending
 
     def due_retries(self, view: JobView, now: float) -> list[Retry]:

@@ -21,6 +21,8 @@ COMMAND_RETRIES = Counter("tamiyo_command_retries",
                           "Commands re-sent (same command_id) because their ack was overdue.")
 COMMANDS_ABANDONED = Counter("tamiyo_commands_abandoned",
                              "Commands given up on after max attempts without an ack.")
+JOBS_EVICTED = Counter("tamiyo_jobs_evicted",
+                       "Jobs let go after no message for TAMIYO_JOB_RETENTION_S.")
 JOBS = Gauge("tamiyo_jobs", "Running jobs this replica follows (every replica follows all).")
 LEASED_JOBS = Gauge("tamiyo_leased_jobs",
                     "Jobs whose lease this replica holds: the ones it decides and commands.")

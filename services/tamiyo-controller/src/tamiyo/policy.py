@@ -20,7 +20,7 @@ from tamiyo.heuristics import (
     epochs_without_improvement,
     health_scores,
 )
-from tamiyo.view import ACTIVE_STAGES, JobView, SeedView
+from tamiyo.view import ACTIVE_STAGES, METRIC_HISTORY_EPOCHS, JobView, SeedView
 
 
 class Policy(Protocol):
@@ -36,7 +36,7 @@ class PolicyConfig:
     plateau_epochs: int = 3
     min_delta: float = 1e-3
     max_active_seeds: int = 4
-    # Epochs between two germinations in a job, so the metric can show the last one's effect.
+    # Epochs decided without germination after one, so the metric can show its effect.
     cooldown_epochs: int = 3
     weights: HealthWeights = field(default_factory=HealthWeights)
     # Used while health reports do not carry the layer's width (see README: chunk size).
@@ -46,6 +46,9 @@ class PolicyConfig:
         if self.plateau_epochs < 1 or self.cooldown_epochs < 0 or self.max_active_seeds < 1:
             raise ValueError("need plateau_epochs >= 1, cooldown_epochs >= 0, "
                              "max_active_seeds >= 1")
+        if self.plateau_epochs >= METRIC_HISTORY_EPOCHS:
+            raise ValueError(f"need plateau_epochs < {METRIC_HISTORY_EPOCHS}, the validation "
+                             "metrics a job's view keeps")
         if self.min_delta < 0 or self.fallback_chunk_size < 1:
             raise ValueError("need min_delta >= 0 and fallback_chunk_size >= 1")
 
@@ -108,8 +111,10 @@ class HeuristicPolicy:
     def _growth_reason(self, view: JobView) -> str | None:
         """Why to germinate now, or None: a plateau, outside the cooldown."""
         assert view.epoch is not None
+        # cooldown_epochs epochs decided with no germination after the last one: with 1, a
+        # germination at epoch 5 blocks epoch 6 and allows epoch 7; 0 is no cooldown.
         if (view.last_germination_epoch is not None
-                and view.epoch - view.last_germination_epoch < self.config.cooldown_epochs):
+                and view.epoch - view.last_germination_epoch <= self.config.cooldown_epochs):
             return None
         stalled = epochs_without_improvement(view.validation_history(),
                                              min_delta=self.config.min_delta,

@@ -49,6 +49,7 @@ def readiness_checks(redis: Redis, resumed: asyncio.Event,
 
 async def serve(settings: TamiyoSettings, bus_settings: BusSettings) -> None:
     async with open_bus(bus_settings) as bus:
+        await bus.check_persistence()  # one warning at start when a Redis restart would lose
         await _serve_with(settings, bus)
 
 
@@ -60,11 +61,13 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
                                                          settings.blueprints.split(",")))))
     policy = HeuristicPolicy(settings.policy(), advisor)
     worker = ControllerWorker(
-        bus, StateStore(bus.redis), Controller(policy, settings.delivery()),
-        settings.consumer_name, leases=JobLeases(bus.redis, settings.replica_id, settings.lease_ms),
+        bus, StateStore(bus.redis, settings.job_retention_s),
+        Controller(policy, settings.delivery()), settings.consumer_name,
+        leases=JobLeases(bus.redis, settings.replica_id, settings.lease_ms),
         report_grace_s=settings.report_grace_s, tick_s=settings.tick_s,
         config=ConsumerConfig(max_deliveries=settings.max_deliveries,
-                              shutdown_grace_s=settings.shutdown_grace_s))
+                              shutdown_grace_s=settings.shutdown_grace_s),
+        limits=settings.limits())
     stopping = asyncio.Event()
     app = create_app("Tamiyo controller", readiness_checks(bus.redis, worker.resumed, stopping))
     http = HttpServer(app, settings.bind_host, settings.http_port)
@@ -72,7 +75,8 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
     # (uvicorn would sys.exit from inside its task).
     http_socket = socket.create_server((settings.bind_host, settings.http_port))
     try:
-        step = TamiyoServicer(Controller(policy, DeliveryConfig(over_bus=False)))
+        step = TamiyoServicer(Controller(policy, DeliveryConfig(over_bus=False)),
+                              settings.limits())
         grpc_server, grpc_port = start_grpc_server(step, settings.bind_host, settings.grpc_port)
     except BaseException:
         http_socket.close()

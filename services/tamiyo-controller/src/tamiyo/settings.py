@@ -11,6 +11,7 @@ from typing import Any
 from tamiyo.controller import DeliveryConfig
 from tamiyo.heuristics import HealthWeights
 from tamiyo.policy import PolicyConfig
+from tamiyo.validation import JobLimits
 
 _PARSERS = {"int": int, "float": float, "str": str}
 
@@ -62,6 +63,12 @@ class TamiyoSettings:
     max_deliveries: int = 10
     # Bounded drain at SIGTERM: the batch in hand and in-flight RPCs get this long.
     shutdown_grace_s: float = 10.0
+    # A job with no message for this long is let go, and a job's saved state expires this long
+    # after its last change (so a finished job's too). A day: far longer than an epoch.
+    job_retention_s: float = JobLimits.retention_s
+    # Jobs followed at once, and layers per job; a message past either is dead-lettered.
+    max_jobs: int = JobLimits.max_jobs
+    max_layers_per_job: int = JobLimits.max_layers_per_job
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -80,6 +87,7 @@ class TamiyoSettings:
         # Fail at start, not at the first decision.
         self.policy()
         self.delivery()
+        self.limits()
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
@@ -88,6 +96,10 @@ class TamiyoSettings:
             weights=HealthWeights(self.variance_weight, self.dead_ratio_weight,
                                   self.correlation_weight),
             fallback_chunk_size=self.fallback_chunk_size)
+
+    def limits(self) -> JobLimits:
+        return JobLimits(retention_s=self.job_retention_s, max_jobs=self.max_jobs,
+                         max_layers_per_job=self.max_layers_per_job)
 
     def delivery(self) -> DeliveryConfig:
         return DeliveryConfig(over_bus=True, ack_timeout_s=self.ack_timeout_s,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +17,19 @@ from typing import Any
 from oona.contracts import CommandAck, EpochEvent, LayerHealthReport, LifecycleCommand
 from oona.contracts import SeedStage as Stage
 
+from tamiyo.validation import MAX_LOGGED_CHARS
+
 # Stages counted against max_active_seeds (DESIGN §3.2: GERMINATED..FINE_TUNING).
 ACTIVE_STAGES = frozenset(range(Stage.SEED_STAGE_GERMINATED, Stage.SEED_STAGE_FINE_TUNING + 1))
 
 _STATE_VERSION = 1
-_MAX_EARLY_ACKS = 1000  # per job; an early ack older than that is for a long-gone decision
+# Per job, so that its saved state stays bounded however long it runs. Early acks matter only
+# for the decisions of the epoch being decided again after a crash, or of the last few epochs
+# before a takeover; older ones are for long-resolved commands.
+_MAX_EARLY_ACKS = 256
+# Validation metrics kept: the plateau is measured over the newest ones (PolicyConfig checks
+# that plateau_epochs fits). 256 epochs are ~6 KB of saved state.
+METRIC_HISTORY_EPOCHS = 256
 
 
 def expected_stage(command: LifecycleCommand) -> int | None:
@@ -90,6 +99,9 @@ class JobView:
     # forever (the runtime acks a command id once).
     early_acks: dict[str, CommandAck] = field(default_factory=dict)
     finished: bool = False
+    # When a message for the job last came (wall clock; not saved: a restarted Tamiyo counts
+    # from its start). A job silent for the retention period is let go.
+    last_message_at: float = 0.0
 
     # -- recording what the bus says ------------------------------------------------------
 
@@ -130,8 +142,13 @@ class JobView:
             return False
         self.epoch, self.epoch_ended_at = event.epoch, now
         self.higher_is_better = event.higher_is_better
-        if event.HasField("val_metric"):
+        # A non-finite metric (a diverged epoch) counts as not measured: the epoch is still
+        # decided (the runtime's safety readiness may ask for rollbacks), and the plateau test
+        # sees only numbers.
+        if event.HasField("val_metric") and math.isfinite(event.val_metric):
             self.metrics[event.epoch] = event.val_metric
+            while len(self.metrics) > METRIC_HISTORY_EPOCHS:
+                del self.metrics[min(self.metrics)]
         for pending in self.pending.values():
             due = pending.command.apply_at_epoch if pending.command.HasField(
                 "apply_at_epoch") else 0
@@ -154,6 +171,12 @@ class JobView:
 
     def remember_ack(self, ack: CommandAck) -> None:
         """Keep an ack to resolve its command once that is (re)decided or loaded."""
+        if len(ack.message) > MAX_LOGGED_CHARS:  # kept only to be logged
+            kept = CommandAck()
+            kept.CopyFrom(ack)
+            kept.message = ack.message[:MAX_LOGGED_CHARS]
+            ack = kept
+        self.early_acks.pop(ack.command_id, None)  # re-inserted as the newest
         self.early_acks[ack.command_id] = ack
         while len(self.early_acks) > _MAX_EARLY_ACKS:
             del self.early_acks[next(iter(self.early_acks))]

@@ -18,6 +18,11 @@ each, every replica keeps every job's view (cheap: the newest report per layer) 
 taking a job over already has everything the bus said; only the decision state (what was
 decided, sent and acknowledged) comes from the store, which only the owner writes. Only the
 owner saves, decides and publishes; the others just follow.
+
+Bad input and bounds: every message is checked (tamiyo.validation) before it touches a view; one
+that fails, or that would make Tamiyo track more than `JobLimits` allows (jobs, layers per job),
+raises an `oona.Reject` and is dead-lettered with the reason. A job with no message for the
+retention period is let go at the next tick.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ from tamiyo import metrics
 from tamiyo.controller import Controller, Retry
 from tamiyo.lease import JobLeases
 from tamiyo.store import StateStore
+from tamiyo.validation import (
+    JobLimits,
+    OverLimit,
+    check_ack,
+    check_epoch_event,
+    check_report,
+)
 from tamiyo.view import JobView
 
 log = logging.getLogger(__name__)
@@ -52,8 +64,9 @@ _JOB_ENDS = (EpochEventKind.EPOCH_EVENT_KIND_JOB_FINISHED,
 class ControllerWorker:
     def __init__(self, bus: Bus, store: StateStore, controller: Controller, consumer_name: str,
                  *, leases: JobLeases, report_grace_s: float, tick_s: float,
-                 config: ConsumerConfig | None = None) -> None:
+                 config: ConsumerConfig | None = None, limits: JobLimits | None = None) -> None:
         self._store = store
+        self._limits = limits or JobLimits()
         self._controller = controller
         self.leases = leases
         self._publisher = bus.publisher(sender_id=consumer_name)
@@ -77,6 +90,9 @@ class ControllerWorker:
     async def run(self) -> None:
         """Resume the running jobs saved in Redis, then consume until `stop()`."""
         self.views = await self._store.load_running()
+        now = time.time()
+        for view in self.views.values():
+            view.last_message_at = now
         metrics.JOBS.set(len(self.views))
         log.info("resumed %d running jobs from Redis", len(self.views))
         self.resumed.set()
@@ -103,19 +119,30 @@ class ControllerWorker:
     # -- handlers (idempotent: the bus delivers at least once) ----------------------------
 
     async def handle_report(self, report: LayerHealthReport, delivery: Delivery) -> None:
+        check_report(report)
         async with self._lock:
             view = await self._view(report.job_id)
-            if view.finished or not view.record_report(report) or not await self._own(view):
+            if view is None or view.finished:
+                return
+            if (report.layer_id not in view.reports
+                    and len(view.reports) >= self._limits.max_layers_per_job):
+                raise OverLimit(f"job {view.job_id} already has {len(view.reports)} layers "
+                                "(TAMIYO_MAX_LAYERS_PER_JOB)")
+            view.last_message_at = time.time()
+            if not view.record_report(report) or not await self._own(view):
                 return
             await self._store.save_report(view.job_id, report)
             if view.awaiting_decision and view.all_layers_reported():
                 await self._decide(view)
 
     async def handle_epoch_event(self, event: EpochEvent, delivery: Delivery) -> None:
+        check_epoch_event(event)
         async with self._lock:
-            view = await self._view(event.job_id)
-            if view.finished:
+            # The end of a job Tamiyo knows nothing of changes nothing: no state for it.
+            view = await self._view(event.job_id, create=event.kind not in _JOB_ENDS)
+            if view is None or view.finished:
                 return
+            view.last_message_at = time.time()
             if event.kind in _JOB_ENDS:
                 # Taken if free: the end must be saved by someone, or the job stays listed as
                 # running; if another replica owns the job, it saves the end itself.
@@ -144,10 +171,12 @@ class ControllerWorker:
                     await self._decide(view)
 
     async def handle_ack(self, ack: CommandAck, delivery: Delivery) -> None:
+        check_ack(ack)
         async with self._lock:
             view = self.views.get(ack.job_id)
             if view is None:
                 return  # not a running job
+            view.last_message_at = time.time()
             if not self.leases.held(view.job_id):
                 # Kept for when this replica takes the job over (see _take_over).
                 view.remember_ack(ack)
@@ -159,9 +188,13 @@ class ControllerWorker:
     # -- deciding and (re)sending ---------------------------------------------------------
 
     async def tick(self, now: float) -> None:
-        """Decide epochs whose report grace is over, and re-send overdue commands."""
+        """Let go of silent jobs, decide epochs whose report grace is over, and re-send overdue
+        commands."""
         async with self._lock:
             for view in list(self.views.values()):
+                if now - view.last_message_at > self._limits.retention_s:
+                    await self._evict(view)
+                    continue
                 if not await self._own(view):
                     continue
                 if view.awaiting_decision and now >= view.epoch_ended_at + self._report_grace_s:
@@ -259,14 +292,34 @@ class ControllerWorker:
                 batch.append(self._publisher.encode(stream, item, event_id=item.command_id))
         await self._publisher.send(batch)
 
-    async def _view(self, job_id: str) -> JobView:
+    async def _view(self, job_id: str, *, create: bool = True) -> JobView | None:
+        """The job's view: followed, saved, or (if `create`) new; None for an unknown job when
+        not `create`. OverLimit past max_jobs."""
         view = self.views.get(job_id)
         if view is None:
             # A job finished before a restart is still in the store (until its TTL), so late
             # messages for it are ignored rather than starting it afresh.
-            view = await self._store.load(job_id) or JobView(job_id)
-            if view.finished:
+            view = await self._store.load(job_id)
+            if view is not None and view.finished:
                 return view
-            self.views[job_id] = view
+            if view is None and not create:
+                return None
+            if len(self.views) >= self._limits.max_jobs:
+                raise OverLimit(f"already following {len(self.views)} jobs (TAMIYO_MAX_JOBS); "
+                                f"job {job_id} refused")
+            view = self.views[job_id] = view or JobView(job_id)
+            view.last_message_at = time.time()
             metrics.JOBS.set(len(self.views))
         return view
+
+    async def _evict(self, view: JobView) -> None:
+        """Let go of a job nothing has been heard of for the retention period: no longer
+        followed, its lease released, no longer listed as running (its hash expires)."""
+        del self.views[view.job_id]
+        metrics.JOBS.set(len(self.views))
+        metrics.JOBS_EVICTED.inc()
+        if self.leases.held(view.job_id):
+            await self.leases.release(view.job_id)
+        await self._store.forget(view.job_id)
+        log.warning("job %s: no message for %.0f s; no longer followed", view.job_id,
+                    self._limits.retention_s)
