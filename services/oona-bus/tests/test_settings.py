@@ -17,8 +17,10 @@ def test_from_dsn_reads_credentials_and_tls_options():
 
 
 def test_from_env_without_url_means_embedded_and_reads_overrides():
-    s = BusSettings.from_env({"OONA_SIGNING_KEY": "k", "OONA_STREAM_MAXLEN": "500"})
-    assert (s.url, s.signing_key, s.stream_maxlen) == (None, b"k", 500)
+    s = BusSettings.from_env({"OONA_SIGNING_KEY": "k", "OONA_STREAM_MAXLEN": "500",
+                              "OONA_STALE_GROUP_S": "3600"})
+    assert (s.url, s.signing_key, s.stream_maxlen, s.stale_group_s) == (None, b"k", 500, 3600)
+    assert BusSettings().stale_group_s == 7 * 24 * 3600
     s = BusSettings.from_env({"OONA_REDIS_URL": "redis://h:1/0", "OONA_REDIS_PASSWORD": "pw"})
     assert (s.url, s.password, s.tls_enabled) == ("redis://h:1/0", "pw", False)
 

@@ -8,8 +8,8 @@
 """
 
 from oona import streams
-from oona.bus import Bus, open_bus
-from oona.connection import connect
+from oona.bus import Bus, check_bus_persistence, open_bus
+from oona.connection import Persistence, check_persistence, connect
 from oona.consumer import Consumer, ConsumerConfig, Delivery, Handler
 from oona.embedded import EmbeddedRedis
 from oona.errors import (
@@ -21,7 +21,7 @@ from oona.errors import (
                          Reject,
                          Retry,
 )
-from oona.outbox import Outbox, OutboxConfig
+from oona.outbox import Outbox, OutboxConfig, publishing_problems
 from oona.outbox_thread import OutboxThread
 from oona.publisher import Publisher
 from oona.settings import BusSettings
@@ -29,7 +29,7 @@ from oona.settings import BusSettings
 __all__ = [
     "Bus", "BusSettings", "BusUnavailable", "Consumer", "ConsumerConfig", "DeadLetterReason",
     "Delivery", "EmbeddedRedis", "Handler", "IncompatibleServer", "Outbox", "OutboxConfig",
-    "OutboxFull", "OutboxThread", "PayloadTooLarge", "Publisher", "Reject", "Retry", "connect",
-    "open_bus",
+    "OutboxFull", "OutboxThread", "PayloadTooLarge", "Persistence", "Publisher", "Reject", "Retry",
+    "check_bus_persistence", "check_persistence", "connect", "open_bus", "publishing_problems",
     "streams",
 ]

@@ -69,7 +69,7 @@ async def _dlq_replay(redis: Client, args: argparse.Namespace) -> None:
     if args.all:
         ids = [d.entry_id for d in await dead_letters.list_dead_letters(redis, args.stream,
                                                                          count=1_000_000)]
-    for new_id in await dead_letters.replay(redis, args.stream, ids):
+    for new_id in await dead_letters.replay(redis, args.stream, ids, args.settings):
         print(f"replayed as {new_id}")
 
 
@@ -84,6 +84,7 @@ async def _with_redis(command: Command, args: argparse.Namespace) -> None:
     settings = BusSettings.from_dsn(args.url) if args.url else BusSettings.from_env()
     if settings.url is None:
         raise SystemExit("set OONA_REDIS_URL or pass --url (see `python -m oona serve-embedded`)")
+    args.settings = settings
     redis = await connect(settings)
     try:
         await command(redis, args)

@@ -1,9 +1,11 @@
-"""Connecting to Redis: bounded retries, PING before ready, the server version logged."""
+"""Connecting to Redis: bounded retries, PING before ready, the server version logged; what the
+server keeps across a restart (`check_persistence`, for services at start)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -11,6 +13,7 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from oona.errors import BusUnavailable, IncompatibleServer
@@ -90,3 +93,61 @@ async def connect(settings: BusSettings) -> Client:
 
 def parse_version(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """What a Redis server keeps across a restart, as far as it lets us see (None: unknown)."""
+
+    aof: bool | None  # appendonly yes: every write is logged (fsync per appendfsync)
+    rdb: bool | None  # a `save` schedule: snapshots, so writes since the last one are lost
+    # Why CONFIG could not be read (refused by ACL, or renamed away); None when it was read.
+    config_error: str | None = None
+
+    @property
+    def warning(self) -> str | None:
+        """What an operator must hear, when AOF is known to be off."""
+        if self.aof is not False or self.config_error is not None:
+            return None
+        if self.rdb:
+            return ("AOF is off (appendonly no), only RDB snapshots: a restart loses every "
+                    "message written since the last snapshot, unread commands and field reports "
+                    "included; set appendonly yes")
+        return ("neither AOF (appendonly no) nor RDB snapshots (save \"\") is on: a restart "
+                "loses every stream, unread commands and field reports included; set appendonly "
+                "yes")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def check_persistence(redis: Client, url: str = "") -> Persistence:
+    """Read whether the server persists streams (CONFIG GET appendonly and save; where CONFIG is
+    refused, INFO persistence says whether AOF is on) and log it in one line: a warning when AOF
+    is off (see Persistence.warning), else info. Never raises on a refusal. `url`: how the log
+    names the server (pass settings.redacted_url())."""
+    where = f"redis at {url}" if url else "redis"
+    try:
+        replies = {**await redis.config_get("appendonly"), **await redis.config_get("save")}
+        config = {_text(k): _text(v) for k, v in replies.items()}
+        result = Persistence(aof=config.get("appendonly") == "yes",
+                             rdb=bool(config.get("save", "").strip()))
+    except ResponseError as exc:  # NOPERM (ACL) or unknown command (rename-command CONFIG "")
+        aof: bool | None = None
+        try:
+            info = await redis.info("persistence")
+            aof = bool(int(info.get("aof_enabled", 0)))
+        except ResponseError:
+            pass
+        result = Persistence(aof=aof, rdb=None, config_error=f"{type(exc).__name__}: {exc}")
+    if result.warning:
+        log.warning("%s: %s", where, result.warning)
+    elif result.config_error is not None:
+        state = {True: "on", False: "off", None: "unknown"}[result.aof]
+        log.info("%s: cannot read its persistence settings (%s); AOF %s per INFO, RDB schedule "
+                 "unknown: make sure appendonly is yes", where, result.config_error, state)
+    else:
+        log.info("%s: persistence AOF %s, RDB snapshots %s", where,
+                 "on" if result.aof else "off", "on" if result.rdb else "off")
+    return result

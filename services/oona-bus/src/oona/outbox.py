@@ -6,6 +6,11 @@ Producers (any thread, typically a synchronous training loop) `put` messages; on
 - reliable (`put`, for commands and field reports): never dropped; when full the caller waits up
   to `timeout` and then gets OutboxFull.
 Messages are encoded at `put`, so the caller may reuse or mutate its message object afterwards.
+
+The drain survives every Redis error (out of memory, connection lost, READONLY replica, timeout,
+a refused script): the batch in hand is kept and retried with bounded exponential backoff, and
+the outbox reports itself unhealthy (`healthy`, `last_error`, `publishing_problems()`) until a
+publish succeeds again. What it never published is counted (`unsent`, `oona_unsent_total`).
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
+from redis.exceptions import RedisError
 
 from oona import metrics, streams
-from oona.connection import TRANSIENT_ERRORS
 from oona.envelope import Outgoing, encode
 from oona.errors import OutboxFull
 from oona.publisher import Publisher
@@ -29,6 +35,21 @@ from oona.settings import BusSettings
 
 log = logging.getLogger(__name__)
 _IDLE_CHECK_S = 1.0
+_WARN_INTERVAL_S = 60.0
+# What the drain rides out: every redis-py error (a connection problem, or the server refusing the
+# write: OOM at maxmemory, READONLY, NOPERM, BUSY) and socket errors that escape redis-py.
+PUBLISH_ERRORS = (RedisError, OSError)
+
+# Outboxes of this process whose last publish failed: sender id -> the error (for readiness).
+_failing: dict[int, tuple[str, str]] = {}
+_failing_lock = threading.Lock()
+
+
+def publishing_problems() -> dict[str, str]:
+    """Sender id -> last error, for every outbox of this process that cannot publish right now.
+    Empty when all can: a service's readiness check fails while it is not."""
+    with _failing_lock:
+        return dict(_failing.values())
 
 
 @dataclass(frozen=True)
@@ -36,7 +57,8 @@ class OutboxConfig:
     telemetry_capacity: int = 10_000
     reliable_capacity: int = 10_000
     batch_size: int = 500
-    # Backoff while Redis is unreachable; the batch in hand is retried, never dropped.
+    # Backoff while Redis refuses or cannot be reached; the batch in hand is retried, never
+    # dropped.
     retry_backoff_min_s: float = 0.05
     retry_backoff_max_s: float = 2.0
 
@@ -55,6 +77,11 @@ class Outbox:
         self._closed = False
         self._abandoned = False
         self.dropped = 0
+        self.publish_failures = 0
+        # The last publish error, None once a publish succeeds again.
+        self.last_error: str | None = None
+        self._reported_depth = {"telemetry": 0, "reliable": 0}
+        self._next_warning = 0.0
         # Set by a running drain: wakes it, from any thread. Only called when the drain said it
         # is idle, so a busy producer pays no cross-thread call per message.
         self._wake: Callable[[], object] | None = None
@@ -62,8 +89,14 @@ class Outbox:
 
     @property
     def depth(self) -> int:
+        """Messages queued or in flight: what would be lost if the process died now."""
         with self._lock:
             return len(self._telemetry) + len(self._reliable) + len(self._in_flight)
+
+    @property
+    def healthy(self) -> bool:
+        """False from a failed publish until the next one succeeds."""
+        return self.last_error is None
 
     def _encode(self, stream: str, message: Message, trace_id: str, event_id: str | None,
                 dedupe: bool) -> Outgoing:
@@ -94,7 +127,7 @@ class Outbox:
                 lambda: len(self._reliable) < self.config.reliable_capacity, timeout)
             if not has_room:
                 raise OutboxFull(f"reliable lane full ({self.config.reliable_capacity}) for "
-                                 f"{timeout}s: is Redis reachable?")
+                                 f"{timeout}s; last publish error: {self.last_error}")
             self._reliable.append(outgoing)
         self._notify()
 
@@ -117,14 +150,31 @@ class Outbox:
         self._closed = True
         self._notify()
 
-    def abandon(self) -> int:
-        """Make `drain` return now; returns (and logs) how many messages were never published."""
+    def interrupt(self) -> None:
+        """Make `drain` return at its next step (after the publish in hand), queue untouched."""
         self._abandoned = True
         self.close()
+
+    def abandon(self) -> int:
+        """Make `drain` return now and discard what is queued; returns (logs and counts in
+        `oona_unsent_total`) how many messages were never published. A batch in flight counts
+        as unsent: it was not confirmed."""
+        self.interrupt()
         with self._lock:
-            unsent = len(self._telemetry) + len(self._reliable) + len(self._in_flight)
+            lanes = {"telemetry": len(self._telemetry),
+                     "reliable": len(self._reliable) + len(self._in_flight)}
+            self._telemetry.clear()
+            self._reliable.clear()
+            self._in_flight.clear()
+            self._update_gauges()
+            self._changed.notify_all()
+        for lane, count in lanes.items():
+            metrics.UNSENT.labels(lane).inc(count)
+        unsent = sum(lanes.values())
         if unsent:
-            log.error("outbox abandoned with %d unpublished messages", unsent)
+            log.error("outbox %s stopped with %d unpublished messages (%d reliable); last "
+                      "publish error: %s", self._sender_id, unsent, lanes["reliable"],
+                      self.last_error)
         return unsent
 
     def _take(self) -> list[Outgoing]:
@@ -142,15 +192,39 @@ class Outbox:
             self._update_gauges()
             return list(self._in_flight)
 
-    def _published(self) -> None:
+    def _published(self, sent: list[Outgoing]) -> None:
+        done = {id(out) for out in sent}
         with self._changed:
-            self._in_flight.clear()
+            self._in_flight = [out for out in self._in_flight if id(out) not in done]
             self._update_gauges()
             self._changed.notify_all()
 
     def _update_gauges(self) -> None:
-        metrics.OUTBOX_DEPTH.labels("telemetry").set(len(self._telemetry))
-        metrics.OUTBOX_DEPTH.labels("reliable").set(len(self._reliable) + len(self._in_flight))
+        # Several outboxes share the gauge (one per job in a runtime): each adds its change.
+        depth = {"telemetry": len(self._telemetry),
+                 "reliable": len(self._reliable) + len(self._in_flight)}
+        for lane, value in depth.items():
+            metrics.OUTBOX_DEPTH.labels(lane).inc(value - self._reported_depth[lane])
+        self._reported_depth = depth
+
+    def _set_health(self, error: BaseException | None) -> None:
+        if error is None:
+            if self.last_error is not None:
+                log.info("outbox %s: publishing again", self._sender_id)
+            self.last_error = None
+        else:
+            self.publish_failures += 1
+            self.last_error = f"{type(error).__name__}: {error}"
+            metrics.PUBLISH_FAILURES.labels(type(error).__name__).inc()
+        self._report_failing(self.last_error is not None)
+
+    def _report_failing(self, failing: bool) -> None:
+        with _failing_lock:
+            if failing:
+                _failing[id(self)] = (self._sender_id, self.last_error or "")
+            else:
+                _failing.pop(id(self), None)
+            metrics.OUTBOXES_FAILING.set(len(_failing))
 
     async def drain(self, publisher: Publisher) -> None:
         """Publish queued messages until `close()` and empty (or `abandon()`). One drain per
@@ -174,17 +248,38 @@ class Outbox:
                     self._drain_idle = False
                     continue
                 try:
-                    await publisher.send(batch)
-                except TRANSIENT_ERRORS as exc:
-                    log.warning("outbox: publishing %d messages failed (%s); retrying in %.2fs",
-                                len(batch), exc, backoff)
+                    # Per stream, each group dropped from the batch once written: a retry after
+                    # a partial failure does not write the others (telemetry has no dedupe) twice.
+                    for group in _by_stream(batch):
+                        await publisher.send(group)
+                        self._published(group)
+                except PUBLISH_ERRORS as exc:
+                    self._set_health(exc)
+                    # One warning per minute of an outage, not one per retry.
+                    if time.monotonic() >= self._next_warning:
+                        self._next_warning = time.monotonic() + _WARN_INTERVAL_S
+                        log.warning("outbox: publishing %d messages of %s failed (%s); "
+                                    "retrying with backoff up to %.1fs, %d queued",
+                                    len(self._in_flight), self._sender_id, self.last_error,
+                                    self.config.retry_backoff_max_s, self.depth)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.config.retry_backoff_max_s)
                     continue
                 backoff = self.config.retry_backoff_min_s
-                self._published()
+                self._next_warning = 0.0
+                self._set_health(None)
         finally:
             self._wake = None
+            # A stopped drain no longer holds readiness down; its leftovers are `depth`.
+            self._report_failing(False)
 
     def _queued(self) -> bool:
         return bool(self._telemetry or self._reliable or self._closed)
+
+
+def _by_stream(batch: list[Outgoing]) -> list[list[Outgoing]]:
+    """The batch split by (stream, dedupe), in order of first appearance (reliable first)."""
+    groups: dict[tuple[str, bool], list[Outgoing]] = {}
+    for out in batch:
+        groups.setdefault((out.stream, out.dedupe), []).append(out)
+    return list(groups.values())

@@ -21,7 +21,9 @@ class OutboxThread:
     """`with OutboxThread(settings, "kasmina-job7") as outbox: outbox.put_telemetry(...)`.
 
     `put_telemetry` never blocks the training thread; `put` applies backpressure (see Outbox).
-    `close` publishes what is queued, waiting at most `timeout` seconds.
+    The thread rides out every Redis error (see Outbox.drain); `healthy` is False while it
+    cannot publish (or if it died). `close` publishes what is queued, waiting at most `timeout`
+    seconds, and returns how many messages were never published.
     """
 
     def __init__(self, settings: BusSettings, sender_id: str,
@@ -58,6 +60,25 @@ class OutboxThread:
             self._ready.set()
             await self.outbox.drain(bus.publisher(self._sender_id))
 
+    @property
+    def healthy(self) -> bool:
+        """The thread runs and its last publish succeeded: what a readiness check reads."""
+        return self._thread.is_alive() and self._error is None and self.outbox.healthy
+
+    @property
+    def last_error(self) -> str | None:
+        """Why it is not healthy: the last publish error, or the error that ended the thread."""
+        if self._error is not None:
+            return f"outbox thread died: {type(self._error).__name__}: {self._error}"
+        if self.outbox.last_error is None and not self._thread.is_alive():
+            return "outbox thread not running"
+        return self.outbox.last_error
+
+    @property
+    def unsent(self) -> int:
+        """Messages queued or in flight right now."""
+        return self.outbox.depth
+
     def put_telemetry(self, stream: str, message: Message, *, trace_id: str = "") -> None:
         self.outbox.put_telemetry(stream, message, trace_id=trace_id)
 
@@ -69,15 +90,16 @@ class OutboxThread:
         return self.outbox.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> int:
-        """Publish what is queued and stop; returns how many messages could not be published
-        within `timeout` (logged as an error when not zero)."""
+        """Publish what is queued and stop; returns how many messages were never published
+        (those still queued after `timeout`, or left by a thread that died), logged as an error
+        and counted in `oona_unsent_total` when not zero."""
         self.outbox.close()
         self._thread.join(timeout)
-        unsent = 0
         if self._thread.is_alive():
-            unsent = self.outbox.abandon()
+            # Let the publish in hand finish (bounded by the socket timeout), then count.
+            self.outbox.interrupt()
             self._thread.join()
-        return unsent
+        return self.outbox.abandon()
 
     def __enter__(self) -> Self:
         return self.start()

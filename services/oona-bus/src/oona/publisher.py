@@ -1,7 +1,11 @@
-"""Publishing: envelope + protobuf, XADD with approximate MAXLEN, batched, deduplicated."""
+"""Publishing: envelope + protobuf, XADD, batched, deduplicated; trimmed by the stream's kind:
+telemetry with approximate MAXLEN, the streams that must not lose only past what every consumer
+group is done with (oona.scripts, oona.streams.must_not_lose)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -12,9 +16,44 @@ from oona.connection import Client
 from oona.envelope import Outgoing, encode
 from oona.settings import BusSettings
 
+log = logging.getLogger(__name__)
+
 # One round trip carries at most this many messages: it bounds the reply and the time the
 # publish script holds the server.
 MAX_BATCH = 1000
+
+# Entries kept beyond stream_maxlen per stream, as last seen by a publish of this process; the
+# oona_stream_over_cap gauge is their sum per stream family.
+_over_cap: dict[str, int] = {}
+_over_cap_lock = threading.Lock()
+
+
+def record_trim(stream: str, over: int, unread: int, maxlen: int) -> None:
+    """Account for a trim's reply (oona.scripts.oona_trim): update the over-cap gauge, warn when
+    a stream goes over its cap (a consumer group lags: the stream grows instead of losing
+    entries) and when it is back, and count and warn about entries a stale group never read."""
+    family = streams.family(stream)
+    if unread:
+        metrics.TRIMMED_UNREAD.labels(family).inc(unread)
+        log.warning("%s: trimmed %d entries that a stale consumer group (every consumer idle "
+                    "beyond stale_group_s) had not read; remove the group if it is gone for good "
+                    "(XGROUP DESTROY)", stream, unread)
+    with _over_cap_lock:
+        before = _over_cap.get(stream, 0)
+        if over == before:
+            return
+        if over:
+            _over_cap[stream] = over
+        else:
+            _over_cap.pop(stream, None)
+        metrics.OVER_CAP.labels(family).set(
+            sum(v for s, v in _over_cap.items() if streams.family(s) == family))
+    if over and not before:
+        log.warning("%s holds %d entries beyond its cap of %d: a consumer group has not read or "
+                    "acknowledged them, so they are kept (see `python -m oona streams`)",
+                    stream, over, maxlen)
+    elif before and not over:
+        log.info("%s is back within its cap of %d", stream, maxlen)
 
 
 class Publisher:
@@ -75,10 +114,14 @@ class Publisher:
             # Direct EVALSHA, not in a pipeline: a pipeline re-checks SCRIPT EXISTS each time.
             reply = await self._publish_script(
                 keys=[stream],
-                args=[self._settings.stream_maxlen, self._settings.dedupe_ttl_s if dedupe else 0,
+                args=[self._settings.stream_maxlen, streams.trim_mode(stream),
+                      int(self._settings.stale_group_s * 1000),
+                      self._settings.dedupe_ttl_s if dedupe else 0,
                       scripts.dedupe_prefix(stream), "\n".join(chunk[i].event_id for i in indices),
                       *(chunk[i].data for i in indices)])
-            for index, entry_id in zip(indices, reply, strict=True):
+            *entry_ids, over, unread = reply
+            record_trim(stream, int(over), int(unread), self._settings.stream_maxlen)
+            for index, entry_id in zip(indices, entry_ids, strict=True):
                 ids[index] = entry_id.decode() if entry_id is not None else None
             written = sum(1 for i in indices if ids[i] is not None)
             family = streams.family(stream)

@@ -31,8 +31,15 @@ class BusSettings:
     connect_backoff_s: float = 0.2
     socket_timeout_s: float = 5.0
 
-    # Approximate MAXLEN per stream ("~" trimming, so Redis trims whole macro nodes cheaply).
+    # The length cap per stream. Telemetry is trimmed to it with approximate MAXLEN ("~", so
+    # Redis trims whole macro nodes cheaply); a stream that must not lose only past what every
+    # consumer group has read and acknowledged, so a lagging group makes it grow beyond the cap
+    # (oona_stream_over_cap) instead of losing entries (oona.streams.must_not_lose).
     stream_maxlen: int = 100_000
+    # A consumer group whose consumers have all been idle this long (its reader is gone for good,
+    # e.g. a removed replica) no longer holds trimming back; what it had not read is then trimmed
+    # and counted (oona_trimmed_unread_total). 0: groups hold trimming back forever.
+    stale_group_s: float = 7 * 24 * 3600
     claim_check_bytes: int = 64 * 1024
     # Must outlive stream retention plus the redelivery window, or a slow consumer finds its blob
     # gone (that is then a claim_check_missing dead letter, not silent loss).
@@ -52,6 +59,8 @@ class BusSettings:
             raise ValueError("need 0 < claim_check_bytes <= max_payload_bytes")
         if self.stream_maxlen < 1:
             raise ValueError("stream_maxlen must be >= 1")
+        if self.stale_group_s < 0:
+            raise ValueError("stale_group_s must be >= 0")
         if self.tls_enabled and self.url and self.url.startswith("unix"):
             raise ValueError("TLS over a unix socket is not supported")
 
@@ -105,7 +114,8 @@ class BusSettings:
 
         OONA_REDIS_URL, OONA_REDIS_USERNAME, OONA_REDIS_PASSWORD (override the URL's credentials),
         OONA_REDIS_TLS_CA, OONA_REDIS_TLS_CERT, OONA_REDIS_TLS_KEY, OONA_SIGNING_KEY (the shared
-        HMAC key, as text), OONA_STREAM_MAXLEN, OONA_CLAIM_CHECK_BYTES, OONA_CONNECT_ATTEMPTS.
+        HMAC key, as text), OONA_STREAM_MAXLEN, OONA_STALE_GROUP_S, OONA_CLAIM_CHECK_BYTES,
+        OONA_CONNECT_ATTEMPTS.
         """
         env = os.environ if environ is None else environ
         url = env.get("OONA_REDIS_URL") or None
@@ -122,6 +132,8 @@ class BusSettings:
                           ("OONA_CONNECT_ATTEMPTS", "connect_attempts")):
             if env.get(var):
                 overrides[name] = int(env[var])
+        if env.get("OONA_STALE_GROUP_S"):
+            overrides["stale_group_s"] = float(env["OONA_STALE_GROUP_S"])
         if env.get("OONA_SIGNING_KEY"):
             overrides["signing_key"] = env["OONA_SIGNING_KEY"].encode()
         return replace(settings, **overrides)

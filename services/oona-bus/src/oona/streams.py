@@ -22,6 +22,22 @@ def dead_letters(stream: str) -> str:
     return stream + DLQ_SUFFIX
 
 
+TELEMETRY_PREFIX = "telemetry."
+
+
+def must_not_lose(stream: str) -> bool:
+    """Whether a stream is trimmed only past what every consumer group is done with (commands,
+    acks, field reports, epoch events, any other stream) rather than capped like telemetry
+    (`telemetry.*`, droppable by design: DESIGN §4). Dead-letter streams are capped: they have
+    no consumer group to wait for."""
+    return not (stream.startswith(TELEMETRY_PREFIX) or stream.endswith(DLQ_SUFFIX))
+
+
+def trim_mode(stream: str) -> str:
+    """The trim mode argument of oona.scripts' PUBLISH, TRIM and REPLAY for `stream`."""
+    return "guarded" if must_not_lose(stream) else "capped"
+
+
 _FAMILIES = frozenset({TELEMETRY_SEED_HEALTH, CONTROL_ACKS, FIELD_REPORTS, EPOCH_EVENTS})
 
 
