@@ -31,9 +31,13 @@ _PROGRAMS = 1024  # backward: about this many programs over all slots (several p
 
 # Every op below is on (rows, hidden) tiles or row vectors: a chunk's C columns are unrolled
 # (`tl.static_range`), each a strided column load or store of one float per row (L1/L2 merge
-# the C neighbours). A first form held (rows, C, H) products as 3-D tiles reduced with `tl.sum`;
-# it matched PyTorch under the interpreter and gave wrong outputs compiled for an H200 (errors
-# up to 1.3 at 4096 x 32768, C = 4: benchmarks/results/step_h200_2026-12-01_s4a.log).
+# the C neighbours). Measured on an H200, 102 slots x 32,768 rows x 4 features (the bars'
+# growing case): 204 us forward, 439 us backward a step (benchmarks/results/
+# probe_step_h200_2026-12-01.log), still ~10x the memory bound. Two other forms lost:
+# (rows, C, H) products as 3-D tiles reduced with `tl.sum` matched PyTorch under the
+# interpreter but gave wrong outputs compiled (errors up to 1.3: step_h200_2026-12-01_s4a.log);
+# `tl.dot` on tiles padded to 16 took 247 / 735 us in IEEE float32 and 159 / 339 us in TF32
+# with 4e-3 errors (probe_mlp_h200_2026-12-01.log, every block / warp / grid choice there).
 @triton.jit
 def _hidden(x_ptr, p_ptr, offs, rmask, hc, W: tl.constexpr, H: tl.constexpr,
             HP: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -1,0 +1,61 @@
+"""The fused residual_mlp kernels (kasmina/kernels/triton_mlp.py) alone: forward and backward
+GPU time (CUDA events, median of 20) and the largest error against float64, at the bars' shapes
+(102 running slots of 4 features at 32,768 and 8,192 rows; 64-seed layers: 16 features).
+results/probe_mlp_h200_2026-12-01.log is this probe over a `tl.dot` form's choices (input
+precision, rows a block, warps, backward programs), since replaced (see triton_mlp.py).
+
+    python3 benchmarks/probe_mlp.py
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from kasmina.bank import BlueprintBank
+from kasmina.blueprints import BlueprintSpec
+from kasmina.kernels import triton_mlp
+
+
+def timed(fn, reps: int = 20) -> float:  # noqa: ANN001
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    for slots, rows, chunk in ((102, 32768, 4), (102, 8192, 4), (7, 32768, 16)):
+        bank = BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=16), chunk, slots, dev)
+        for s in range(slots):
+            bank.init_slot(s, s)
+        x = torch.randn(slots, rows, chunk, device=dev)
+        dy = torch.randn_like(x)
+        xd = x.double().requires_grad_()
+        params = {k: v.detach().double().requires_grad_() for k, v in bank.params.items()}
+        z = torch.nn.functional.gelu(torch.baddbmm(params["b1"].unsqueeze(1), xd, params["w1"]))
+        y64 = xd + torch.baddbmm(params["b2"].unsqueeze(1), z, params["w2"])
+        dx64, *dp64 = torch.autograd.grad(y64, (xd, *params.values()), dy.double())
+        dflat64 = torch.cat([g.flatten(1) for g in dp64], 1)
+        print(f"== {slots} slots x {rows} rows x {chunk} features (hidden 16)")
+        y = triton_mlp.forward(x, bank.flat.detach(), 16)
+        dx, dflat = triton_mlp.backward(x, bank.flat.detach(), dy, 16, True)
+        err = max((y - y64).abs().max().item(), (dx - dx64).abs().max().item(),
+                  ((dflat - dflat64).abs().max() / dflat64.abs().max()).item())
+        fwd = timed(lambda: triton_mlp.forward(x, bank.flat.detach(), 16))
+        bwd = timed(lambda: triton_mlp.backward(x, bank.flat.detach(), dy, 16, False))
+        bwd_dx = timed(lambda: triton_mlp.backward(x, bank.flat.detach(), dy, 16, True))
+        print(f"fwd {fwd:7.1f} us  bwd {bwd:7.1f} us  bwd+dx {bwd_dx:7.1f} us  err {err:.1e}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Where a training step's GPU and host time go, per op and kernel (torch.profiler), for the
+modes of bench_step.py at one shape: the evidence behind each step-speed change.
+
+    python3 benchmarks/probe_step.py [--shape 4096x32768] [--seeds 1024] [--dtype bf16]
+        [--modes dormant,graft10,training] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from bench_step import DTYPES, S, build_layer, train_step
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="4096x32768")
+    ap.add_argument("--seeds", type=int, default=1024)
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--modes", default="bare,dormant,graft10,training")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=22)
+    args = ap.parse_args()
+    hidden, rows = map(int, args.shape.split("x"))
+    dtype, dev = DTYPES[args.dtype], "cuda"
+    n = max(1, round(0.1 * args.seeds))
+    stages = {"dormant": (n, 1, ()), "dormant10": (n, 10, ()), "training": (n, 1, (S.TRAINING,)),
+              "graft10": (n, 1, (S.TRAINING, S.GRAFTING))}
+    host = nn.Linear(hidden, hidden)
+    x = torch.randn(rows, hidden, device=dev).to(dtype).requires_grad_()
+    g = (torch.randn(rows, hidden, device=dev) / rows).to(dtype)
+    loss = torch.zeros((), device=dev)
+    for name in args.modes.split(","):
+        if name == "bare":
+            model = host.to(device=dev, dtype=dtype)
+            after = lambda: None  # noqa: E731
+        else:
+            model = build_layer(host.cpu().float(), args.seeds, *stages[name])[0]
+            model = model.to(device=dev, dtype=dtype)
+            after = lambda model=model: model.step(loss)  # noqa: E731
+        opt = torch.optim.SGD((model.host if name != "bare" else model).parameters(), lr=1e-3)
+        mode = type("M", (), {"model": model, "opts": [opt], "after": after})
+        for _ in range(8):
+            train_step(mode, x, g)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                train_step(mode, x, g)
+            torch.cuda.synchronize()
+        print(f"==== {name} {args.shape} {args.dtype} seeds {args.seeds}: per {args.steps} steps")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top,
+                                        max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
