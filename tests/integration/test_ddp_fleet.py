@@ -141,8 +141,8 @@ def _start_tamiyo(url: str, job: str, log: Path) -> subprocess.Popen[bytes]:
                # Karn is down: every germination is the fallback, which the list allows
                TAMIYO_KARN_ADDRESS=f"127.0.0.1:{free_port()}", TAMIYO_KARN_TIMEOUT_S="0.5",
                TAMIYO_BLUEPRINTS="residual_mlp",
-               # every epoch is a plateau; cooldown 1 lets it germinate again at the very next epoch
-               TAMIYO_PLATEAU_EPOCHS="1", TAMIYO_MIN_DELTA="100", TAMIYO_COOLDOWN_EPOCHS="1",
+               # every epoch is a plateau; no cooldown: it germinates again at the very next epoch
+               TAMIYO_PLATEAU_EPOCHS="1", TAMIYO_MIN_DELTA="100", TAMIYO_COOLDOWN_EPOCHS="0",
                TAMIYO_TICK_S="0.1", TAMIYO_REPORT_GRACE_S="0.2", TAMIYO_ACK_TIMEOUT_S="30")
     with log.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "tamiyo"], env=env, stdout=sink,
@@ -230,11 +230,16 @@ def test_a_job_on_two_ranks_grows_under_a_real_tamiyo(oona_redis_url, tmp_path):
     late = sorted((c.apply_at_epoch, cid) for cid, c in commands.items() if cid not in acked)
     assert all(at > EPOCHS - TAIL_EPOCHS for at, _ in late), (late, rank0["lags"])
 
-    # On the bus, only rank 0 published: each applied command acked once, one health report
-    # per layer per boundary, one end event per boundary.
-    wire = Counter(a.command_id for a in _collect(oona_redis_url, job, streams.CONTROL_ACKS,
-                                                   CommandAck))
+    # On the bus, only rank 0 published: each applied command acked once (and the commands
+    # still due when the job ended answered once at close), one health report per layer per
+    # boundary, one end event per boundary.
+    wire_acks = _collect(oona_redis_url, job, streams.CONTROL_ACKS, CommandAck)
+    at_close = {a.command_id for a in wire_acks if a.message.startswith("the job ended")}
+    assert at_close <= {cid for _, cid in late}, (at_close, late)
+    wire = Counter(a.command_id for a in wire_acks if a.command_id not in at_close)
     assert wire == Counter(acked.keys()), (wire, acked)
+    assert Counter(a.command_id for a in wire_acks if a.command_id in at_close) == Counter(
+        at_close)
     reports = _collect(oona_redis_url, job, streams.TELEMETRY_SEED_HEALTH, LayerHealthReport)
     assert sorted((r.layer_id, r.epoch) for r in reports) == [
         (layer, epoch) for layer in LAYERS for epoch in range(1, EPOCHS + 1)]

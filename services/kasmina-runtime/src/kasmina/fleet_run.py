@@ -33,6 +33,7 @@ from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
 from tqdm import tqdm
 
 from .report import plot_stage_timeline, plot_training, write_report
+from .service.limits import check_job_id
 
 # The digits recipe's seed layer: 64 features in 4 chunks.
 CHUNK_SIZE = 16
@@ -204,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blueprints", default="residual_mlp",
                    help="comma-separated blueprints Tamiyo may germinate (Karn ranks them)")
     args = p.parse_args(argv)
+    try:  # the name prefixes the job ids the runtime checks; say so before starting anything
+        check_job_id(f"{args.name}-{int(time.time())}-seeded-{args.runs}")
+    except ValueError as err:
+        p.error(f"--name: {err}")
     run_dir = Path("runs") / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     # A fresh bus per run, so its message counts are this run's; Karn's database is kept: it is

@@ -27,7 +27,18 @@ def main(argv: list[str] | None = None) -> int:
                         "seeded, lr, weight_decay, resume_from, ...)")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     args = p.parse_args(argv)
+    malformed = [kv for kv in args.param if "=" not in kv or not kv.split("=", 1)[0]]
+    if malformed:
+        p.error(f"--param takes NAME=VALUE, got {malformed[0]!r}")
     parameters = {"epochs": str(args.epochs), **dict(kv.split("=", 1) for kv in args.param)}
+    try:
+        return _submit_and_follow(args, parameters)
+    except grpc.RpcError as err:  # the runtime's refusal names the field: say it, no traceback
+        print(f"{args.job_id}: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 2 if err.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+
+
+def _submit_and_follow(args: argparse.Namespace, parameters: dict[str, str]) -> int:
     with grpc.insecure_channel(args.address) as channel:
         stub = pb_grpc.KasminaRuntimeStub(channel)
         reply = stub.SubmitJob(pb.SubmitJobRequest(job_id=args.job_id, recipe="digits",
@@ -36,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_wait:
             return 0
         state = reply.state
-        for update in stub.WatchJob(pb.WatchJobRequest(job_id=args.job_id)):
+        for update in stub.WatchJob(pb.WatchJobRequest(job_id=reply.job_id)):
             state = update.state
             event = update.epoch_event
             if update.HasField("epoch_event") and event.kind == EPOCH_ENDED:
                 print(f"epoch {event.epoch}: train_loss {event.train_loss:.4f} "
                       f"{event.val_metric_name} {event.val_metric:.4f}", flush=True)
-        print(f"{args.job_id}: {pb.JobState.Name(state)}")
+        print(f"{reply.job_id}: {pb.JobState.Name(state)}")
         return 0 if state == pb.JobState.JOB_STATE_SUCCEEDED else 1
 
 

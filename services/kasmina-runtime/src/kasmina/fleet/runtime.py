@@ -7,24 +7,26 @@
         runtime.end_epoch(val_metric, evaluate=validate)
     runtime.close()
 
-The training step never waits on the bus: commands arrive on a background consumer and wait in
+The training step never waits on the bus: commands arrive on a background reader and wait in
 memory; publishing goes through a bounded outbox (health reports may be dropped when it is
-full, acks, epoch events and field reports are not). At each epoch boundary the runtime applies
-the commands due (in arrival order, each once), acks each, runs the layers' gates, and
-publishes one LayerHealthReport per layer, the field reports of seeds that ended, and an
-EpochEvent. A command lost between the bus ack and the boundary (a crash) is never acked, so the
-controller resends it; command ids already applied are ignored.
+full, acks, epoch events and field reports are not). At each epoch boundary the runtime checks
+the commands that arrived (a malformed one is refused at once), applies the ones due (in arrival
+order), answers each with a CommandAck, runs the layers' gates, and publishes one
+LayerHealthReport per layer, the field reports of seeds that ended, and an EpochEvent.
+
+One at-least-once mechanism: a command's bus delivery is acked after it was applied or refused
+(`CommandInbox`), so a runtime that dies first leaves it pending and the job's next runtime
+gets it again. One dedupe: the ids of the commands answered, kept with the job's checkpoint
+(`state_dict`), so a command sent again (a controller's resend, a replay into a resumed run) is
+refused as a duplicate, never applied twice.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
 import socket
-import threading
-import time
 from collections.abc import Callable
 
 import oona
@@ -37,6 +39,7 @@ from .. import distributed
 from ..controller import measure_contributions
 from ..lifecycle import ACTIVE_STAGES
 from ..wrap import unique_seed_layers
+from .inbox import CommandInbox, Incoming
 from .wire import CommandTarget, health_to_proto, outcome_to_field_report
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,14 @@ log = logging.getLogger(__name__)
 # a late command is safe (every transition is checked against the current table and gates), and
 # short epochs (digits: ~0.1 s) outrun a controller's round trip by several epochs.
 MAX_LATENESS_EPOCHS = 10
+# Command ids remembered for the duplicate check (and saved in checkpoints): ~40 bytes each.
+MAX_REMEMBERED_COMMANDS = 50_000
 
 
 class FleetRuntime:
     def __init__(self, model: nn.Module, job_id: str, settings: oona.BusSettings | None = None,
-                 metric_name: str = "val_metric", mode: str | None = None) -> None:
+                 metric_name: str = "val_metric", mode: str | None = None,
+                 last_epoch: int | None = None) -> None:
         layers = unique_seed_layers(model)
         if not layers:
             raise ValueError("the model has no KasminaLayer: call kasmina.wrap(model) first")
@@ -64,18 +70,20 @@ class FleetRuntime:
             layer.config = layer.config.replace(mode=mode)
         self.higher_is_better = mode == "max"
         self.epoch = max(layer.epoch for layer in layers)
+        self.last_epoch = last_epoch  # commands due after it are refused on arrival
         self.step_count = 0
         distributed.check_ddp(model)
         # Under torch.distributed only rank 0 talks to the bus: it consumes the job's commands
         # and broadcasts the due ones at each boundary, and it alone publishes (DESIGN §8).
         self.leader = distributed.rank() == 0
         self._broker = None
-        self._inbox: collections.deque[LifecycleCommand] = collections.deque()
-        self._applied: collections.OrderedDict[str, None] = collections.OrderedDict()
-        # Seconds from each command's publication to its arrival here (take_command_lags).
-        self._lags: collections.deque[float] = collections.deque(maxlen=10_000)
-        self._stop: Callable[[], None] | None = None
-        self._outbox = self._thread = None
+        self._waiting: list[Incoming] = []  # arrived, well formed, due at a later boundary
+        self._answered: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._commands: CommandInbox | None = None
+        # Deliveries answered, whose CommandAck may not be published yet: acked on the bus once
+        # the outbox has emptied, so a crash in between leaves them pending, never unanswered.
+        self._unconfirmed: list[str] = []
+        self._outbox = None
         if not self.leader:
             return
         settings = settings or oona.BusSettings.from_env()
@@ -83,13 +91,11 @@ class FleetRuntime:
             self._broker = oona.EmbeddedRedis(port=0).start()
             settings = oona.BusSettings.from_dsn(self._broker.url)
         self.settings = settings
-        self._ready = threading.Event()
         self._outbox = oona.OutboxThread(settings, sender_id=f"kasmina-{job_id}").start()
-        self._thread = threading.Thread(target=self._consume, name=f"kasmina-commands-{job_id}",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout=30):
-            raise oona.BusUnavailable("the command consumer did not start within 30 s")
+        # One consumer name per process: a restarted job is a new consumer, which takes over
+        # what the old one left pending.
+        self._commands = CommandInbox(settings, job_id,
+                                      f"runtime-{socket.gethostname()}-{os.getpid()}").start()
         self._event(EpochEventKind.EPOCH_EVENT_KIND_JOB_STARTED)
 
     # ---------------------------------------------------------------- training loop
@@ -124,22 +130,40 @@ class FleetRuntime:
         """Seconds each command spent between its publication and its arrival at this runtime,
         for the commands received since the last call (the bus lag seen by this job)."""
         lags = []
-        while self._lags:
-            lags.append(self._lags.popleft())
+        while self._commands is not None and self._commands.lags:
+            lags.append(self._commands.lags.popleft())
         return lags
+
+    def state_dict(self) -> dict:
+        """What a checkpoint of the job must carry for the fleet: the answered command ids."""
+        return {"command_ids": list(self._answered)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Before the first boundary of a resumed run: commands answered before the checkpoint
+        are refused as duplicates if they come again."""
+        for command_id in state.get("command_ids", ()):
+            self._remember(str(command_id))
 
     def close(self, failed: str | None = None, timeout: float = 10.0) -> None:
         if not self.leader:
             return
+        # Commands that can no longer be applied are answered, so no controller waits on them.
+        left = self._waiting + list(_drain(self._commands.received))
+        self._waiting = []
+        for incoming in left:
+            self._outbox.put(streams.CONTROL_ACKS, CommandAck(
+                command_id=incoming.command.command_id, job_id=self.job_id,
+                reason=AckReason.ACK_REASON_EXPIRED, applied_epoch=self.epoch,
+                applied_step=self.step_count, message=f"the job ended at epoch {self.epoch}"))
         kind = (EpochEventKind.EPOCH_EVENT_KIND_JOB_FAILED if failed
                 else EpochEventKind.EPOCH_EVENT_KIND_JOB_FINISHED)
         self._event(kind, message=failed or "")
-        if self._stop is not None:
-            self._stop()
-        self._thread.join(timeout)
         unsent = self._outbox.close(timeout)
-        if unsent:
+        if unsent:  # their deliveries stay pending: the job's next runtime answers them
             log.warning("job %s: %d messages not published at close", self.job_id, unsent)
+        else:
+            self._commands.ack(self._unconfirmed + [incoming.entry_id for incoming in left])
+        self._commands.close(timeout)
         if self._broker is not None:
             self._broker.stop()
 
@@ -151,43 +175,58 @@ class FleetRuntime:
 
     # ---------------------------------------------------------------- internals
     def _apply_due_commands(self) -> list[CommandAck]:
-        """Rank 0 picks the due commands; every rank applies the same ones, in the same order;
-        rank 0 publishes the acks."""
+        """Rank 0 picks the commands to answer at this boundary; every rank answers the same
+        ones, in the same order; rank 0 publishes the acks, and acks their deliveries on the
+        bus at a later boundary (or at close) once those are published."""
+        if self.leader and self._unconfirmed and self._outbox.flush(timeout=0):
+            self._commands.ack(self._unconfirmed)  # their CommandAcks are on the bus
+            self._unconfirmed = []
+        taken = self._take_due() if self.leader else []
         due = distributed.broadcast_object(
-            [c.SerializeToString() for c in self._take_due()] if self.leader else None)
-        acks = []
-        for raw in due:
-            command = LifecycleCommand.FromString(raw)
-            boundary = self.epoch + 1
-            when = command.apply_at_epoch if command.HasField("apply_at_epoch") else boundary
-            if when < boundary - MAX_LATENESS_EPOCHS:
-                ack = CommandAck(command_id=command.command_id, job_id=self.job_id,
-                                 reason=AckReason.ACK_REASON_EXPIRED, applied_epoch=self.epoch,
-                                 message=f"due at epoch {when}, now {boundary}")
-            else:
-                ack = self.target.apply(command, self.epoch, self.step_count)
-            if self.leader:
+            [i.command.SerializeToString() for i in taken] if self.leader else None)
+        acks = [self._answer(LifecycleCommand.FromString(raw)) for raw in due]
+        if self.leader:
+            for ack in acks:
                 self._outbox.put(streams.CONTROL_ACKS, ack)
-            acks.append(ack)
+            self._unconfirmed.extend(i.entry_id for i in taken)
         return acks
 
-    def _take_due(self) -> list[LifecycleCommand]:
-        """The commands due at this boundary, each once, in arrival order; later ones wait."""
-        boundary, due, later = self.epoch + 1, [], []
-        while self._inbox:
-            command = self._inbox.popleft()
-            if command.command_id in self._applied:
-                continue  # redelivered or resent after its ack: applied once
+    def _answer(self, command: LifecycleCommand) -> CommandAck:
+        boundary = self.epoch + 1
+        if command.command_id in self._answered:
+            return CommandAck(command_id=command.command_id, job_id=self.job_id,
+                              reason=AckReason.ACK_REASON_INVALID, applied_epoch=self.epoch,
+                              applied_step=self.step_count,
+                              message="duplicate: this command id was answered before; "
+                                      "not applied again")
+        if command.command_id:
+            self._remember(command.command_id)
+        when = command.apply_at_epoch if command.HasField("apply_at_epoch") else boundary
+        if when < boundary - MAX_LATENESS_EPOCHS:
+            return CommandAck(command_id=command.command_id, job_id=self.job_id,
+                              reason=AckReason.ACK_REASON_EXPIRED, applied_epoch=self.epoch,
+                              message=f"due at epoch {when}, now {boundary}")
+        return self.target.apply(command, self.epoch, self.step_count, self.last_epoch)
+
+    def _remember(self, command_id: str) -> None:
+        self._answered[command_id] = None
+        while len(self._answered) > MAX_REMEMBERED_COMMANDS:
+            self._answered.popitem(last=False)
+
+    def _take_due(self) -> list[Incoming]:
+        """The commands to answer at this boundary, in arrival order: those due, and those
+        refused whatever their epoch (malformed, or a duplicate); the rest wait."""
+        boundary, taken, waiting = self.epoch + 1, [], []
+        for incoming in [*self._waiting, *_drain(self._commands.received)]:
+            command = incoming.command
             when = command.apply_at_epoch if command.HasField("apply_at_epoch") else boundary
-            if when > boundary:
-                later.append(command)
-                continue
-            self._applied[command.command_id] = None
-            while len(self._applied) > 100_000:
-                self._applied.popitem(last=False)
-            due.append(command)
-        self._inbox.extend(later)
-        return due
+            if (when > boundary and command.command_id not in self._answered
+                    and self.target.check(command, boundary, self.last_epoch) is None):
+                waiting.append(incoming)
+            else:
+                taken.append(incoming)
+        self._waiting = waiting
+        return taken
 
     def _event(self, kind: int, val_metric: float | None = None,
                train_loss: float | None = None, message: str = "") -> None:
@@ -205,25 +244,12 @@ class FleetRuntime:
             event.train_loss = train_loss
         self._outbox.put(streams.EPOCH_EVENTS, event)
 
-    def _consume(self) -> None:
-        asyncio.run(self._consume_async())
 
-    async def _consume_async(self) -> None:
-        async def on_command(command: LifecycleCommand, delivery: oona.Delivery) -> None:
-            self._lags.append(time.time() - delivery.envelope.timestamp.ToNanoseconds() / 1e9)
-            self._inbox.append(command)  # applied by the training thread at its next boundary
-
-        async with oona.open_bus(self.settings) as bus:
-            # One consumer per process: a restarted job is a new consumer, and the old one's
-            # pending commands are reclaimed (XAUTOCLAIM) rather than shared by name.
-            consumer = bus.consumer(streams.commands(self.job_id), group=f"kasmina-{self.job_id}",
-                                    name=f"runtime-{socket.gethostname()}-{os.getpid()}",
-                                    handlers={LifecycleCommand: on_command})
-            await consumer.ensure_group()
-            loop = asyncio.get_running_loop()
-            self._stop = lambda: loop.call_soon_threadsafe(consumer.stop)
-            self._ready.set()
-            await consumer.run()
+def _drain(received: collections.deque[Incoming]) -> list[Incoming]:
+    out = []
+    while received:
+        out.append(received.popleft())
+    return out
 
 
 def attach(model: nn.Module, job_id: str, settings: oona.BusSettings | None = None,

@@ -4,11 +4,14 @@ Pure functions (no bus, no threads): the runtime calls them at epoch boundaries.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from oona.contracts import (
     AckReason,
     CommandAck,
     FieldReport,
+    Germinate,
     LayerHealthReport,
     LifecycleCommand,
     StageVisit,
@@ -23,6 +26,7 @@ from ..protocol import SeedLayer
 from ..strategies import get_strategy
 from ..telemetry import LayerHealthReport as Report
 
+log = logging.getLogger(__name__)
 _REASONS = {
     "unknown_seed": AckReason.ACK_REASON_UNKNOWN_SEED,
     "refused_transition": AckReason.ACK_REASON_REFUSED_TRANSITION,
@@ -74,6 +78,14 @@ def outcome_to_field_report(outcome: SeedOutcome, job_id: str, chunk_size: int,
         chunk_size=chunk_size, end_reason=outcome.reason)
 
 
+# A command may name a boundary at most this far ahead when the job's last epoch is unknown
+# (library use): further is a bug or a hostile sender, and it would sit pending in the group.
+MAX_LEAD_EPOCHS = 1_000
+MAX_COMMAND_ID = 128  # the envelope's event id limit (oona.envelope), as publishers reuse it
+MAX_RATIONALE = 4_096
+_JOB_WIDE = ("pause_adaptation", "resume_adaptation", "emergency_stop")
+
+
 class CommandTarget:
     """The seed layers of one job, and the job-wide adaptation switches."""
 
@@ -83,28 +95,77 @@ class CommandTarget:
         self.paused = False
         self.stopped = False
 
-    def apply(self, command: LifecycleCommand, epoch: int, step: int) -> CommandAck:
-        """Apply one command; every outcome, success or refusal, is an ack (state unchanged
-        on refusal)."""
-        ack = CommandAck(command_id=command.command_id, job_id=self.job_id, applied_epoch=epoch,
-                         applied_step=step)
+    def check(self, command: LifecycleCommand, boundary: int,
+              last_epoch: int | None = None) -> CommandAck | None:
+        """The refusal of a command whose fields are invalid for this job whatever its seeds'
+        state (checked on arrival, before it waits for its epoch); None when it is well formed.
+        `boundary` is the epoch boundary coming next, `last_epoch` the job's last one."""
+        ack = CommandAck(command_id=command.command_id, job_id=self.job_id,
+                         applied_epoch=max(boundary - 1, 0))
         action = command.WhichOneof("action")
+        if not 0 < len(command.command_id) <= MAX_COMMAND_ID:
+            return _refuse(ack, AckReason.ACK_REASON_INVALID,
+                           f"command_id must have 1..{MAX_COMMAND_ID} characters")
         if command.job_id != self.job_id:
             return _refuse(ack, AckReason.ACK_REASON_UNKNOWN_JOB, f"not job {self.job_id!r}")
         if action is None:
             return _refuse(ack, AckReason.ACK_REASON_INVALID, "command has no action")
-        if action in ("pause_adaptation", "resume_adaptation", "emergency_stop"):
-            return self._job_wide(ack, action)
+        if len(command.rationale) > MAX_RATIONALE:
+            return _refuse(ack, AckReason.ACK_REASON_INVALID,
+                           f"rationale longer than {MAX_RATIONALE} characters")
+        if command.HasField("apply_at_step"):
+            return _refuse(ack, AckReason.ACK_REASON_INVALID,
+                           "apply_at_step is not supported: commands apply at epoch "
+                           "boundaries (use apply_at_epoch)")
+        if command.HasField("apply_at_epoch"):
+            latest = last_epoch if last_epoch is not None else boundary + MAX_LEAD_EPOCHS
+            if command.apply_at_epoch > latest:
+                return _refuse(ack, AckReason.ACK_REASON_INVALID,
+                               f"due at epoch {command.apply_at_epoch}, after the last epoch "
+                               f"this job can apply it at ({latest})")
+        if action in _JOB_WIDE:
+            return None
         layer = self.layers.get(command.layer_id)
         if layer is None:
             return _refuse(ack, AckReason.ACK_REASON_UNKNOWN_LAYER,
-                           f"no seed layer {command.layer_id!r}")
+                           f"no seed layer {command.layer_id[:200]!r}")
         if not command.HasField("seed_index"):
             return _refuse(ack, AckReason.ACK_REASON_INVALID, f"{action} needs seed_index")
-        seed = command.seed_index
-        if seed >= layer.num_seeds:
+        if command.seed_index >= layer.num_seeds:
             return _refuse(ack, AckReason.ACK_REASON_UNKNOWN_SEED,
-                           f"seed {seed} does not exist in {layer.layer_id!r}")
+                           f"seed {command.seed_index} does not exist in {layer.layer_id!r} "
+                           f"({layer.num_seeds} seeds)")
+        try:
+            if action == "advance":
+                _target_stage(command)
+            elif action == "germinate":
+                _blueprint_and_strategy(command.germinate)
+        except LifecycleError as err:
+            return _refuse(ack, _REASONS.get(err.code, AckReason.ACK_REASON_INVALID), str(err))
+        return None
+
+    def apply(self, command: LifecycleCommand, epoch: int, step: int,
+              last_epoch: int | None = None) -> CommandAck:
+        """Check and apply one command; every outcome, success or refusal, is an ack (state
+        unchanged on refusal). Never raises: an unexpected error is an INTERNAL_ERROR ack."""
+        refusal = self.check(command, epoch + 1, last_epoch)
+        if refusal is not None:
+            refusal.applied_step = step
+            return refusal
+        ack = CommandAck(command_id=command.command_id, job_id=self.job_id, applied_epoch=epoch,
+                         applied_step=step)
+        action = command.WhichOneof("action")
+        try:
+            if action in _JOB_WIDE:
+                return self._job_wide(ack, action)
+            return self._seed_command(ack, command, action)
+        except Exception as err:  # noqa: BLE001 - a bad command must never fail the job
+            log.exception("job %s: command %s failed", self.job_id, command.command_id)
+            return _refuse(ack, AckReason.ACK_REASON_INTERNAL_ERROR, repr(err)[:500])
+
+    def _seed_command(self, ack: CommandAck, command: LifecycleCommand,
+                      action: str) -> CommandAck:
+        layer, seed = self.layers[command.layer_id], command.seed_index
         if self.stopped and action in ("germinate", "advance", "reset"):
             return _refuse(ack, AckReason.ACK_REASON_EMERGENCY_STOPPED, "emergency stop")
         if self.paused and action in ("germinate", "advance"):
@@ -129,30 +190,50 @@ class CommandTarget:
             self.paused = self.stopped = True
             for layer in self.layers.values():
                 for seed in layer.seeds_in(*ACTIVE_STAGES):
-                    if layer.stage_of(seed) is SeedStage.GERMINATED:
-                        layer.cancel_germination(seed)
-                    else:
-                        layer.transition(seed, SeedStage.ROLLED_BACK, reason="emergency stop")
+                    try:
+                        if layer.stage_of(seed) is SeedStage.GERMINATED:
+                            layer.cancel_germination(seed)
+                        else:
+                            layer.transition(seed, SeedStage.ROLLED_BACK,
+                                             reason="emergency stop")
+                    except LifecycleError:  # the others still stop; the report shows this one
+                        log.exception("job %s: emergency stop of %s seed %d refused",
+                                      self.job_id, layer.layer_id, seed)
         ack.success, ack.reason = True, AckReason.ACK_REASON_OK
         return ack
+
+
+def _target_stage(command: LifecycleCommand) -> SeedStage:
+    value = command.advance.target_stage
+    try:
+        target = stage_from_wire(value)
+    except ValueError:
+        target = None
+    if target is None:
+        raise LifecycleError(f"advance needs a target_stage that is a SeedStage, got {value}")
+    return SeedStage(target)
+
+
+def _blueprint_and_strategy(g: Germinate) -> tuple[str | int, str | int]:
+    """The germination's blueprint and strategy keys, after checking both are known here."""
+    blueprint = {"blueprint_name": g.blueprint_name, "blueprint_id": g.blueprint_id,
+                 # a spec must be in this process's catalog: it is named by its id
+                 "blueprint_spec": g.blueprint_spec.blueprint_id,
+                 None: "residual_mlp"}[g.WhichOneof("blueprint")]
+    strategy = {"strategy_name": g.strategy_name, "strategy_id": g.strategy_id,
+                None: "fixed_ramp"}[g.WhichOneof("strategy")]
+    get_blueprint(blueprint)  # raise UnknownBlueprintError / UnknownStrategyError
+    get_strategy(strategy)
+    return blueprint, strategy
 
 
 def _act(layer: SeedLayer, seed: int, command: LifecycleCommand, action: str) -> None:
     reason = f"command {command.command_id}: {command.rationale}".rstrip(": ")
     if action == "germinate":
-        g = command.germinate
-        blueprint = {"blueprint_name": g.blueprint_name, "blueprint_id": g.blueprint_id,
-                     # a spec must be in this process's catalog: it is named by its id
-                     "blueprint_spec": g.blueprint_spec.blueprint_id,
-                     None: "residual_mlp"}[g.WhichOneof("blueprint")]
-        strategy = {"strategy_name": g.strategy_name, "strategy_id": g.strategy_id,
-                    None: "fixed_ramp"}[g.WhichOneof("strategy")]
-        layer.germinate(seed, blueprint, strategy)
+        layer.germinate(seed, *_blueprint_and_strategy(command.germinate))
     elif action == "advance":
-        target = stage_from_wire(command.advance.target_stage)
-        if target is None:
-            raise LifecycleError("advance needs a target_stage")
-        layer.transition(seed, SeedStage(target), force=command.advance.force, reason=reason)
+        layer.transition(seed, _target_stage(command), force=command.advance.force,
+                         reason=reason)
     elif action == "cull":
         layer.transition(seed, SeedStage.CULLED, reason=reason)
     elif action == "rollback":
