@@ -141,9 +141,8 @@ def make_modes(tpl: dict, seeds: int, dtype: torch.dtype, dev: str, want: set) -
         else:
             layer, ids = tpl["graft10" if name.startswith("compile") else name]
             layer = to(layer)
-            model = {"compile": lambda: torch.compile(layer),
-                     "compile_ro": lambda: torch.compile(layer, mode="reduce-overhead")}.get(
-                         name, lambda: layer)()
+            model = (torch.compile(layer) if name == "compile" else torch.compile(
+                layer, mode="reduce-overhead") if name == "compile_ro" else layer)
             modes[name] = Mode(model,
                                layer.host, [sgd(layer.host)], lambda layer=layer: layer.step(loss),
                                layer, ids, layer.config.telemetry_every)
@@ -416,8 +415,8 @@ def main() -> int:
                                         stages.items() if k in want or k == "graft10"}
                 for dtype in dtypes:  # the templates are on the CPU, copied to each case
                     for n_rows in (r for h, r in shapes if h == hidden):
-                        out, bad = run_case(tpl, hidden, n_rows, seeds, dtype, args,
-                                            want - (set() if seeds == bs else {"compile", "compile_ro"}), meta)
+                        modes = want - (set() if seeds == bs else {"compile", "compile_ro"})
+                        out, bad = run_case(tpl, hidden, n_rows, seeds, dtype, args, modes, meta)
                         rows, failures = rows + out, failures + bad
                         gc.collect()
                         if cuda:

@@ -50,9 +50,10 @@ def main() -> None:
         dx, dflat = triton_mlp.backward(x, bank.flat.detach(), dy, 16, True)
         err = max((y - y64).abs().max().item(), (dx - dx64).abs().max().item(),
                   ((dflat - dflat64).abs().max() / dflat64.abs().max()).item())
-        fwd = timed(lambda: triton_mlp.forward(x, bank.flat.detach(), 16))
-        bwd = timed(lambda: triton_mlp.backward(x, bank.flat.detach(), dy, 16, False))
-        bwd_dx = timed(lambda: triton_mlp.backward(x, bank.flat.detach(), dy, 16, True))
+        flat = bank.flat.detach()
+        fwd = timed(lambda x=x, flat=flat: triton_mlp.forward(x, flat, 16))
+        bwd = timed(lambda x=x, flat=flat, dy=dy: triton_mlp.backward(x, flat, dy, 16, False))
+        bwd_dx = timed(lambda x=x, flat=flat, dy=dy: triton_mlp.backward(x, flat, dy, 16, True))
         print(f"fwd {fwd:7.1f} us  bwd {bwd:7.1f} us  bwd+dx {bwd_dx:7.1f} us  err {err:.1e}",
               flush=True)
 

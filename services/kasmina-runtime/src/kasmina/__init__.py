@@ -4,6 +4,7 @@ from .blueprints import BlueprintSpec, catalog, get_blueprint, register_blueprin
 from .config import KasminaConfig
 from .controller import ControllerConfig, LocalController
 from .distributed import prepare_ddp
+from .dual import DualPathLayer
 from .events import LifecycleEvent, SeedOutcome
 from .export import SeedLayerSummary, Summary, export, summary
 from .layer import KasminaLayer, split_chunks
@@ -25,6 +26,7 @@ from .telemetry import LayerHealthReport, SeedHealth
 from .wrap import check_unique_ids, host_parameters, name_layers, seed_layers, wrap
 
 __all__ = [
+    "DualPathLayer",
     "BlueprintDoesNotFitError", "BlueprintSpec", "CapacityError", "ControllerConfig",
     "EmbargoError", "GateNotPassedError", "GraftContext", "GraftingStrategy",
     "InvalidTransitionError", "KasminaConfig", "KasminaLayer", "LayerHealthReport",

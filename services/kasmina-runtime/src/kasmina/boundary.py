@@ -45,10 +45,10 @@ def end_epoch(layer: KasminaLayer, val_metric: float | None) -> LayerHealthRepor
         row[held] = values[table.slot[held]]
     nonfinite = np.nan_to_num(nonfinite) > 0
     contribution, gain = table.end_epoch(nonfinite, val_metric, layer.config.sign)
-    table.readiness = evaluate_gates(
+    table.readiness = table.readiness_from(evaluate_gates(
         table.state[:, STAGE], table.state[:, EPOCHS_IN_STAGE], np.nan_to_num(steps),
         recon, alpha, np.nan_to_num(drift), np.nan_to_num(gnorm), contribution, gain,
-        layer.config)
+        layer.config))
     layer._commit()
     ready = np.full(num, -1, dtype=np.int32)
     for seed_id, target in table.readiness.items():

@@ -31,6 +31,10 @@ class KasminaConfig:
     # Direction of the validation metric passed to end_epoch: "max" (accuracy) or "min" (a
     # loss). The controllers carry their own `mode` to the layers they drive.
     mode: str = "max"
+    # "chunked": seeds over chunks, the 11-stage lifecycle. "legacy": one seed over the whole
+    # layer and the short lifecycle (DESIGN §9; KasminaLayer with num_seeds=1, or the legacy
+    # side of a DualPathLayer).
+    execution_path: str = "chunked"
     # Blend: by default the blueprint sees the host output detached, so the host's gradient is
     # exactly its (1 - alpha) share.
     isolate_host_in_blend: bool = True
@@ -66,6 +70,9 @@ class KasminaConfig:
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"KasminaConfig.{f.name} must be >= 0, got {value}")
+        if self.execution_path not in ("chunked", "legacy"):
+            raise ValueError(f"KasminaConfig.execution_path must be 'chunked' or 'legacy', got "
+                             f"{self.execution_path!r}")
         if self.ramp_steps < 1 or self.telemetry_every < 1:
             raise ValueError("KasminaConfig.ramp_steps and telemetry_every must be >= 1")
         if self.grad_norm_lower > self.grad_norm_upper:

@@ -141,7 +141,7 @@ class LocalController:
             self._germinate()
         for layer in self.layers:
             for seed_id in layer.seeds_in(SeedStage.GERMINATED):
-                layer.transition(seed_id, SeedStage.TRAINING, reason="promoted")
+                layer.transition(seed_id, layer.promotion_stage, reason="promoted")
         if self._trained and not self.model.training:  # validate() left the model in eval
             self.model.train()
         new = [e for layer in self.layers for e in layer.drain_events()]

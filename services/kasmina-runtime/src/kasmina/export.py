@@ -115,6 +115,11 @@ def export(model: nn.Module, *, allow_active: bool = False) -> nn.Module:
     every seed at its current blend (TRAINING and GERMINATED ones as the host's output).
     Weights shared with the rest of the model (tied embeddings) stay shared, except a host
     weight that a blueprint was folded into, which gets its own copy."""
+    dual = [name for name, m in model.named_modules() if type(m).__name__ == "DualPathLayer"]
+    if dual:
+        raise TypeError(f"export does not take a DualPathLayer yet ({', '.join(dual)}): train "
+                        f"on one path, then rebuild the layer as a KasminaLayer of that path "
+                        f"and load its state (python -m kasmina migrate does it for a checkpoint)")
     layers = [m for m in model.modules() if isinstance(m, KasminaLayer)]
     if not allow_active:
         _check_finished(layers)

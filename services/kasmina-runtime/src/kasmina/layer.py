@@ -26,7 +26,7 @@ from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
 from .host import AttachLoss, host_features, no_fused_fast_path, split_chunks
 from .lanes import LANE_TENSORS, LaneFlags, build_lanes
-from .lifecycle import RELEASING_STAGES, LifecycleError, SeedStage
+from .lifecycle import FULL, LEGACY, RELEASING_STAGES, LifecycleError, SeedStage
 from .seed_table import STAGE, SeedTable
 from .strategies import GraftContext, get_strategy
 from .telemetry import LayerHealthReport, SeedTelemetry
@@ -64,8 +64,12 @@ class KasminaLayer(nn.Module):
             start += capacity
         self._bank_of_lane = np.repeat(np.arange(len(lanes)),
                                        [e - s for s, e in lanes.values()])
+        if cfg.execution_path == "legacy" and num_seeds != 1:
+            raise ValueError(f"the legacy execution path has one seed over the whole layer, got "
+                             f"num_seeds={num_seeds} (kasmina.DualPathLayer switches a layer "
+                             f"between the legacy seed and {num_seeds} chunked ones)")
         self.table = SeedTable(self.chunks, lanes, cfg.max_active_seeds, cfg.embargo_epochs,
-                               layer_id)
+                               layer_id, LEGACY if cfg.execution_path == "legacy" else FULL)
         self.register_buffer("state", torch.from_numpy(self.table.state).to(device, copy=True))
         self.register_buffer("alpha", torch.zeros(num_seeds, device=device))
         self.register_buffer("slot", torch.from_numpy(self.table.slot).to(device, copy=True))
@@ -121,9 +125,23 @@ class KasminaLayer(nn.Module):
         """The seeds' parameters, stepped by their own optimizer (`step`), never the host's."""
         return list(self.banks.parameters())
 
+    @property
+    def execution_path(self) -> str:
+        """"chunked" (the 11-stage lifecycle over chunks) or "legacy" (one seed, short one)."""
+        return self.table.lifecycle.name
+
+    @property
+    def promotion_stage(self) -> SeedStage:
+        """The stage a controller promotes a germinated seed to (TRAINING; GRAFTING in legacy)."""
+        return self.table.lifecycle.promotion
+
     # ---------------------------------------------------------------- hot path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.host(x)  # (..., F)
+        return self.seed_forward(self.host(x))
+
+    def seed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The seeds' part of the forward, on the host's output h (..., F): `forward` is
+        `seed_forward(host(x))`; a `DualPathLayer` runs two of these on one host output."""
         # Compiled, every lane runs: nothing below may read what a commit changes in Python
         # (`_flags`), or dynamo would guard on it and recompile at every stage change.
         compiling = torch.compiler.is_compiling()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 
@@ -59,6 +60,42 @@ UNGATED = frozenset({(S.GERMINATED, S.TRAINING), (S.GERMINATED, S.CANCELLED),
                      (S.TRAINING, S.CANCELLED)}
                     | {(s, S.CULLED) for s in (S.TRAINING, S.EVALUATING, S.FINE_TUNING)}
                     | {(s, S.ROLLED_BACK) for s in ROLLBACK_FROM})
+
+
+# The legacy path's short lifecycle (DESIGN §9): one seed over the whole layer, the five stages
+# the 11-stage plan did not add. A germinated blueprint grafts straight away (no reconstruction
+# phase), FOSSILIZED once alpha reached 1, and CULLED is its one terminal failure (no embargo).
+LEGACY_TRANSITIONS: dict[SeedStage, frozenset[SeedStage]] = {
+    **{stage: frozenset() for stage in SeedStage},
+    S.DORMANT: frozenset({S.GERMINATED}),
+    S.GERMINATED: frozenset({S.GRAFTING, S.CULLED}),
+    S.GRAFTING: frozenset({S.FOSSILIZED, S.CULLED}),
+}
+LEGACY_UNGATED = frozenset({(S.GERMINATED, S.GRAFTING), (S.GERMINATED, S.CULLED),
+                            (S.GRAFTING, S.CULLED)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Lifecycle:
+    """A transition table and what the shared gates and safety triggers mean in it: the gates
+    are written for the 11 stages, so a shorter table says which of its stages stands for a
+    target it lacks (`substitutes`), and which stage a controller promotes a germinated seed
+    to (`promotion`: ungated, published as readiness when it is not TRAINING)."""
+    name: str
+    transitions: dict[SeedStage, frozenset[SeedStage]]
+    ungated: frozenset[tuple[SeedStage, SeedStage]]
+    substitutes: dict[SeedStage, SeedStage]
+    promotion: SeedStage
+
+    @property
+    def failure(self) -> SeedStage:
+        """Where a safety trigger (non-finite values, drift) sends a running seed."""
+        return self.substitutes.get(S.ROLLED_BACK, S.ROLLED_BACK)
+
+
+FULL = Lifecycle("chunked", TRANSITIONS, UNGATED, {}, S.TRAINING)
+LEGACY = Lifecycle("legacy", LEGACY_TRANSITIONS, LEGACY_UNGATED,
+                   {S.STABILIZATION: S.FOSSILIZED, S.ROLLED_BACK: S.CULLED}, S.GRAFTING)
 
 
 class LifecycleError(ValueError):

@@ -4,8 +4,8 @@ Stages, blueprint slots, lifecycle records, readiness, events and outcomes of ev
 layer, as numpy arrays and plain Python. Commands and epoch boundaries change the table; the
 layer that owns it applies the accumulated `LaneChange`s to its tensors in one commit
 (`KasminaLayer._commit`), so a boundary that moves many seeds copies the stage table to the
-device once. The transition table is a parameter: the legacy path's short lifecycle is another
-table.
+device once. The lifecycle (transition table, ungated moves, what the shared gates mean) is a
+parameter: the legacy path's short lifecycle is `lifecycle.LEGACY`.
 
 Slots: every blueprint the layer can grow has a fixed range of lanes (its bank's slots), laid
 out at construction; a germinated seed holds one lane of its blueprint's range until it is
@@ -25,16 +25,16 @@ from .blueprints import BlueprintSpec, get_blueprint
 from .events import LifecycleEvent, SeedOutcome, SeedRecord
 from .lifecycle import (
     ACTIVE_STAGES,
+    FULL,
     RELEASING_STAGES,
     RUNNING_STAGES,
     TERMINAL_OUTCOMES,
-    TRANSITIONS,
-    UNGATED,
     BlueprintDoesNotFitError,
     CapacityError,
     EmbargoError,
     GateNotPassedError,
     InvalidTransitionError,
+    Lifecycle,
     LifecycleError,
     SeedStage,
     UnknownBlueprintError,
@@ -59,15 +59,15 @@ class LaneChange:
 class SeedTable:
     def __init__(self, chunks: list[tuple[int, int]], lanes: Mapping[int, tuple[int, int]],
                  max_active_seeds: int, embargo_epochs: int, layer_id: str = "",
-                 transitions: Mapping[SeedStage, frozenset[SeedStage]] = TRANSITIONS,
-                 ungated: frozenset[tuple[SeedStage, SeedStage]] = UNGATED) -> None:
+                 lifecycle: Lifecycle = FULL) -> None:
         self.chunks = chunks
         self.widths = np.array([e - s for s, e in chunks])
         self.lanes = dict(lanes)  # blueprint id -> [start, end) lane range
         self.num_lanes = max((e for _, e in self.lanes.values()), default=0)
         self.max_active_seeds, self.embargo_epochs = max_active_seeds, embargo_epochs
         self.layer_id = layer_id
-        self.transitions, self.ungated = transitions, ungated
+        self.lifecycle = lifecycle
+        self.transitions, self.ungated = lifecycle.transitions, lifecycle.ungated
         self.state = np.zeros((len(chunks), 4), dtype=np.int32)
         self.state[:, BLUEPRINT_ID] = self.state[:, STRATEGY] = -1
         self.slot = np.full(len(chunks), -1, dtype=np.int32)  # lane of each seed
@@ -216,10 +216,12 @@ class SeedTable:
         self.state[:, EPOCHS_IN_STAGE] += 1
         stage = self.state[:, STAGE].copy()
         # A FOSSILIZED seed cannot be rolled back (terminal): its non-finite outputs stay masked.
-        rollback = [s for s in self.transitions if S.ROLLED_BACK in self.transitions[s]]
+        failure = self.lifecycle.failure
+        rollback = [s for s in self.transitions if failure in self.transitions[s]]
         for seed in np.flatnonzero(nonfinite & np.isin(stage, rollback)):
-            self.move(int(seed), S.ROLLED_BACK, "safety: non-finite output or gradient")
-        for seed in np.flatnonzero(np.isin(stage, [S.CULLED, S.CANCELLED])):
+            self.move(int(seed), failure, "safety: non-finite output or gradient")
+        returning = [s for s in (S.CULLED, S.CANCELLED) if S.DORMANT in self.transitions[s]]
+        for seed in np.flatnonzero(np.isin(stage, returning)):
             if self.time_served(int(seed)):
                 self.move(int(seed), S.DORMANT, "embargo served" if stage[seed] == S.CULLED
                           else "cancelled seed returns to dormant")
@@ -235,6 +237,20 @@ class SeedTable:
             if rec.metric_before is None:
                 rec.metric_before = self.last_metric
         return contribution, gain
+
+    def readiness_from(self, gates: Mapping[int, SeedStage]) -> dict[int, SeedStage]:
+        """The gates' verdicts (written for the 11 stages) in this table's stages: a target the
+        table lacks becomes its substitute, one it still does not allow is dropped; in a table
+        whose promotion is not TRAINING, a germinated seed is ready for it."""
+        ready = {}
+        for seed, target in gates.items():
+            target = self.lifecycle.substitutes.get(target, target)
+            if target in self.transitions[self.stage_of(seed)]:
+                ready[seed] = target
+        if self.lifecycle.promotion is not S.TRAINING:
+            for seed in self.seeds_in(S.GERMINATED):
+                ready.setdefault(seed, self.lifecycle.promotion)
+        return ready
 
     def set_counterfactual(self, seeds: Iterable[int]) -> None:
         self.counterfactual = frozenset(self.check_seed(s) for s in seeds)

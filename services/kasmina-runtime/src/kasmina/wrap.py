@@ -29,7 +29,10 @@ from torch import nn
 
 from .config import KasminaConfig
 from .distributed import prepare_ddp
+from .dual import DualPathLayer
 from .layer import KasminaLayer
+
+SEED_LAYER_TYPES = (KasminaLayer, DualPathLayer)
 
 log = logging.getLogger("kasmina")
 
@@ -92,7 +95,7 @@ def wrap(model: nn.Module, targets: tuple[type[nn.Module], ...] | None = None,
     skipped: dict[tuple[str, str], set[int]] = defaultdict(set)
     for parent, name, child, path in modules:
         inside_chosen = chosen and path.startswith(f"{chosen[-1][3]}.")  # walk is pre-order
-        if isinstance(child, KasminaLayer) or inside_chosen or excluded(path):
+        if isinstance(child, SEED_LAYER_TYPES) or inside_chosen or excluded(path):
             continue
         if not (isinstance(child, types) if named is None else named(path)):
             continue
@@ -132,7 +135,7 @@ def _walk(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module, str]]:
         by_path[path] = child
         if not path or (seed_layer is not None and path.startswith(f"{seed_layer}.")):
             continue
-        if isinstance(child, KasminaLayer):
+        if isinstance(child, SEED_LAYER_TYPES):
             seed_layer = path
         parent, _, name = path.rpartition(".")
         yield by_path[parent], name, child, path
@@ -228,7 +231,7 @@ def _no_nested_tensors(model: nn.Module) -> None:
     for module in model.modules():
         if (isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor",
                                                                   False)
-                and any(isinstance(m, KasminaLayer) for m in module.layers.modules())):
+                and any(isinstance(m, SEED_LAYER_TYPES) for m in module.layers.modules())):
             module.use_nested_tensor = False
             turned_off += 1
     if turned_off:
@@ -254,25 +257,49 @@ def _check_host(module: nn.Module, path: str, chosen_by: str) -> None:
 
 
 def _seed_layer(host: nn.Module, seeds: int, config: KasminaConfig | None,
-                layer_id: str) -> KasminaLayer:
+                layer_id: str) -> KasminaLayer | DualPathLayer:
+    """A chunked `KasminaLayer`; with `execution_path="legacy"` a `DualPathLayer` on its legacy
+    path (a model built legacy is one that migrates: both paths, switchable)."""
     width = host.out_features if isinstance(host, nn.Linear) else host.nf  # Conv1D: nf
-    return KasminaLayer(host, min(seeds, width), config, layer_id=layer_id)
+    kind = DualPathLayer if config is not None and config.execution_path == "legacy" else (
+        KasminaLayer)
+    return kind(host, min(seeds, width), config, layer_id=layer_id)
 
 
-def seed_layers(model: nn.Module) -> list[KasminaLayer]:
-    """Every `KasminaLayer` in the model, in module order."""
-    return [m for m in model.modules() if isinstance(m, KasminaLayer)]
+def _seed_layer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, layer) of every seed layer in module order; a `DualPathLayer`'s two paths are
+    its own, not the model's."""
+    inside = None
+    for path, module in model.named_modules():
+        if inside is not None and path.startswith(inside):
+            continue
+        if isinstance(module, SEED_LAYER_TYPES):
+            yield path, module
+            if isinstance(module, DualPathLayer):
+                inside = f"{path}." if path else ""
+            if inside == "":
+                return
+
+
+def seed_layers(model: nn.Module) -> list[KasminaLayer | DualPathLayer]:
+    """Every seed layer (`KasminaLayer`, `DualPathLayer`) in the model, in module order."""
+    return [m for _, m in _seed_layer_modules(model)]
+
+
+# The id of a seed layer that is the model itself (its path is ""; an id is never empty, as
+# oona.ids requires: it names the layer in commands and reports).
+ROOT_LAYER_ID = "root"
 
 
 def name_layers(model: nn.Module) -> list[KasminaLayer]:
     """Set every seed layer's `layer_id` to its path in `model` (the root: ids from `wrap` on
-    separate blocks are paths relative to each block, so they collide), and return the layers
-    in module order. Controllers and the fleet bridge call this on the model they are given."""
+    separate blocks are paths relative to each block, so they collide), or `ROOT_LAYER_ID` for
+    `model` itself, and return the layers in module order. Controllers and the fleet bridge
+    call this on the model they are given."""
     layers = []
-    for path, module in model.named_modules():
-        if isinstance(module, KasminaLayer):
-            module.layer_id = path
-            layers.append(module)
+    for path, module in _seed_layer_modules(model):
+        module.layer_id = path or ROOT_LAYER_ID
+        layers.append(module)
     check_unique_ids(layers)
     return layers
 

@@ -95,7 +95,9 @@ class HeuristicPolicy:
         return commands
 
     def _move(self, seed: SeedView) -> LifecycleCommand | None:
-        if seed.stage == Stage.SEED_STAGE_GERMINATED:
+        if seed.stage == Stage.SEED_STAGE_GERMINATED and seed.ready_for not in _READY_ACTIONS:
+            # A layer whose lifecycle promotes elsewhere (the legacy path grafts at once)
+            # publishes that as readiness, handled below like any gate.
             return _command(seed.layer_id, seed.index, "promote: germinated seeds start training",
                             advance=Advance(target_stage=Stage.SEED_STAGE_TRAINING))
         action = _READY_ACTIONS.get(seed.ready_for)
