@@ -7,11 +7,13 @@ import threading
 import time
 
 import pytest
-from oona import Outbox, OutboxConfig, OutboxFull, OutboxThread, open_bus, streams
+from oona import DeadLetterReason, Outbox, OutboxConfig, OutboxFull, OutboxThread, open_bus, streams
 from oona import outbox as outbox_module
 from oona.contracts import Envelope, EpochEvent, FieldReport, LayerHealthReport
+from oona.dead_letters import list_dead_letters, replay
 from oona.envelope import ENVELOPE_FIELD
 from prometheus_client import REGISTRY
+from redis.exceptions import ResponseError
 
 
 def _dropped() -> float:
@@ -98,3 +100,72 @@ def test_an_idle_drain_is_woken_by_a_put_from_another_thread(settings, stream, m
             await asyncio.wait_for(drain, 10)
 
     asyncio.run(body())
+
+
+def test_a_stream_refused_for_good_is_dead_lettered_and_holds_no_other_back(settings, stream):
+    # The key of one stream holds a string (WRONGTYPE on every XADD): no retry can write it.
+    # Retrying it forever kept every other stream of the outbox behind it.
+    bad = f"{stream}-bad"
+    before = REGISTRY.get_sample_value("oona_dead_lettered_total",
+                                       {"stream": "other", "reason": "publish_refused"}) or 0
+
+    async def body() -> None:
+        async with open_bus(settings) as bus:
+            r = bus.redis
+            await r.set(bad, "not a stream")
+            try:
+                outbox = Outbox(settings, "k", OutboxConfig(batch_size=4))
+                for i in range(6):
+                    outbox.put(bad, EpochEvent(epoch=i))
+                    outbox.put(stream, EpochEvent(epoch=i))
+                outbox.close()
+                await asyncio.wait_for(outbox.drain(bus.publisher("k")), 30)
+                assert outbox.depth == 0 and outbox.healthy
+                assert [EpochEvent.FromString(_payload(f)).epoch
+                        for _, f in await r.xrange(stream)] == list(range(6))
+                letters = await list_dead_letters(r, bad)
+                assert [d.reason for d in letters] == [DeadLetterReason.PUBLISH_REFUSED] * 6
+                assert "WRONGTYPE" in letters[0].detail and letters[0].consumer == "k"
+                # Fixed, the letters replay in order.
+                await r.delete(bad)
+                await replay(r, bad, [d.entry_id for d in letters], settings)
+                assert [EpochEvent.FromString(_payload(f)).epoch
+                        for _, f in await r.xrange(bad)] == list(range(6))
+            finally:
+                await r.delete(bad, streams.dead_letters(bad),
+                               *[k async for k in r.scan_iter(match=f"{{{bad}}}:*")])
+
+    asyncio.run(body())
+    after = REGISTRY.get_sample_value("oona_dead_lettered_total",
+                                      {"stream": "other", "reason": "publish_refused"})
+    assert after - before == 6
+
+
+def test_send_by_stream_writes_every_stream_it_can_and_says_which_failed(settings, stream):
+    bad = f"{stream}-bad"
+
+    async def body() -> None:
+        async with open_bus(settings) as bus:
+            r, publisher = bus.redis, bus.publisher("k")
+            await r.set(bad, "not a stream")
+            try:
+                batch = [publisher.encode(s, EpochEvent(epoch=i))
+                         for i, s in enumerate([bad, stream, bad, stream])]
+                results = await publisher.send_by_stream(batch)
+                assert [(x.stream, x.indices, x.error is None) for x in results] == [
+                    (bad, [0, 2], False), (stream, [1, 3], True)]
+                assert "WRONGTYPE" in str(results[0].error)
+                assert await r.xlen(stream) == 2
+                # send() writes the same way and then raises the error.
+                with pytest.raises(ResponseError, match="WRONGTYPE"):
+                    await publisher.send([publisher.encode(s, EpochEvent(epoch=9))
+                                          for s in (bad, stream)])
+                assert await r.xlen(stream) == 3
+            finally:
+                await r.delete(bad)
+
+    asyncio.run(body())
+
+
+def _payload(fields: dict[bytes, bytes]) -> bytes:
+    return Envelope.FromString(fields[ENVELOPE_FIELD]).payload

@@ -23,6 +23,12 @@ def test_settings_from_the_environment():
     limits = TamiyoSettings.from_env({"TAMIYO_JOB_RETENTION_S": "3600",
                                       "TAMIYO_MAX_JOBS": "50"}).limits()
     assert (limits.retention_s, limits.max_jobs, limits.max_layers_per_job) == (3600, 50, 4096)
+    assert limits.retention_for(started=True) == 3600
+    assert limits.retention_for(started=False) == 600
+    short = TamiyoSettings.from_env({"TAMIYO_JOB_RETENTION_S": "300"}).limits()
+    assert short.retention_for(started=False) == 300, "never longer than the retention"
+    unstarted = TamiyoSettings.from_env({"TAMIYO_UNSTARTED_JOB_RETENTION_S": "60"}).limits()
+    assert unstarted.retention_for(started=False) == 60
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
@@ -31,6 +37,7 @@ def test_settings_from_the_environment():
     ("TAMIYO_PLATEAU_EPOCHS", "0", "plateau_epochs >= 1"),
     ("TAMIYO_ACK_TIMEOUT_S", "0", "ack_timeout_s > 0"),
     ("TAMIYO_JOB_RETENTION_S", "0", "job_retention_s > 0"),
+    ("TAMIYO_UNSTARTED_JOB_RETENTION_S", "-1", "unstarted_job_retention_s > 0"),
     ("TAMIYO_MAX_JOBS", "0", "max_jobs >= 1"),
     ("TAMIYO_PLATEAU_EPOCHS", "256", "plateau_epochs < 256"),
 ])

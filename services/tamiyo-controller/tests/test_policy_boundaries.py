@@ -142,12 +142,18 @@ def test_every_readiness_value_maps_to_its_command_or_none(advisor, report, epoc
         assert command.advance.target_stage == target and not command.advance.force
 
 
-def test_a_germinated_seed_is_promoted_whatever_it_reports(advisor, report, epoch_ended):
-    layer = report(stages=[GERMINATED, DORMANT], ready_for=[S.SEED_STAGE_CULLED, NONE])
+@pytest.mark.parametrize(("ready", "action", "target"), [
+    (NONE, "advance", TRAINING),  # nothing published: the 11-stage promotion
+    (S.SEED_STAGE_GRAFTING, "advance", S.SEED_STAGE_GRAFTING),  # the legacy path's promotion
+    (S.SEED_STAGE_CULLED, "cull", None)])
+def test_a_germinated_seed_follows_what_it_is_ready_for_else_starts_training(
+        advisor, report, epoch_ended, ready, action, target):
+    layer = report(stages=[GERMINATED, DORMANT], ready_for=[ready, NONE])
     (decided,) = run(advisor, report, epoch_ended, [0.5], reports=[layer])
     (command,) = decided
-    assert command.WhichOneof("action") == "advance"
-    assert command.advance.target_stage == TRAINING
+    assert command.WhichOneof("action") == action
+    if target is not None:
+        assert command.advance.target_stage == target
 
 
 def test_unmeasured_health_is_neutral_and_the_worst_measured_seed_is_chosen(advisor, report,

@@ -40,7 +40,9 @@ class Tamiyo:
                    TAMIYO_PLATEAU_EPOCHS="2", TAMIYO_REPORT_GRACE_S="0.3", TAMIYO_TICK_S="0.1",
                    TAMIYO_ACK_TIMEOUT_S="60", TAMIYO_CONSUMER_NAME="tamiyo-bad-input",
                    # the killed process's leases lapse soon
-                   TAMIYO_LEASE_MS="1000")
+                   TAMIYO_LEASE_MS="1000",
+                   # unsigned on purpose: the bad input here is content, not signatures
+                   OONA_INSECURE="1")
         self.log = log
         with log.open("ab") as sink:
             self.process = subprocess.Popen([sys.executable, "-m", "tamiyo"], env=env,

@@ -27,13 +27,16 @@ NAN, INF = math.nan, math.inf
 
 @pytest.mark.parametrize("value", ["job-1", "job-7f3a9c21", "layers.0", "0.linear", "_proj.fc",
                                    "model.layers.31.block_sparse_moe.experts.7.w1",
-                                   "5b0d3f6e-7a1c-4e0b-9a55-7461d1796f01", "a" * MAX_ID_CHARS])
+                                   "model.layers.0.self_attn.q_proj", "_orig_mod.fc1", "root",
+                                   "team:job-1", "5b0d3f6e-7a1c-4e0b-9a55-7461d1796f01",
+                                   "a" * MAX_ID_CHARS])
 def test_ids_of_real_jobs_layers_and_commands_pass(value):
     check_id("id", value)
 
 
 @pytest.mark.parametrize("value", ["", "a" * (MAX_ID_CHARS + 1), "x" * 200_000, "../../x",
-                                   "job{1}", "job 1", "job\n1", "-job", ".hidden", "jöb"])
+                                   "job{1}", "job 1", "job\n1", "-job", ".hidden", "jöb", "a/b",
+                                   ":job", "job@host", "job\x00"])
 def test_other_ids_are_refused(value):
     with pytest.raises(InvalidContent, match="is not an id") as refused:
         check_id("job_id", value)

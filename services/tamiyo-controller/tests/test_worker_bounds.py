@@ -26,13 +26,19 @@ from tamiyo.worker import ControllerWorker
 FAST = ConsumerConfig(block_ms=50, shutdown_grace_s=2.0)
 POLICY = PolicyConfig(plateau_epochs=2, min_delta=0.01, cooldown_epochs=2)
 RETENTION_S = 60.0
+UNSTARTED_S = 10.0
+# Ticks are given a clock this far either side of a retention: more than the test's own steps
+# take between a job's last message and the clock read that the ticks are offset from.
+MARGIN_S = 5.0
 
 
 @asynccontextmanager
-async def _worker(bus: Bus, advisor, limits: JobLimits) -> AsyncIterator[ControllerWorker]:
+async def _worker(bus: Bus, advisor, limits: JobLimits,
+                  name: str = "test") -> AsyncIterator[ControllerWorker]:
     controller = Controller(HeuristicPolicy(POLICY, advisor), DeliveryConfig(ack_timeout_s=60))
     worker = ControllerWorker(bus, StateStore(bus.redis, limits.retention_s), controller,
-                              "tamiyo-test", leases=JobLeases(bus.redis, "replica-test", 2000),
+                              f"tamiyo-{name}",
+                              leases=JobLeases(bus.redis, f"replica-{name}", 2000),
                               report_grace_s=30.0, tick_s=0.05, config=FAST, limits=limits)
     running = asyncio.create_task(worker.run())
     await _until(lambda: worker.resumed.is_set() or running.done())
@@ -152,7 +158,10 @@ def test_a_poison_entry_already_saved_is_skipped_with_a_warning(private_redis_ur
                 assert list(worker.views) == ["job-1"], "job-2's state cannot be read"
                 assert 0 < await bus.redis.pttl(job_key("job-2")) <= JobLimits.retention_s * 1000
                 assert worker.views["job-1"].reports == {}
-                assert sorted(await bus.redis.hkeys(key)) == [b"state"], "poison removed"
+
+                async def repaired() -> bool:  # by the lease holder, once it takes the job
+                    return sorted(await bus.redis.hkeys(key)) == [b"state"]
+                await _until(repaired)
                 assert await bus.redis.smembers(JOBS_KEY) == {b"job-1"}
                 publisher = bus.publisher("kasmina-test")
                 for epoch in (1, 2):
@@ -240,3 +249,81 @@ def test_layers_past_the_limit_are_refused_and_a_finished_job_expires(
             assert not await bus.redis.exists(job_key("never-seen"))
 
     asyncio.run(body())
+
+
+def test_only_the_lease_holder_repairs_unlists_and_evicts_a_job(private_redis_url, advisor,
+                                                                 report, epoch_ended):
+    limits = JobLimits(retention_s=RETENTION_S)
+
+    async def body() -> None:
+        async with _bus(private_redis_url) as bus, _worker(bus, advisor, limits, "a") as owner:
+            publisher = bus.publisher("kasmina-test")
+            await publisher.publish_many([(streams.TELEMETRY_SEED_HEALTH, report(epoch=0)),
+                                          (streams.EPOCH_EVENTS, epoch_ended(0, 0.6))])
+            await _until(lambda: _decided(bus, 0))
+            assert owner.leases.held("job-1")
+            key = job_key("job-1")
+            await bus.redis.hset(key, "report:junk", b"\xff\xfe\x00")
+            # job-2: listed, its state unreadable, its lease held by the owner.
+            await bus.redis.hset(job_key("job-2"), "state", "{not json")
+            await bus.redis.sadd(JOBS_KEY, "job-2")
+            assert await owner.leases.acquire("job-2")
+            async with _worker(bus, advisor, limits, "b") as follower:
+                assert list(follower.views) == ["job-1"] and not follower.leases.jobs
+                assert b"report:junk" in await bus.redis.hkeys(key), "not repaired by a follower"
+                assert await bus.redis.pttl(job_key("job-2")) == -1, "nor set to expire"
+                assert await bus.redis.smembers(JOBS_KEY) == {b"job-1", b"job-2"}
+                later = time.time() + RETENTION_S + 1
+                await follower.tick(later)
+                assert follower.views == {}, "let go from the follower's memory"
+                assert await bus.redis.hexists(key, "state"), "but not from the store"
+                assert await bus.redis.sismember(JOBS_KEY, "job-1")
+                assert await follower.leases.owner("job-1") == owner.leases.replica_id
+                await owner.tick(later)
+                assert owner.views == {}
+                assert not await bus.redis.exists(key) and not await bus.redis.exists(
+                    lease_key("job-1")), "the owner forgot it and released its lease"
+                assert await bus.redis.smembers(JOBS_KEY) == {b"job-2"}
+
+    asyncio.run(body())
+
+
+def test_a_job_that_never_sent_an_epoch_event_is_let_go_sooner(private_redis_url, advisor,
+                                                               report, epoch_ended):
+    limits = JobLimits(retention_s=RETENTION_S, unstarted_retention_s=UNSTARTED_S, max_jobs=2)
+    started = epoch_ended(0, None, job="real-job")
+    started.kind = EpochEventKind.EPOCH_EVENT_KIND_JOB_STARTED
+
+    async def body() -> None:
+        async with _bus(private_redis_url) as bus, _worker(bus, advisor, limits) as worker:
+            publisher = bus.publisher("kasmina-test")
+            await publisher.publish_many([(streams.TELEMETRY_SEED_HEALTH, report(job="bogus")),
+                                          (streams.TELEMETRY_SEED_HEALTH, report(job="real-job")),
+                                          (streams.EPOCH_EVENTS, started)])
+            await _until(lambda: "real-job" in worker.views and worker.views["real-job"].started)
+            await publisher.publish(streams.TELEMETRY_SEED_HEALTH, report(job="new-job"))
+
+            async def refused() -> bool:
+                return len(await _dead(bus, streams.TELEMETRY_SEED_HEALTH)) == 1
+            await _until(refused)
+            assert not worker.views["bogus"].started
+            await _until(lambda: _listed(bus, "bogus"))  # saved by its owner
+            now = time.time()
+            await worker.tick(now + UNSTARTED_S - MARGIN_S)
+            assert sorted(worker.views) == ["bogus", "real-job"]
+            await worker.tick(now + UNSTARTED_S + 1)
+            assert list(worker.views) == ["real-job"], "only reports: let go after the short one"
+            assert not await bus.redis.exists(job_key("bogus"))
+            # Room again for a new job, well before the retention.
+            await publisher.publish(streams.TELEMETRY_SEED_HEALTH, report(job="new-job"))
+            await _until(lambda: "new-job" in worker.views)
+            await worker.tick(now + RETENTION_S - MARGIN_S)
+            assert "real-job" in worker.views, "a started job keeps the full retention"
+            await worker.tick(now + RETENTION_S + 1)
+            assert worker.views == {}
+
+    asyncio.run(body())
+
+
+async def _listed(bus: Bus, job: str) -> bool:
+    return bool(await bus.redis.sismember(JOBS_KEY, job))

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 import oona.service
+import oona.signing
 from oona.proto.kasmina.karn.v1 import karn_service_pb2 as pb
 from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as pb_grpc
 from sqlalchemy.exc import DBAPIError
@@ -82,8 +83,10 @@ def _database(context: grpc.ServicerContext, query: Callable[[], T]) -> T:
         raise  # not reached: abort raises (grpcio has no type hints to say so)
 
 
-def start_grpc_server(servicer: KarnServicer, host: str, port: int,
-                      max_workers: int = 8) -> tuple[grpc.Server, int]:
-    """Start serving; returns the server and the port it bound (useful when `port` is 0)."""
-    return oona.service.start_grpc_server(pb_grpc.add_KarnServicer_to_server, servicer, host, port,
-                                          name="karn", max_workers=max_workers)
+def start_grpc_server(servicer: KarnServicer, host: str, port: int, max_workers: int = 8,
+                      token: str | None = None) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the port it bound (useful when `port` is 0).
+    `token`: every call must carry it (UNAUTHENTICATED otherwise); None: no check."""
+    add = oona.signing.with_token(pb_grpc.add_KarnServicer_to_server, token)
+    return oona.service.start_grpc_server(add, servicer, host, port, name="karn",
+                                          max_workers=max_workers)

@@ -3,6 +3,10 @@
 Start order: database (migrated), bus, then the servers. SIGTERM/SIGINT: readiness fails at once,
 the worker stops taking reports and finishes the batch in hand, gRPC drains in-flight calls, HTTP
 stops, the database closes; each step bounded by `shutdown_grace_s`.
+
+Secure by default: it refuses to start without OONA_SIGNING_KEY (field reports must be signed
+with it) and KARN_API_TOKEN (every gRPC call must carry it), each also readable from a `*_FILE`,
+unless OONA_INSECURE=1 (one warning).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from importlib.metadata import version
 from oona import Bus, BusSettings, ConsumerConfig, open_bus
 from oona.http import HttpServer, ReadinessCheck, create_app
 from oona.service import run_service, serve_until_stopped
+from oona.settings import require_secrets
 from redis.asyncio import Redis
 from sqlalchemy.exc import OperationalError
 
@@ -93,19 +98,30 @@ async def _serve_with(settings: KarnSettings, store: FieldReportStore, bus: Bus)
     http_socket = socket.create_server((settings.bind_host, settings.http_port))
     try:
         grpc_server, grpc_port = start_grpc_server(KarnServicer(store, recommender),
-                                                   settings.bind_host, settings.grpc_port)
+                                                   settings.bind_host, settings.grpc_port,
+                                                   token=settings.api_token)
     except BaseException:
         http_socket.close()
         raise
-    log.info("karn %s serving: gRPC %s:%d, HTTP %s:%d, consuming %s as %s/%s",
-             version("karn-feedback"), settings.bind_host, grpc_port, settings.bind_host,
-             settings.http_port, worker.consumer.stream, worker.consumer.group,
-             worker.consumer.name)
+    log.info("karn %s serving: gRPC %s:%d, HTTP %s:%d, consuming %s as %s/%s, bus %s, "
+             "signing %s, API token %s", version("karn-feedback"), settings.bind_host, grpc_port,
+             settings.bind_host, settings.http_port, worker.consumer.stream,
+             worker.consumer.group, worker.consumer.name, bus.settings.redacted_url(),
+             "on" if bus.settings.signing_key else "OFF", "on" if settings.api_token else "OFF")
     await serve_until_stopped(worker, http, http_socket, grpc_server, stopping,
                               settings.shutdown_grace_s)
     log.info("stopped")
 
 
+def load_settings() -> KarnSettings:
+    """KarnSettings.from_env, refused (MissingSecret, a ValueError) without the fleet's secrets."""
+    settings = KarnSettings.from_env()
+    bus = BusSettings.from_env()
+    require_secrets("karn", {"OONA_SIGNING_KEY": bus.signing_key,
+                             "KARN_API_TOKEN": settings.api_token}, insecure=bus.insecure)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_service("karn", __doc__, "read field reports from", KarnSettings.from_env,
-                       serve, argv, fatal=(OperationalError,))
+    return run_service("karn", __doc__, "read field reports from", load_settings, serve, argv,
+                       fatal=(OperationalError,))

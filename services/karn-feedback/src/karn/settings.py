@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from oona import ConsumerConfig
+from oona.settings import read_secret
 from sqlalchemy.engine import make_url
 
 DEFAULT_DATABASE_URL = "sqlite:///karn.db"
@@ -42,6 +43,9 @@ class KarnSettings:
     # stored once, counted as duplicates). Defaults are oona's.
     reclaim_idle_ms: int = ConsumerConfig.reclaim_idle_ms
     reclaim_interval_s: float = ConsumerConfig.reclaim_interval_s
+    # Every gRPC call must carry it (`authorization: Bearer <token>`); None only with
+    # OONA_INSECURE=1 (`python -m karn` refuses to start otherwise).
+    api_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -67,19 +71,20 @@ class KarnSettings:
 
         KARN_DATABASE_URL, KARN_GRPC_PORT, KARN_HTTP_PORT, KARN_BIND_HOST, KARN_CONSUMER_NAME,
         KARN_COST_PENALTY, KARN_RANDOM_SEED, KARN_MAX_DELIVERIES, KARN_SHUTDOWN_GRACE_S,
-        KARN_RECLAIM_IDLE_MS, KARN_RECLAIM_INTERVAL_S.
+        KARN_RECLAIM_IDLE_MS, KARN_RECLAIM_INTERVAL_S, KARN_API_TOKEN (or KARN_API_TOKEN_FILE, a
+        file holding it).
         """
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            raw = env.get(f"KARN_{field.name.upper()}")
-            if not raw:
+        values: dict[str, Any] = {"api_token": read_secret("KARN_API_TOKEN", env)}
+        for setting in fields(cls):
+            raw = env.get(f"KARN_{setting.name.upper()}")
+            if not raw or setting.name == "api_token":
                 continue
-            kind = str(field.type).split(" | ")[0]
+            kind = str(setting.type).split(" | ")[0]
             try:
-                values[field.name] = {"int": int, "float": float}.get(kind, str)(raw)
+                values[setting.name] = {"int": int, "float": float}.get(kind, str)(raw)
             except ValueError as exc:
-                raise ValueError(f"KARN_{field.name.upper()}={raw!r}: {exc}") from exc
+                raise ValueError(f"KARN_{setting.name.upper()}={raw!r}: {exc}") from exc
         return cls(**values)
 
     def redacted_database_url(self) -> str:

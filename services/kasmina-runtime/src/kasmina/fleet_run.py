@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,6 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import numpy as np
 import redis
 from oona import streams
@@ -30,6 +30,7 @@ from oona.proto.kasmina.karn.v1 import karn_service_pb2 as karn_pb
 from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as karn_grpc
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
+from oona.signing import authenticated_channel
 from tqdm import tqdm
 
 from .report import plot_stage_timeline, plot_training, write_report
@@ -37,6 +38,13 @@ from .service.limits import check_job_id
 
 # The digits recipe's seed layer: 64 features in 4 chunks.
 CHUNK_SIZE = 16
+# Secure by default: every run makes its own signing key and API tokens and gives them to every
+# process it starts (docs/security.md).
+FLEET_SECRETS = ("OONA_SIGNING_KEY", "KASMINA_API_TOKEN", "KARN_API_TOKEN", "TAMIYO_API_TOKEN")
+
+
+def fleet_secrets() -> dict[str, str]:
+    return {name: secrets.token_hex(32) for name in FLEET_SECRETS}
 
 
 class Fleet:
@@ -45,7 +53,10 @@ class Fleet:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.processes: list[tuple[str, subprocess.Popen]] = []
-        self.env = dict(os.environ)
+        # The run's own secrets replace any in the caller's environment (a *_FILE one too).
+        self.env = {k: v for k, v in os.environ.items()
+                    if k.removesuffix("_FILE") not in FLEET_SECRETS}
+        self.env.update(fleet_secrets())
         self.karn_port = self.runtime_port = 0
 
     def start(self, name: str, args: list[str], env: dict[str, str],
@@ -110,10 +121,10 @@ def start_fleet(fleet: Fleet, run_dir: Path, args: argparse.Namespace) -> str:
     return url
 
 
-def karn_view(port: int, chunk_size: int) -> list[str]:
+def karn_view(port: int, chunk_size: int, token: str) -> list[str]:
     """Karn's statistics per blueprint and its ranking for a seed of `chunk_size` features
     (Thompson samples: the order may differ between calls; the posterior does not)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with authenticated_channel(f"127.0.0.1:{port}", token) as channel:
         karn = karn_grpc.KarnStub(channel)
         stats = karn.GetBlueprintStatistics(karn_pb.GetBlueprintStatisticsRequest(), timeout=10)
         ranking = karn.Recommend(karn_pb.RecommendRequest(job_id="fleet-report",
@@ -195,8 +206,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="Tamiyo germinates after this many epochs without progress")
     p.add_argument("--min-delta", type=float, default=0.01,
                    help="validation-loss improvement that counts as progress")
-    p.add_argument("--cooldown-epochs", type=int, default=1,
-                   help="Tamiyo's epochs between two germinations in a job")
+    # 0: the behaviour the make-run figures were measured with (Tamiyo's cooldown used to count
+    # N - 1 epochs, so the old default 1 meant none).
+    p.add_argument("--cooldown-epochs", type=int, default=0,
+                   help="epochs Tamiyo decides without germinating after a germination in a "
+                        "job (TAMIYO_COOLDOWN_EPOCHS): with 1, one at epoch 5 blocks epoch 6; "
+                        "0 (default): none")
     # The digits host is linear: a linear or low-rank blueprint adds no capacity to it, yet
     # such seeds fossilize (the host co-adapts, so removing them costs validation loss) and
     # Karn, which counts fossilized-with-a-gain as success, learns to prefer them because they
@@ -219,10 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         url = start_fleet(fleet, run_dir, args)
         print(f"fleet up in {time.perf_counter() - start:.1f} s (logs in {run_dir}/)")
-        channel = grpc.insecure_channel(f"127.0.0.1:{fleet.runtime_port}")
+        channel = authenticated_channel(f"127.0.0.1:{fleet.runtime_port}",
+                                        fleet.env["KASMINA_API_TOKEN"])
         stub = pb_grpc.KasminaRuntimeStub(channel)
         prefix = f"{args.name}-{int(time.time())}"
-        karn_before = karn_view(fleet.karn_port, CHUNK_SIZE)
+        karn_before = karn_view(fleet.karn_port, CHUNK_SIZE, fleet.env["KARN_API_TOKEN"])
         jobs, collected = {}, {}
         # One random seed at a time (its seeded and host jobs side by side), so Karn has the
         # field reports of the earlier runs when Tamiyo asks it for blueprints in later ones.
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         text, results = summarize({k: collected.get(j, []) for k, j in jobs.items()},
                                   args.runs, bus)
         text += "\n".join(["", "Karn before the run:", *karn_before, "Karn after the run:",
-                            *karn_view(fleet.karn_port, CHUNK_SIZE)])
+                            *karn_view(fleet.karn_port, CHUNK_SIZE, fleet.env["KARN_API_TOKEN"])])
         runs = {k: {"epochs": results[k].get("epochs", []),
                     "events": [(u.ack.applied_epoch, "") for u in collected.get(j, [])
                                if u.HasField("ack")]} for k, j in jobs.items()}

@@ -1,7 +1,9 @@
 """`python -m kasmina submit`: submit a digits training job to a running Kasmina runtime
 (`python -m kasmina serve`) over gRPC and follow it to the end: one line per epoch, exit
 status 0 when the job succeeded. In the containers: `docker compose exec kasmina python -m
-kasmina submit`."""
+kasmina submit`. The runtime's token comes from KASMINA_API_TOKEN or KASMINA_API_TOKEN_FILE
+(every call sends it; without one the runtime answers UNAUTHENTICATED unless it runs with
+OONA_INSECURE=1)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import grpc
 from oona.contracts import EpochEventKind
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
+from oona.settings import read_secret
+from oona.signing import authenticated_channel
 
 EPOCH_ENDED = EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED
 
@@ -32,14 +36,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--param takes NAME=VALUE, got {malformed[0]!r}")
     parameters = {"epochs": str(args.epochs), **dict(kv.split("=", 1) for kv in args.param)}
     try:
-        return _submit_and_follow(args, parameters)
+        token = read_secret("KASMINA_API_TOKEN")
+    except ValueError as err:
+        p.error(str(err))
+    try:
+        return _submit_and_follow(args, parameters, token)
     except grpc.RpcError as err:  # the runtime's refusal names the field: say it, no traceback
         print(f"{args.job_id}: {err.code().name}: {err.details()}", file=sys.stderr)
         return 2 if err.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
 
 
-def _submit_and_follow(args: argparse.Namespace, parameters: dict[str, str]) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+def _submit_and_follow(args: argparse.Namespace, parameters: dict[str, str],
+                       token: str | None) -> int:
+    with authenticated_channel(args.address, token) as channel:
         stub = pb_grpc.KasminaRuntimeStub(channel)
         reply = stub.SubmitJob(pb.SubmitJobRequest(job_id=args.job_id, recipe="digits",
                                                    parameters=parameters), timeout=30)

@@ -7,6 +7,7 @@
                            {CommandAck: on_ack}).run()
 """
 
+from oona import ids as ids  # the id rule every service checks (oona.ids.check_id)
 from oona import streams
 from oona.bus import Bus, check_bus_persistence, open_bus
 from oona.connection import Persistence, check_persistence, connect

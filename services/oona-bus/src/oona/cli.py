@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from oona import admin, dead_letters
+from oona import admin, dead_letters, flags_cli
 from oona.connection import Client, connect
 from oona.embedded import EmbeddedRedis
 from oona.settings import BusSettings
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m oona", description=__doc__)
     parser.add_argument("--url", help="Redis URL (default: $OONA_REDIS_URL)")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("flags", add_help=False,  # dispatched before parsing (main)
+                   help="feature flags: list, get, set, ramp, kill, audit (flags --help)")
 
     serve = sub.add_parser("serve-embedded", help="run the embedded redis-server and print its URL")
     serve.add_argument("--port", type=int, default=0,
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["flags"]:  # feature flags: their own parser (oona/flags_cli.py)
+        return flags_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     if hasattr(args, "run"):
         if args.port == -1:

@@ -186,7 +186,7 @@ class Consumer:
                                         f"delivered {count} times without success", count)
                 continue
             try:
-                opened = open_envelope(fields.get(ENVELOPE_FIELD), self._settings.signing_key,
+                opened = open_envelope(fields.get(ENVELOPE_FIELD), self._settings.signing_keys,
                                        self._versions, self._settings.max_payload_bytes)
                 cls, handler = self._handlers[opened.message_type]
                 payload = opened.payload

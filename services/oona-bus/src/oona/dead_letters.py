@@ -13,6 +13,7 @@ from typing import cast
 from oona import scripts, streams
 from oona.connection import Client, atomic_across
 from oona.settings import BusSettings
+from oona.trimming import record_trim_reply
 
 _PREFIX = b"dlq."
 Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py returns it (bytes mode)
@@ -91,7 +92,7 @@ async def replay(redis: Client, stream: str, entry_ids: Sequence[str],
         if letter is None:
             raise KeyError(f"no dead letter {entry_id} in {dlq}")
         if atomic_across(redis, stream, dlq):
-            new_id = await redis.register_script(scripts.REPLAY)(
+            new_id, *trimmed = await redis.register_script(scripts.REPLAY)(
                 keys=[stream, dlq],
                 args=[entry_id, *trim, *(part for pair in letter.original_fields.items()
                                          for part in pair)])
@@ -100,6 +101,7 @@ async def replay(redis: Client, stream: str, entry_ids: Sequence[str],
             # between leaves the letter in the DLQ (replayed twice at worst, never lost).
             new_id = await redis.xadd(stream, letter.original_fields)  # type: ignore[arg-type]
             await redis.xdel(dlq, entry_id)
-            await redis.register_script(scripts.TRIM)(keys=[stream], args=trim)
+            trimmed = await redis.register_script(scripts.TRIM)(keys=[stream], args=trim)
+        record_trim_reply(stream, trimmed, settings.stream_maxlen)
         new_ids.append(new_id.decode())
     return new_ids

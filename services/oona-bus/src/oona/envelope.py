@@ -1,5 +1,5 @@
 """Envelope codec: message -> stream entry bytes (publish side), and back, with every check a
-consumer needs (decode, signature, schema, size, claim-check integrity)."""
+consumer needs (decode, signature, freshness, schema, size, claim-check integrity)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from oona.contracts import schema_of
 from oona.errors import DeadLetterReason, InvalidMessage, PayloadTooLarge
 from oona.proto.kasmina.bus.v1.envelope_pb2 import Envelope, PayloadRef
 from oona.settings import BusSettings
+from oona.signing import Keys
 
 # The one field of a stream entry (also spelled out in oona.scripts.PUBLISH). Keeping everything
 # inside the envelope makes an entry self-describing and lets a dead letter carry it verbatim.
@@ -82,8 +83,12 @@ def encode(stream: str, message: Message, settings: BusSettings, *, sender_id: s
     return Outgoing(stream, event_id, envelope.SerializeToString(), blob, dedupe)
 
 
-def decode_envelope(data: bytes | None, signing_key: bytes | None) -> Envelope:
-    """Parse and authenticate an entry's envelope; InvalidMessage when it cannot be trusted."""
+def decode_envelope(data: bytes | None, keys: Keys | None,
+                    now_s: float | None = None) -> Envelope:
+    """Parse and authenticate an entry's envelope; InvalidMessage when it cannot be trusted.
+
+    `keys`: BusSettings.signing_keys (None: signing off); `now_s`: the clock freshness is
+    judged by (time.time())."""
     if data is None:
         raise InvalidMessage(DeadLetterReason.UNDECODABLE, "entry has no envelope field")
     envelope = Envelope()
@@ -94,11 +99,17 @@ def decode_envelope(data: bytes | None, signing_key: bytes | None) -> Envelope:
     if not valid_event_id(envelope.event_id):
         raise InvalidMessage(DeadLetterReason.UNDECODABLE,
                              f"invalid event_id {envelope.event_id[:40]!r}")
-    if signing_key is not None:
-        if not envelope.signature:
-            raise InvalidMessage(DeadLetterReason.UNSIGNED, "signature required, none present")
-        if not signing.verify(envelope, signing_key):
-            raise InvalidMessage(DeadLetterReason.BAD_SIGNATURE, "HMAC does not match")
+    if keys is None:
+        return envelope
+    if not envelope.signature:
+        raise InvalidMessage(DeadLetterReason.UNSIGNED, "signature required, none present")
+    if not keys.verify(envelope):
+        raise InvalidMessage(DeadLetterReason.BAD_SIGNATURE,
+                             "HMAC matches none of the fleet's keys (forged, corrupted, or "
+                             "signed with a key this consumer does not have)")
+    stale = keys.staleness(envelope, time.time() if now_s is None else now_s)
+    if stale is not None:
+        raise InvalidMessage(DeadLetterReason.STALE, f"stale envelope: {stale}")
     return envelope
 
 
@@ -109,11 +120,11 @@ class Opened(NamedTuple):
     payload: bytes | None
 
 
-def open_envelope(data: bytes | None, signing_key: bytes | None, known: Mapping[str, int],
+def open_envelope(data: bytes | None, keys: Keys | bytes | None, known: Mapping[str, int],
                   max_payload_bytes: int) -> Opened:
     """decode_envelope, then check the schema against `known` (message type -> version) and
     the payload's size. Fields are read once each: upb builds a Python object per access."""
-    envelope = decode_envelope(data, signing_key)
+    envelope = decode_envelope(data, keys)
     schema = envelope.schema
     message_type = schema.message_type
     version = known.get(message_type)

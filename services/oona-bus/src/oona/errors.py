@@ -55,6 +55,10 @@ class DeadLetterReason(StrEnum):
     PAYLOAD_UNDECODABLE = "payload_undecodable"  # the payload does not parse as its schema
     MAX_DELIVERIES = "max_deliveries"  # the handler did not succeed within max_deliveries
     REJECTED = "rejected"  # the handler raised Reject: its content can never be taken
+    STALE = "stale"  # a command older than the freshness window, or from the future
+    # The outbox could not publish it: the server refused it for good (WRONGTYPE: the stream key
+    # holds another type). Never consumed; replay it once the cause is fixed.
+    PUBLISH_REFUSED = "publish_refused"
 
 
 class InvalidMessage(Exception):

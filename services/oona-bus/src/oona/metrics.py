@@ -33,7 +33,11 @@ UNSENT = Counter("oona_unsent", "Messages never published: still queued when an 
                  ["lane"])
 TRIMMED_UNREAD = Counter("oona_trimmed_unread",
                          "Entries of a must-not-lose stream trimmed before a stale consumer group "
-                         "(all its consumers idle beyond stale_group_s) read them.", ["stream"])
+                         "(all its consumers idle, or none and an entry unread, beyond "
+                         "stale_group_s) was delivered them.", ["stream"])
+TRIM_FAILURES = Counter("oona_trim_failures",
+                        "Trims of a must-not-lose stream that failed after the publish was written "
+                        "(typically a Redis user without XINFO/XPENDING/XRANGE/XTRIM).", ["stream"])
 OVER_CAP = Gauge("oona_stream_over_cap",
                  "Entries a must-not-lose stream holds beyond stream_maxlen because a consumer "
                  "group has not read or acknowledged them (seen at the last publish).", ["stream"])

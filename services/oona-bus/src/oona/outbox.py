@@ -8,9 +8,12 @@ Producers (any thread, typically a synchronous training loop) `put` messages; on
 Messages are encoded at `put`, so the caller may reuse or mutate its message object afterwards.
 
 The drain survives every Redis error (out of memory, connection lost, READONLY replica, timeout,
-a refused script): the batch in hand is kept and retried with bounded exponential backoff, and
-the outbox reports itself unhealthy (`healthy`, `last_error`, `publishing_problems()`) until a
-publish succeeds again. What it never published is counted (`unsent`, `oona_unsent_total`).
+NOPERM): what failed of the batch in hand is kept and retried with bounded exponential backoff,
+and the outbox reports itself unhealthy (`healthy`, `last_error`, `publishing_problems()`) until
+a publish succeeds again. Each stream is published on its own, so one failing stream does not
+hold the others back; messages a server refuses for good (WRONGTYPE: the key is not a stream)
+go to the stream's dead letters (reason `publish_refused`, replayable once fixed). What it never
+published is counted (`unsent`, `oona_unsent_total`).
 """
 
 from __future__ import annotations
@@ -19,26 +22,38 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
-from redis.exceptions import RedisError
+from redis.exceptions import ResponseError
 
 from oona import metrics, streams
 from oona.envelope import Outgoing, encode
 from oona.errors import OutboxFull
-from oona.publisher import Publisher
+from oona.publisher import PUBLISH_ERRORS, Publisher
 from oona.settings import BusSettings
 
 log = logging.getLogger(__name__)
 _IDLE_CHECK_S = 1.0
 _WARN_INTERVAL_S = 60.0
-# What the drain rides out: every redis-py error (a connection problem, or the server refusing the
-# write: OOM at maxmemory, READONLY, NOPERM, BUSY) and socket errors that escape redis-py.
-PUBLISH_ERRORS = (RedisError, OSError)
+# Error replies that a wait can cure (the server full, a replica, busy, loading, a cluster
+# resharding) or an operator (NOPERM: an ACL to fix; dead-lettering would need the same rights).
+# On Redis 6.2 an error inside a script arrives as a plain ResponseError with the code inside, and
+# an ACL refusal there has no code at all ("The user executing the script can't ...").
+_TRANSIENT_CODES = re.compile(r"\b(OOM|READONLY|BUSY|LOADING|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|"
+                              r"NOPERM|NOAUTH|MISCONF|NOREPLICAS|NOSCRIPT|MOVED|ASK)\b|"
+                              r"user executing the script can't")
+
+
+def refused_for_good(error: BaseException) -> bool:
+    """Whether the server refused a publish for a reason no retry changes (WRONGTYPE: the key is
+    not a stream, a script error): the outbox dead-letters such messages instead of holding
+    every other stream back behind them."""
+    return isinstance(error, ResponseError) and not _TRANSIENT_CODES.search(str(error))
 
 # Outboxes of this process whose last publish failed: sender id -> the error (for readiness).
 _failing: dict[int, tuple[str, str]] = {}
@@ -178,17 +193,19 @@ class Outbox:
         return unsent
 
     def _take(self) -> list[Outgoing]:
+        """The batch to publish: what failed last time (in hand, first, in order), then queued
+        messages up to batch_size, so streams that publish are not held behind one that fails."""
         with self._lock:
-            if not self._in_flight:
-                room = self.config.batch_size
-                while self._reliable and room:
-                    self._in_flight.append(self._reliable.popleft())
-                    room -= 1
-                while self._telemetry and room:
-                    self._in_flight.append(self._telemetry.popleft())
-                    room -= 1
-                if self._in_flight:
-                    self._changed.notify_all()
+            room = self.config.batch_size - len(self._in_flight)
+            taken = 0
+            while self._reliable and taken < room:
+                self._in_flight.append(self._reliable.popleft())
+                taken += 1
+            while self._telemetry and taken < room:
+                self._in_flight.append(self._telemetry.popleft())
+                taken += 1
+            if taken:
+                self._changed.notify_all()
             self._update_gauges()
             return list(self._in_flight)
 
@@ -247,14 +264,9 @@ class Outbox:
                             await asyncio.wait_for(work.wait(), _IDLE_CHECK_S)
                     self._drain_idle = False
                     continue
-                try:
-                    # Per stream, each group dropped from the batch once written: a retry after
-                    # a partial failure does not write the others (telemetry has no dedupe) twice.
-                    for group in _by_stream(batch):
-                        await publisher.send(group)
-                        self._published(group)
-                except PUBLISH_ERRORS as exc:
-                    self._set_health(exc)
+                error = await self._publish(publisher, batch)
+                if error is not None:
+                    self._set_health(error)
                     # One warning per minute of an outage, not one per retry.
                     if time.monotonic() >= self._next_warning:
                         self._next_warning = time.monotonic() + _WARN_INTERVAL_S
@@ -267,19 +279,35 @@ class Outbox:
                     continue
                 backoff = self.config.retry_backoff_min_s
                 self._next_warning = 0.0
-                self._set_health(None)
         finally:
             self._wake = None
             # A stopped drain no longer holds readiness down; its leftovers are `depth`.
             self._report_failing(False)
 
+    async def _publish(self, publisher: Publisher, batch: list[Outgoing]) -> BaseException | None:
+        """Publish the batch stream by stream; what was written (or dead-lettered) leaves the
+        batch in hand, the rest stays for the retry (telemetry has no dedupe: nothing written is
+        written twice). Returns the first error that a retry may cure, None if none."""
+        retry: BaseException | None = None
+        done: list[Outgoing] = []
+        for sent in await publisher.send_by_stream(batch):
+            messages = [batch[i] for i in sent.indices]
+            error = sent.error
+            if error is not None and refused_for_good(error):
+                try:
+                    await publisher.dead_letter(messages, error)
+                    error = None
+                except PUBLISH_ERRORS as exc:
+                    error = exc
+            if error is None:
+                done += messages
+            elif retry is None:
+                retry = error
+        if retry is None:
+            # Healthy before the batch leaves: a flush() that returns sees a healthy outbox.
+            self._set_health(None)
+        self._published(done)
+        return retry
+
     def _queued(self) -> bool:
         return bool(self._telemetry or self._reliable or self._closed)
-
-
-def _by_stream(batch: list[Outgoing]) -> list[list[Outgoing]]:
-    """The batch split by (stream, dedupe), in order of first appearance (reliable first)."""
-    groups: dict[tuple[str, bool], list[Outgoing]] = {}
-    for out in batch:
-        groups.setdefault((out.stream, out.dedupe), []).append(out)
-    return list(groups.values())

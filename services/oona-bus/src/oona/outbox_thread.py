@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -15,6 +17,9 @@ from oona.outbox import Outbox, OutboxConfig
 from oona.settings import BusSettings
 
 log = logging.getLogger(__name__)
+# How long close() waits for the drain to end once it has been cancelled: closing the bus
+# connection (and stopping an embedded broker) after an interrupted publish.
+CANCEL_GRACE_S = 2.0
 
 
 class OutboxThread:
@@ -22,8 +27,8 @@ class OutboxThread:
 
     `put_telemetry` never blocks the training thread; `put` applies backpressure (see Outbox).
     The thread rides out every Redis error (see Outbox.drain); `healthy` is False while it
-    cannot publish (or if it died). `close` publishes what is queued, waiting at most `timeout`
-    seconds, and returns how many messages were never published.
+    cannot publish (or if it died). `close` publishes what is queued, returns within `timeout` +
+    CANCEL_GRACE_S seconds, and returns how many messages were never published.
     """
 
     def __init__(self, settings: BusSettings, sender_id: str,
@@ -34,6 +39,7 @@ class OutboxThread:
         self._connect_timeout_s = connect_timeout_s
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._cancel: Callable[[], object] | None = None  # cancels the drain, from any thread
         self._thread = threading.Thread(target=self._main, name=f"oona-outbox-{sender_id}",
                                         daemon=True)
 
@@ -46,19 +52,25 @@ class OutboxThread:
             raise self._error
         return self
 
+    async def _serve(self) -> None:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        self._cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+        async with open_bus(self._settings) as bus:
+            self._ready.set()
+            await self.outbox.drain(bus.publisher(self._sender_id))
+
     def _main(self) -> None:
         try:
             asyncio.run(self._serve())
+        except asyncio.CancelledError:
+            pass  # close() gave up waiting for a publish: what it held is counted as unsent
         except BaseException as exc:  # reported to start() or logged; the thread must not die mute
             self._error = exc
             log.exception("outbox thread failed")
         finally:
+            self._cancel = None
             self._ready.set()
-
-    async def _serve(self) -> None:
-        async with open_bus(self._settings) as bus:
-            self._ready.set()
-            await self.outbox.drain(bus.publisher(self._sender_id))
 
     @property
     def healthy(self) -> bool:
@@ -90,15 +102,24 @@ class OutboxThread:
         return self.outbox.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> int:
-        """Publish what is queued and stop; returns how many messages were never published
-        (those still queued after `timeout`, or left by a thread that died), logged as an error
-        and counted in `oona_unsent_total` when not zero."""
+        """Publish what is queued and stop, within `timeout` + CANCEL_GRACE_S seconds; returns how
+        many messages were never published (those still queued after `timeout`, those of a
+        publish cancelled then, since unconfirmed, or left by a thread that died), logged as an
+        error and counted in `oona_unsent_total` when not zero."""
         self.outbox.close()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            # Let the publish in hand finish (bounded by the socket timeout), then count.
+            # A publish in hand can take redis-py's retries times the socket timeout (20 s and
+            # more with the defaults): cancel it rather than wait.
             self.outbox.interrupt()
-            self._thread.join()
+            cancel = self._cancel
+            if cancel is not None:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    cancel()
+            self._thread.join(CANCEL_GRACE_S)
+            if self._thread.is_alive():
+                log.warning("outbox %s: its thread did not stop within %.1fs of being cancelled; "
+                            "left to end on its own (daemon)", self._sender_id, CANCEL_GRACE_S)
         return self.outbox.abandon()
 
     def __enter__(self) -> Self:

@@ -50,7 +50,11 @@ def run_service(name: str, doc: str, purpose: str, load_settings: Callable[[], S
         return 0 if args[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    bus_settings = BusSettings.from_env()
+    try:
+        bus_settings = BusSettings.from_env()
+    except ValueError as exc:  # a bad OONA_* value or *_FILE: one line, like the service's own
+        print(f"{name}: bad configuration: {exc}", file=sys.stderr)
+        return 2
     if bus_settings.url is None:
         print(NO_BUS.format(name=name, purpose=purpose), file=sys.stderr)
         return 2

@@ -1,12 +1,18 @@
-"""Typed bus settings, read from the environment or a DSN."""
+"""Typed bus settings, read from the environment or a DSN; secrets from variables or files, and
+the start-up rule every fleet service follows for them (`require_secrets`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from oona.signing import Keys
+
+log = logging.getLogger(__name__)
 
 # `redis+cluster://` and `rediss+cluster://` name a Redis Cluster (any one node: the client finds
 # the others); the URL stays whole in OONA_REDIS_URL, so a child process inherits cluster mode.
@@ -20,7 +26,8 @@ class BusSettings:
 
     url: str | None = None
     username: str | None = None
-    password: str | None = None
+    # repr=False here and on the keys: a settings object printed in a log carries no secret.
+    password: str | None = field(default=None, repr=False)
     # TLS is on for rediss:// URLs; these point at PEM files.
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -49,8 +56,17 @@ class BusSettings:
     # How long a published event id keeps a second publish of it from being written. Costs one
     # small key per deduplicated message (telemetry is published without).
     dedupe_ttl_s: int = 24 * 3600
-    # Shared fleet key for HMAC signing; None disables signing and verification.
-    signing_key: bytes | None = None
+    # Shared fleet key for HMAC signing: envelopes are signed with it and must carry a valid
+    # signature. None disables both (a service refuses to start so unless `insecure`).
+    signing_key: bytes | None = field(default=None, repr=False)
+    # Keys still accepted (never used to sign) while a rotation rolls out: oona.signing.Keys.
+    previous_signing_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    # Freshness window of command envelopes (oona.signing.Keys): older, or further in the
+    # future than the skew, is dead-lettered. 0 turns the age limit off.
+    max_command_age_s: float = Keys.max_command_age_s
+    max_clock_skew_s: float = Keys.max_clock_skew_s
+    # OONA_INSECURE=1: services start without a signing key or API token (one warning).
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.connect_attempts < 1:
@@ -63,6 +79,19 @@ class BusSettings:
             raise ValueError("stale_group_s must be >= 0")
         if self.tls_enabled and self.url and self.url.startswith("unix"):
             raise ValueError("TLS over a unix socket is not supported")
+        if self.signing_key is not None:
+            self.signing_keys  # noqa: B018 - Keys refuses empty keys and a negative window
+        elif self.previous_signing_keys:
+            raise ValueError("OONA_SIGNING_PREVIOUS_KEYS needs OONA_SIGNING_KEY (the key that "
+                             "signs)")
+
+    @property
+    def signing_keys(self) -> Keys | None:
+        """What envelopes are signed and verified with; None when signing is off."""
+        if self.signing_key is None:
+            return None
+        return Keys(self.signing_key, self.previous_signing_keys, self.max_command_age_s,
+                    self.max_clock_skew_s)
 
     @property
     def _scheme(self) -> str:
@@ -114,14 +143,20 @@ class BusSettings:
 
         OONA_REDIS_URL, OONA_REDIS_USERNAME, OONA_REDIS_PASSWORD (override the URL's credentials),
         OONA_REDIS_TLS_CA, OONA_REDIS_TLS_CERT, OONA_REDIS_TLS_KEY, OONA_SIGNING_KEY (the shared
-        HMAC key, as text), OONA_STREAM_MAXLEN, OONA_STALE_GROUP_S, OONA_CLAIM_CHECK_BYTES,
-        OONA_CONNECT_ATTEMPTS.
+        HMAC key, as text), OONA_SIGNING_PREVIOUS_KEYS (comma-separated), OONA_MAX_COMMAND_AGE_S,
+        OONA_MAX_CLOCK_SKEW_S, OONA_INSECURE (1/true/yes), OONA_STREAM_MAXLEN, OONA_STALE_GROUP_S,
+        OONA_CLAIM_CHECK_BYTES, OONA_CONNECT_ATTEMPTS. The password and the keys may come from
+        a file instead (compose secrets): OONA_REDIS_PASSWORD_FILE, OONA_SIGNING_KEY_FILE,
+        OONA_SIGNING_PREVIOUS_KEYS_FILE (one key a line); see `read_secret`.
         """
         env = os.environ if environ is None else environ
         url = env.get("OONA_REDIS_URL") or None
         settings = cls.from_dsn(url) if url else cls()
         overrides: dict[str, Any] = {}
-        for var, name in (("OONA_REDIS_USERNAME", "username"), ("OONA_REDIS_PASSWORD", "password"),
+        password = read_secret("OONA_REDIS_PASSWORD", env)
+        if password:
+            overrides["password"] = password
+        for var, name in (("OONA_REDIS_USERNAME", "username"),
                           ("OONA_REDIS_TLS_CA", "tls_ca_file"),
                           ("OONA_REDIS_TLS_CERT", "tls_cert_file"),
                           ("OONA_REDIS_TLS_KEY", "tls_key_file")):
@@ -132,10 +167,19 @@ class BusSettings:
                           ("OONA_CONNECT_ATTEMPTS", "connect_attempts")):
             if env.get(var):
                 overrides[name] = int(env[var])
-        if env.get("OONA_STALE_GROUP_S"):
-            overrides["stale_group_s"] = float(env["OONA_STALE_GROUP_S"])
-        if env.get("OONA_SIGNING_KEY"):
-            overrides["signing_key"] = env["OONA_SIGNING_KEY"].encode()
+        for var, name in (("OONA_STALE_GROUP_S", "stale_group_s"),
+                          ("OONA_MAX_COMMAND_AGE_S", "max_command_age_s"),
+                          ("OONA_MAX_CLOCK_SKEW_S", "max_clock_skew_s")):
+            if env.get(var):
+                overrides[name] = float(env[var])
+        key = read_secret("OONA_SIGNING_KEY", env)
+        if key:
+            overrides["signing_key"] = key.encode()
+        previous = read_secret("OONA_SIGNING_PREVIOUS_KEYS", env)
+        if previous:
+            overrides["previous_signing_keys"] = tuple(
+                k.strip().encode() for k in previous.replace("\n", ",").split(",") if k.strip())
+        overrides["insecure"] = insecure_opt_out(env)
         return replace(settings, **overrides)
 
     def redacted_url(self) -> str:
@@ -147,3 +191,50 @@ class BusSettings:
             return self.url
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return parts._replace(netloc=netloc).geturl()
+
+
+class MissingSecret(ValueError):
+    """A service was started without a key or token it needs (and without OONA_INSECURE)."""
+
+
+def read_secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The secret in variable `name`, or in the file named by `name`_FILE (a compose secret,
+    e.g. /run/secrets/oona_signing_key; surrounding whitespace is dropped). None when neither is
+    set; ValueError when both are, or the file cannot be read or is empty."""
+    env = os.environ if environ is None else environ
+    value, path = env.get(name) or None, env.get(f"{name}_FILE") or None
+    if value is not None and path is not None:
+        raise ValueError(f"set {name} or {name}_FILE, not both")
+    if path is None:
+        return value
+    try:
+        with open(path, encoding="utf-8") as secret:
+            text = secret.read().strip()
+    except OSError as exc:
+        raise ValueError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
+    if not text:
+        raise ValueError(f"{name}_FILE={path} is empty")
+    return text
+
+
+def insecure_opt_out(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get("OONA_INSECURE", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_secrets(service: str, secrets: Mapping[str, object | None], *,
+                    insecure: bool) -> None:
+    """A fleet service's start-up rule: every secret in `secrets` (variable name -> value read)
+    is set, or the service refuses to start (MissingSecret, one line naming the variables);
+    with `insecure` (OONA_INSECURE=1) it starts, after one warning saying what is off."""
+    missing = [name for name, value in secrets.items() if not value]
+    if not missing:
+        return
+    names = ", ".join(missing)
+    if not insecure:
+        raise MissingSecret(
+            f"{names} not set (nor {'/'.join(f'{n}_FILE' for n in missing)}): {service} refuses "
+            "to start unauthenticated; give the fleet's secrets, or set OONA_INSECURE=1 to run "
+            "without (anyone who reaches Redis or its ports can then forge; not for production)")
+    log.warning("OONA_INSECURE=1: %s runs without %s: forged messages and calls are accepted; "
+                "not for production", service, names)

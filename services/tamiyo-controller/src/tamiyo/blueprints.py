@@ -10,6 +10,7 @@ from typing import Protocol
 import grpc
 from oona.proto.kasmina.karn.v1 import karn_service_pb2 as karn_pb
 from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as karn_grpc
+from oona.signing import authenticated_channel
 
 from tamiyo import metrics
 
@@ -42,11 +43,13 @@ class BlueprintAdvisor(Protocol):
 class KarnAdvisor:
     """Asks Karn's `Recommend` with a short deadline. Karn unreachable, slow or failing:
     `default_blueprint` (counted in tamiyo_karn_fallbacks_total) so growth never waits on it.
-    `allowed` (catalog names; empty: any) keeps Karn's best recommendation among those."""
+    `allowed` (catalog names; empty: any) keeps Karn's best recommendation among those.
+    `token`: Karn's API token, sent with every call (None: none)."""
 
     def __init__(self, address: str, timeout_s: float, *, default_blueprint: str,
-                 default_strategy: str, allowed: frozenset[str] = frozenset()) -> None:
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                 default_strategy: str, allowed: frozenset[str] = frozenset(),
+                 token: str | None = None) -> None:
+        self._channel = authenticated_channel(address, token, options=_CHANNEL_OPTIONS)
         self._karn = karn_grpc.KarnStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout_s = timeout_s
         self._default_blueprint = default_blueprint
@@ -63,8 +66,12 @@ class KarnAdvisor:
             reply = self._karn.Recommend(request, timeout=self._timeout_s)
         except grpc.RpcError as exc:
             metrics.KARN_FALLBACKS.inc()
-            log.warning("karn unavailable (%s); germinating %s with %s", exc.code(), layer_id,
-                        self._default_blueprint)
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:  # a configuration error: say so
+                log.error("karn refused Tamiyo's token (KARN_API_TOKEN); germinating %s with %s",
+                          layer_id, self._default_blueprint)
+            else:
+                log.warning("karn unavailable (%s); germinating %s with %s", exc.code(),
+                            layer_id, self._default_blueprint)
             return BlueprintChoice(self._default_blueprint, self._default_strategy, "fallback")
         ranked = [r for r in reply.recommendations
                   if not self._allowed or r.blueprint.name in self._allowed]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import grpc
 import oona.service
+import oona.signing
 from oona.contracts import EpochEvent, EpochEventKind
 from oona.proto.kasmina.tamiyo.v1 import tamiyo_service_pb2 as pb
 from oona.proto.kasmina.tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
@@ -99,8 +100,10 @@ class TamiyoServicer(pb_grpc.TamiyoServicer):
             self._signals.pop(job_id, None)
 
 
-def start_grpc_server(servicer: TamiyoServicer, host: str, port: int,
-                      max_workers: int = 4) -> tuple[grpc.Server, int]:
-    """Start serving; returns the server and the port it bound (useful when `port` is 0)."""
-    return oona.service.start_grpc_server(pb_grpc.add_TamiyoServicer_to_server, servicer, host,
-                                          port, name="tamiyo", max_workers=max_workers)
+def start_grpc_server(servicer: TamiyoServicer, host: str, port: int, max_workers: int = 4,
+                      token: str | None = None) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the port it bound (useful when `port` is 0).
+    `token`: every call must carry it (UNAUTHENTICATED otherwise); None: no check."""
+    add = oona.signing.with_token(pb_grpc.add_TamiyoServicer_to_server, token)
+    return oona.service.start_grpc_server(add, servicer, host, port, name="tamiyo",
+                                          max_workers=max_workers)

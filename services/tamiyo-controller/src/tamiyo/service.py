@@ -3,6 +3,11 @@
 Start order: bus, saved state, then the servers. SIGTERM/SIGINT: readiness fails at once, the
 worker stops taking messages and finishes the batch in hand, gRPC drains in-flight calls, HTTP
 stops; each step bounded by `shutdown_grace_s`.
+
+Secure by default: it refuses to start without OONA_SIGNING_KEY (reports, epoch events and acks
+must be signed with it, and its commands are), TAMIYO_API_TOKEN (every Step call must carry it)
+and KARN_API_TOKEN (what it sends to Karn), each also readable from a `*_FILE`, unless
+OONA_INSECURE=1 (one warning).
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from dataclasses import dataclass, field
 from importlib.metadata import version
 
 from oona import Bus, BusSettings, ConsumerConfig, open_bus
 from oona.http import HttpServer, ReadinessCheck, create_app
 from oona.service import run_service, serve_until_stopped
+from oona.settings import read_secret, require_secrets
 from redis.asyncio import Redis
 
 from tamiyo.blueprints import KarnAdvisor
@@ -47,18 +54,41 @@ def readiness_checks(redis: Redis, resumed: asyncio.Event,
     return {"bus": bus, "state": state, "service": service}
 
 
-async def serve(settings: TamiyoSettings, bus_settings: BusSettings) -> None:
+@dataclass(frozen=True)
+class Tokens:
+    """Tamiyo's own API token (TAMIYO_API_TOKEN) and the one it sends to Karn (KARN_API_TOKEN),
+    each or its *_FILE. Read here until TamiyoSettings has fields for them."""
+
+    api: str | None = field(default=None, repr=False)
+    karn: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls) -> Tokens:
+        return cls(read_secret("TAMIYO_API_TOKEN"), read_secret("KARN_API_TOKEN"))
+
+
+def load_settings() -> tuple[TamiyoSettings, Tokens]:
+    """TamiyoSettings.from_env and the tokens, refused (MissingSecret, a ValueError) without the
+    fleet's secrets."""
+    settings, tokens, bus = TamiyoSettings.from_env(), Tokens.from_env(), BusSettings.from_env()
+    require_secrets("tamiyo", {"OONA_SIGNING_KEY": bus.signing_key, "TAMIYO_API_TOKEN": tokens.api,
+                               "KARN_API_TOKEN": tokens.karn}, insecure=bus.insecure)
+    return settings, tokens
+
+
+async def serve(loaded: tuple[TamiyoSettings, Tokens], bus_settings: BusSettings) -> None:
     async with open_bus(bus_settings) as bus:
         await bus.check_persistence()  # one warning at start when a Redis restart would lose
-        await _serve_with(settings, bus)
+        await _serve_with(*loaded, bus)
 
 
-async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
+async def _serve_with(settings: TamiyoSettings, tokens: Tokens, bus: Bus) -> None:
     advisor = KarnAdvisor(settings.karn_address, settings.karn_timeout_s,
                           default_blueprint=settings.default_blueprint,
                           default_strategy=settings.default_strategy,
                           allowed=frozenset(filter(None, map(str.strip,
-                                                         settings.blueprints.split(",")))))
+                                                         settings.blueprints.split(",")))),
+                          token=tokens.karn)
     policy = HeuristicPolicy(settings.policy(), advisor)
     worker = ControllerWorker(
         bus, StateStore(bus.redis, settings.job_retention_s),
@@ -77,16 +107,18 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
     try:
         step = TamiyoServicer(Controller(policy, DeliveryConfig(over_bus=False)),
                               settings.limits())
-        grpc_server, grpc_port = start_grpc_server(step, settings.bind_host, settings.grpc_port)
+        grpc_server, grpc_port = start_grpc_server(step, settings.bind_host, settings.grpc_port,
+                                                   token=tokens.api)
     except BaseException:
         http_socket.close()
         advisor.close()
         raise
     log.info("tamiyo %s serving: gRPC %s:%d, HTTP %s:%d, consuming as %s in its groups, "
-             "replica %s (leases of %d ms), Karn at %s", version("tamiyo-controller"),
-             settings.bind_host, grpc_port, settings.bind_host, settings.http_port,
-             settings.consumer_name, settings.replica_id, settings.lease_ms,
-             settings.karn_address)
+             "replica %s (leases of %d ms), Karn at %s, bus %s, signing %s, API token %s",
+             version("tamiyo-controller"), settings.bind_host, grpc_port, settings.bind_host,
+             settings.http_port, settings.consumer_name, settings.replica_id, settings.lease_ms,
+             settings.karn_address, bus.settings.redacted_url(),
+             "on" if bus.settings.signing_key else "OFF", "on" if tokens.api else "OFF")
     try:
         await serve_until_stopped(worker, http, http_socket, grpc_server, stopping,
                                   settings.shutdown_grace_s)
@@ -96,5 +128,5 @@ async def _serve_with(settings: TamiyoSettings, bus: Bus) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_service("tamiyo", __doc__, "read health reports from",
-                       TamiyoSettings.from_env, serve, argv)
+    return run_service("tamiyo", __doc__, "read health reports from", load_settings, serve,
+                       argv)

@@ -64,8 +64,11 @@ class TamiyoSettings:
     # Bounded drain at SIGTERM: the batch in hand and in-flight RPCs get this long.
     shutdown_grace_s: float = 10.0
     # A job with no message for this long is let go, and a job's saved state expires this long
-    # after its last change (so a finished job's too). A day: far longer than an epoch.
+    # after its last change (so a finished job's too). A day: far longer than an epoch. Must
+    # exceed the longest epoch plus any pause of a job, or its decision state is let go.
     job_retention_s: float = JobLimits.retention_s
+    # The same for a job of which no epoch event has come (reports only: not a started job).
+    unstarted_job_retention_s: float = JobLimits.unstarted_retention_s
     # Jobs followed at once, and layers per job; a message past either is dead-lettered.
     max_jobs: int = JobLimits.max_jobs
     max_layers_per_job: int = JobLimits.max_layers_per_job
@@ -98,8 +101,9 @@ class TamiyoSettings:
             fallback_chunk_size=self.fallback_chunk_size)
 
     def limits(self) -> JobLimits:
-        return JobLimits(retention_s=self.job_retention_s, max_jobs=self.max_jobs,
-                         max_layers_per_job=self.max_layers_per_job)
+        return JobLimits(retention_s=self.job_retention_s,
+                         unstarted_retention_s=self.unstarted_job_retention_s,
+                         max_jobs=self.max_jobs, max_layers_per_job=self.max_layers_per_job)
 
     def delivery(self) -> DeliveryConfig:
         return DeliveryConfig(over_bus=True, ack_timeout_s=self.ack_timeout_s,

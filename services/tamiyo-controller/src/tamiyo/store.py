@@ -10,6 +10,10 @@ state of a finished job, or of one nothing has been heard of for that long, goes
 Loading checks what it reads as a message is checked (tamiyo.validation): an entry that fails
 (a poison report saved by an older Tamiyo, a state that does not parse) is skipped with a
 warning, never loaded into a crash at every restart.
+
+Only the replica holding a job's lease writes its keys (tamiyo.lease): every write here, the
+repairs on load (`repair=True`), `unlist` and `forget` included, is called by the lease holder;
+the other replicas only read.
 """
 
 from __future__ import annotations
@@ -75,9 +79,20 @@ class StateStore:
             pipe.delete(job_key(job_id))
             await pipe.execute()
 
-    async def load(self, job_id: str) -> JobView | None:
+    async def unlist(self, job_id: str) -> None:
+        """Take a job with no readable state off the running list; what is left of its hash
+        expires after the retention period (left a while, to be looked at)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.srem(JOBS_KEY, job_id)
+            pipe.pexpire(job_key(job_id), self._retention_ms)
+            await pipe.execute()
+
+    async def load(self, job_id: str, *, repair: bool = False) -> JobView | None:
         """The saved view of a job (running or recently finished); None if there is none, or if
-        what is saved cannot be read (logged)."""
+        what is saved cannot be read (logged). With `repair` (the lease holder only), the saved
+        reports that fail are deleted, so they are not warned about at every load, and a state
+        that cannot be read is set to expire after the retention period; without, they are
+        only skipped."""
         key = job_key(job_id)
         fields = cast(dict[bytes, bytes], await self._redis.hgetall(key))
         if _STATE not in fields:
@@ -97,22 +112,26 @@ class StateStore:
                 poison.append(name)
                 continue
             reports[report.layer_id] = report
-        if poison:  # so it is not warned about at every load
+        if poison and repair:
             await self._redis.hdel(key, *poison)
         try:
             view = JobView.from_json(fields[_STATE], reports)
             if view.job_id != job_id:
                 raise ValueError(f"the state of job {view.job_id!r}")
         except (ValueError, KeyError, TypeError, AttributeError, DecodeError) as exc:
-            log.warning("job %s: skipping its saved state, which cannot be read (%s); it "
-                        "expires in %d s", job_id, str(exc)[:200], self._retention_ms // 1000)
-            await self._redis.pexpire(key, self._retention_ms)  # left a while, to be looked at
+            log.warning("job %s: skipping its saved state, which cannot be read (%s)", job_id,
+                        str(exc)[:200])
+            if repair:  # left a while, to be looked at
+                await self._redis.pexpire(key, self._retention_ms)
             return None
         return view
 
-    async def load_running(self) -> dict[str, JobView]:
+    async def load_running(self) -> tuple[dict[str, JobView], list[str]]:
+        """The views of the listed jobs, and the listed jobs with no readable state (expired,
+        or unreadable), for the replica that holds their lease to `unlist`. A member that is
+        not a job id is removed here: no job has it, so no replica holds its lease."""
         members = sorted(cast(set[bytes], await self._redis.smembers(JOBS_KEY)))
-        views = {}
+        views, unreadable = {}, []
         for member in members:
             job_id = member.decode(errors="replace")
             try:
@@ -123,7 +142,7 @@ class StateStore:
                 continue
             view = await self.load(job_id)
             if view is None:  # expired, or unreadable
-                await self._redis.srem(JOBS_KEY, member)
+                unreadable.append(job_id)
                 continue
             views[job_id] = view
-        return views
+        return views, unreadable

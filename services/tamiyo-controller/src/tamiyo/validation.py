@@ -14,10 +14,10 @@ by the bus's payload limit; an ack's message is cut to `MAX_LOGGED_CHARS` where 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from oona import ids
 from oona.contracts import (
     CommandAck,
     EpochEvent,
@@ -27,13 +27,8 @@ from oona.contracts import (
 )
 from oona.errors import Reject
 
-# Job, layer and command ids. They become Redis keys (`tamiyo:job:{<job_id>}`, whose braces are
-# the Redis Cluster hash tag, so no braces), stream names and log lines, and the runtime uses a
-# job id in checkpoint paths (no `/`). Layer ids are module paths (`model.layers.0.fc1`,
-# `0.linear` in an nn.Sequential); 128 characters, the bus's own event id limit, holds the
-# longest Hugging Face module paths (under 80).
-MAX_ID_CHARS = 128
-ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
+# Job, layer and command ids: oona's one rule (`oona.ids`), the one the runtime checks at attach.
+MAX_ID_CHARS = ids.MAX_ID_CHARS
 # An epoch Tamiyo can still command (`apply_at_epoch` = epoch + 1 is a uint32): far past any
 # real job, and a forged epoch near 2**32 cannot wedge a job's view at its end.
 MAX_EPOCH = 10_000_000
@@ -62,18 +57,30 @@ _FLOAT_COLUMNS = {
 
 @dataclass(frozen=True)
 class JobLimits:
-    """How much Tamiyo tracks (TAMIYO_JOB_RETENTION_S, TAMIYO_MAX_JOBS,
-    TAMIYO_MAX_LAYERS_PER_JOB). A job with no message for `retention_s` is let go, and a
-    finished one's saved state expires that long after its end."""
+    """How much Tamiyo tracks (TAMIYO_JOB_RETENTION_S, TAMIYO_UNSTARTED_JOB_RETENTION_S,
+    TAMIYO_MAX_JOBS, TAMIYO_MAX_LAYERS_PER_JOB). A job with no message for `retention_s` is let
+    go, and a finished one's saved state expires that long after its end; so `retention_s` must
+    exceed a job's longest epoch plus any pause, or a live job's decision state is let go.
+
+    A job of which no epoch event has come (only reports: a runtime sends JOB_STARTED at attach,
+    before its first report, so a real job's event follows its first report within the bus lag)
+    is let go after `unstarted_retention_s` (at most `retention_s`): ids that never start a job
+    hold a place in `max_jobs` for minutes, not a day."""
 
     retention_s: float = 24 * 3600.0
+    unstarted_retention_s: float = 600.0
     max_jobs: int = 1000
     max_layers_per_job: int = 4096
 
     def __post_init__(self) -> None:
-        if self.retention_s <= 0 or self.max_jobs < 1 or self.max_layers_per_job < 1:
-            raise ValueError("need job_retention_s > 0, max_jobs >= 1 and "
-                             "max_layers_per_job >= 1")
+        if (self.retention_s <= 0 or self.unstarted_retention_s <= 0 or self.max_jobs < 1
+                or self.max_layers_per_job < 1):
+            raise ValueError("need job_retention_s > 0, unstarted_job_retention_s > 0, "
+                             "max_jobs >= 1 and max_layers_per_job >= 1")
+
+    def retention_for(self, started: bool) -> float:
+        """Seconds of silence after which a job is let go; `started`: an epoch event came."""
+        return self.retention_s if started else min(self.unstarted_retention_s, self.retention_s)
 
 
 class InvalidContent(Reject):
@@ -85,9 +92,10 @@ class OverLimit(Reject):
 
 
 def check_id(what: str, value: str) -> None:
-    if not (0 < len(value) <= MAX_ID_CHARS and ID_PATTERN.fullmatch(value)):
-        raise InvalidContent(f"{what} {_shown(value)} is not an id: 1-{MAX_ID_CHARS} characters "
-                             f"of {ID_PATTERN.pattern}")
+    try:
+        ids.check_id(what, value)
+    except ids.InvalidId as err:
+        raise InvalidContent(str(err)) from None
 
 
 def check_epoch(what: str, epoch: int) -> None:
@@ -157,8 +165,3 @@ def _check_stages(column: str, values: Sequence[int], *, allow_unspecified: bool
         if value not in allowed:
             raise InvalidContent(f"{column}[{index}] = {value} is not a seed stage")
 
-
-def _shown(value: str) -> str:
-    """A bounded rendering of a bad value: a 200 KB id must not become a 200 KB log line."""
-    text = repr(value[:60])
-    return text + f"... ({len(value)} characters)" if len(value) > 60 else text

@@ -100,7 +100,7 @@ class JobView:
     early_acks: dict[str, CommandAck] = field(default_factory=dict)
     finished: bool = False
     # When a message for the job last came (wall clock; not saved: a restarted Tamiyo counts
-    # from its start). A job silent for the retention period is let go.
+    # from its start). A job silent for the retention period is let go (JobLimits).
     last_message_at: float = 0.0
 
     # -- recording what the bus says ------------------------------------------------------
@@ -182,6 +182,11 @@ class JobView:
             del self.early_acks[next(iter(self.early_acks))]
 
     # -- what the policy reads ------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """An epoch event came for the job (its start or an epoch's end), not only reports."""
+        return bool(self.run_id) or self.epoch is not None
 
     @property
     def awaiting_decision(self) -> bool:

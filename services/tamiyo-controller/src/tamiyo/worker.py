@@ -22,7 +22,8 @@ owner saves, decides and publishes; the others just follow.
 Bad input and bounds: every message is checked (tamiyo.validation) before it touches a view; one
 that fails, or that would make Tamiyo track more than `JobLimits` allows (jobs, layers per job),
 raises an `oona.Reject` and is dead-lettered with the reason. A job with no message for the
-retention period is let go at the next tick.
+retention period (a shorter one for a job that sent no epoch event: `JobLimits`) is let go at
+the next tick: by every replica from its memory, and from the store by the lease holder alone.
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ class ControllerWorker:
 
     async def run(self) -> None:
         """Resume the running jobs saved in Redis, then consume until `stop()`."""
-        self.views = await self._store.load_running()
+        self.views, unreadable = await self._store.load_running()
+        for job_id in unreadable:  # listed with no state to resume: unlisted under its lease
+            if await self.leases.acquire(job_id):
+                await self._store.unlist(job_id)
+                await self.leases.release(job_id)
         now = time.time()
         for view in self.views.values():
             view.last_message_at = now
@@ -192,7 +197,7 @@ class ControllerWorker:
         commands."""
         async with self._lock:
             for view in list(self.views.values()):
-                if now - view.last_message_at > self._limits.retention_s:
+                if now - view.last_message_at > self._limits.retention_for(view.started):
                     await self._evict(view)
                     continue
                 if not await self._own(view):
@@ -238,7 +243,7 @@ class ControllerWorker:
     async def _take_over(self, view: JobView) -> None:
         """Continue from the decision state the last owner saved. The view's own observations
         (reports, epochs, metrics, acks) are complete, read through this replica's groups."""
-        saved = await self._store.load(view.job_id)
+        saved = await self._store.load(view.job_id, repair=True)
         seen_acks = list(view.early_acks.values())
         if saved is not None and saved.run_id == view.run_id:
             view.last_decided_epoch = saved.last_decided_epoch
@@ -313,13 +318,19 @@ class ControllerWorker:
         return view
 
     async def _evict(self, view: JobView) -> None:
-        """Let go of a job nothing has been heard of for the retention period: no longer
-        followed, its lease released, no longer listed as running (its hash expires)."""
+        """Let go of a job nothing has been heard of for its retention period: no longer
+        followed here. The replica holding its lease (or taking it: the owner is gone) also
+        takes it off the running list and deletes its hash if that has not expired yet, then
+        releases the lease; while another replica holds it, that one does so at its own tick."""
         del self.views[view.job_id]
         metrics.JOBS.set(len(self.views))
         metrics.JOBS_EVICTED.inc()
-        if self.leases.held(view.job_id):
-            await self.leases.release(view.job_id)
+        silent_s = self._limits.retention_for(view.started)
+        if not (self.leases.held(view.job_id) or await self.leases.acquire(view.job_id)):
+            log.info("job %s: no message for %.0f s; no longer followed by this replica (its "
+                     "owner keeps its state)", view.job_id, silent_s)
+            return
         await self._store.forget(view.job_id)
-        log.warning("job %s: no message for %.0f s; no longer followed", view.job_id,
-                    self._limits.retention_s)
+        await self.leases.release(view.job_id)
+        log.warning("job %s: no message for %.0f s%s; no longer followed", view.job_id, silent_s,
+                    "" if view.started else " and no epoch event ever")

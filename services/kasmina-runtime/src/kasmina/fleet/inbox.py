@@ -169,7 +169,7 @@ class CommandInbox:
             if deliveries > MAX_DELIVERIES:
                 raise InvalidMessage(DeadLetterReason.MAX_DELIVERIES,
                                      f"pending across {deliveries - 1} runtimes of the job")
-            opened = open_envelope(fields.get(ENVELOPE_FIELD), self.settings.signing_key,
+            opened = open_envelope(fields.get(ENVELOPE_FIELD), self.settings.signing_keys,
                                    {_SCHEMA.message_type: _SCHEMA.version},
                                    self.settings.max_payload_bytes)
             payload = opened.payload

@@ -19,6 +19,10 @@ One at-least-once mechanism: a command's bus delivery is acked after it was appl
 gets it again. One dedupe: the ids of the commands answered, kept with the job's checkpoint
 (`state_dict`), so a command sent again (a controller's resend, a replay into a resumed run) is
 refused as a duplicate, never applied twice.
+
+The job id and every layer id follow `oona.ids`, the rule Tamiyo checks: a bad one is a
+ValueError at attach naming it, not a job whose every report Tamiyo dead-letters. A layer with
+no id (a model that is itself one seed layer) is named by its path, `root` for the model.
 """
 
 from __future__ import annotations
@@ -31,14 +35,14 @@ from collections.abc import Callable
 
 import oona
 import torch
-from oona import streams
+from oona import ids, streams
 from oona.contracts import AckReason, CommandAck, EpochEvent, EpochEventKind, LifecycleCommand
 from torch import nn
 
 from .. import distributed
 from ..controller import measure_contributions
 from ..lifecycle import ACTIVE_STAGES
-from ..wrap import unique_seed_layers
+from ..wrap import name_layers, unique_seed_layers
 from .inbox import CommandInbox, Incoming
 from .wire import CommandTarget, health_to_proto, outcome_to_field_report
 
@@ -55,9 +59,16 @@ class FleetRuntime:
     def __init__(self, model: nn.Module, job_id: str, settings: oona.BusSettings | None = None,
                  metric_name: str = "val_metric", mode: str | None = None,
                  last_epoch: int | None = None) -> None:
+        ids.check_id("job_id", job_id)
         layers = unique_seed_layers(model)
         if not layers:
             raise ValueError("the model has no KasminaLayer: call kasmina.wrap(model) first")
+        if any(not layer.layer_id for layer in layers):
+            # A layer with no id (built by hand, or `wrap` of a bare nn.Linear): named by its
+            # path in the model, "root" for the model itself.
+            layers = name_layers(model)
+        for layer in layers:  # Tamiyo refuses, and so never controls, a job with a bad id
+            _check_layer_id(layer.layer_id)
         self.job_id = job_id
         self.model = model
         self.layers = layers
@@ -243,6 +254,14 @@ class FleetRuntime:
         if train_loss is not None:
             event.train_loss = train_loss
         self._outbox.put(streams.EPOCH_EVENTS, event)
+
+
+def _check_layer_id(layer_id: str) -> None:
+    try:
+        ids.check_id("layer_id", layer_id)
+    except ids.InvalidId as err:
+        raise ids.InvalidId(f"{err}; a seed layer's id is its path in the model: rename the "
+                            f"module, or set the layer's layer_id") from None
 
 
 def _drain(received: collections.deque[Incoming]) -> list[Incoming]:

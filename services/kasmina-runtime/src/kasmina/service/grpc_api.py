@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 import oona.service
+import oona.signing
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
 
@@ -99,10 +100,12 @@ class RuntimeServicer(pb_grpc.KasminaRuntimeServicer):
 
 
 def start_grpc_server(jobs: JobManager, host: str, port: int, workers: int = 16,
-                      max_watchers: int = 12) -> tuple[grpc.Server, int]:
+                      max_watchers: int = 12, token: str | None = None
+                      ) -> tuple[grpc.Server, int]:
+    """`token`: every call must carry it (UNAUTHENTICATED otherwise); None: no check."""
     # Every WatchJob stream holds a worker for the job's whole run: watchers are capped below
     # the worker count, so unary calls always find one free.
     assert max_watchers < workers, "watchers must leave workers for unary calls"
-    return oona.service.start_grpc_server(pb_grpc.add_KasminaRuntimeServicer_to_server,
-                                          RuntimeServicer(jobs, max_watchers), host, port,
+    add = oona.signing.with_token(pb_grpc.add_KasminaRuntimeServicer_to_server, token)
+    return oona.service.start_grpc_server(add, RuntimeServicer(jobs, max_watchers), host, port,
                                           name="kasmina", max_workers=workers)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
+
+from oona import ids
 
 from ..recipes import DigitsParams
 
-# Job ids name streams, files and metric labels: short, and no path or hash-tag characters.
-JOB_ID_MAX = 128
-JOB_ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{JOB_ID_MAX - 1}}}")
+# Job ids name streams, files and metric labels: oona's one id rule (no path or hash-tag
+# characters), the one Tamiyo checks too. The pattern is re-exported for the job registry.
+JOB_ID_PATTERN = ids.ID_PATTERN
 
 # Inclusive bounds of the digits recipe's numeric parameters. Widths bound memory (a 4096-wide
 # digits host is ~300k parameters); epochs bound a job's run time (~0.1 s an epoch on a CPU).
@@ -40,10 +41,8 @@ class LimitReached(Exception):
 
 
 def check_job_id(job_id: str) -> str:
-    if JOB_ID_PATTERN.fullmatch(job_id) is None:
-        raise ValueError(f"job_id must match {JOB_ID_PATTERN.pattern} (at most {JOB_ID_MAX} "
-                         f"characters), got {job_id[:40]!r}{'...' if len(job_id) > 40 else ''}")
-    return job_id
+    """`job_id`, or an `oona.ids.InvalidId` (a ValueError) naming the field."""
+    return ids.check_id("job_id", job_id)
 
 
 def parse_job_parameters(parameters: dict[str, str]) -> tuple[DigitsParams, dict[str, object]]:

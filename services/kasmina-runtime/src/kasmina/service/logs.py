@@ -1,5 +1,6 @@
-"""No secret in any log line: a logging filter that masks passwords in URLs (`redis://u:pw@h`)
-and `password=` / `token=` style settings, whatever logger wrote them."""
+"""No secret in any log line: a logging filter that masks passwords in URLs (`redis://u:pw@h`),
+`password=` / `token=` style settings (OONA_SIGNING_KEY=, KASMINA_API_TOKEN=, ...) and bearer
+tokens, whatever logger wrote them."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import logging
 import re
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@")
-_KEY_VALUE = re.compile(r"(?P<head>(?:password|passwd|pwd|token|secret|signing_key|api_key)"
-                        r"['\"]?\s*[=:]\s*['\"]?)[^\s&'\",;)]+", re.IGNORECASE)
+_KEY_VALUE = re.compile(r"(?P<head>(?:password|passwd|pwd|token|secret|signing_key|api_key"
+                        r"|previous_keys)['\"]?\s*[=:]\s*['\"]?)[^\s&'\",;)]+", re.IGNORECASE)
+# A gRPC `authorization: Bearer <token>` header, wherever it is quoted.
+_BEARER = re.compile(r"(?P<head>bearer\s+)[^\s'\",;)]+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    text = _BEARER.sub(r"\g<head>***", text)
     return _KEY_VALUE.sub(r"\g<head>***", text)
 
 

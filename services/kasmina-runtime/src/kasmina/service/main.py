@@ -4,21 +4,25 @@ and runs training jobs; HTTP (KASMINA_HTTP_PORT, default 8081) serves /healthz, 
 the other settings: `ServiceSettings`. At start, the jobs a killed runtime left unfinished in
 KASMINA_CHECKPOINT_DIR are resumed (resume_on_restart) or published failed. SIGTERM or SIGINT:
 stop taking jobs, cancel running ones at their next epoch boundary, wait for them a bounded
-time, then exit. No log line carries a password (`logs.RedactingFilter`)."""
+time, then exit. No log line carries a password (`logs.RedactingFilter`).
+
+Secure by default: it refuses to start without OONA_SIGNING_KEY (envelopes are signed and
+checked with it) and KASMINA_API_TOKEN (every gRPC call must carry it), each also readable from a
+`*_FILE`, unless OONA_INSECURE=1 (one warning). /healthz, /readyz and /metrics stay open."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
 import threading
 
 import oona
-import redis
 import uvicorn
-from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from oona.connection import client_for
+from oona.http import ReadinessCheck, create_app
+from oona.settings import require_secrets
 
 from . import logs
 from .grpc_api import start_grpc_server
@@ -29,46 +33,55 @@ log = logging.getLogger("kasmina.service")
 SHUTDOWN_GRACE_S = 30.0
 
 
-def create_app(bus_url: str, stopping: threading.Event) -> FastAPI:
-    app = FastAPI(title="Kasmina runtime", docs_url=None, redoc_url=None, openapi_url=None)
-    client = redis.Redis.from_url(bus_url, socket_timeout=2)
+class NotReady(Exception):
+    """A readiness check's failure, its text already free of secrets."""
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
-    @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        checks = {"service": "shutting down" if stopping.is_set() else "ok"}
+def readiness_checks(bus: oona.BusSettings, stopping: threading.Event
+                     ) -> dict[str, ReadinessCheck]:
+    """Ready: not shutting down, Redis answers PING (through the same client options as the
+    bus, so a password, an ACL user and TLS from OONA_REDIS_* count), and every outbox of this
+    process can publish (oona.publishing_problems)."""
+    client = client_for(bus)
+
+    async def service() -> None:
+        if stopping.is_set():
+            raise NotReady("shutting down")
+
+    async def bus_ping() -> None:
         try:
-            client.ping()
-            checks["bus"] = "ok"
-        except redis.RedisError as exc:
-            checks["bus"] = logs.redact(f"{type(exc).__name__}: {exc}")
-        ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+            await client.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure is "not ready"; the text says why
+            raise NotReady(logs.redact(f"{type(exc).__name__}: {exc}")) from None
 
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def publishing() -> None:
+        problems = oona.publishing_problems()
+        if problems:
+            raise NotReady(logs.redact("; ".join(f"{sender}: {error}" for sender, error
+                                                 in sorted(problems.items()))))
 
-    return app
+    return {"service": service, "bus": bus_ping, "publishing": publishing}
 
 
 def serve() -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logs.install()
-    bus = oona.BusSettings.from_env()
-    if bus.url is None:
-        print("kasmina serve: OONA_REDIS_URL is not set. Start the fleet's bus with\n"
-              "    python -m oona serve-embedded\nand export the URL it prints.", file=sys.stderr)
-        return 2
     try:
+        bus = oona.BusSettings.from_env()
+        if bus.url is None:
+            print("kasmina serve: OONA_REDIS_URL is not set. Start the fleet's bus with\n"
+                  "    python -m oona serve-embedded\nand export the URL it prints.",
+                  file=sys.stderr)
+            return 2
         settings = ServiceSettings.from_env()
+        require_secrets("kasmina serve", {"OONA_SIGNING_KEY": bus.signing_key,
+                                          "KASMINA_API_TOKEN": settings.api_token},
+                        insecure=bus.insecure)
     except ValueError as exc:
         print(f"kasmina serve: {exc}", file=sys.stderr)
         return 2
+    asyncio.run(oona.check_bus_persistence(bus))  # one warning at start without AOF
     host, http_port = settings.bind_host, settings.http_port
     jobs = JobManager(bus, settings.checkpoint_dir, settings.max_jobs,
                       settings.max_finished_jobs)
@@ -76,20 +89,23 @@ def serve() -> int:
     try:
         jobs.recover()
         server, grpc_port = start_grpc_server(jobs, host, settings.grpc_port,
-                                              settings.grpc_workers, settings.max_watchers)
+                                              settings.grpc_workers, settings.max_watchers,
+                                              token=settings.api_token)
     except (OSError, oona.BusUnavailable) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    http = uvicorn.Server(uvicorn.Config(create_app(bus.url, stopping), host=host,
-                                         port=http_port, log_level="warning", lifespan="off"))
+    app = create_app("Kasmina runtime", readiness_checks(bus, stopping))
+    http = uvicorn.Server(uvicorn.Config(app, host=host, port=http_port, log_level="warning",
+                                         lifespan="off"))
     http.install_signal_handlers = lambda: None  # the service owns SIGTERM
     logs.install()  # uvicorn's Config set up its own handlers
     http_thread = threading.Thread(target=http.run, name="http", daemon=True)
     http_thread.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    log.info("kasmina runtime serving: gRPC %s:%d, HTTP %s:%d, bus %s", host, grpc_port, host,
-             http_port, bus.redacted_url())
+    log.info("kasmina runtime serving: gRPC %s:%d, HTTP %s:%d, bus %s, signing %s, API token %s",
+             host, grpc_port, host, http_port, bus.redacted_url(),
+             "on" if bus.signing_key else "OFF", "on" if settings.api_token else "OFF")
     stopping.wait()
     log.info("shutting down: no new jobs, cancelling running ones at their next boundary")
     server.stop(grace=5.0)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from oona.settings import read_secret
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,9 @@ class ServiceSettings:
     max_watchers: int = 12
     max_jobs: int = 4  # jobs queued or running at once; more are RESOURCE_EXHAUSTED
     max_finished_jobs: int = 100  # finished jobs kept for WatchJob/ListSeeds and /metrics
+    # Every gRPC call must carry it (`authorization: Bearer <token>`); None only with
+    # OONA_INSECURE=1 (`python -m kasmina serve` refuses to start otherwise).
+    api_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_watchers < self.grpc_workers:
@@ -33,10 +38,11 @@ class ServiceSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
         """KASMINA_BIND_HOST, KASMINA_GRPC_PORT, KASMINA_HTTP_PORT, KASMINA_CHECKPOINT_DIR,
-        KASMINA_GRPC_WORKERS, KASMINA_MAX_WATCHERS, KASMINA_MAX_JOBS, KASMINA_MAX_FINISHED_JOBS.
+        KASMINA_GRPC_WORKERS, KASMINA_MAX_WATCHERS, KASMINA_MAX_JOBS, KASMINA_MAX_FINISHED_JOBS,
+        KASMINA_API_TOKEN (or KASMINA_API_TOKEN_FILE, a file holding it).
         """
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, object] = {"api_token": read_secret("KASMINA_API_TOKEN", env)}
         if env.get("KASMINA_BIND_HOST"):
             values["bind_host"] = env["KASMINA_BIND_HOST"]
         if env.get("KASMINA_CHECKPOINT_DIR"):
