@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-
 from typing import TYPE_CHECKING
 
 import pytest

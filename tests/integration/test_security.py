@@ -7,8 +7,8 @@ ACL user or TLS, with no secret in its log."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -156,9 +156,9 @@ def test_the_runtime_applies_only_genuine_commands_and_needs_its_token(
         for token in (None, "not-the-token"):
             with authenticated_channel(f"127.0.0.1:{grpc_port}", token) as channel:
                 stub = pb_grpc.KasminaRuntimeStub(channel)
-                for call in (lambda: stub.SubmitJob(request, timeout=30),
-                             lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id=job),
-                                                        timeout=30))):
+                for call in (lambda s=stub: s.SubmitJob(request, timeout=30),
+                             lambda s=stub: list(s.WatchJob(pb.WatchJobRequest(job_id=job),
+                                                            timeout=30))):
                     with pytest.raises(grpc.RpcError) as refused:
                         call()
                     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -54,9 +54,9 @@ def test_every_call_needs_the_token(store):
         for token in (None, "not-it"):
             with authenticated_channel(f"127.0.0.1:{port}", token) as channel:
                 karn = pb_grpc.KarnStub(channel)
-                for call in (lambda: karn.ListBlueprints(pb.ListBlueprintsRequest(), timeout=5),
-                             lambda: karn.Recommend(pb.RecommendRequest(chunk_size=16),
-                                                    timeout=5)):
+                for call in (lambda k=karn: k.ListBlueprints(pb.ListBlueprintsRequest(), timeout=5),
+                             lambda k=karn: k.Recommend(pb.RecommendRequest(chunk_size=16),
+                                                        timeout=5)):
                     with pytest.raises(grpc.RpcError) as refused:
                         call()
                     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

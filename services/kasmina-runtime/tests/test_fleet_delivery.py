@@ -21,6 +21,7 @@ from oona.contracts import (
     Advance,
     CommandAck,
     Cull,
+    EmergencyStop,
     Germinate,
     LifecycleCommand,
 )
@@ -142,6 +143,32 @@ def test_a_command_replayed_into_a_resumed_run_is_refused_as_a_duplicate(oona_re
         assert [a.command_id for a in acks] == [cmd.command_id]
         assert not acks[0].success and "duplicate" in acks[0].message
         assert torch.equal(layer.state[:, 0], state[:, 0])  # no stage changed
+    finally:
+        resumed.close()
+
+
+def test_an_emergency_stop_holds_across_a_resume(oona_redis_url):
+    job = f"job-{uuid.uuid4().hex[:8]}"
+    settings = oona.BusSettings.from_dsn(oona_redis_url)
+    m = model()
+    runtime = kasmina.attach(m, job, settings)
+    stop = LifecycleCommand(command_id=str(uuid.uuid4()), job_id=job,
+                            emergency_stop=EmergencyStop())
+    publish(oona_redis_url, job, stop)
+    wait_until(lambda: arrived(runtime) == 1)
+    assert boundary(runtime, m)[0].success
+    checkpoint = {"model": m.state_dict(), "fleet": runtime.state_dict()}
+    runtime.close()
+    resumed_model = model()
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = kasmina.attach(resumed_model, job, settings)
+    resumed.load_state_dict(checkpoint["fleet"])
+    try:
+        publish(oona_redis_url, job, germinate(job))  # growth stays refused after the resume
+        wait_until(lambda: arrived(resumed) == 1)
+        (ack,) = boundary(resumed, resumed_model)
+        assert not ack.success and kasmina.seed_layers(resumed_model)[0].stage_of(1) is (
+            SeedStage.DORMANT)
     finally:
         resumed.close()
 

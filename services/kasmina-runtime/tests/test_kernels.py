@@ -154,16 +154,16 @@ def test_opcheck_passes_for_every_op():
 def test_layer_selects_the_path_and_both_agree():
     torch.manual_seed(0)
     layers = {}
-    for kernels in ("torch", "triton"):
+    for path in ("torch", "triton"):
         torch.manual_seed(0)
         # one bank: its output is the blend's input as it stands (no cat makes it contiguous)
         layer = KasminaLayer(nn.Linear(6, 23), 5, KasminaConfig(
-            kernels=kernels, blueprints=("residual_mlp",))).to(DEVICE)
+            kernels=path, blueprints=("residual_mlp",))).to(DEVICE)
         layer.germinate(2, "residual_mlp")
         for stage in (SeedStage.TRAINING, SeedStage.GRAFTING):
             layer.transition(2, stage, force=True)
         layer.alpha[2] = 0.5
-        layers[kernels] = layer
+        layers[path] = layer
     assert layers["triton"]._triton and not layers["torch"]._triton
     x = torch.randn(11, 6, device=DEVICE)
     outs = {k: layer(x) for k, layer in layers.items()}

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from kasmina import DualPathLayer, KasminaConfig, KasminaLayer, LocalController, SeedStage
-from kasmina.lifecycle import InvalidTransitionError, LifecycleError
+from kasmina.lifecycle import LifecycleError
 from torch import nn
 
 S = SeedStage
@@ -160,8 +160,9 @@ def test_a_job_chooses_its_path_at_start_and_switches_at_a_boundary():
     train(layer, 2, x)
     layer.request_path("legacy")  # mid-epoch: at the end of the next boundary
     assert layer.execution_path == "chunked" and layer.pending_path == "legacy"
-    report = layer.end_epoch(None)
-    assert len(report.stage) == 4  # the boundary was the chunked path's
+    report = layer.end_epoch(0.7)
+    assert len(report.stage) == 1  # the report of the path switched to, as it stands
+    assert layer.health_report() is report and report.val_metric == 0.7
     assert layer.execution_path == "legacy" and layer.pending_path is None
     assert layer.epoch == 1  # the legacy path follows the job's epochs
     with pytest.raises(ValueError):
@@ -191,6 +192,10 @@ def test_switching_back_restores_the_legacy_path_bit_exactly():
     assert layer.execution_path == "legacy"
     assert layer.chunked.stage_of(1) is S.ROLLED_BACK
     assert layer.chunked.stage_of(2) is S.CANCELLED
+    outcomes = layer.drain_outcomes()  # from both paths, each with its own chunk
+    assert {(o.execution_path, o.seed_id, o.outcome, o.chunk_size) for o in outcomes} == {
+        ("legacy", 0, S.FOSSILIZED, 8), ("chunked", 1, S.ROLLED_BACK, 2),
+        ("chunked", 2, S.CANCELLED, 2)}
     after = snapshot(layer.legacy)
     changed = [k for k in before if not k.startswith("host.")
                and not torch.equal(before[k].nan_to_num(), after[k].nan_to_num())]
@@ -227,5 +232,56 @@ def test_the_controller_drives_a_dual_path_layer_on_its_active_path():
         controller.end_epoch(0.5)
     assert layer.legacy.stage_of(0) is S.FOSSILIZED
     assert set(layer.chunked.stage_counts) == {"DORMANT"}
-    with pytest.raises(InvalidTransitionError):
-        layer.transition(0, S.TRAINING)  # the active path is the legacy one
+    with pytest.raises(LifecycleError):
+        layer.germinate(1)  # the active path (legacy) has one seed; the chunked one has three
+
+
+def test_a_growing_legacy_seed_holds_the_switch_until_it_has_finished():
+    layer, x = grown_dual()
+    layer.germinate(0)
+    layer.transition(0, S.GRAFTING)
+    train(layer, 2, x)
+    layer.request_path("chunked")
+    layer.end_epoch(None)
+    assert layer.execution_path == "legacy" and layer.pending_path == "chunked"
+    train(layer, 2, x)  # alpha reaches 1 (ramp_steps 3)
+    layer.end_epoch(None)
+    layer.transition(0, S.FOSSILIZED)
+    train(layer, 1, x)
+    layer.end_epoch(None)  # the seed has finished: the switch happens, the fossil stays
+    assert layer.execution_path == "chunked" and layer.legacy.stage_of(0) is S.FOSSILIZED
+
+
+def test_the_frozen_paths_fossil_gets_no_gradient_applied():
+    layer, x = grown_dual()
+    layer.germinate(0)
+    layer.transition(0, S.GRAFTING)
+    train(layer, 4, x)
+    layer.end_epoch(None)
+    layer.transition(0, S.FOSSILIZED)
+    layer.request_path("chunked")
+    train(layer, 1, x)  # a fossil keeps training on its own path (TRAINABLE_STAGES)...
+    layer.end_epoch(None)
+    assert layer.execution_path == "chunked"
+    fossil = layer.legacy.banks["1"].flat.detach().clone()
+    train(layer, 5, x)  # ...but frozen, the backward's gradient reaching it is dropped
+    assert layer.legacy.banks["1"].flat.grad is None
+    assert torch.equal(layer.legacy.banks["1"].flat, fossil)
+    layer.request_path("legacy")
+    layer.end_epoch(None)
+    assert torch.equal(layer.legacy.banks["1"].flat, fossil)
+
+
+def test_the_local_controller_decides_on_the_joining_path_after_a_switch():
+    torch.manual_seed(0)
+    layer = DualPathLayer(nn.Linear(4, 6), 3, KasminaConfig(ramp_steps=3), "d")
+    controller = LocalController(nn.Sequential(layer))
+    x = torch.randn(8, 4)
+    layer.request_path("legacy")
+    train(layer, 2, x)
+    layer.request_path("chunked")  # at the next boundary, where a plateau also germinates
+    for _ in range(6):
+        controller.end_epoch(0.5)
+        train(layer, 2, x)
+    assert layer.execution_path == "chunked" and layer.seeds_in(S.TRAINING)
+    assert [len(r.stage) for r in controller.reports] == [3]

@@ -47,10 +47,11 @@ def test_every_call_needs_the_token(oona_redis_url, tmp_path):
             with authenticated_channel(f"127.0.0.1:{port}", token) as channel:
                 stub = pb_grpc.KasminaRuntimeStub(channel)
                 for call in (
-                        lambda: stub.SubmitJob(pb.SubmitJobRequest(job_id="j", recipe="digits"),
-                                               timeout=10),
-                        lambda: stub.CancelJob(pb.CancelJobRequest(job_id="j"), timeout=10),
-                        lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id="j"), timeout=10))):
+                        lambda s=stub: s.SubmitJob(
+                            pb.SubmitJobRequest(job_id="j", recipe="digits"), timeout=10),
+                        lambda s=stub: s.CancelJob(pb.CancelJobRequest(job_id="j"), timeout=10),
+                        lambda s=stub: list(s.WatchJob(pb.WatchJobRequest(job_id="j"),
+                                                       timeout=10))):
                     with pytest.raises(grpc.RpcError) as refused:
                         call()
                     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -50,7 +50,31 @@ def end_epoch(layer: KasminaLayer, val_metric: float | None) -> LayerHealthRepor
         recon, alpha, np.nan_to_num(drift), np.nan_to_num(gnorm), contribution, gain,
         layer.config))
     layer._commit()
-    ready = np.full(num, -1, dtype=np.int32)
+    return _report(layer, val_metric, var, dead, corr, alpha, recon, gnorm, drift, contribution)
+
+
+@torch.no_grad()
+def snapshot(layer: KasminaLayer, val_metric: float | None) -> LayerHealthReport:
+    """The report of a layer as it stands, moving nothing: what a `DualPathLayer` publishes
+    for the path it switched to at a boundary (no telemetry measured on it this epoch: NaN)."""
+    num, lanes, table = layer.num_seeds, layer.table.num_lanes, layer.table
+    cols = torch.cat([layer.alpha.double(), layer.lane_recon.double(),
+                      layer.lane_grad_norm.double(), layer.lane_drift.double()]).cpu().numpy()
+    alpha, per_lane = cols[:num], cols[num:].reshape(3, lanes)
+    held = table.slot >= 0
+    recon, gnorm, drift = np.full((3, num), np.nan)
+    for row, values in zip((recon, gnorm, drift), per_lane, strict=True):
+        row[held] = values[table.slot[held]]
+    unmeasured = np.full(num, np.nan)
+    return _report(layer, val_metric, unmeasured, unmeasured, unmeasured, alpha, recon, gnorm,
+                   drift, unmeasured)
+
+
+def _report(layer: KasminaLayer, val_metric: float | None, var: np.ndarray, dead: np.ndarray,
+            corr: np.ndarray, alpha: np.ndarray, recon: np.ndarray, gnorm: np.ndarray,
+            drift: np.ndarray, contribution: np.ndarray) -> LayerHealthReport:
+    table = layer.table
+    ready = np.full(layer.num_seeds, -1, dtype=np.int32)
     for seed_id, target in table.readiness.items():
         ready[seed_id] = target
     m = table.state

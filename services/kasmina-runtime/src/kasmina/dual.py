@@ -9,10 +9,14 @@ parameters, buffers and table do not change, and only its FOSSILIZED growth (fin
 and `torch.compile` never see the set change.
 
 A switch (`request_path`) happens at an epoch boundary: at once when no step was reported since
-the last one (a job choosing its path at start), else at the end of the next `end_epoch`. The
-path being left ends its growing seeds (legacy: CULLED; chunked: CANCELLED or ROLLED_BACK), so
-the output is the host's plus fossilized growth, exactly; switching back restores the frozen
-path as it was left, bit for bit (its epoch and step counters follow the job's).
+the last one (a job choosing its path at start), else at the end of the next `end_epoch`; the
+boundary's report is then the joining path's. Leaving the chunked path (a rollback) ends its
+growing seeds (CANCELLED or ROLLED_BACK), so the output is the host's plus fossilized growth,
+exactly. The legacy path is left only once its seed is not growing (the short lifecycle's only
+failure is terminal): the request waits for a boundary where it is DORMANT, FOSSILIZED or
+CULLED. Switching back restores the frozen path as it was left, bit for bit (its epoch, step and
+last metric follow the job's). The frozen path's fossilized blueprints get gradients from the
+backward; they are dropped at every step, never applied.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from . import boundary
 from .blueprints import BlueprintSpec
 from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
@@ -79,25 +84,26 @@ class DualPathLayer(nn.Module):
         if path not in PATHS:
             raise ValueError(f"execution path must be one of {PATHS}, got {path!r}")
         self._pending = None if path == self._path else path
-        if self._pending and not self._stepped:
+        if self._pending and not self._stepped and self._can_leave():
             self._switch()
+
+    def _can_leave(self) -> bool:
+        return self._path == "chunked" or not self.legacy.seeds_in(*ACTIVE_STAGES)
 
     def _switch(self) -> None:
         leaving, path = self.active, self._pending
         reason = f"execution path switched to {path}"
         with leaving.batch():
-            for seed in leaving.seeds_in(*ACTIVE_STAGES):
-                stage = leaving.stage_of(seed)
-                if leaving.execution_path == "legacy":
-                    leaving.transition(seed, S.CULLED, reason=reason)
-                elif stage is S.GERMINATED:
+            for seed in leaving.seeds_in(*ACTIVE_STAGES):  # the chunked path's (a rollback)
+                if leaving.stage_of(seed) is S.GERMINATED:
                     leaving.cancel_germination(seed)
                 else:
                     leaving.transition(seed, S.ROLLED_BACK, reason=reason)
         self._path, self._pending = path, None
-        joining = self.active
-        joining.table.epoch, joining.table.step = leaving.table.epoch, leaving.table.step
-        joining._tracking_step = joining.table.step % joining.config.telemetry_every == 0
+        joining, table = self.active, self.active.table
+        table.epoch, table.step = leaving.table.epoch, leaving.table.step
+        table.last_metric, table.readiness = leaving.table.last_metric, {}
+        joining._tracking_step = table.step % joining.config.telemetry_every == 0
         leaving._tracking_step = False
 
     # ---------------------------------------------------------------- drop-in surface
@@ -227,15 +233,20 @@ class DualPathLayer(nn.Module):
              scaler: torch.amp.GradScaler | None = None) -> None:
         self._stepped = True
         self.active.step(loss, scaler)
+        for bank in self.frozen.banks.values():  # a frozen fossil's gradient is never applied
+            bank.flat.grad = None
 
     def measure_contributions(self, evaluate: Callable[[], float], val_metric: float) -> None:
         self.active.measure_contributions(evaluate, val_metric)
 
     def end_epoch(self, val_metric: float | None = None) -> LayerHealthReport:
+        """The active path's boundary; when a switch is due, then the switch, and the report is
+        the joining path's as it stands (what the controllers decide on next)."""
         report = self.active.end_epoch(val_metric)
         self._stepped = False
-        if self._pending:
+        if self._pending and self._can_leave():
             self._switch()
+            report = self.active._last_report = boundary.snapshot(self.active, val_metric)
         return report
 
     # ---------------------------------------------------------------- checkpoint

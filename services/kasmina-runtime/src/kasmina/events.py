@@ -51,3 +51,5 @@ class SeedOutcome:
     contribution: float | None  # mean counterfactual contribution while EVALUATING
     params_added: int
     reason: str
+    chunk_size: int = 0  # features of the seed's chunk
+    execution_path: str = "chunked"  # the lifecycle it ended on (DESIGN §9: per-path outcomes)

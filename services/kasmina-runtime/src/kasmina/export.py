@@ -28,6 +28,7 @@ from .blueprints import BlueprintSpec, get_blueprint
 from .layer import KasminaLayer
 from .lifecycle import ACTIVE_STAGES, BLENDING_STAGES
 from .seed_table import BLUEPRINT_ID
+from .wrap import seed_layers
 
 Tensor = torch.Tensor
 
@@ -90,8 +91,13 @@ def summary(model: nn.Module) -> Summary:
         params_in_use=layer.params_added(),
         bank_params=sum(p.numel() for p in layer.banks.parameters()),
         host_params=sum(p.numel() for p in layer.host.parameters()))
-        for layer in model.modules() if isinstance(layer, KasminaLayer)]
+        for layer in _active_layers(model)]
     return Summary(rows, sum(p.numel() for p in model.parameters()))
+
+
+def _active_layers(model: nn.Module) -> list[KasminaLayer]:
+    """Every seed layer, a `DualPathLayer` as its active path (one row per layer)."""
+    return [getattr(layer, "active", layer) for layer in seed_layers(model)]
 
 
 # ----------------------------------------------------------------------------------- export

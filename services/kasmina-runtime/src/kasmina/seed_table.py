@@ -275,16 +275,22 @@ class SeedTable:
             contribution=float(np.mean(rec.contributions)) if rec.contributions else None,
             params_added=(get_blueprint(rec.blueprint_id).param_count(int(self.widths[seed]))
                           if target is S.FOSSILIZED else 0),
-            reason=reason)
+            reason=reason, chunk_size=int(self.widths[seed]),
+            execution_path=self.lifecycle.name)
 
     def to_dict(self) -> dict:
         """JSON-serialisable bookkeeping for checkpoints (stages and slots are tensors)."""
         return {"epoch": self.epoch, "step": self.step, "last_metric": self.last_metric,
-                "layer_id": self.layer_id,
+                "layer_id": self.layer_id, "lifecycle": self.lifecycle.name,
                 "readiness": {str(k): int(v) for k, v in self.readiness.items()},
                 "records": {str(k): r.to_dict() for k, r in self.records.items()}}
 
     def load_dict(self, extra: dict, state: np.ndarray, slot: np.ndarray) -> None:
+        saved = extra.get("lifecycle", self.lifecycle.name)  # absent before the legacy path
+        if saved != self.lifecycle.name:
+            raise ValueError(f"layer {self.layer_id!r}: the checkpoint holds a {saved} seed table, "
+                             f"this layer runs the {self.lifecycle.name} path (python -m kasmina "
+                             f"migrate converts a legacy checkpoint)")
         self.epoch, self.step = int(extra["epoch"]), int(extra["step"])
         self.last_metric = extra["last_metric"]
         self.layer_id = self.layer_id or extra["layer_id"]

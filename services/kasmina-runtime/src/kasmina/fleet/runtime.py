@@ -44,7 +44,7 @@ from ..controller import measure_contributions
 from ..lifecycle import ACTIVE_STAGES
 from ..wrap import name_layers, unique_seed_layers
 from .inbox import CommandInbox, Incoming
-from .wire import CommandTarget, health_to_proto, outcome_to_field_report
+from .wire import MAX_COMMAND_ID, CommandTarget, health_to_proto, outcome_to_field_report
 
 log = logging.getLogger(__name__)
 # A command that names a boundary this many epochs in the past is refused as expired. Applying
@@ -130,10 +130,10 @@ class FleetRuntime:
                 continue
             self._outbox.put_telemetry(streams.TELEMETRY_SEED_HEALTH,
                                        health_to_proto(report, self.job_id))
-            for outcome in outcomes:
-                start, end = layer.chunks[outcome.seed_id]
+            for outcome in outcomes:  # a DualPathLayer's may come from either path
                 self._outbox.put(streams.FIELD_REPORTS, outcome_to_field_report(
-                    outcome, self.job_id, end - start, self.higher_is_better, self.metric_name))
+                    outcome, self.job_id, outcome.chunk_size, self.higher_is_better,
+                    self.metric_name))
         self._event(EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED, val_metric, train_loss)
         return acks
 
@@ -146,14 +146,18 @@ class FleetRuntime:
         return lags
 
     def state_dict(self) -> dict:
-        """What a checkpoint of the job must carry for the fleet: the answered command ids."""
-        return {"command_ids": list(self._answered)}
+        """What a checkpoint of the job must carry for the fleet: the answered command ids, and
+        whether an operator paused or emergency-stopped the job (a resume keeps it so)."""
+        return {"command_ids": list(self._answered), "paused": self.target.paused,
+                "stopped": self.target.stopped}
 
     def load_state_dict(self, state: dict) -> None:
         """Before the first boundary of a resumed run: commands answered before the checkpoint
         are refused as duplicates if they come again."""
         for command_id in state.get("command_ids", ()):
             self._remember(str(command_id))
+        self.target.paused = bool(state.get("paused", False))
+        self.target.stopped = bool(state.get("stopped", False))
 
     def close(self, failed: str | None = None, timeout: float = 10.0) -> None:
         if not self.leader:
@@ -220,6 +224,8 @@ class FleetRuntime:
         return self.target.apply(command, self.epoch, self.step_count, self.last_epoch)
 
     def _remember(self, command_id: str) -> None:
+        if not 0 < len(command_id) <= MAX_COMMAND_ID:  # refused as malformed, never kept
+            return
         self._answered[command_id] = None
         while len(self._answered) > MAX_REMEMBERED_COMMANDS:
             self._answered.popitem(last=False)
