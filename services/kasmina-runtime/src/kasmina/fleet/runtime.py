@@ -20,6 +20,11 @@ gets it again. One dedupe: the ids of the commands answered, kept with the job's
 (`state_dict`), so a command sent again (a controller's resend, a replay into a resumed run) is
 refused as a duplicate, never applied twice.
 
+The execution path (DESIGN §9): with `flags=True`, a job whose model has `DualPathLayer`s reads
+the `kasmina.execution_path` feature flag (oona.flags, bucketed by job id) at attach, where the
+layers take it at once, and at every boundary, where a change is requested for the next one
+(the kill switch sends every canary job back to legacy that way). Rank 0 reads it and broadcasts.
+
 The job id and every layer id follow `oona.ids`, the rule Tamiyo checks: a bad one is a
 ValueError at attach naming it, not a job whose every report Tamiyo dead-letters. A layer with
 no id (a model that is itself one seed layer) is named by its path, `root` for the model.
@@ -37,10 +42,13 @@ import oona
 import torch
 from oona import ids, streams
 from oona.contracts import AckReason, CommandAck, EpochEvent, EpochEventKind, LifecycleCommand
+from oona.flags import EXECUTION_PATH, RedisFlagProvider
+from openfeature.evaluation_context import EvaluationContext
 from torch import nn
 
 from .. import distributed
 from ..controller import measure_contributions
+from ..dual import DualPathLayer
 from ..lifecycle import ACTIVE_STAGES
 from ..wrap import name_layers, unique_seed_layers
 from .inbox import CommandInbox, Incoming
@@ -58,7 +66,7 @@ MAX_REMEMBERED_COMMANDS = 50_000
 class FleetRuntime:
     def __init__(self, model: nn.Module, job_id: str, settings: oona.BusSettings | None = None,
                  metric_name: str = "val_metric", mode: str | None = None,
-                 last_epoch: int | None = None) -> None:
+                 last_epoch: int | None = None, flags: bool = False) -> None:
         ids.check_id("job_id", job_id)
         layers = unique_seed_layers(model)
         if not layers:
@@ -95,7 +103,10 @@ class FleetRuntime:
         # the outbox has emptied, so a crash in between leaves them pending, never unanswered.
         self._unconfirmed: list[str] = []
         self._outbox = None
+        self._flags: RedisFlagProvider | None = None
+        self._follows_flag = flags and any(isinstance(layer, DualPathLayer) for layer in layers)
         if not self.leader:
+            self._follow_path_flag()  # rank 0's reading, broadcast
             return
         settings = settings or oona.BusSettings.from_env()
         if settings.url is None:  # one embedded broker shared by the outbox and the consumer
@@ -107,6 +118,10 @@ class FleetRuntime:
         # what the old one left pending.
         self._commands = CommandInbox(settings, job_id,
                                       f"runtime-{socket.gethostname()}-{os.getpid()}").start()
+        if self._follows_flag:
+            self._flags = RedisFlagProvider(settings)
+            self._flags.initialize(EvaluationContext(job_id))
+        self._follow_path_flag()
         self._event(EpochEventKind.EPOCH_EVENT_KIND_JOB_STARTED)
 
     # ---------------------------------------------------------------- training loop
@@ -134,8 +149,30 @@ class FleetRuntime:
                 self._outbox.put(streams.FIELD_REPORTS, outcome_to_field_report(
                     outcome, self.job_id, outcome.chunk_size, self.higher_is_better,
                     self.metric_name))
+        self._follow_path_flag()
         self._event(EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED, val_metric, train_loss)
         return acks
+
+    @property
+    def execution_paths(self) -> dict[str, str]:
+        """Each seed layer's active execution path, by layer id."""
+        return {layer.layer_id: layer.execution_path for layer in self.layers}
+
+    def _follow_path_flag(self) -> None:
+        """Request the flag's path on every DualPathLayer (at once before the first step, else
+        at the next boundary). Every rank requests rank 0's reading."""
+        if not self._follows_flag:
+            return
+        path = None
+        if self._flags is not None:
+            path = self._flags.resolve_string_details(EXECUTION_PATH, "legacy",
+                                                      EvaluationContext(self.job_id)).value
+        path = distributed.broadcast_object(path)
+        if path not in ("legacy", "chunked"):
+            return
+        for layer in self.layers:
+            if isinstance(layer, DualPathLayer):
+                layer.request_path(path)
 
     def take_command_lags(self) -> list[float]:
         """Seconds each command spent between its publication and its arrival at this runtime,
@@ -179,6 +216,8 @@ class FleetRuntime:
         else:
             self._commands.ack(self._unconfirmed + [incoming.entry_id for incoming in left])
         self._commands.close(timeout)
+        if self._flags is not None:
+            self._flags.shutdown()
         if self._broker is not None:
             self._broker.stop()
 
