@@ -90,7 +90,8 @@ def _field_report(blueprint_id: int = 1, outcome: str = "FOSSILIZED", *,
                   strategy_name: str = "fixed_ramp", metric_before: float = 0.5,
                   metric_after: float = 0.5, higher_is_better: bool = True,
                   parameters_added: int = 100, latency_cost_ms: float = 0.1,
-                  reached_evaluating: bool | None = None, chunk_size: int = 16) -> FieldReport:
+                  reached_evaluating: bool | None = None, chunk_size: int = 16,
+                  execution_path: str = "") -> FieldReport:
     """A field report as Kasmina sends one. The history ends in `outcome` and passes through
     EVALUATING when `reached_evaluating` (default: for FOSSILIZED and CULLED seeds)."""
     if reached_evaluating is None:
@@ -109,7 +110,7 @@ def _field_report(blueprint_id: int = 1, outcome: str = "FOSSILIZED", *,
         metric_name="val_accuracy", higher_is_better=higher_is_better,
         metric_before=metric_before, metric_after=metric_after, contribution=contribution,
         parameters_added=parameters_added, latency_cost_ms=latency_cost_ms,
-        chunk_size=chunk_size, end_reason="test")
+        chunk_size=chunk_size, end_reason="test", execution_path=execution_path)
 
 
 @pytest.fixture

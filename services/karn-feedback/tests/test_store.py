@@ -9,10 +9,16 @@ from datetime import UTC, datetime
 
 import pytest
 from karn.catalog import builtin_catalog, fits, parameter_count
-from karn.database import SCHEMA_VERSION, create_database_engine, migrate, schema_version
+from karn.database import (
+    SCHEMA_VERSION,
+    create_database_engine,
+    field_reports,
+    migrate,
+    schema_version,
+)
 from karn.store import FieldReportStore
 from oona.contracts import BlueprintKind, BlueprintSpec, ParameterCost
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 
 def test_a_new_database_gets_the_schema_and_the_builtin_catalog(store):
@@ -50,6 +56,27 @@ def test_a_schema_newer_than_this_karn_is_refused(database_url):
     with pytest.raises(RuntimeError, match="newer than this Karn"):
         migrate(store.engine)
     store.close()
+
+
+def test_v2_gives_a_v1_database_the_execution_path_and_old_reports_are_chunked(database_url,
+                                                                              field_report):
+    store = FieldReportStore.open(database_url)
+    store.record(field_report(report_id="old"))
+    with store.engine.begin() as connection:  # back to the v1 shape, as a v1 Karn left it
+        connection.execute(text(f"ALTER TABLE {field_reports.name} DROP COLUMN execution_path"))
+        connection.execute(schema_version.delete().where(schema_version.c.version > 1))
+    store.close()
+    again = FieldReportStore.open(database_url)  # migrates to the current version
+    try:
+        again.record(field_report(report_id="new", execution_path="legacy"))
+        with again.engine.connect() as connection:
+            paths = dict(connection.execute(
+                select(field_reports.c.report_id, field_reports.c.execution_path)).all())
+            assert connection.execute(select(func.max(schema_version.c.version))).scalar() == (
+                SCHEMA_VERSION)
+        assert paths == {"old": "chunked", "new": "legacy"}
+    finally:
+        again.close()
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "mysql://u@h/db"])

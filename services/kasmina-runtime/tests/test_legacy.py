@@ -285,3 +285,13 @@ def test_the_local_controller_decides_on_the_joining_path_after_a_switch():
         train(layer, 2, x)
     assert layer.execution_path == "chunked" and layer.seeds_in(S.TRAINING)
     assert [len(r.stage) for r in controller.reports] == [3]
+
+
+def test_a_field_report_says_which_path_its_seed_grew_on():
+    from kasmina.fleet.wire import outcome_to_field_report
+    layer, x = grown_dual()
+    layer.germinate(0)
+    layer.transition(0, S.CULLED)
+    (outcome,) = layer.drain_outcomes()
+    report = outcome_to_field_report(outcome, "job-1", outcome.chunk_size, True, "acc")
+    assert (report.execution_path, report.chunk_size) == ("legacy", 8)

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
     text,
 )
@@ -89,6 +90,8 @@ field_reports = Table(
     Column("memory_cost_bytes", BigInteger, nullable=False),
     Column("chunk_size", BigInteger, nullable=False),
     Column("end_reason", Text, nullable=False),
+    # "chunked" or "legacy" (DESIGN §9): the rollout compares outcomes per path (schema v2).
+    Column("execution_path", String(16), nullable=False, server_default="chunked"),
     Column("history", JSON, nullable=False),
     # The report as received, so a later migration can derive new columns from old reports.
     Column("payload", LargeBinary, nullable=False),
@@ -169,10 +172,18 @@ def spec_from_row(row: Any) -> BlueprintSpec:
                                      per_chunk=row.cost_per_chunk, constant=row.cost_constant))
 
 
+def _v2_execution_path(connection: Connection) -> None:
+    """The execution path of each report; older reports were all chunked."""
+    if "execution_path" not in {c["name"] for c in inspect(connection).get_columns(
+            field_reports.name)}:  # a database v1 created before the column existed
+        connection.execute(text(f"ALTER TABLE {field_reports.name} ADD COLUMN execution_path "
+                                f"VARCHAR(16) NOT NULL DEFAULT 'chunked'"))
+
+
 # Version n is MIGRATIONS[n - 1]. Append only, never edit one that has shipped: a database at
-# version n has run exactly the first n. (v1 creates the tables as they are defined above; a
-# later change to a table is a new migration that alters it, and v1 then keeps the v1 shape.)
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create_tables]
+# version n has run exactly the first n. (v1 creates the tables as they are defined above, so a
+# later migration that adds a column adds it only where v1 ran before the column existed.)
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create_tables, _v2_execution_path]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Any constant works; it only has to be the same in every Karn process.
 _PG_MIGRATION_LOCK = 0x4B61726E  # "Karn"

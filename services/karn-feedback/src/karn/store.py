@@ -106,7 +106,7 @@ def report_row(report: FieldReport, received_at: datetime) -> dict[str, Any]:
         "parameters_added": report.parameters_added,
         "latency_cost_ms": _finite(report.latency_cost_ms),
         "memory_cost_bytes": report.memory_cost_bytes, "chunk_size": report.chunk_size,
-        "end_reason": report.end_reason,
+        "end_reason": report.end_reason, "execution_path": report.execution_path or "chunked",
         "history": [MessageToDict(v, preserving_proto_field_name=True) for v in report.history],
         "payload": report.SerializeToString(deterministic=True), "received_at": received_at,
     }

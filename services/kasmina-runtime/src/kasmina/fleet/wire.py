@@ -75,7 +75,8 @@ def outcome_to_field_report(outcome: SeedOutcome, job_id: str, chunk_size: int,
         metric_name=metric_name, higher_is_better=higher_is_better,
         metric_before=finite(outcome.metric_before), metric_after=finite(outcome.metric_after),
         contribution=finite(outcome.contribution), parameters_added=outcome.params_added,
-        chunk_size=chunk_size, end_reason=outcome.reason)
+        chunk_size=chunk_size, end_reason=outcome.reason,
+        execution_path=outcome.execution_path)
 
 
 # A command may name a boundary at most this far ahead when the job's last epoch is unknown
