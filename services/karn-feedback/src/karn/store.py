@@ -232,6 +232,22 @@ class FieldReportStore:
         with self.engine.connect() as connection:
             return [StrategyRecord(*row) for row in connection.execute(query)]
 
+    def gains_by_path(self) -> dict[str, tuple[list[float], list[float]]]:
+        """Per execution path, each report's (metric gain since germination, sign-adjusted, and
+        the metric before it: the rollout's outcome and its CUPED covariate), in arrival order;
+        reports without a finite gain or metric before are left out."""
+        fr = field_reports.c
+        query = (select(fr.execution_path, fr.metric_gain, fr.metric_before)
+                 .where(fr.metric_gain.is_not(None), fr.metric_before.is_not(None))
+                 .order_by(fr.received_at, fr.report_id))
+        out: dict[str, tuple[list[float], list[float]]] = {}
+        with self.engine.connect() as connection:
+            for path, gain, before in connection.execute(query):
+                gains, befores = out.setdefault(path, ([], []))
+                gains.append(gain)
+                befores.append(before)
+        return out
+
     def report_count(self) -> int:
         with self.engine.connect() as connection:
             return connection.execute(select(func.count()).select_from(field_reports)).scalar_one()
