@@ -5,6 +5,7 @@ jobs a killed runtime left unfinished reported failed."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from kasmina.service import jobs as jobs_module
 from kasmina.service.grpc_api import start_grpc_server
 from kasmina.service.jobs import JobManager
 from kasmina.service.logs import redact
-from kasmina.service.registry import JobRegistry
+from kasmina.service.registry import DirectoryInUse, JobRegistry
 from kasmina.service.settings import ServiceSettings
 from oona import streams
 from oona.contracts import EpochEvent, EpochEventKind
@@ -181,17 +182,27 @@ def test_concurrent_jobs_are_limited_and_finished_ones_evicted(service):
 
 def test_jobs_a_dead_runtime_left_running_are_reported_failed(service, oona_redis_url,
                                                               tmp_path):
-    JobRegistry(tmp_path / "ckpt").started("orphan-1", "digits", {"epochs": "50"})
+    dead = JobRegistry(tmp_path / "ckpt")
+    dead.started("orphan-1", "digits", {"epochs": "50"})
+    dead.close()  # the runtime died: its lock on the directory is gone with it
     manager, stub = service()
     manager.recover()
     updates = list(stub.WatchJob(pb.WatchJobRequest(job_id="orphan-1"), timeout=10))
     assert updates[-1].state == pb.JobState.JOB_STATE_FAILED
-    assert JobRegistry(tmp_path / "ckpt").unfinished() == {}
+    assert json.loads((tmp_path / "ckpt" / "jobs.json").read_text()) == {}
     client = redis.Redis.from_url(oona_redis_url)
     events = [EpochEvent.FromString(Envelope.FromString(f[b"envelope"]).payload)
               for _, f in client.xrange(streams.EPOCH_EVENTS)]
     mine = [e for e in events if e.job_id == "orphan-1"]
     assert [e.kind for e in mine] == [EpochEventKind.EPOCH_EVENT_KIND_JOB_FAILED]
+
+
+def test_one_runtime_owns_a_checkpoint_directory(tmp_path):
+    owner = JobRegistry(tmp_path / "ckpt")
+    with pytest.raises(DirectoryInUse, match="KASMINA_CHECKPOINT_DIR"):
+        JobRegistry(tmp_path / "ckpt")  # a second runtime on it would fail the first's jobs
+    owner.close()
+    JobRegistry(tmp_path / "ckpt").close()  # free again once the owner is gone
 
 
 def test_settings_keep_watchers_below_workers_and_logs_hide_secrets():

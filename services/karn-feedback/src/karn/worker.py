@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 
-from oona import Bus, Consumer, ConsumerConfig, Delivery, Reject, Retry, streams
+from oona import Bus, Consumer, ConsumerConfig, Delivery, Reject, Retry, ids, streams
 from oona.contracts import FieldReport
 from sqlalchemy.exc import DBAPIError
 
@@ -44,6 +44,9 @@ class FieldReportWorker:
             log.warning("field report without report_id in %s; keyed by event_id %s",
                         delivery.entry_id, delivery.envelope.event_id)
             report.report_id = delivery.envelope.event_id
+        problem = _refusal(report)
+        if problem:  # never storable: dead-lettered at once, not retried
+            raise Reject(problem)
         started = time.perf_counter()
         try:
             # The store is synchronous (and may wait on a lock or the network): off the loop.
@@ -62,3 +65,25 @@ class FieldReportWorker:
                 stage_name(report.final_stage))).inc()
         else:
             metrics.REPORT_DUPLICATES.inc()
+
+
+_MAX_REPORT_ID = 256  # the column's width
+_MAX_INT64 = 2**63 - 1  # what a database BIGINT holds (the wire's uint64 goes further)
+
+
+def _refusal(report: FieldReport) -> str | None:
+    """Why a report can never be stored, or None: ids that are not ids (oona.ids for the job and
+    layer; the report id, which Kasmina builds as job/layer/seed/epoch, bounded and printable)
+    and integers past a BIGINT."""
+    for what, value in (("job_id", report.job_id), ("layer_id", report.layer_id)):
+        if not ids.is_valid_id(value):
+            return f"{what} is not a valid id: {value[:60]!r}"
+    rid = report.report_id
+    if len(rid) > _MAX_REPORT_ID or not rid.isprintable():
+        return f"report_id must be 1..{_MAX_REPORT_ID} printable characters: {rid[:60]!r}"
+    big = [name for name, value in (("parameters_added", report.parameters_added),
+                                    ("memory_cost_bytes", report.memory_cost_bytes))
+           if value > _MAX_INT64]
+    big += [f"history[{i}].entered_step" for i, visit in enumerate(report.history)
+            if visit.entered_step > _MAX_INT64]
+    return f"{', '.join(big)} above {_MAX_INT64}" if big else None

@@ -27,6 +27,7 @@ from oona.settings import require_secrets
 from . import logs
 from .grpc_api import start_grpc_server
 from .jobs import JobManager
+from .registry import DirectoryInUse
 from .settings import ServiceSettings
 
 log = logging.getLogger("kasmina.service")
@@ -83,8 +84,12 @@ def serve() -> int:
         return 2
     asyncio.run(oona.check_bus_persistence(bus))  # one warning at start without AOF
     host, http_port = settings.bind_host, settings.http_port
-    jobs = JobManager(bus, settings.checkpoint_dir, settings.max_jobs,
-                      settings.max_finished_jobs)
+    try:
+        jobs = JobManager(bus, settings.checkpoint_dir, settings.max_jobs,
+                          settings.max_finished_jobs)
+    except DirectoryInUse as exc:
+        print(f"kasmina serve: {exc}", file=sys.stderr)
+        return 2
     stopping = threading.Event()
     try:
         jobs.recover()
@@ -115,5 +120,6 @@ def serve() -> int:
             job.thread.join(SHUTDOWN_GRACE_S)
     http.should_exit = True
     http_thread.join(5.0)
+    jobs.registry.close()
     log.info("stopped")
     return 0

@@ -1,9 +1,15 @@
 """The registry of a runtime's unfinished jobs: `jobs.json` in its checkpoint directory, so the
 next runtime started on that directory knows what a killed one left running (and reports those
-jobs failed, or resumes them from their last checkpoint)."""
+jobs failed, or resumes them from their last checkpoint).
+
+One runtime owns a directory: it holds an exclusive lock on `jobs.lock` for its life, and a
+second runtime started on the same directory refuses to start (it would report the first one's
+live jobs failed, or train them twice). Writes are fsynced, so a power loss leaves the old
+registry or the new one, never an empty file."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -13,11 +19,28 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class DirectoryInUse(RuntimeError):
+    """Another runtime holds this checkpoint directory."""
+
+
 class JobRegistry:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "jobs.json"
         self._lock = threading.Lock()
+        # A descriptor held for the registry's life (released by close() or the process's end).
+        self._owner: int | None = os.open(directory / "jobs.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._owner)
+            raise DirectoryInUse(f"another runtime holds {directory} (jobs.lock): give each "
+                                 f"runtime its own KASMINA_CHECKPOINT_DIR") from None
+
+    def close(self) -> None:
+        if self._owner is not None:
+            os.close(self._owner)  # releases the lock
+            self._owner = None
 
     def unfinished(self) -> dict[str, dict]:
         """job id -> {"recipe", "parameters", "checkpoint"} of the jobs left running."""
@@ -53,5 +76,13 @@ class JobRegistry:
             elif job_id in jobs or "recipe" in fields:
                 jobs[job_id] = {**jobs.get(job_id, {}), **fields}
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(jobs, indent=1, sort_keys=True))
+            with open(tmp, "w") as out:
+                out.write(json.dumps(jobs, indent=1, sort_keys=True))
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, self.path)  # a kill mid-write leaves the old registry whole
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a power loss
+            finally:
+                os.close(directory)
