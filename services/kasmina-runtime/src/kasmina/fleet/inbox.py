@@ -49,6 +49,7 @@ class CommandInbox:
         self._acks: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._held: set[str] = set()  # entries handed to the training thread, not yet acked
         self._stopping = threading.Event()
+        self._stop_reading, self._not_reading = threading.Event(), threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=f"kasmina-commands-{job_id}",
@@ -66,6 +67,13 @@ class CommandInbox:
         """Acknowledge deliveries the training thread has applied or refused."""
         for entry_id in entry_ids:
             self._acks.put(entry_id)
+
+    def stop_reading(self, timeout: float = 10.0) -> None:
+        """Read no more entries; returns once a read in progress has ended, so `received`
+        holds every delivery this consumer will get (a job's close answers them all)."""
+        self._stop_reading.set()
+        if self._thread.is_alive():
+            self._not_reading.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send the acks queued so far, then stop. Unacked deliveries stay pending."""
@@ -93,6 +101,10 @@ class CommandInbox:
             while not self._stopping.is_set():
                 try:
                     await self._send_acks(redis)
+                    if self._stop_reading.is_set():
+                        self._not_reading.set()
+                        await asyncio.sleep(0.01)
+                        continue
                     if reread:  # an error may have cut a batch short: those are ours, pending
                         await self._read(redis, "0")
                         reread = False

@@ -199,7 +199,9 @@ class FleetRuntime:
     def close(self, failed: str | None = None, timeout: float = 10.0) -> None:
         if not self.leader:
             return
-        # Commands that can no longer be applied are answered, so no controller waits on them.
+        # Commands that can no longer be applied are answered, so no controller waits on them:
+        # every delivery, including one read while the job was closing.
+        self._commands.stop_reading(timeout)
         left = self._waiting + list(_drain(self._commands.received))
         self._waiting = []
         for incoming in left:
