@@ -1,9 +1,11 @@
-"""A job's execution path follows the `kasmina.execution_path` feature flag (oona.flags) on a
-real Redis: taken at attach, re-read at every boundary; the kill switch sends a canary job back
-to the legacy path at its next boundary, with the legacy path's state bit for bit as it was."""
+"""A job's execution path on a real Redis: it follows the `kasmina.execution_path` feature flag
+(oona.flags), taken at attach and re-read at every boundary, where the kill switch sends a canary
+job back to the legacy path with the legacy path's state bit for bit as it was; and a
+`switch_path` lifecycle command moves the job's DualPathLayers at the boundary it is applied."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -11,6 +13,8 @@ import kasmina
 import oona
 import torch
 from kasmina import KasminaConfig, SeedStage
+from oona import streams
+from oona.contracts import LifecycleCommand, SwitchPath
 from oona.flags import EXECUTION_PATH, FlagStore, sync_client
 from torch import nn
 
@@ -75,5 +79,44 @@ def test_without_flags_the_path_is_the_models_own(oona_redis_url):
     runtime = kasmina.attach(model, f"job-{uuid.uuid4().hex[:8]}", settings)
     try:
         assert set(runtime.execution_paths.values()) == {"legacy"}
+    finally:
+        runtime.close()
+
+
+def _switch(job: str, path: str, layer_id: str = "") -> LifecycleCommand:
+    return LifecycleCommand(command_id=str(uuid.uuid4()), job_id=job, layer_id=layer_id,
+                            switch_path=SwitchPath(path=path))
+
+
+def _publish(url: str, job: str, *commands: LifecycleCommand) -> None:
+    async def body() -> None:
+        async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
+            for command in commands:
+                await bus.publisher("test").publish(streams.commands(job), command,
+                                                    event_id=command.command_id)
+    asyncio.run(body())
+
+
+def test_a_switch_path_command_moves_the_jobs_dual_layers_at_its_boundary(oona_redis_url):
+    settings = oona.BusSettings.from_dsn(oona_redis_url)
+    model, x = legacy_model(), torch.randn(16, 6)
+    job = f"job-{uuid.uuid4().hex[:8]}"
+    runtime = kasmina.attach(model, job, settings)
+    try:
+        good, bad = _switch(job, "chunked"), _switch(job, "fast")
+        _publish(oona_redis_url, job, good, bad, _switch(job, "legacy", layer_id="nope"))
+        deadline = time.monotonic() + 10
+        while len(runtime._commands.received) + len(runtime._waiting) < 3:
+            assert time.monotonic() < deadline, "the commands never arrived"
+            time.sleep(0.02)
+        opt = torch.optim.SGD(kasmina.host_parameters(model), lr=0.01)
+        model(x).square().mean().backward()
+        opt.step()
+        runtime.step(0.5)
+        acks = {a.command_id: a for a in runtime.end_epoch(0.5)}
+        assert acks[good.command_id].success
+        assert not acks[bad.command_id].success and "switch_path.path" in acks[
+            bad.command_id].message
+        assert set(runtime.execution_paths.values()) == {"chunked"}  # at that boundary
     finally:
         runtime.close()

@@ -28,6 +28,7 @@ from oona.proto.kasmina.seeds.v1.commands_pb2 import (
     Reset,
     ResumeAdaptation,
     Rollback,
+    SwitchPath,
 )
 from oona.proto.kasmina.seeds.v1.health_pb2 import LayerHealthReport
 from oona.proto.kasmina.seeds.v1.stage_pb2 import SeedStage
@@ -36,7 +37,7 @@ __all__ = [
     "AckReason", "Advance", "BlueprintKind", "BlueprintSpec", "Cancel", "CommandAck", "Cull",
     "EmergencyStop", "Envelope", "EpochEvent", "EpochEventKind", "FieldReport", "Germinate",
     "LayerHealthReport", "LifecycleCommand", "ParameterCost", "PauseAdaptation", "PayloadRef",
-    "Reset", "ResumeAdaptation", "Rollback", "Schema", "SeedStage", "StageVisit",
+    "Reset", "ResumeAdaptation", "Rollback", "Schema", "SeedStage", "StageVisit", "SwitchPath",
     "schema_of", "stage_from_wire", "stage_to_wire",
 ]
 

@@ -20,6 +20,7 @@ from oona.contracts import (
 )
 
 from ..blueprints import get_blueprint
+from ..dual import PATHS, DualPathLayer
 from ..events import SeedOutcome
 from ..lifecycle import ACTIVE_STAGES, InvalidTransitionError, LifecycleError, SeedStage
 from ..protocol import SeedLayer
@@ -124,6 +125,8 @@ class CommandTarget:
                 return _refuse(ack, AckReason.ACK_REASON_INVALID,
                                f"due at epoch {command.apply_at_epoch}, after the last epoch "
                                f"this job can apply it at ({latest})")
+        if action == "switch_path":
+            return self._check_switch(ack, command)
         if action in _JOB_WIDE:
             return None
         layer = self.layers.get(command.layer_id)
@@ -157,12 +160,36 @@ class CommandTarget:
                          applied_step=step)
         action = command.WhichOneof("action")
         try:
+            if action == "switch_path":
+                for layer in self._switching(command):
+                    layer.request_path(command.switch_path.path)
+                ack.success, ack.reason = True, AckReason.ACK_REASON_OK
+                return ack
             if action in _JOB_WIDE:
                 return self._job_wide(ack, action)
             return self._seed_command(ack, command, action)
         except Exception as err:  # noqa: BLE001 - a bad command must never fail the job
             log.exception("job %s: command %s failed", self.job_id, command.command_id)
             return _refuse(ack, AckReason.ACK_REASON_INTERNAL_ERROR, repr(err)[:500])
+
+    def _switching(self, command: LifecycleCommand) -> list[DualPathLayer]:
+        """The layers a switch_path command names: its layer, or every DualPathLayer."""
+        layers = ([self.layers[command.layer_id]] if command.layer_id
+                  else list(self.layers.values()))
+        return [layer for layer in layers if isinstance(layer, DualPathLayer)]
+
+    def _check_switch(self, ack: CommandAck, command: LifecycleCommand) -> CommandAck | None:
+        if command.switch_path.path not in PATHS:
+            return _refuse(ack, AckReason.ACK_REASON_INVALID,
+                           f"switch_path.path must be one of {PATHS}, got "
+                           f"{command.switch_path.path[:40]!r}")
+        if command.layer_id and command.layer_id not in self.layers:
+            return _refuse(ack, AckReason.ACK_REASON_UNKNOWN_LAYER,
+                           f"no seed layer {command.layer_id[:200]!r}")
+        if not self._switching(command):
+            return _refuse(ack, AckReason.ACK_REASON_INVALID,
+                           "no layer it names has two execution paths (a DualPathLayer)")
+        return None
 
     def _seed_command(self, ack: CommandAck, command: LifecycleCommand,
                       action: str) -> CommandAck:

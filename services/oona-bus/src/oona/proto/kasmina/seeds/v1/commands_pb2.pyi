@@ -97,8 +97,14 @@ class EmergencyStop(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SwitchPath(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
 class LifecycleCommand(_message.Message):
-    __slots__ = ("command_id", "job_id", "layer_id", "seed_index", "apply_at_epoch", "apply_at_step", "rationale", "germinate", "cancel", "advance", "cull", "rollback", "reset", "pause_adaptation", "resume_adaptation", "emergency_stop")
+    __slots__ = ("command_id", "job_id", "layer_id", "seed_index", "apply_at_epoch", "apply_at_step", "rationale", "germinate", "cancel", "advance", "cull", "rollback", "reset", "pause_adaptation", "resume_adaptation", "emergency_stop", "switch_path")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +121,7 @@ class LifecycleCommand(_message.Message):
     PAUSE_ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     RESUME_ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     EMERGENCY_STOP_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_PATH_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     layer_id: str
@@ -131,7 +138,8 @@ class LifecycleCommand(_message.Message):
     pause_adaptation: PauseAdaptation
     resume_adaptation: ResumeAdaptation
     emergency_stop: EmergencyStop
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., seed_index: _Optional[int] = ..., apply_at_epoch: _Optional[int] = ..., apply_at_step: _Optional[int] = ..., rationale: _Optional[str] = ..., germinate: _Optional[_Union[Germinate, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., advance: _Optional[_Union[Advance, _Mapping]] = ..., cull: _Optional[_Union[Cull, _Mapping]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., pause_adaptation: _Optional[_Union[PauseAdaptation, _Mapping]] = ..., resume_adaptation: _Optional[_Union[ResumeAdaptation, _Mapping]] = ..., emergency_stop: _Optional[_Union[EmergencyStop, _Mapping]] = ...) -> None: ...
+    switch_path: SwitchPath
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., seed_index: _Optional[int] = ..., apply_at_epoch: _Optional[int] = ..., apply_at_step: _Optional[int] = ..., rationale: _Optional[str] = ..., germinate: _Optional[_Union[Germinate, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., advance: _Optional[_Union[Advance, _Mapping]] = ..., cull: _Optional[_Union[Cull, _Mapping]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., pause_adaptation: _Optional[_Union[PauseAdaptation, _Mapping]] = ..., resume_adaptation: _Optional[_Union[ResumeAdaptation, _Mapping]] = ..., emergency_stop: _Optional[_Union[EmergencyStop, _Mapping]] = ..., switch_path: _Optional[_Union[SwitchPath, _Mapping]] = ...) -> None: ...
 
 class CommandAck(_message.Message):
     __slots__ = ("command_id", "job_id", "success", "reason", "message", "stage_before", "stage_after", "applied_epoch", "applied_step")
