@@ -28,6 +28,9 @@ class FieldReportWorker:
         self._store = store
         self.consumer: Consumer = bus.consumer(stream, CONSUMER_GROUP, consumer_name,
                                                {FieldReport: self.handle}, config)
+        # A report waiting out its retry back-off is idle in the group: the back-off stays below
+        # half the reclaim idle time, so a live replica never takes over another's retries.
+        self._retry_max_s = min(_RETRY_DELAY_MAX_S, self.consumer.config.reclaim_idle_ms / 2e3)
 
     async def run(self) -> None:
         """Consume until `stop()`, then finish the batch in hand (bounded by the consumer's
@@ -55,7 +58,7 @@ class FieldReportWorker:
             if not is_transient(exc):  # this report breaks a rule of the schema: never storable
                 raise Reject(f"the database refused it: {exc.orig}") from exc
             metrics.STORE_ERRORS.inc()
-            delay = min(_RETRY_DELAY_S * 2 ** (delivery.delivery_count - 1), _RETRY_DELAY_MAX_S)
+            delay = min(_RETRY_DELAY_S * 2 ** (delivery.delivery_count - 1), self._retry_max_s)
             log.warning("database unavailable storing %s (delivery %d): %s; retrying in %.1fs",
                         report.report_id, delivery.delivery_count, exc.orig, delay)
             raise Retry(delay, f"database unavailable: {exc.orig}") from exc
