@@ -8,22 +8,25 @@ from collections.abc import Callable
 from .extras import MissingExtraError, requires_extras
 
 # The extras each command needs: serve and fleet run the digits recipe (scikit-learn), and fleet
-# plots its report (matplotlib).
+# and ab plot their reports (matplotlib).
 NEEDS = {"demo": ("demo",), "fleet": ("fleet", "demo"), "serve": ("fleet", "demo"),
-         "submit": ("fleet",), "migrate": ()}
+         "submit": ("fleet",), "migrate": (), "ab": ("demo",)}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m kasmina {demo,fleet,serve,submit,migrate} [--help | options]\n\n"
+        print("usage: python -m kasmina {demo,fleet,serve,submit,migrate,ab} [--help | options]"
+              "\n\n"
               "  demo    train a model with seed layers on scikit-learn's digits, locally\n"
               "  fleet   the main job: the whole fleet as processes and a real job (make run)\n"
               "  serve   the runtime service: gRPC job API, HTTP health and metrics (needs\n"
               "          OONA_REDIS_URL)\n"
               "  submit  submit a digits job to a running runtime service and follow it\n"
               "  migrate convert a checkpoint of legacy seed layers to DualPathLayers on the\n"
-              "          chunked path (docs/migration.md)")
+              "          chunked path (docs/migration.md)\n"
+              "  ab      train the digits job on the legacy and the chunked path, paired, and\n"
+              "          write runs/ab/report.md (docs/migration.md)")
         sys.exit(0 if argv else 2)
     if argv[0] not in NEEDS:
         print(f"unknown command {argv[0]!r}; try --help", file=sys.stderr)
@@ -46,6 +49,8 @@ def _load(name: str) -> Callable[[list[str]], int | None]:
         return lambda argv: serve()
     elif name == "migrate":
         from .migrate import main
+    elif name == "ab":
+        from .ab import main
     else:
         from .submit import main
     return main

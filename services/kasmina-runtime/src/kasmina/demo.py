@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .controller import ControllerConfig, LocalController
 from .recipes import (
+    DIGITS_CONTROLLER,
     DigitsParams,
     EpochRecord,
     RunResult,
@@ -83,9 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bottleneck", type=int, default=4, help="width of the host's bottleneck")
     p.add_argument("--seeds-per-layer", type=int, default=4)
     p.add_argument("--blueprints", default="residual_mlp")
-    p.add_argument("--plateau-epochs", type=int, default=2)
-    p.add_argument("--germinations-per-plateau", type=int, default=4)
-    p.add_argument("--min-delta", type=float, default=0.01, help="val-loss plateau threshold")
+    p.add_argument("--plateau-epochs", type=int, default=DIGITS_CONTROLLER.plateau_epochs)
+    p.add_argument("--germinations-per-plateau", type=int,
+                   default=DIGITS_CONTROLLER.germinations_per_plateau)
+    p.add_argument("--min-delta", type=float, default=DIGITS_CONTROLLER.min_delta,
+                   help="val-loss plateau threshold")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed-lr", type=float, default=3e-3)

@@ -18,7 +18,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import KasminaConfig
+from .controller import ControllerConfig
 from .wrap import host_parameters, seed_layers, wrap
+
+# The LocalController of the digits recipe (demo, A/B harness): a val-loss plateau of 2 epochs
+# (min_delta 0.01) germinates 4 seeds.
+DIGITS_CONTROLLER = ControllerConfig(mode="min", plateau_epochs=2, min_delta=0.01,
+                                     germinations_per_plateau=4)
 
 
 class Grower(Protocol):
