@@ -49,8 +49,12 @@ def _run(body: Callable[[], Awaitable[None]]) -> None:
 def test_published_reports_are_stored_and_acknowledged(bus_settings, stream, store,
                                                        field_report):
     reports = [field_report(1, "FOSSILIZED", contribution=0.1) for _ in range(5)]
-    reports += [field_report(3, "CULLED", contribution=-0.1) for _ in range(3)]
+    reports += [field_report(3, "CULLED", contribution=-0.1, execution_path="legacy")
+                for _ in range(3)]
     stored_before = _metric("karn_field_reports_stored_total", outcome="CULLED")
+    by_path = {path: _metric("karn_field_reports_by_path_total", execution_path=path,
+                             outcome=outcome)
+               for path, outcome in (("legacy", "CULLED"), ("chunked", "FOSSILIZED"))}
 
     async def body() -> None:
         async with open_bus(bus_settings) as bus:
@@ -64,6 +68,10 @@ def test_published_reports_are_stored_and_acknowledged(bus_settings, stream, sto
     by_id = {s.blueprint_id: s for s in store.statistics()}
     assert (by_id[1].fossilized, by_id[3].culled) == (5, 3)
     assert _metric("karn_field_reports_stored_total", outcome="CULLED") == stored_before + 3
+    assert _metric("karn_field_reports_by_path_total", execution_path="legacy",
+                   outcome="CULLED") == by_path["legacy"] + 3
+    assert _metric("karn_field_reports_by_path_total", execution_path="chunked",  # no path: old
+                   outcome="FOSSILIZED") == by_path["chunked"] + 5
 
 
 def test_a_report_published_twice_is_stored_once(bus_settings, stream, store, field_report):

@@ -16,6 +16,11 @@ STORE_ERRORS = Counter("karn_store_errors",
 STORE_SECONDS = Histogram(
     "karn_store_seconds", "Time to store one field report, commit included.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+# The rollout's per-path view (DESIGN §9): rollback rate, culls and each path's share of seeds.
+REPORTS_BY_PATH = Counter("karn_field_reports_by_path",
+                          "Field reports stored, by the execution path the seed grew on.",
+                          ["execution_path", "outcome"])
+PATHS = ("legacy", "chunked")
 RECOMMENDATIONS = Counter("karn_recommendations",
                           "Recommendations served, by the blueprint ranked first.", ["blueprint"])
 
@@ -24,6 +29,12 @@ def outcome_label(stage: str) -> str:
     return stage if stage in OUTCOMES else "other"
 
 
+def path_label(path: str) -> str:
+    return path if path in PATHS else "other"
+
+
 # Every outcome's series exists from the start, at 0, so rates and dashboards see it.
 for _outcome in (*OUTCOMES, "other"):
     REPORTS_STORED.labels(_outcome)
+    for _path in (*PATHS, "other"):
+        REPORTS_BY_PATH.labels(_path, _outcome)

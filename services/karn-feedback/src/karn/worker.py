@@ -64,8 +64,10 @@ class FieldReportWorker:
             raise Retry(delay, f"database unavailable: {exc.orig}") from exc
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         if inserted:
-            metrics.REPORTS_STORED.labels(metrics.outcome_label(
-                stage_name(report.final_stage))).inc()
+            outcome = metrics.outcome_label(stage_name(report.final_stage))
+            metrics.REPORTS_STORED.labels(outcome).inc()
+            metrics.REPORTS_BY_PATH.labels(
+                metrics.path_label(report.execution_path or "chunked"), outcome).inc()
         else:
             metrics.REPORT_DUPLICATES.inc()
 
