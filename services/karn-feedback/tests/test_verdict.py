@@ -53,5 +53,8 @@ def test_a_roll_back_sets_the_kill_switch(database_url, field_report, oona_redis
     flags = FlagStore(sync_client(oona.BusSettings.from_dsn(oona_redis_url)))
     flags.set(EXECUTION_PATH, "test", rollout_percent=30.0)
     returncode, _ = _verdict(database_url, "--kill-on-rollback", OONA_REDIS_URL=oona_redis_url)
-    assert returncode == 3 and flags.get(EXECUTION_PATH).killed
-    assert flags.audit(EXECUTION_PATH)[-1].who == "karn verdict"
+    try:
+        assert returncode == 3 and flags.get(EXECUTION_PATH).killed
+        assert flags.audit(EXECUTION_PATH)[-1].who == "karn verdict"
+    finally:  # the test Redis is shared with other tests
+        flags.set(EXECUTION_PATH, "test", killed=False, rollout_percent=0.0)

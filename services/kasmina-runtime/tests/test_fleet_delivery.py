@@ -188,7 +188,9 @@ def test_bad_commands_are_refused_on_arrival_and_the_job_trains_on(oona_redis_ur
         before = REGISTRY.get_sample_value("oona_dead_lettered_total", labels) or 0
         client.xadd(streams.commands(job), {b"envelope": b"\x00not a protobuf"})  # poison
         wait_until(lambda: client.xlen(streams.dead_letters(streams.commands(job))) == 1)
-        assert REGISTRY.get_sample_value("oona_dead_lettered_total", labels) == before + 1
+        # counted just after the letter is written (the reader thread): waited for, not raced
+        wait_until(lambda: REGISTRY.get_sample_value("oona_dead_lettered_total", labels)
+                   == before + 1)
         wait_until(lambda: arrived(runtime) == 3)
         acks = boundary(runtime, m)  # both refused at the first boundary; `good` waits
         assert [(a.command_id, a.reason) for a in acks] == [

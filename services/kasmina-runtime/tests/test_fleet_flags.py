@@ -40,7 +40,8 @@ def epoch(runtime: kasmina.FleetRuntime, model: nn.Module, x: torch.Tensor) -> N
 def test_the_kill_switch_sends_a_canary_job_back_to_legacy_bit_exactly(oona_redis_url):
     settings = oona.BusSettings.from_dsn(oona_redis_url)
     store = FlagStore(sync_client(settings))
-    store.set(EXECUTION_PATH, "test", rollout_percent=100.0)  # every job on the new path
+    # every job on the new path (the test Redis is shared: a kill left by another test released)
+    store.set(EXECUTION_PATH, "test", rollout_percent=100.0, killed=False)
     model, x = legacy_model(), torch.randn(16, 6)
     layer = kasmina.seed_layers(model)[0]
     legacy_before = {k: v.clone() for k, v in layer.legacy.state_dict().items()
@@ -70,11 +71,13 @@ def test_the_kill_switch_sends_a_canary_job_back_to_legacy_bit_exactly(oona_redi
             assert torch.equal(layer(probe), layer.host(probe))
     finally:
         runtime.close()
+        store.set(EXECUTION_PATH, "test", killed=False, rollout_percent=0.0)
 
 
 def test_without_flags_the_path_is_the_models_own(oona_redis_url):
     settings = oona.BusSettings.from_dsn(oona_redis_url)
-    FlagStore(sync_client(settings)).set(EXECUTION_PATH, "test", rollout_percent=100.0)
+    FlagStore(sync_client(settings)).set(EXECUTION_PATH, "test", rollout_percent=100.0,
+                                         killed=False)
     model = legacy_model()
     runtime = kasmina.attach(model, f"job-{uuid.uuid4().hex[:8]}", settings)
     try:
