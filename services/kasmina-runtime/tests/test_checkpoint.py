@@ -73,3 +73,27 @@ def test_dtype_casts_keep_float32_blueprints_and_float64_accumulators(make_layer
     out = layer(torch.randn(4, 12, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
     assert KasminaConfig() == layer.config
+
+
+def test_a_whole_model_pickles_with_torch_save():
+    """torch.save(model) (not only its state_dict) round-trips chunked and dual-path layers."""
+    import io
+
+    import kasmina
+    from kasmina import DualPathLayer, KasminaConfig, KasminaLayer, SeedStage
+
+    torch.manual_seed(0)
+    model = nn.Sequential(KasminaLayer(nn.Linear(4, 8), 4), nn.ReLU(),
+                          DualPathLayer(nn.Linear(8, 3), 3, KasminaConfig(execution_path="legacy")))
+    kasmina.name_layers(model)
+    model[0].germinate(1)
+    model[0].transition(1, SeedStage.TRAINING)
+    model[2].germinate(0)
+    model[2].transition(0, SeedStage.GRAFTING)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(5, 4)
+    assert torch.equal(loaded(x), model(x))
+    assert loaded[0].stage_of(1) is SeedStage.TRAINING and loaded[2].execution_path == "legacy"

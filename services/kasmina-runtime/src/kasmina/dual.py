@@ -57,8 +57,7 @@ class DualPathLayer(nn.Module):
         self.frozen._tracking_step = False
         self.register_forward_pre_hook(no_fused_fast_path)
         # after the paths' own load hooks (which restore their telemetry clocks)
-        self.register_load_state_dict_post_hook(
-            lambda module, _keys: setattr(module.frozen, "_tracking_step", False))
+        self.register_load_state_dict_post_hook(_freeze_after_load)
 
     # ---------------------------------------------------------------- the two paths
     @property
@@ -258,3 +257,9 @@ class DualPathLayer(nn.Module):
         state = json.loads(bytes(extra.cpu().numpy().tobytes()).decode())
         self._path, self._pending = state["path"], state["pending"]
         self._stepped = state["stepped"]
+
+
+def _freeze_after_load(module: DualPathLayer, _keys: object) -> None:
+    """After the paths' own load hooks (which restore their telemetry clocks); a function, not a
+    lambda, so a whole model pickles."""
+    module.frozen._tracking_step = False

@@ -94,7 +94,7 @@ class KasminaLayer(nn.Module):
         self._loaded_extra: dict | None = None
         self._batching = False
         self.register_forward_pre_hook(no_fused_fast_path)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
+        self.register_load_state_dict_post_hook(_after_load_hook)
         self._commit()
 
     # ---------------------------------------------------------------- drop-in surface
@@ -455,3 +455,8 @@ class KasminaLayer(nn.Module):
         if hasattr(self, "_flags") and self._flags.grafting:
             self._commit()  # the grafting index tensors live on the device too
         return self
+
+
+def _after_load_hook(module: KasminaLayer, _keys: object) -> None:
+    """A module-level function, not a lambda, so a whole model pickles (torch.save(model))."""
+    module._after_load()
