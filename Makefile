@@ -35,16 +35,20 @@ proto: setup
 	$(PY) -m oona.codegen
 	$(PY) -m oona.compat
 
-# The fleet in containers (deploy/README.md): build, start in health-check order, stop.
-COMPOSE ?= docker compose
-DEPLOY  := $(COMPOSE) -f deploy/docker-compose.yml $(if $(GPU),-f deploy/docker-compose.gpu.yml)
+# The fleet in containers (deploy/README.md): build every image offline, start in health-check
+# order, stop. COMPOSE: `docker compose` (v2) where it is installed, else `docker-compose` (v1,
+# what Debian ships). Removing containers on the vfs storage driver outlasts compose v1's 60 s
+# default API timeout, which left a half-removed stack that broke the next `up`.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo docker compose || echo docker-compose)
+DEPLOY  = $(COMPOSE) -f deploy/docker-compose.yml $(if $(GPU),-f deploy/docker-compose.gpu.yml)
+export COMPOSE_HTTP_TIMEOUT ?= 600
 up:
-	$(DEPLOY) up -d --build
+	COMPOSE="$(COMPOSE)" GPU="$(GPU)" deploy/up.sh
 down:
-	$(DEPLOY) down
+	$(DEPLOY) --profile grafana down --remove-orphans
 # End to end without a registry: root, a running dockerd, debootstrap (deploy/smoke.sh).
 smoke:
-	deploy/smoke.sh
+	COMPOSE="$(COMPOSE)" deploy/smoke.sh
 
 lint: setup
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check services tests benchmarks examples

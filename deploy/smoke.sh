@@ -1,101 +1,87 @@
 #!/usr/bin/env bash
-# End-to-end smoke test of deploy/ with no registry: build a Debian base with debootstrap,
-# build the fleet's images on it, bring the stack up, submit a training job over gRPC, wait
-# until its seed metrics are in Prometheus's HTTP API, tear everything down.
+# End-to-end check of deploy/ as `make up` runs it, with no image registry:
 #
-#   sudo deploy/smoke.sh            # from the repository root; needs dockerd running, debootstrap,
-#                                   # docker-compose (v1) or `docker compose` (v2)
+#   sudo deploy/smoke.sh     # from anywhere; needs dockerd running, debootstrap (for the base
+#                            # image, once), docker-compose (v1) or `docker compose` (v2)
 #
-# The daemon this was written for runs `dockerd --storage-driver=vfs --iptables=false
-# --bridge=none`: containers use the host network, so the compose file is rewritten by
-# deploy/smoke/hostnet.py (same services, commands, health checks; host wiring). Grafana is not
-# in Debian, so it runs only when GRAFANA_IMAGE names an image the daemon already has.
-# Environment: SMOKE_EPOCHS (20), SMOKE_TIMEOUT_S (300), SMOKE_TORCH_WHEEL (a torch 2.13.0
-# CPU wheel; default: the one in pip's find-links), SMOKE_KEEP=1 leaves the stack up.
+# deploy/up.sh builds every image (deploy/build.sh) and starts the real compose file, on the
+# compose network, as the project `kasmina-smoke` on its own host ports. It passes only when:
+# every container is healthy; Prometheus has scraped karn, tamiyo and kasmina; a digits job
+# submitted over gRPC grows seeds (Tamiyo's commands reached the runtime); and a message no
+# handler can decode, written to the field-report stream, is dead-lettered, fires the
+# DeadLettersGrowing alert on that first dead letter, and is listed by the alert's runbook
+# command. Then everything is torn down (volumes too).
+# Environment: SMOKE_EPOCHS (20), SMOKE_TIMEOUT_S (300), SMOKE_KEEP=1 leaves the stack up, and
+# deploy/up.sh's and deploy/build.sh's variables.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-BASE=kasmina-smoke/debian-python:bookworm
-TAG=smoke
-PROJECT=kasmina-smoke
-WORK=$(mktemp -d /tmp/kasmina-smoke.XXXXXX)
+export COMPOSE_PROJECT_NAME=kasmina-smoke
+export PROMETHEUS_PUBLISH=${PROMETHEUS_PUBLISH:-19090} KASMINA_GRPC_PUBLISH=${KASMINA_GRPC_PUBLISH:-15051} \
+    GRAFANA_PUBLISH=${GRAFANA_PUBLISH:-13000}
+export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-600}
 EPOCHS=${SMOKE_EPOCHS:-20}
 TIMEOUT_S=${SMOKE_TIMEOUT_S:-300}
 PYTHON=${PYTHON:-python3}
 JOB="smoke-$(date +%s)"
 step() { printf '\n== %s (%ds)\n' "$*" "$SECONDS"; }
+if [ -n "${COMPOSE:-}" ]; then read -r -a cli <<<"$COMPOSE"
+elif docker compose version >/dev/null 2>&1; then cli=(docker compose); else cli=(docker-compose); fi
+export COMPOSE="${cli[*]}"
+compose() { "${cli[@]}" -f deploy/docker-compose.yml --profile grafana "$@"; }
 
-if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
-docker info >/dev/null || { echo "smoke: no Docker daemon (see the header of $0)" >&2; exit 2; }
-
-step "base image $BASE"
-if ! docker image inspect "$BASE" >/dev/null 2>&1; then
-    # minbase + python3-venv: what the Dockerfile needs (python3.11, `python3 -m venv`, useradd).
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log"
-    tar -C "$WORK/rootfs" -c . | docker import - "$BASE"
-    rm -rf "$WORK/rootfs"
-fi
-
-step "build context"
-# Tracked and untracked-but-not-ignored files only: the legacy builder ignores
-# deploy/Dockerfile.dockerignore and would otherwise send .venv and runs/ (gigabytes).
-mkdir -p "$WORK/context"
-git ls-files -z --cached --others --exclude-standard \
-    | grep -zv '^services/[^/]*/tests/' | tar --null -T - -c | tar -x -C "$WORK/context"
-wheel=${SMOKE_TORCH_WHEEL:-$(ls "${PIP_FIND_LINKS:-/opt/wheels}"/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)}
-if [ -n "$wheel" ]; then cp "$wheel" "$WORK/context/deploy/wheels/"; else
-    echo "smoke: no CPU torch wheel found; the kasmina image will download torch==2.13.0" >&2; fi
-
-# This host reaches PyPI through a TLS-inspecting proxy: give the images the CAs it trusts.
-cp "${SMOKE_EXTRA_CA_DIR:-/usr/local/share/ca-certificates}"/*.crt "$WORK/context/deploy/certs/" 2>/dev/null || true
-
-step "images"
-# The legacy builder: BuildKit needs the buildx plugin, which is not installed here, and the
-# filtered context above already does what the dockerignore file would.
-export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
-build() { docker build --network host --build-arg "BASE_IMAGE=$BASE" "$@"; }
-build -f deploy/smoke/Dockerfile.tools --target redis -t kasmina-smoke/redis:$TAG deploy/smoke
-build -f deploy/smoke/Dockerfile.tools --target prometheus -t kasmina-smoke/prometheus:$TAG deploy/smoke
-for service in karn tamiyo kasmina; do
-    build -f "$WORK/context/deploy/Dockerfile" --target $service -t "kasmina/$service:$TAG" "$WORK/context"
-    echo "kasmina/$service:$TAG $(docker image inspect -f '{{.Size}}' kasmina/$service:$TAG | numfmt --to=iec)"
-done
-docker run --rm --entrypoint python kasmina/karn:$TAG -c \
-    "import importlib.util as u; print('torch in karn image:', u.find_spec('torch') is not None)"
-
-step "compose file for host networking"
-without=()
-[ -n "${GRAFANA_IMAGE:-}" ] || { without=(--without grafana); echo "grafana: skipped (no image; not in Debian)"; }
-"$PYTHON" deploy/smoke/hostnet.py "$WORK/compose" "${without[@]}"
-export IMAGE_TAG=$TAG REDIS_IMAGE=kasmina-smoke/redis:$TAG PROMETHEUS_IMAGE=kasmina-smoke/prometheus:$TAG
+# The fleet runs signed and authenticated: `make up` (deploy/up.sh) makes the secrets it lacks.
 # digits epochs take a fraction of a second: let Tamiyo decide quickly (as `kasmina fleet` does)
 # and germinate at the first epoch boundary, so seeds leave DORMANT within the short job.
 export TAMIYO_TICK_S=0.1 TAMIYO_REPORT_GRACE_S=0.2 TAMIYO_MIN_DELTA=100 TAMIYO_PLATEAU_EPOCHS=1
-compose() { "${COMPOSE[@]}" -p "$PROJECT" -f "$WORK/compose/docker-compose.yml" "$@"; }
 teardown() {
-    if [ "${SMOKE_KEEP:-0}" = 1 ]; then echo "left up: ${COMPOSE[*]} -p $PROJECT -f $WORK/compose/docker-compose.yml down -v"; return; fi
+    if [ "${SMOKE_KEEP:-0}" = 1 ]; then
+        echo "left up: COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME make down"; return; fi
     step "teardown"
-    compose logs --no-color >"$WORK/compose.log" 2>&1 || true
+    log=$(mktemp /tmp/kasmina-smoke-compose.XXXXXX.log)
+    compose logs --no-color >"$log" 2>&1 || true
     compose down -v --remove-orphans || true
-    echo "service logs: $WORK/compose.log"
+    echo "service logs: $log"
 }
 trap teardown EXIT
 
-step "up (waits for each health check in order)"
-compose up -d --no-build
-compose ps
+step "build and up (deploy/up.sh)"
+deploy/up.sh
+
+prom() { "$PYTHON" - "$PROMETHEUS_PUBLISH" "$@"; }
+step "Prometheus scrapes every service"
+prom "$TIMEOUT_S" <<'EOF'
+import json, sys, time, urllib.parse, urllib.request
+port, timeout = sys.argv[1], float(sys.argv[2])
+def query(q):
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return json.load(reply)["data"]["result"]
+want = {"kasmina", "tamiyo", "karn", "prometheus"}
+deadline = time.monotonic() + timeout
+while True:
+    try:
+        up = {r["metric"]["job"] for r in query("up == 1")}
+    except OSError:
+        up = set()
+    if want <= up:
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"Prometheus has not scraped {sorted(want - up)} after {timeout:.0f} s")
+    time.sleep(2)
+print("scraped:", sorted(up))
+EOF
 
 step "submit job $JOB over gRPC ($EPOCHS epochs)"
 compose exec -T kasmina python -m kasmina submit --job-id "$JOB" --epochs "$EPOCHS"
 
 step "seed metrics in Prometheus"
-"$PYTHON" - "$JOB" "$TIMEOUT_S" <<'EOF'
+prom "$JOB" "$TIMEOUT_S" <<'EOF'
 import json, sys, time, urllib.parse, urllib.request
-job, timeout = sys.argv[1], float(sys.argv[2])
+port, job, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
 def query(q):
-    url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
     with urllib.request.urlopen(url, timeout=5) as reply:
         return json.load(reply)["data"]["result"]
 deadline = time.monotonic() + timeout
@@ -111,8 +97,31 @@ grown = query(f'max by (stage) (max_over_time(kasmina_seeds{{job_id="{job}", sta
 print("stages seeds reached during the job:", {r["metric"]["stage"]: r["value"][1] for r in grown})
 if not grown:
     sys.exit("no seed left DORMANT: Tamiyo's commands did not reach the runtime")
-print("targets up:", {r["metric"]["job"]: r["value"][1] for r in query("up")})
 print("tamiyo decisions:", {r["metric"]["kind"]: r["value"][1] for r in query("tamiyo_decisions_total")})
 print("karn outcomes:", {r["metric"]["outcome"]: r["value"][1] for r in query("karn_field_reports_stored_total")})
 EOF
+
+step "a first dead letter fires DeadLettersGrowing"
+# Not an Envelope: Karn's consumer dead-letters it as `undecodable`.
+compose exec -T redis redis-cli XADD innovation.field_reports '*' smoke not-an-envelope
+prom "$TIMEOUT_S" <<'EOF'
+import json, sys, time, urllib.request
+port, timeout = sys.argv[1], float(sys.argv[2])
+deadline = time.monotonic() + timeout
+while True:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5) as reply:
+        alerts = json.load(reply)["data"]["alerts"]
+    firing = [a for a in alerts if a["labels"]["alertname"] == "DeadLettersGrowing"
+              and a["state"] == "firing"]
+    if firing:
+        print("firing:", firing[0]["labels"], "\n ", firing[0]["annotations"]["description"])
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"DeadLettersGrowing not firing after {timeout:.0f} s; alerts: {alerts}")
+    time.sleep(3)
+EOF
+step "the alert's runbook command lists it"
+letters=$(compose exec -T karn python -m oona dlq list innovation.field_reports)
+echo "$letters"
+grep -q undecodable <<<"$letters" || { echo "smoke: the runbook command listed no dead letter" >&2; exit 1; }
 step "smoke passed"

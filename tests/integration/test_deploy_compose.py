@@ -1,7 +1,9 @@
-"""deploy/docker-compose.yml (and the GPU override, the Dockerfile, the smoke rewrite) agree with
-the services they run: commands are the real CLIs, every environment variable is one the service
-reads, ports line up across health checks, scrape targets and addresses, start order follows
-health checks. `docker compose config` validates the files when a compose CLI is installed."""
+"""deploy/docker-compose.yml (and the GPU override, the Dockerfiles, the pins, the Makefile) agree
+with the services they run: commands are the real CLIs, every environment variable is one the
+service reads, ports line up across health checks, scrape targets and addresses, start order
+follows health checks and leaves monitoring independent of the fleet, every container is bounded
+(memory, logs) and read-only where it can be, and nothing has a default password. `docker compose
+config` validates the files when a compose CLI is installed."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import oona.settings
@@ -30,8 +33,10 @@ def _load(name: str) -> dict:
 
 
 def _resolved(env: dict) -> dict[str, str]:
-    """The environment as compose would pass it with no variables set: ${VAR:-x} -> x."""
-    return {k: _DEFAULT.sub(lambda m: m.group(2), str(v)) for k, v in env.items()}
+    """The environment as compose would pass it with no variables set: ${VAR:-x} -> x; the
+    secrets' *_FILE paths (inside the containers) left out."""
+    return {k: _DEFAULT.sub(lambda m: m.group(2), str(v)) for k, v in env.items()
+            if not k.endswith("_FILE")}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +73,18 @@ def test_start_order_waits_for_health(services: dict) -> None:
         walk(name, ())
 
 
+def test_monitoring_does_not_wait_for_the_fleet(services: dict) -> None:
+    # Prometheus must be up exactly while a fleet service crash-loops, so it waits for nothing.
+    assert "depends_on" not in services["prometheus"]
+    assert set(services["grafana"]["depends_on"]) == {"prometheus"}
+
+
 def test_redis_persists_streams_on_a_named_volume(compose: dict, services: dict) -> None:
     command = services["redis"]["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
+    # Other containers reach Redis over the compose network, not its loopback: protected mode
+    # (on by default without a password) would refuse them all.
+    assert command[command.index("--protected-mode") + 1] == "no"
     assert f"redis-data:{command[command.index('--dir') + 1]}" in services["redis"]["volumes"]
     for name, spec in services.items():
         for volume in spec.get("volumes", []):
@@ -103,9 +117,10 @@ def _bus_variables() -> set[str]:
 
 
 def _kasmina_variables() -> set[str]:
+    """`KASMINA_*` names the service code reads: quoted in kasmina/service/ (settings or main)."""
     spec = importlib.util.find_spec("kasmina")
-    source = (Path(spec.origin).parent / "service" / "main.py").read_text()
-    return set(re.findall(r"environ\.get\(\"(KASMINA_\w+)\"", source))
+    sources = (Path(spec.origin).parent / "service").glob("*.py")
+    return {name for path in sources for name in re.findall(r"\"(KASMINA_\w+)\"", path.read_text())}
 
 
 def test_environment_names_are_read_by_the_services(services: dict) -> None:
@@ -114,6 +129,10 @@ def test_environment_names_are_read_by_the_services(services: dict) -> None:
         "tamiyo": {f"TAMIYO_{f.upper()}" for f in TamiyoSettings.__dataclass_fields__},
         "kasmina": _kasmina_variables(),
     }
+    # Secrets come as files (oona.settings.read_secret reads NAME or NAME_FILE).
+    known["karn"].add("KARN_API_TOKEN_FILE")
+    known["tamiyo"] |= {"TAMIYO_API_TOKEN_FILE", "KARN_API_TOKEN_FILE"}
+    known["kasmina"].add("KASMINA_API_TOKEN_FILE")
     assert {"KASMINA_BIND_HOST", "KASMINA_GRPC_PORT"} <= known["kasmina"]
     for name in FLEET:
         env = services[name]["environment"]
@@ -145,12 +164,16 @@ def test_settings_parse_and_ports_line_up(services: dict) -> None:
         assert targets == [f"{name}:{port}"], (name, targets)
 
 
+def _stages(dockerfile: str) -> dict[str, str]:
+    return dict(re.findall(r"^FROM \S+ AS ([\w-]+)\n(.*?)(?=^FROM |\Z)", dockerfile,
+                           re.MULTILINE | re.DOTALL))
+
+
 def test_dockerfile_targets_match_compose(services: dict) -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert dockerfile.lstrip().startswith("#")
     assert re.search(r"^ARG BASE_IMAGE=", dockerfile, re.MULTILINE)
-    stages = dict(re.findall(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", dockerfile,
-                             re.MULTILINE | re.DOTALL))
+    stages = _stages(dockerfile)
     for name in FLEET:
         build = services[name]["build"]
         assert (build["context"], build["dockerfile"], build["target"]) == \
@@ -160,8 +183,103 @@ def test_dockerfile_targets_match_compose(services: dict) -> None:
         assert re.search(r"^USER fleet$", stage, re.MULTILINE), f"{name} runs as root"
         cmd = re.search(r"^CMD (.+)$", stage, re.MULTILINE).group(1)
         assert yaml.safe_load(cmd) == services[name]["command"], name
-        assert ("pip install \"$wheel\"" in stage) == (name == "kasmina")
         assert ("find_spec('torch') is None" in stage) == (name != "kasmina")
+    # The runtime's torch wheel and sources stay in the build stage: the image takes /opt/venv
+    # only, so no lower layer carries a file a later one deleted.
+    assert "pip install \"$wheel\"" in stages["kasmina-build"]
+    final = [line for line in stages["kasmina"].splitlines()
+             if line.startswith(("COPY", "RUN", "ADD"))]
+    assert final == ["COPY --from=kasmina-build /opt/venv /opt/venv"]
+    assert stages["kasmina"].rstrip().endswith(final[0])  # vfs: nothing commits a copy after it
+    # ... onto a stage with no venv of its own (else the bus library would be in it twice).
+    assert "FROM system AS kasmina\n" in dockerfile
+    assert "python3 -m venv" not in stages["system"] and "COPY --from" not in stages["system"]
+    # The CPU image has no Triton (1 GB, useless without a GPU); the GPU override adds it.
+    extras = re.search(r"^ARG KASMINA_EXTRAS=(\S+)$", stages["kasmina-build"], re.MULTILINE)
+    assert extras and "triton" not in extras.group(1).split(",")
+
+
+def test_builds_work_without_a_bridge_network(services: dict) -> None:
+    # The documented daemon runs with --bridge=none: a build on the default network has none.
+    build_sh = (DEPLOY / "build.sh").read_text()
+    assert "docker build --network host" in build_sh
+    for name, spec in services.items():
+        if "build" in spec:
+            assert spec["build"]["network"] == "host", name
+    tools = _stages((DEPLOY / "tools" / "Dockerfile").read_text())
+    for name in ("redis", "prometheus"):
+        assert services[name]["build"]["target"] in tools, name
+        assert services[name]["build"]["context"] == "./tools", name
+        # The image compose starts is the one deploy/build.sh tags.
+        image = _DEFAULT.sub(r"\2", services[name]["image"])
+        assert f"-t {image} deploy/tools" in build_sh, (name, image)
+
+
+def test_python_packages_are_pinned() -> None:
+    pins = [line for line in (DEPLOY / "constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.]+", p) for p in pins), pins
+    names = {p.split("==")[0].lower() for p in pins}
+    assert {"torch", "grpcio", "fastapi", "sqlalchemy", "scikit-learn", "redis"} <= names
+    assert "triton" not in names  # the GPU build's: torch==2.13.0 pins its own
+    assert "torch==2.13.0" in pins
+    # Every direct dependency of what the images install (the bus, Karn, Tamiyo, the runtime
+    # with its fleet extra and the recipe's packages) has a pin.
+    services = DEPLOY.parent / "services"
+    wanted = ["scikit-learn", "tqdm"]
+    for name in ("oona-bus", "karn-feedback", "tamiyo-controller", "kasmina-runtime"):
+        project = tomllib.loads((services / name / "pyproject.toml").read_text())["project"]
+        wanted += project["dependencies"]
+        if name == "kasmina-runtime":
+            wanted += project["optional-dependencies"]["fleet"]
+    direct = {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in wanted}
+    unpinned = direct - {n.replace("_", "-") for n in names} - {"oona-bus"}
+    assert not unpinned, f"add to deploy/constraints.txt: {sorted(unpinned)}"
+    requirements = (DEPLOY.parent / "requirements.txt").read_text()
+    assert re.search(r"^torch==2\.13\.0$", requirements, re.MULTILINE)  # the same torch
+    assert "PIP_CONSTRAINT=/etc/fleet/constraints.txt" in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_every_container_is_bounded_and_read_only_where_it_can_be(services: dict) -> None:
+    for name, spec in services.items():
+        assert re.fullmatch(r"\d+[mg]", _DEFAULT.sub(r"\2", spec["mem_limit"])), name
+        logging = spec["logging"]
+        assert logging["driver"] == "json-file" and logging["options"]["max-size"], name
+        if name != "grafana":  # Grafana writes plugins and caches outside its data volume
+            assert spec["read_only"] is True, name
+    for name in FLEET:
+        assert services[name]["tmpfs"] == ["/tmp"], name
+
+
+def test_the_fleet_runs_signed_and_authenticated_from_compose_secrets(compose: dict,
+                                                                      services: dict) -> None:
+    tokens = {"karn": {"karn_api_token"}, "tamiyo": {"tamiyo_api_token", "karn_api_token"},
+              "kasmina": {"kasmina_api_token"}}
+    for name, mine in tokens.items():
+        env, secrets = services[name]["environment"], set(services[name]["secrets"])
+        assert secrets == {"oona_signing_key", *mine}, name
+        assert env["OONA_SIGNING_KEY_FILE"] == "/run/secrets/oona_signing_key", name
+        assert "OONA_SIGNING_KEY" not in env, name  # a key never sits in a variable
+        for token in mine:
+            variable = token.upper() + "_FILE"
+            assert env[variable] == f"/run/secrets/{token}", (name, variable)
+    for secret in ("oona_signing_key", "kasmina_api_token", "karn_api_token",
+                   "tamiyo_api_token"):
+        assert _DEFAULT.sub(r"\2", compose["secrets"][secret]["file"]) == f"./secrets/{secret}"
+    assert "for name in oona_signing_key" in (DEPLOY / "up.sh").read_text()  # made if missing
+
+
+def test_grafana_has_no_default_password(compose: dict, services: dict) -> None:
+    env = services["grafana"]["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert services["grafana"]["secrets"] == ["grafana_admin_password"]
+    secret = _DEFAULT.sub(r"\2", compose["secrets"]["grafana_admin_password"]["file"])
+    assert secret == "./secrets/grafana_admin_password"
+    assert (DEPLOY / "secrets" / ".gitignore").read_text().startswith("*\n")
+    # Not built here (no Debian package): started only with its profile (deploy/up.sh).
+    assert services["grafana"]["profiles"] == ["grafana"]
+    assert "ADMIN_PASSWORD:-" not in (DEPLOY / "docker-compose.yml").read_text()
 
 
 def test_gpu_override_reserves_a_gpu_for_the_runtime_only() -> None:
@@ -169,25 +287,12 @@ def test_gpu_override_reserves_a_gpu_for_the_runtime_only() -> None:
     assert set(override) == {"kasmina"}
     devices = override["kasmina"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
-    assert override["kasmina"]["build"]["args"]["TORCH_SOURCE"] == "index"
-
-
-def test_smoke_rewrite_keeps_services_and_moves_wiring(compose: dict, tmp_path: Path) -> None:
-    sys.path.insert(0, str(DEPLOY / "smoke"))
-    try:
-        import hostnet
-    finally:
-        sys.path.remove(str(DEPLOY / "smoke"))
-    out = hostnet.hostnet_compose(compose, 16379, tmp_path / "p.yml", {"grafana"})["services"]
-    assert set(out) == set(compose["services"]) - {"grafana"}
-    for name, spec in out.items():
-        assert spec["network_mode"] == "host" and "ports" not in spec, name
-        assert "grafana" not in spec.get("depends_on", {})
-        if name != "redis":
-            assert spec["command"] == compose["services"][name].get("command"), name
-            assert spec["healthcheck"] == compose["services"][name]["healthcheck"], name
-    assert out["karn"]["environment"]["OONA_REDIS_URL"] == "redis://redis:16379/0"
-    assert out["redis"]["healthcheck"]["test"][-3:] == ["-p", "16379", "ping"]
+    args = override["kasmina"]["build"]["args"]
+    assert args["TORCH_SOURCE"] == "index"
+    assert "triton" in args["KASMINA_EXTRAS"].split(",")
+    # deploy/build.sh builds the same image for GPU=1.
+    assert override["kasmina"]["image"].startswith("${IMAGE_PREFIX:-kasmina}/kasmina-cuda:")
+    assert "KASMINA_EXTRAS=" + args["KASMINA_EXTRAS"] in (DEPLOY / "build.sh").read_text()
 
 
 def _compose_cli() -> list[str] | None:
@@ -210,3 +315,24 @@ def test_docker_compose_config_accepts_the_files(files: list[str]) -> None:
     result = subprocess.run([*cli, *args, "config", "--quiet"], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("found, expected", [
+    ("docker", "docker compose -f deploy/docker-compose.yml"),
+    ("docker-compose", "docker-compose -f deploy/docker-compose.yml"),
+])
+def test_make_down_uses_the_compose_cli_that_exists(tmp_path: Path, found: str,
+                                                    expected: str) -> None:
+    """The Makefile finds `docker compose` (v2) or else `docker-compose` (v1, Debian's): a stub
+    `docker` answers `compose version` only when v2 is the one "installed"."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    status = 0 if found == "docker" else 1
+    (tmp_path / "docker").write_text(f"#!/bin/sh\nexit {status}\n")
+    (tmp_path / "docker").chmod(0o755)
+    result = subprocess.run([make, "-n", "down"], cwd=DEPLOY.parent, capture_output=True,
+                            text=True, timeout=30, check=True,
+                            env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert result.stdout.strip().startswith(expected), result.stdout
+    assert "down --remove-orphans" in result.stdout

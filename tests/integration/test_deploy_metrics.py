@@ -192,12 +192,29 @@ def _stored_labels(scrapes: dict[str, str]) -> dict[str, set[str]]:
 def test_queries_use_labels_the_stored_series_have(scrapes: dict[str, str], source: str) -> None:
     stored = _stored_labels(scrapes)
     for expr in _dashboard_queries() if source == "dashboard" else _alert_queries():
-        for name in promql_metric_names(expr):
-            if name not in stored:  # no sample yet: its labels cannot be seen
-                assert name in EVENT_DRIVEN, f"{name}: no samples after a job ran"
-                continue
-            missing = promql_label_names(expr) - stored.get(name, set())
-            assert not missing, f"{name} has no label {sorted(missing)} in Prometheus: {expr}"
+        for part in _operands(expr):
+            for name in promql_metric_names(part):
+                if name not in stored:  # no sample yet: its labels cannot be seen
+                    assert name in EVENT_DRIVEN, f"{name}: no samples after a job ran"
+                    continue
+                missing = promql_label_names(part) - stored.get(name, set())
+                assert not missing, f"{name} has no label {sorted(missing)} in Prometheus: {expr}"
+
+
+def _operands(expr: str) -> list[str]:
+    """The two sides of a filter `A and on (l) B` (or `unless on`), each with the `on` labels:
+    A's grouping does not apply to B, which only needs the labels it is matched on."""
+    left, on, right = (re.split(r"\b(?:and|unless)\s+on\s*(\([^)]*\))", expr, maxsplit=1)
+                       + ["", ""])[:3]
+    return [left + f" on {on}", right + f" on {on}"] if on else [expr]
+
+
+def test_operands_split_a_filter_from_what_it_filters() -> None:
+    expr = 'sum by (layer) (a{x="1"} and on (job_id) (increase(b[5m]) > 0))'
+    left, right = _operands(expr)
+    assert promql_metric_names(left) == {"a"} and promql_label_names(left) == {"layer", "x",
+                                                                                 "job_id"}
+    assert promql_metric_names(right) == {"b"} and promql_label_names(right) == {"job_id"}
 
 
 def test_dashboard_queries_name_exported_metrics(scrapes: dict[str, str]) -> None:
