@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_dormant.py --device cpu
 	$(PY) benchmarks/bench_bus.py
+	$(PY) benchmarks/bench_regress.py
 
 # After editing proto/: regenerate oona's Python and check nothing released was broken.
 proto: setup

@@ -250,3 +250,16 @@ def test_the_submit_client_reports_a_refusal_without_a_traceback(service, capsys
     assert client.main(["--address", manager.address, "--job-id", "", "--epochs", "1",
                         "--param", "seeded=false"]) == 0  # the runtime names the job
     assert "JOB_STATE_SUCCEEDED" in capsys.readouterr().out
+
+
+def test_ack_reasons_are_named_and_every_series_starts_at_zero():
+    from kasmina.service import metrics
+    from oona.contracts import AckReason
+    from prometheus_client import REGISTRY
+
+    assert metrics.ack_reason(AckReason.ACK_REASON_OK) == "OK"  # as Tamiyo names them
+    metrics.start_job("job-zero")
+    sample = {"job_id": "job-zero", "reason": "EMERGENCY_STOPPED"}
+    assert REGISTRY.get_sample_value("kasmina_commands_total", sample) == 0.0
+    metrics.forget_job("job-zero", [])
+    assert REGISTRY.get_sample_value("kasmina_commands_total", sample) is None

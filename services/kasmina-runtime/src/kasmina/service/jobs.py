@@ -82,6 +82,7 @@ class Job:
         self._set_state(JobState.JOB_STATE_FAILED)
 
     def _run(self) -> None:
+        metrics.start_job(self.job_id)
         self._set_state(JobState.JOB_STATE_RUNNING)
         runtime = None
         try:
@@ -134,7 +135,7 @@ class Job:
             for lag in self.runtime.take_command_lags():
                 metrics.COMMAND_LAG.labels(self.job_id).observe(lag)
         for ack in acks or ():
-            metrics.COMMANDS.labels(self.job_id, str(ack.reason)).inc()
+            metrics.COMMANDS.labels(self.job_id, metrics.ack_reason(ack.reason)).inc()
             self._push(JobUpdate(job_id=self.job_id, state=self.state, ack=ack))
         for layer in seed_layers(self.model):
             report = layer.health_report()

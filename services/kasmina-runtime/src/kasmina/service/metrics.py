@@ -28,13 +28,24 @@ JOBS = Gauge("kasmina_jobs", "Jobs by state", ["state"])
 _PER_JOB = (EPOCH_SECONDS, STEP_SECONDS, VAL_METRIC, TRAIN_LOSS, COMMAND_LAG)
 
 
+def ack_reason(reason: int) -> str:
+    """An ack reason's label: its name, as Tamiyo's metrics have it (OK, INVALID, ...)."""
+    return AckReason.Name(reason).removeprefix("ACK_REASON_")
+
+
+def start_job(job_id: str) -> None:
+    """Every ack reason's series of the job at 0, so a first refusal shows as an increase."""
+    for reason in AckReason.values():
+        COMMANDS.labels(job_id, ack_reason(reason))
+
+
 def forget_job(job_id: str, layer_ids: list[str]) -> None:
     """Drop an evicted job's series, so /metrics stays bounded by the jobs the service keeps
     (removing a series that was never set is a no-op)."""
     for metric in _PER_JOB:
         metric.remove(job_id)
     for reason in AckReason.values():
-        COMMANDS.remove(job_id, str(reason))
+        COMMANDS.remove(job_id, ack_reason(reason))
     for layer in layer_ids:
         ALPHA_MEAN.remove(job_id, layer)
         for stage in SeedStage:
