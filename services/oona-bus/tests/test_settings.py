@@ -54,3 +54,16 @@ def test_stream_names_and_bounded_metric_labels():
     assert streams.family("test.random-name") == "other"
     with pytest.raises(ValueError):
         streams.commands("bad{id}")
+
+
+def test_a_consumers_dead_letter_series_exist_at_zero_before_the_first_letter():
+    from oona import metrics
+    from oona.errors import DeadLetterReason
+    from prometheus_client import REGISTRY
+
+    metrics.dead_letter_series("test.zero")
+    for reason in DeadLetterReason:
+        assert REGISTRY.get_sample_value("oona_dead_lettered_total",
+                                         {"stream": "test.zero", "reason": reason.value}) == 0.0
+    assert REGISTRY.get_sample_value("oona_dropped_total",
+                                     {"stream": "telemetry.seed.health"}) is not None

@@ -85,6 +85,7 @@ class Consumer:
         self.stream, self.group, self.name = stream, group, name
         family = streams.family(stream)
         self._family = family
+        metrics.dead_letter_series(family)
         # Labelled children resolved once: labels() costs microseconds per call.
         self._consumed = metrics.CONSUMED.labels(family)
         self._acked = metrics.ACKED.labels(family)

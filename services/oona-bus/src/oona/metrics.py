@@ -11,6 +11,8 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from oona.errors import DeadLetterReason
+
 PUBLISHED = Counter("oona_published", "Messages written to a stream.", ["stream"])
 CONSUMED = Counter("oona_consumed", "Messages handed to a handler.", ["stream"])
 ACKED = Counter("oona_acked", "Messages acknowledged after their handler succeeded.", ["stream"])
@@ -22,6 +24,13 @@ DEAD_LETTERED = Counter("oona_dead_lettered", "Messages moved to the dead-letter
                         ["stream", "reason"])
 DROPPED = Counter("oona_dropped", "Telemetry dropped by a full outbox (oldest first).",
                   ["stream"])
+DROPPED.labels("telemetry.seed.health")  # at 0 from the start: the first drop is an increase
+
+
+def dead_letter_series(family: str) -> None:
+    """Every reason's dead-letter series of a stream family at 0 (alerts see the first one)."""
+    for reason in DeadLetterReason:
+        DEAD_LETTERED.labels(family, reason.value)
 OUTBOX_DEPTH = Gauge("oona_outbox_depth", "Messages waiting in outboxes.", ["lane"])
 # `error` is the redis-py exception class (OutOfMemoryError, ConnectionError, ReadOnlyError, ...).
 PUBLISH_FAILURES = Counter("oona_publish_failures",

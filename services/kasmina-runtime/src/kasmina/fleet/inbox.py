@@ -43,6 +43,7 @@ class CommandInbox:
         self.settings, self.stream = settings, streams.commands(job_id)
         self.group, self.consumer = f"kasmina-{job_id}", consumer
         self._family = streams.family(self.stream)  # the bus's own metrics, as its Consumer
+        metrics.dead_letter_series(self._family)
         self.received: collections.deque[Incoming] = collections.deque()
         # Seconds from each command's publication to its arrival here.
         self.lags: collections.deque[float] = collections.deque(maxlen=10_000)
