@@ -35,7 +35,7 @@ from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
 from .host import no_fused_fast_path
 from .layer import KasminaLayer
-from .lifecycle import ACTIVE_STAGES, LifecycleError, SeedStage
+from .lifecycle import ACTIVE_STAGES, SeedStage
 from .telemetry import LayerHealthReport
 
 PATHS = ("chunked", "legacy")
@@ -204,11 +204,7 @@ class DualPathLayer(nn.Module):
     def request_germination(self, seed_id: int,
                             blueprint: str | int | BlueprintSpec = "residual_mlp",
                             strategy: str | int = "fixed_ramp") -> bool:
-        try:
-            self.germinate(seed_id, blueprint, strategy)
-        except LifecycleError:
-            return False
-        return True
+        return self.active.request_germination(seed_id, blueprint, strategy)
 
     def cancel_germination(self, seed_id: int) -> bool:
         return self.active.cancel_germination(seed_id)
