@@ -13,5 +13,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="slow: run with RUN_SLOW=1 (minutes; see its docstring)")
     for item in items:
-        if "slow" in item.keywords:
+        if item.get_closest_marker("slow") is not None:  # the marker, not a param id
             item.add_marker(skip)
