@@ -17,6 +17,7 @@ from karn.recommender import (
     posterior_mean,
 )
 from karn.store import FieldReportStore, StrategyRecord
+from oona.contracts import BlueprintKind, BlueprintSpec, ParameterCost
 
 RESIDUAL_MLP, LOW_RANK, LINEAR = 1, 2, 3
 COST_AT_64 = {LOW_RANK: 512, RESIDUAL_MLP: 2128, LINEAR: 4160}
@@ -127,11 +128,30 @@ def test_request_limits(kwargs, ok):
     if ok:
         RecommendationRequest(**kwargs)
     else:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError) as error:
             RecommendationRequest(**kwargs)
+        assert str(error.value) == ("chunk_size must be >= 1" if kwargs["chunk_size"] < 1 else
+                                    "parameter_budget must be >= 0 and limit >= 1")
 
 
 def test_cost_penalty_limits(sqlite_store):
     BlueprintRecommender(sqlite_store, cost_penalty=0.0)
-    with pytest.raises(ValueError, match="cost_penalty"):
+    with pytest.raises(ValueError) as error:
         BlueprintRecommender(sqlite_store, cost_penalty=-1e-12)
+    assert str(error.value) == "cost_penalty must be >= 0"
+
+
+def test_a_one_parameter_blueprint_alone_costs_its_full_penalty(sqlite_store):
+    """The largest fitting cost is the divisor (floored at 1 only for a free catalog): a lone
+    1-parameter blueprint is 1.00 of the largest, so the score is sample - cost_penalty."""
+    sqlite_store.register_blueprint(BlueprintSpec(
+        name="scale", kind=BlueprintKind.BLUEPRINT_KIND_RESIDUAL_MLP, blueprint_id=10,
+        min_chunk_size=1, parameter_cost=ParameterCost(constant=1)))
+    recommender = BlueprintRecommender(sqlite_store, cost_penalty=1.0, rng=random.Random(0))
+    request = RecommendationRequest(chunk_size=64, exclude_blueprint_ids={RESIDUAL_MLP,
+                                                                          LOW_RANK, LINEAR})
+    (only,) = recommender.recommend(request)
+    assert only.blueprint.blueprint_id == 10
+    assert only.score == random.Random(0).betavariate(1, 1) - 1.0
+    assert only.rationale.endswith("1 parameters at chunk size 64 (1.00 of the largest "
+                                   "fitting blueprint)")

@@ -8,24 +8,31 @@ controller's promotion) go without a gate."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
 from kasmina import KasminaConfig, KasminaLayer
 from kasmina.blueprints import get_blueprint
+from kasmina.events import LifecycleEvent, SeedOutcome
+from kasmina.gates import gate_reason
 from kasmina.lifecycle import (
+    LEGACY,
     TRANSITIONS,
     BlueprintDoesNotFitError,
     CapacityError,
+    EmbargoError,
     GateNotPassedError,
     InvalidTransitionError,
     LifecycleError,
     SeedStage,
+    UnknownBlueprintError,
     UnknownSeedError,
     check_transition,
 )
-from kasmina.seed_table import EPOCHS_IN_STAGE, STAGE, SeedTable
+from kasmina.seed_table import BLUEPRINT_ID, EPOCHS_IN_STAGE, STAGE, STRATEGY, SeedTable
+from kasmina.strategies import get_strategy
 from torch import nn
 
 S = SeedStage
@@ -237,8 +244,9 @@ def test_germination_guard_blueprint_must_fit_the_chunk():
     low_rank = get_blueprint("low_rank")
     table = SeedTable([(0, 4), (4, 9)], {low_rank.id: (0, 2)}, max_active_seeds=4,
                       embargo_epochs=10)
-    with pytest.raises(BlueprintDoesNotFitError):
+    with pytest.raises(BlueprintDoesNotFitError) as error:
         table.germinate(0, "low_rank", "fixed_ramp")
+    assert str(error.value) == "blueprint 'low_rank' does not fit seed 0's chunk of 4 features"
     assert table.stage_of(0) is S.DORMANT
     table.germinate(1, "low_rank", "fixed_ramp")
     assert table.stage_of(1) is S.GERMINATED
@@ -259,6 +267,210 @@ def test_automatic_moves_happen_after_their_wait():
     assert table.stage_of(1) is S.CULLED  # 9 epochs: still under embargo
     table.end_epoch(no_flags, None, 1.0)
     assert table.stage_of(1) is S.DORMANT  # embargo_epochs (10) served
+    returns = [(e.seed_id, e.from_stage, e.reason) for e in table.drain_events()
+               if e.to_stage is S.DORMANT]
+    assert returns == [(0, S.CANCELLED, "cancelled seed returns to dormant"),
+                       (1, S.CULLED, "embargo served")]
+
+
+def test_a_new_table_is_all_dormant_with_nothing_held():
+    """Columns STAGE, BLUEPRINT_ID, EPOCHS_IN_STAGE, STRATEGY (the layer's state tensor); -1 is
+    "none" for ids and lanes; a table without banks has no lanes."""
+    table = new_table()
+    assert table.state.tolist() == [[S.DORMANT, -1, 0, -1]] * 3
+    assert table.slot.tolist() == [-1] * 3 and table.num_lanes == 3
+    bankless = SeedTable([(0, 4)], {}, max_active_seeds=1, embargo_epochs=10)
+    assert bankless.num_lanes == 0 and bankless.lane_owner().shape == (0,)
+
+
+def test_a_cancel_is_recorded_with_its_reason():
+    table = new_table()
+    table.germinate(0, "linear", "fixed_ramp")
+    assert table.cancel(0)
+    (outcome,) = table.drain_outcomes()
+    assert (outcome.reason, outcome.params_added) == ("cancel request", 0)  # not fossilized
+    assert table.drain_events()[-1].reason == "cancel request"
+
+
+def test_an_outcome_carries_the_seeds_whole_record():
+    """linear on a 4-feature chunk: a 4x4 weight and a bias of 4, 20 parameters."""
+    table, no_flags = new_table(), np.zeros(3, dtype=bool)
+    table.end_epoch(no_flags, 0.25, 1.0)
+    table.germinate(1, "linear", "fixed_ramp")  # at epoch 1, after a metric of 0.25
+    table.end_epoch(no_flags, 0.75, 1.0)
+    happy = [S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING, S.FOSSILIZED]
+    for stage in happy:
+        table.transition(1, stage, force=True)
+    (outcome,) = table.drain_outcomes()
+    assert outcome == SeedOutcome(
+        layer_id="t", seed_id=1, outcome=S.FOSSILIZED, blueprint_id=LINEAR,
+        strategy_id=get_strategy("fixed_ramp").id, germinated_epoch=1, ended_epoch=2,
+        history=[(S.GERMINATED, 1)] + [(stage, 2) for stage in happy], metric_before=0.25,
+        metric_after=0.75, contribution=None, params_added=20, reason="command", chunk_size=4,
+        execution_path="chunked")
+
+
+def test_a_germinated_seed_is_ready_for_its_lifecycles_promotion_unless_it_is_training():
+    """The legacy path grafts at once: its germinated seeds publish GRAFTING as readiness (so
+    Tamiyo promotes them); the 11-stage path's promotion, TRAINING, is not published."""
+    chunks, lanes = [(0, 4), (4, 8), (8, 12)], {LINEAR: (0, 3)}
+    legacy = SeedTable(chunks, lanes, max_active_seeds=3, embargo_epochs=10, lifecycle=LEGACY)
+    full = new_table()
+    for table in (legacy, full):
+        table.germinate(1, "linear", "fixed_ramp")
+    assert legacy.readiness_from({}) == {1: S.GRAFTING}
+    assert full.readiness_from({}) == {}
+    # What the local controller records for that promotion: no gate of its own to name.
+    assert gate_reason(S.GERMINATED, S.GRAFTING) == "gate passed"
+
+
+def test_a_non_finite_seed_is_rolled_back_at_the_boundary_for_safety():
+    table = new_table()
+    table.germinate(0, "linear", "fixed_ramp")
+    table.transition(0, S.TRAINING)
+    table.end_epoch(np.array([True, False, False]), None, 1.0)
+    assert table.stage_of(0) is S.ROLLED_BACK
+    (outcome,) = table.drain_outcomes()
+    assert (outcome.outcome, outcome.reason) == (S.ROLLED_BACK,
+                                                 "safety: non-finite output or gradient")
+
+
+def test_germination_by_transition_is_refused_with_what_to_call_instead():
+    table = new_table()
+    with pytest.raises(LifecycleError) as error:
+        table.transition(0, S.GERMINATED, force=True)
+    assert type(error.value) is LifecycleError
+    assert str(error.value) == "germination needs a blueprint: use germinate()"
+    table.germinate(2, "linear", "fixed_ramp")
+    table.transition(2, S.TRAINING)
+    with pytest.raises(InvalidTransitionError) as refused:
+        table.transition(2, S.GERMINATED, force=True)
+    assert str(refused.value) == "seed 2: transition TRAINING -> GERMINATED is not allowed"
+    with pytest.raises(InvalidTransitionError) as refused:
+        table.transition(2, S.DORMANT, force=True)
+    assert str(refused.value) == "seed 2: transition TRAINING -> DORMANT is not allowed"
+    with pytest.raises(InvalidTransitionError) as refused:
+        table.germinate(2, "linear", "fixed_ramp")
+    assert str(refused.value) == "seed 2: transition TRAINING -> GERMINATED is not allowed"
+
+
+def test_refusals_before_a_wait_is_served_or_a_gate_passed_name_the_seed():
+    table = new_table()
+    table.germinate(0, "linear", "fixed_ramp")
+    table.transition(0, S.TRAINING)
+    with pytest.raises(GateNotPassedError) as gate:
+        table.transition(0, S.GRAFTING)
+    assert str(gate.value) == ("seed 0: gate for TRAINING -> GRAFTING has not passed (use "
+                               "force=True to skip it)")
+    table.transition(0, S.CULLED)
+    for _ in range(3):
+        table.end_epoch(np.zeros(3, dtype=bool), None, 1.0)
+    with pytest.raises(EmbargoError) as embargo:
+        table.germinate(0, "linear", "fixed_ramp")
+    assert str(embargo.value) == "seed 0 is under embargo for 7 more epoch(s)"
+    table.germinate(1, "linear", "fixed_ramp")
+    table.transition(1, S.CANCELLED)
+    with pytest.raises(EmbargoError) as embargo:
+        table.transition(0, S.DORMANT)
+    assert str(embargo.value) == "seed 0 is under embargo"
+    with pytest.raises(GateNotPassedError) as waiting:
+        table.transition(1, S.DORMANT)
+    assert str(waiting.value) == ("seed 1: gate for CANCELLED -> DORMANT has not passed (use "
+                                  "force=True to skip it)")
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_the_boundary_returns_each_seeds_gain_since_germination_in_the_metrics_sense(sign):
+    table, no_flags = new_table(), np.zeros(3, dtype=bool)
+    table.end_epoch(no_flags, 0.25, sign)
+    table.germinate(1, "linear", "fixed_ramp")  # metric_before 0.25
+    _, gain = table.end_epoch(no_flags, 0.75, sign)
+    np.testing.assert_array_equal(gain, [np.nan, sign * 0.5, np.nan])
+    _, gain = table.end_epoch(no_flags, None, sign)  # no metric: no gain, the last one kept
+    np.testing.assert_array_equal(gain, [np.nan] * 3)
+    assert table.last_metric == 0.75
+
+
+def test_moves_queue_lane_changes_drop_readiness_and_a_release_frees_the_lane():
+    table = new_table()
+    table.end_epoch(np.zeros(3, dtype=bool), None, 1.0)
+    table.step = 7
+    table.germinate(0, "linear", "fixed_ramp")
+    owner = table.lane_owner()
+    assert owner.dtype == np.int64 and owner.tolist() == [0, -1, -1]  # seed ids, for indexing
+    table.transition(0, S.TRAINING)
+    table.readiness[0] = S.GRAFTING
+    table.transition(0, S.CULLED)
+    assert table.readiness == {}  # a verdict is for the stage it was given in
+    assert table.records == {} and table.state[0, BLUEPRINT_ID] == table.state[0, STRATEGY] == -1
+    events = table.drain_events()
+    assert [e.reason for e in events] == ["germination request", "command", "command"]
+    assert events[-1] == LifecycleEvent("t", 0, S.TRAINING, S.CULLED, 1, 7, "command")
+    assert [(c.seed, c.lane, c.target) for c in table.changes] == [
+        (0, 0, S.GERMINATED), (0, 0, S.TRAINING), (0, 0, S.CULLED)]
+    assert table.slot[0] == -1 and table.lane_owner().tolist() == [-1, -1, -1]  # -1: none
+
+
+def test_a_seed_takes_the_first_free_lane_of_its_own_blueprints_bank():
+    mlp = get_blueprint("residual_mlp").id
+    table = SeedTable([(0, 4), (4, 8), (8, 12)], {LINEAR: (0, 2), mlp: (2, 3)},
+                      max_active_seeds=3, embargo_epochs=10, layer_id="t")
+    table.germinate(0, "residual_mlp", "fixed_ramp")
+    assert table.slot[0] == 2
+    with pytest.raises(CapacityError) as full:
+        table.germinate(1, "residual_mlp", "fixed_ramp")
+    assert str(full.value) == ("layer 't': all 1 slots of 'residual_mlp' are held "
+                               "(KasminaConfig.bank_slots)")
+    with pytest.raises(UnknownBlueprintError) as unknown:
+        new_table().germinate(0, "residual_mlp", "fixed_ramp")
+    assert str(unknown.value) == ("layer 't' has no bank for blueprint 'residual_mlp' (banks are "
+                                  "made at construction for KasminaConfig.blueprints: "
+                                  "['linear'])")
+
+
+def checkpointed_table() -> tuple[SeedTable, dict]:
+    """Seed 0 in TRAINING and ready for GRAFTING after one boundary; its bookkeeping as a
+    checkpoint stores it (through JSON: string keys, lists for tuples)."""
+    table = new_table()
+    table.germinate(0, "linear", "fixed_ramp")
+    table.transition(0, S.TRAINING)
+    table.end_epoch(np.zeros(3, dtype=bool), 0.5, 1.0)
+    table.readiness[0] = S.GRAFTING
+    return table, json.loads(json.dumps(table.to_dict()))
+
+
+def test_the_bookkeeping_round_trips_through_a_checkpoint():
+    table, extra = checkpointed_table()
+    assert extra == {
+        "epoch": 1, "step": 0, "last_metric": 0.5, "layer_id": "t", "lifecycle": "chunked",
+        "readiness": {"0": int(S.GRAFTING)},
+        "records": {"0": {"blueprint_id": LINEAR, "strategy_id": get_strategy("fixed_ramp").id,
+                          "germinated_epoch": 0, "germinated_step": 0, "metric_before": 0.5,
+                          "history": [[int(S.GERMINATED), 0], [int(S.TRAINING), 0]],
+                          "contributions": []}}}
+    restored = SeedTable(table.chunks, table.lanes, max_active_seeds=3, embargo_epochs=10)
+    restored.changes.append(table.changes[0])  # uncommitted before the load: dropped by it
+    restored.load_dict(extra, table.state.copy(), table.slot.copy())
+    assert (restored.epoch, restored.step, restored.last_metric) == (1, 0, 0.5)
+    assert restored.layer_id == "t"  # a layer without an id of its own takes the saved one
+    assert restored.readiness == {0: S.GRAFTING}
+    assert restored.records == table.records and restored.stage_of(0) is S.TRAINING
+    assert restored.changes == []
+    restored.transition(0, S.GRAFTING)  # the saved readiness opens the gate
+
+
+def test_a_checkpoint_of_another_lifecycle_is_refused_and_one_without_a_name_is_ours():
+    table, extra = checkpointed_table()
+    legacy = {**extra, "lifecycle": "legacy"}
+    with pytest.raises(ValueError) as error:
+        new_table().load_dict(legacy, table.state.copy(), table.slot.copy())
+    assert str(error.value) == (
+        "layer 't': the checkpoint holds a legacy seed table, this layer runs the chunked path "
+        "(python -m kasmina migrate converts a legacy checkpoint)")
+    unnamed = {k: v for k, v in extra.items() if k != "lifecycle"}  # saved before the legacy path
+    restored = new_table()
+    restored.load_dict(unnamed, table.state.copy(), table.slot.copy())
+    assert restored.readiness == {0: S.GRAFTING}
 
 
 # ---------------------------------------------------------------- the layer (tensors follow)

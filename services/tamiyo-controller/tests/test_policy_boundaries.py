@@ -178,3 +178,57 @@ def test_policy_config_limits(kwargs, ok):
     else:
         with pytest.raises(ValueError):
             PolicyConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"plateau_epochs": 0},
+     "need plateau_epochs >= 1, cooldown_epochs >= 0, max_active_seeds >= 1"),
+    ({"plateau_epochs": 256},
+     "need plateau_epochs < 256, the validation metrics a job's view keeps"),
+    ({"min_delta": -1.0}, "need min_delta >= 0 and fallback_chunk_size >= 1"),
+])
+def test_policy_config_errors_name_the_limit(kwargs, message):
+    """256 is METRIC_HISTORY_EPOCHS: a plateau that long could never be seen in the view."""
+    with pytest.raises(ValueError) as error:
+        PolicyConfig(**kwargs)
+    assert str(error.value) == message
+
+
+def test_the_longest_plateau_is_one_below_the_metric_history():
+    assert PolicyConfig(plateau_epochs=255).plateau_epochs == 255
+
+
+def test_the_worst_seed_of_every_layer_below_capacity_competes(advisor, report, epoch_ended):
+    # The worst seed is in the first layer decided ("a"); "b" is below capacity too.
+    sick = report(layer="a", variance=[1.0, 0.25, 1.0, 1.0])
+    healthy = report(layer="b")
+    decided = run(advisor, report, epoch_ended, [0.5, 0.5], reports=[sick, healthy],
+                  plateau_epochs=1)
+    (command,) = decided[1]
+    assert (command.layer_id, command.seed_index) == ("a", 1)
+
+
+def test_the_advisor_is_asked_for_the_seeds_own_chunk_width(advisor, report, epoch_ended):
+    # 10 features over 4 seeds: chunks 3, 3, 2, 2 (the fallback width, 16, only without it).
+    layer = report(variance=[1.0, 1.0, 0.25, 1.0])
+    layer.features = 10
+    decided = run(advisor, report, epoch_ended, [0.5, 0.5], reports=[layer], plateau_epochs=1)
+    (command,) = decided[1]
+    assert command.seed_index == 2
+    assert advisor.requests == [("job-1", "layers.0", 2)]
+
+
+@pytest.mark.parametrize(("stage", "ready", "action", "rationale"), [
+    (GERMINATED, NONE, "advance", "promote: germinated seeds start training"),
+    (TRAINING, S.SEED_STAGE_GRAFTING, "advance", "gate passed: ready for GRAFTING"),
+    (TRAINING, S.SEED_STAGE_CULLED, "cull", "gate passed: ready for CULLED"),
+    (TRAINING, S.SEED_STAGE_ROLLED_BACK, "rollback", "gate passed: ready for ROLLED_BACK"),
+])
+def test_moves_name_their_seed_and_why(advisor, report, epoch_ended, stage, ready, action,
+                                       rationale):
+    layer = report(layer="layers.3", stages=[DORMANT, stage], ready_for=[NONE, ready])
+    (decided,) = run(advisor, report, epoch_ended, [0.5], reports=[layer])
+    (command,) = decided
+    assert (command.WhichOneof("action"), command.layer_id, command.seed_index) == (
+        action, "layers.3", 1)
+    assert command.rationale == rationale
