@@ -1,4 +1,5 @@
-"""`python -m karn`: the worker, the gRPC API and the HTTP endpoints in one process.
+"""`python -m karn`: the worker, the gRPC API and the HTTP endpoints in one process
+(`python -m karn verdict --help`: the rollout's verdict from the stored reports).
 
 Start order: database (migrated), bus, then the servers. SIGTERM/SIGINT: readiness fails at once,
 the worker stops taking reports and finishes the batch in hand, gRPC drains in-flight calls, HTTP
