@@ -12,7 +12,8 @@ import pytest
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the provisioning files")
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
-SECTIONS = ("Fleet overview", "Training (per job)", "Seeds", "Karn and Tamiyo")
+SECTIONS = ("Fleet overview", "Training (per job)", "Seeds", "Karn and Tamiyo",
+            "Migration (execution paths)")
 
 
 def _dashboard() -> dict:
