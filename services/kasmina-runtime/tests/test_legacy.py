@@ -295,3 +295,10 @@ def test_a_field_report_says_which_path_its_seed_grew_on():
     (outcome,) = layer.drain_outcomes()
     report = outcome_to_field_report(outcome, "job-1", outcome.chunk_size, True, "acc")
     assert (report.execution_path, report.chunk_size) == ("legacy", 8)
+
+
+def test_export_refuses_a_dual_path_layer_naming_it():
+    import kasmina
+    model = nn.Sequential(DualPathLayer(nn.Linear(4, 6), 3, KasminaConfig(), "d"))
+    with pytest.raises(TypeError, match="DualPathLayer yet \\(0\\)"):
+        kasmina.export(model)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .blueprints import BlueprintSpec, get_blueprint
+from .dual import DualPathLayer
 from .layer import KasminaLayer
 from .lifecycle import ACTIVE_STAGES, BLENDING_STAGES
 from .seed_table import BLUEPRINT_ID
@@ -121,7 +122,7 @@ def export(model: nn.Module, *, allow_active: bool = False) -> nn.Module:
     every seed at its current blend (TRAINING and GERMINATED ones as the host's output).
     Weights shared with the rest of the model (tied embeddings) stay shared, except a host
     weight that a blueprint was folded into, which gets its own copy."""
-    dual = [name for name, m in model.named_modules() if type(m).__name__ == "DualPathLayer"]
+    dual = [name for name, m in model.named_modules() if isinstance(m, DualPathLayer)]
     if dual:
         raise TypeError(f"export does not take a DualPathLayer yet ({', '.join(dual)}): train "
                         f"on one path, then rebuild the layer as a KasminaLayer of that path "
