@@ -2,7 +2,7 @@
 modes of bench_step.py at one shape: the evidence behind each step-speed change.
 
     python3 benchmarks/probe_step.py [--shape 4096x32768] [--seeds 1024] [--dtype bf16]
-        [--modes dormant,graft10,training] [--steps 5]
+        [--modes dormant,graft10,training] [--steps 5] [--sort self_cpu_time_total]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--modes", default="bare,dormant,graft10,training")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--sort", default="self_cuda_time_total",
+                    help="a key_averages column, e.g. self_cpu_time_total (host-bound shapes)")
     args = ap.parse_args()
     hidden, rows = map(int, args.shape.split("x"))
     dtype, dev = DTYPES[args.dtype], "cuda"
@@ -51,7 +53,7 @@ def main() -> None:
                 train_step(mode, x, g)
             torch.cuda.synchronize()
         print(f"==== {name} {args.shape} {args.dtype} seeds {args.seeds}: per {args.steps} steps")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top,
+        print(prof.key_averages().table(sort_by=args.sort, row_limit=args.top,
                                         max_name_column_width=60))
 
 

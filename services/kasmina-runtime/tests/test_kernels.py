@@ -118,6 +118,31 @@ def test_column_stats_kernel_matches_reference(rows, features, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("features,seeds,rows", [(23, 5, 37), (130, 3, 300), (7, 7, 5),
+                                                 (64, 4, 80)])
+def test_telemetry_kernel_accumulates_what_the_pytorch_form_does(features, seeds, rows, dtype):
+    """Two steps into the same accumulators, on a strided h (a slice of a wider output):
+    k = 1 (chunks of one feature: no correlation), ragged chunks narrower than k (padded),
+    more rows than are sampled (300 > 256)."""
+    from kasmina.kernels import triton_telemetry
+    from kasmina.telemetry import SeedTelemetry
+    chunks = KasminaLayer(nn.Linear(1, features), seeds).chunks
+    cfg = KasminaConfig(correlation_features=4)
+    ours, want = (SeedTelemetry(chunks, cfg, torch.device(DEVICE)) for _ in range(2))
+    for step in range(2):
+        torch.manual_seed(step)
+        wide = torch.randn(rows, features + 3, device=DEVICE).to(dtype)
+        h2 = wide[:, 1:features + 1]
+        stats = reference.column_stats(h2, 1e-6)
+        want.add(stats, h2)
+        triton_telemetry.add(stats, h2, ours.corr_idx, ours.corr_valid, ours.columns, ours.rows,
+                             ours.corr_sum, ours.corr_prod, ours.corr_n, ours.rows_sampled)
+    for name, t in ours.named_buffers():
+        torch.testing.assert_close(t, getattr(want, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert ours.rows == 2 * rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_gradients_match_the_reference_and_keep_identity_exact(dtype):
     h, y, alpha, plan = blend_inputs(23, 5, {1: 0.5, 3: 0.0, 4: 1.0}, dtype)
     g = torch.randn_like(h)
@@ -178,8 +203,9 @@ def test_layer_selects_the_path_and_both_agree():
     torch.testing.assert_close(banks["triton"].flat, banks["torch"].flat)
     torch.testing.assert_close(layers["triton"].lane_drift, layers["torch"].lane_drift)
     reports = {k: layer.end_epoch() for k, layer in layers.items()}
-    torch.testing.assert_close(reports["triton"].chunk_variance,
-                               reports["torch"].chunk_variance, rtol=1e-4, atol=1e-6)
+    for stat in ("chunk_variance", "dead_ratio", "mean_abs_correlation"):
+        torch.testing.assert_close(getattr(reports["triton"], stat),
+                                   getattr(reports["torch"], stat), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk,hidden", [(4, 16), (3, 5), (1, 16), (16, 8), (64, 16)])

@@ -167,7 +167,7 @@ class KasminaLayer(nn.Module):
             if stats is None:  # nothing blended: a read-only pass over the host output
                 stats = kernels.column_stats(h2.detach(), self.config.dead_threshold,
                                              self._triton)
-            self.telemetry.add(stats, h2.detach())
+            self.telemetry.add(stats, h2.detach(), self._triton)
         if loss is not None:
             out = AttachLoss.apply(out, loss)
         return out

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import distributed
 from .config import KasminaConfig
+from .kernels import interpreting
 from .lifecycle import SeedStage
 
 
@@ -52,8 +53,16 @@ class SeedTelemetry(nn.Module):
         self.register_buffer("corr_n", torch.zeros((), **f64))
 
     @torch.no_grad()
-    def add(self, stats: torch.Tensor, h2: torch.Tensor) -> None:
-        """stats: (3, F) float32 column statistics of h2 (N, F), the host output of one step."""
+    def add(self, stats: torch.Tensor, h2: torch.Tensor, triton: bool = False) -> None:
+        """stats: (3, F) float32 column statistics of h2 (N, F), the host output of one step.
+        `triton` (eager CUDA): the same maths in one launch (`kernels/triton_telemetry.py`)."""
+        if triton and (h2.is_cuda or interpreting()) and h2.stride(1) == 1 and not (
+                torch.compiler.is_compiling()):
+            from .kernels import triton_telemetry
+            triton_telemetry.add(stats, h2, self.corr_idx, self.corr_valid, self.columns,
+                                 self.rows, self.corr_sum, self.corr_prod, self.corr_n,
+                                 self.rows_sampled)
+            return
         self.columns += stats
         self.rows += h2.shape[0]
         if self.k == 1:  # chunks of one feature have no pairs to correlate
