@@ -273,6 +273,41 @@ def test_fused_seed_step_matches_the_pytorch_step(weight_decay, overflow_ok, sca
     assert banks[1].opt_step.tolist() == [3.0, 3.0, 0.0, 2.0, 3.0]
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("overflow_ok", [False, True])
+def test_seed_step_into_the_lanes_matches_the_returning_form(fused, overflow_ok):
+    """`into` (the layer's form) writes what the returning form returns: grad norm and drift
+    into the lane views, and nonfinite |= running & ~finite (never under a GradScaler); a
+    flag already set stays set."""
+    cfg = KasminaConfig()
+    banks = [BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=16), 4, 5,
+                           torch.device(DEVICE)) for _ in range(2)]
+    for bank in banks:
+        for slot in range(5):
+            bank.init_slot(slot, 3 + slot)
+    trainable = torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool, device=DEVICE)
+    running = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool, device=DEVICE)
+    lanes = torch.zeros(3, 7, device=DEVICE)  # (grad_norm, drift, pad): views at lanes 1..5
+    nonfinite = torch.tensor([0, 0, 0, 0, 0, 1, 0], dtype=torch.bool, device=DEVICE)
+    grad = torch.randn_like(banks[0].flat)
+    grad[1, 0] = grad[3, 0] = float("nan")  # running and not: only slot 1 is flagged
+    banks[0].flat.grad, banks[1].flat.grad = grad.clone(), grad.clone()
+    norm, finite, drift = banks[0].seed_step(trainable, cfg, overflow_ok=overflow_ok,
+                                             triton=fused)
+    assert banks[1].seed_step(trainable, cfg, overflow_ok=overflow_ok, triton=fused,
+                              into=(lanes[0, 1:6], lanes[1, 1:6], nonfinite[1:6],
+                                    running)) is None
+    torch.testing.assert_close(lanes[0, 1:6], norm, equal_nan=True)
+    torch.testing.assert_close(lanes[1, 1:6], drift)
+    assert lanes[:, 0].eq(0).all() and lanes[:, 6].eq(0).all()  # nothing outside the views
+    want = [False] + (~finite & running).tolist() + [False]
+    want[5] = True  # already set: stays
+    assert nonfinite.tolist() == want
+    assert want[2] is (not overflow_ok)  # slot 1: running and NaN
+    for name in ("flat", "exp_avg", "exp_avg_sq", "ema", "opt_step"):
+        torch.testing.assert_close(getattr(banks[1], name), getattr(banks[0], name))
+
+
 # Dynamo itself instantiates autograd.Function classes while tracing and warns about it.
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script_method. is deprecated:DeprecationWarning")

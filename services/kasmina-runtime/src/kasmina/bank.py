@@ -95,20 +95,23 @@ class BlueprintBank(nn.Module):
     @torch.no_grad()
     def seed_step(self, trainable: torch.Tensor, cfg: KasminaConfig,
                   grad_scale: torch.Tensor | None = None, overflow_ok: bool = False,
-                  triton: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  triton: bool = False, into: tuple[torch.Tensor, ...] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """One masked Adam(W) step on the slots where `trainable` (capacity,) and the gradient is
         finite. `grad_scale` (capacity,): what each slot's gradient is divided by first (an AMP
         loss scale). Returns per-slot (grad_norm, grad_finite, drift); no host synchronisation.
         With `overflow_ok` (a GradScaler) a non-finite gradient skips the slot's step, as the
         scaler skips the host's, and reads as finite. With `triton` (the layer's kernels) it is
-        one fused kernel (kernels/triton_step.py), the same formulas."""
+        one fused kernel (kernels/triton_step.py), the same formulas. `into` = the layer's
+        (grad_norm, drift, nonfinite, running) lane views: the results are written there
+        (nonfinite |= running & ~finite) and None is returned."""
         p = self.flat
         if triton and (p.is_cuda or kernels.interpreting()):
             from .kernels import triton_step
             out = triton_step.seed_step(p, p.grad, self.exp_avg, self.exp_avg_sq, self.ema,
                                         self.opt_step, trainable, grad_scale, cfg.seed_lr,
                                         cfg.seed_betas, cfg.seed_eps, cfg.seed_weight_decay,
-                                        cfg.drift_ema, overflow_ok)
+                                        cfg.drift_ema, overflow_ok, into)
             p.grad = None
             return out
         g = p.grad if p.grad is not None else torch.zeros_like(p)  # (capacity, P)
@@ -134,4 +137,10 @@ class BlueprintBank(nn.Module):
         drift = (p - self.ema).norm(dim=1) / self.ema.norm(dim=1).clamp(min=1e-12)
         p.grad = None
         norm = torch.where(finite, sq.sqrt(), 0.0) if overflow_ok else sq.sqrt()
-        return norm, finite | overflow_ok, drift
+        if into is None:
+            return norm, finite | overflow_ok, drift
+        grad_norm, drift_out, nonfinite, running = into
+        grad_norm.copy_(norm), drift_out.copy_(drift)
+        if not overflow_ok:
+            nonfinite |= ~finite & running
+        return None

@@ -229,7 +229,7 @@ class KasminaLayer(nn.Module):
             return
         self._live_steps += 1
         self._train_mode_steps += self.training
-        keys = flags.banks
+        keys, triton = flags.banks, self._triton
         distributed.all_reduce_mean_([g for k in keys for g in self.banks[k].grads()])
         scale = None
         if scaler is not None and scaler.is_enabled() and scaler._scale is not None:
@@ -239,13 +239,13 @@ class KasminaLayer(nn.Module):
         for key, bank in self.banks.items():
             end = start + bank.capacity
             if key in keys:
-                norm, finite, drift = bank.seed_step(
+                bank.seed_step(
                     self.lane_trainable[start:end], self.config,
                     None if scale is None else scale[start:end], overflow_ok=scale is not None,
-                    triton=self._triton)
-                self.lane_grad_norm[start:end] = norm
-                self.lane_drift[start:end] = drift
-                self.lane_nonfinite[start:end] |= ~finite & self.lane_running[start:end]
+                    triton=triton, into=(self.lane_grad_norm[start:end],
+                                         self.lane_drift[start:end],
+                                         self.lane_nonfinite[start:end],
+                                         self.lane_running[start:end]))
             else:  # compiled graphs run every bank: drop the (zero) gradient of idle ones
                 bank.flat.grad = None
             start = end

@@ -22,9 +22,9 @@ _BLOCK = 256
 
 @triton.jit
 def _seed_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, step_ptr, trainable_ptr, scale_ptr,
-                      norm_ptr, finite_ptr, drift_ptr, P, lr, b1, b2, ln_b1, ln_b2, eps, wd,
-                      drift_w, HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      OVERFLOW_OK: tl.constexpr, BLOCK: tl.constexpr):
+                      norm_ptr, finite_ptr, drift_ptr, running_ptr, P, lr, b1, b2, ln_b1,
+                      ln_b2, eps, wd, drift_w, HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      OVERFLOW_OK: tl.constexpr, INTO: tl.constexpr, BLOCK: tl.constexpr):
     slot = tl.program_id(0)
     row = slot.to(tl.int64) * P
     scale = tl.load(scale_ptr + slot) if HAS_SCALE else 1.0
@@ -69,10 +69,15 @@ def _seed_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, step_ptr, trainable_p
         e2 += ema * ema
     if OVERFLOW_OK:  # a GradScaler overflow skips the slot's step and reads as finite
         tl.store(norm_ptr + slot, tl.where(finite, tl.sqrt(total), 0.0))
-        tl.store(finite_ptr + slot, 1)
+        if not INTO:
+            tl.store(finite_ptr + slot, 1)
     else:
         tl.store(norm_ptr + slot, tl.sqrt(total))
-        tl.store(finite_ptr + slot, finite.to(tl.int8))
+        if INTO:  # the layer's flag: a running slot with a non-finite gradient stays flagged
+            bad = (tl.load(running_ptr + slot) != 0) & (finite == 0)
+            tl.store(finite_ptr + slot, (tl.load(finite_ptr + slot) != 0) | bad)
+        else:
+            tl.store(finite_ptr + slot, finite.to(tl.int8))
     tl.store(drift_ptr + slot, tl.sqrt(tl.sum(d2, axis=0))
              / tl.maximum(tl.sqrt(tl.sum(e2, axis=0)), 1e-12))
 
@@ -81,19 +86,30 @@ def seed_step(flat: torch.Tensor, grad: torch.Tensor | None, exp_avg: torch.Tens
               exp_avg_sq: torch.Tensor, ema: torch.Tensor, opt_step: torch.Tensor,
               trainable: torch.Tensor, grad_scale: torch.Tensor | None, lr: float,
               betas: tuple[float, float], eps: float, weight_decay: float, drift_ema: float,
-              overflow_ok: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              overflow_ok: bool, into: tuple[torch.Tensor, ...] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """In place on flat, exp_avg, exp_avg_sq, ema and opt_step; returns per-slot (grad_norm,
-    grad_finite, drift)."""
+    grad_finite, drift). With `into` = (grad_norm, drift, nonfinite, running), the layer's
+    (capacity,) lane views, it writes the first two there, flags nonfinite where a running
+    slot's gradient is not finite (unless `overflow_ok`) and returns None: one launch where
+    the returning form takes four more (casts and the layer's copies), each tens of
+    microseconds of host time on a host-bound step."""
     slots, size = flat.shape
-    norm = torch.empty(slots, device=flat.device, dtype=torch.float32)
-    finite = torch.empty(slots, device=flat.device, dtype=torch.int8)
-    drift = torch.empty_like(norm)
+    if into is None:
+        norm = torch.empty(slots, device=flat.device, dtype=torch.float32)
+        finite = torch.empty(slots, device=flat.device, dtype=torch.int8)
+        drift, running = torch.empty_like(norm), finite
+    else:
+        norm, drift, nonfinite, running = into
+        assert norm.is_contiguous() and drift.is_contiguous() and nonfinite.is_contiguous()
+        finite, running = nonfinite.view(torch.uint8), running.view(torch.uint8)
     b1, b2 = betas
     _seed_step_kernel[(slots,)](
         flat, flat if grad is None else grad.contiguous(), exp_avg, exp_avg_sq, ema, opt_step,
-        trainable.to(torch.int8), flat if grad_scale is None else grad_scale.float(),
-        norm, finite, drift, size, lr, b1, b2, math.log(b1) if b1 > 0 else -math.inf,
-        math.log(b2) if b2 > 0 else -math.inf, eps, weight_decay, 1.0 - drift_ema,
-        HAS_GRAD=grad is not None, HAS_SCALE=grad_scale is not None, OVERFLOW_OK=overflow_ok,
+        trainable.view(torch.uint8), flat if grad_scale is None else grad_scale.float(),
+        norm, finite, drift, running, size, lr, b1, b2,
+        math.log(b1) if b1 > 0 else -math.inf, math.log(b2) if b2 > 0 else -math.inf, eps,
+        weight_decay, 1.0 - drift_ema, HAS_GRAD=grad is not None,
+        HAS_SCALE=grad_scale is not None, OVERFLOW_OK=overflow_ok, INTO=into is not None,
         BLOCK=_BLOCK, num_warps=4)
-    return norm, finite.bool(), drift
+    return None if into is not None else (norm, finite.bool(), drift)
