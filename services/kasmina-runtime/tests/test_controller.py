@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import logging
+
 import kasmina
 import pytest
 import torch
 from kasmina import ControllerConfig, KasminaConfig, LocalController, SeedStage
+from kasmina.stability import StabilityConfig
 from torch import nn
 from torch.nn import functional as F
 
@@ -88,3 +91,117 @@ def test_demo_main_job_runs_and_writes_results(tmp_path, capsys):
     assert "host alone" in out and "host + seeds" in out
     assert (tmp_path / "results.json").exists()
     assert "GERMINATED" in (tmp_path / "events.log").read_text()
+
+
+# The stability guard (kasmina.stability, the rule Tamiyo's policy uses; its own cases are in
+# Tamiyo's tests/test_stability.py, run on this copy too). Metrics are binary-exact.
+ACCURACY = [0.75, 0.765625, 0.78125, 0.796875, 0.8125]  # +1/64 an epoch: no plateau
+LOSS = [1.0, 0.984375, 0.96875, 0.953125, 0.9375]
+DEFAULT_GUARD = StabilityConfig()
+
+
+def _guarded(mode="max", stability=DEFAULT_GUARD, config=None):
+    model = kasmina.wrap(nn.Sequential(nn.Linear(4, 8)), seeds_per_layer=4, config=config)
+    ctl = LocalController(model, ControllerConfig(plateau_epochs=2, min_delta=2**-8, mode=mode,
+                                                  stability=stability))
+    model.train()
+    return model, ctl
+
+
+def _boundary(model, ctl, metric):
+    model(torch.randn(32, 4))
+    return ctl.end_epoch(metric)
+
+
+def _germinated(events) -> bool:
+    return any(e.to_stage == SeedStage.GERMINATED for e in events)
+
+
+@pytest.mark.parametrize(("mode", "history", "spike"), [
+    ("max", ACCURACY, 0.25),  # an accuracy collapses
+    ("min", LOSS, 4.0),  # a loss blows up
+])
+def test_a_metric_spike_pauses_local_germination_until_it_clears(mode, history, spike, caplog):
+    metrics = [*history, spike] + [history[-1]] * 4  # a plateau from the spike on
+    model, ctl = _guarded(mode, stability=None)
+    assert [_germinated(_boundary(model, ctl, m)) for m in metrics].index(True) == 6
+    model, ctl = _guarded(mode)
+    with caplog.at_level(logging.INFO, logger="kasmina"):
+        boundaries = [(_germinated(_boundary(model, ctl, m)), ctl.growth_pause)
+                      for m in metrics]
+    # Paused at the spike's boundary (5) and the next two; boundary 8 has seen 3 stable epochs.
+    assert [g for g, _ in boundaries].index(True) == 8
+    assert [p is not None for _, p in boundaries] == [False] * 5 + [True] * 3 + [False] * 2
+    assert {p.cause.signal for _, p in boundaries if p} == {"metric_spike"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("growth paused: metric_spike" in m for m in messages) == 1  # when it starts
+    assert sum("growth resumed after 3 stable epochs" in m for m in messages) == 1
+
+
+def test_a_rise_of_an_accuracy_is_no_spike():
+    model, ctl = _guarded("max")
+    for metric in [*ACCURACY, 4.0]:
+        _boundary(model, ctl, metric)
+    assert ctl.growth_pause is None
+
+
+@pytest.mark.parametrize(("rolled_back", "first_germination"), [((0,), 2), ((0, 1), 5)])
+def test_repeated_rollbacks_pause_local_germination(rolled_back, first_germination):
+    model, ctl = _guarded()
+    layer = kasmina.seed_layers(model)[0]
+    germinated = []
+    for boundary in range(7):
+        if boundary == 1:
+            for seed in (0, 1):
+                layer.germinate(seed, "residual_mlp", "fixed_ramp")
+        if boundary == 2:  # both are TRAINING (promoted at boundary 1)
+            for seed in rolled_back:
+                layer.transition(seed, SeedStage.ROLLED_BACK, reason="test rollback")
+        events = _boundary(model, ctl, 0.5)  # a plateau from boundary 2 on
+        germinated += [boundary] if _germinated(events) and boundary != 1 else []
+    # Two at boundary 2: paused there and at 3 and 4.
+    assert germinated[0] == first_germination
+    assert ctl.growth_pause is None  # resumed by boundary 6
+
+
+def test_a_drifting_blended_seed_pauses_local_germination():
+    # A seed learning rate of 1 makes the blueprint's weights run from their EMA (drift 2.7,
+    # 1.2, 0.68 at the first three boundaries, measured); the runtime's own rollback on drift
+    # is set out of reach so that only the guard acts.
+    torch.manual_seed(0)
+    config = KasminaConfig(seed_lr=1.0, rollback_drift_limit=1e9, ramp_steps=1000)
+    model, ctl = _guarded(config=config)
+    layer = kasmina.seed_layers(model)[0]
+    layer.germinate(0, "residual_mlp", "fixed_ramp")
+    layer.transition(0, SeedStage.TRAINING)
+    layer.transition(0, SeedStage.GRAFTING, force=True)
+    layer.drain_events()  # the test's own moves
+    opt = torch.optim.SGD(kasmina.host_parameters(model), lr=0.1)
+    for _ in range(3):
+        for _ in range(5):
+            loss = model(torch.randn(32, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ctl.step(loss.detach())
+        events = ctl.end_epoch(0.5)
+        assert not _germinated(events)
+    assert float(ctl.reports[0].drift[0]) > StabilityConfig().drift_limit
+    assert ctl.growth_pause is not None and ctl.growth_pause.cause.signal == "drift"
+
+
+def test_the_pause_survives_a_checkpoint_of_the_controller():
+    model, ctl = _guarded()
+    for metric in [*ACCURACY, 0.25]:
+        _boundary(model, ctl, metric)
+    state = ctl.state_dict()
+    restored = LocalController(model, ctl.config)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    _boundary(model, restored, ACCURACY[-1])
+    assert restored.growth_pause is not None and restored.growth_pause.resumes_at == 9
+    # A controller checkpoint from before the guard loads, with the guard starting afresh.
+    old = LocalController(model, ctl.config)
+    old.load_state_dict({"best": state["best"], "epochs_without_progress": 0})
+    assert old.state_dict()["stability"] == {"metrics": [], "rollbacks": [],
+                                             "instability": None}

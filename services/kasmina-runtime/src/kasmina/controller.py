@@ -3,7 +3,9 @@
 The policy is DESIGN §5's heuristic, run at epoch boundaries: measure contributions of
 evaluating seeds, let gates advance seeds (promote, graft, stabilise, evaluate, fine-tune,
 fossilise, cull, roll back), and germinate a new seed in the least healthy dormant chunk when
-validation progress has plateaued.
+validation progress has plateaued, unless the stability guard (kasmina.stability, the same rule
+as Tamiyo's) has paused growth: a spike of the validation metric, repeated rollbacks or a
+drifting blended seed pause germination until `resume_epochs` stable epochs have passed.
 
     model = kasmina.wrap(model, seeds_per_layer=8)
     optimizer = torch.optim.Adam(kasmina.host_parameters(model))
@@ -18,9 +20,10 @@ validation progress has plateaued.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,8 +35,22 @@ from .events import LifecycleEvent, SeedOutcome
 from .gates import gate_reason
 from .lifecycle import ACTIVE_STAGES, LifecycleError, SeedStage
 from .protocol import SeedLayer
+from .stability import (
+    GrowthPause,
+    Instability,
+    StabilityConfig,
+    drift_instability,
+    growth_pause,
+    metric_spikes,
+    rollback_bursts,
+)
 from .telemetry import LayerHealthReport
 from .wrap import unique_seed_layers
+
+log = logging.getLogger("kasmina")
+
+# Seeds whose blueprint is blended into the layer's output: their drift moves the host's.
+BLENDED_STAGES = tuple(range(SeedStage.GRAFTING, SeedStage.FINE_TUNING + 1))
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,8 @@ class ControllerConfig:
     w_variance: float = 1.0
     w_dead: float = 1.0
     w_correlation: float = 1.0
+    # No germination while the job looks unstable (kasmina.stability); None: no guard.
+    stability: StabilityConfig | None = field(default_factory=StabilityConfig)
 
 
 def check_metric(val_metric: float | None) -> float | None:
@@ -115,6 +134,13 @@ class LocalController:
         self.events: list[LifecycleEvent] = []  # everything that happened, in order
         self.outcomes: list[SeedOutcome] = []
         self.reports: list[LayerHealthReport] = []  # the last epoch's, one per layer
+        # Set while the stability guard pauses growth (why, and until when).
+        self.growth_pause: GrowthPause | None = None
+        # What the guard remembers: the newest metrics (epoch -> metric) and rollback epochs it
+        # still needs, and the newest instability.
+        self._metrics: dict[int, float] = {}
+        self._rollbacks: list[int] = []
+        self._instability: Instability | None = None
         self._trained = False  # the model was in train mode at the last step()
 
     def step(self, loss: torch.Tensor | float | None = None,
@@ -137,6 +163,8 @@ class LocalController:
             for seed_id, target in sorted(layer.readiness().items()):
                 reason = gate_reason(layer.stage_of(seed_id), target)
                 layer.transition(seed_id, target, reason=reason)
+        new = [e for layer in self.layers for e in layer.drain_events()]
+        self._watch_stability(val_metric, new)
         if val_metric is not None and self._plateaued(val_metric):
             self._germinate()
         for layer in self.layers:
@@ -144,7 +172,7 @@ class LocalController:
                 layer.transition(seed_id, layer.promotion_stage, reason="promoted")
         if self._trained and not self.model.training:  # validate() left the model in eval
             self.model.train()
-        new = [e for layer in self.layers for e in layer.drain_events()]
+        new += [e for layer in self.layers for e in layer.drain_events()]
         self.events.extend(new)
         self.outcomes.extend(o for layer in self.layers for o in layer.drain_outcomes())
         return new
@@ -157,8 +185,40 @@ class LocalController:
         self.epochs_without_progress += 1
         if self.epochs_without_progress < self.config.plateau_epochs:
             return False
+        if self.growth_pause is not None:
+            return False  # the plateau stands, and germinates once growth resumes
         self.epochs_without_progress = 0  # a fresh plateau must build up before the next one
         return True
+
+    def _watch_stability(self, val_metric: float | None, events: list[LifecycleEvent]) -> None:
+        """Update `growth_pause` from this boundary's metric, rollbacks and reports."""
+        config = self.config.stability
+        if config is None:
+            return
+        epoch = max(r.epoch for r in self.reports)
+        if val_metric is not None:
+            self._metrics[epoch] = val_metric
+        self._metrics = dict(sorted(self._metrics.items())[-(config.baseline_epochs + 1):])
+        # Dated by the boundary that sees them (one commanded between boundaries carries the
+        # epoch of the boundary before).
+        self._rollbacks += [epoch for e in events if e.to_stage == SeedStage.ROLLED_BACK]
+        self._rollbacks = [e for e in self._rollbacks if e > epoch - config.rollback_window]
+        drift = [d for r in self.reports for d in r.drift[np.isin(r.stage, BLENDED_STAGES)]]
+        # This boundary's instabilities; older ones were judged at their own boundary, on
+        # their full baseline, and the newest of them is kept.
+        found = [i for i in (*metric_spikes(self._metrics, config=config,
+                                            higher_is_better=self.config.mode == "max"),
+                             *rollback_bursts(self._rollbacks, config)) if i.epoch == epoch]
+        found += [i for i in (drift_instability(epoch, drift, config), self._instability) if i]
+        was = self.growth_pause
+        self.growth_pause = growth_pause(epoch, found, config)
+        if self.growth_pause is not None:
+            self._instability = self.growth_pause.cause
+            if was is None:
+                log.warning("epoch %d: %s", epoch, self.growth_pause.describe())
+        elif was is not None:
+            log.info("epoch %d: growth resumed after %d stable epochs", epoch,
+                     config.resume_epochs)
 
     def _germinate(self) -> int:
         """Germinate in the least healthy dormant seeds of layers with spare capacity."""
@@ -184,8 +244,20 @@ class LocalController:
         return done
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "epochs_without_progress": self.epochs_without_progress}
+        last = self._instability
+        return {"best": self.best, "epochs_without_progress": self.epochs_without_progress,
+                "stability": {
+                    "metrics": sorted(self._metrics.items()), "rollbacks": list(self._rollbacks),
+                    "instability": None if last is None else [last.epoch, last.signal,
+                                                              last.detail]}}
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state["best"]
         self.epochs_without_progress = int(state["epochs_without_progress"])
+        # A checkpoint from before the stability guard has none of it: the guard starts afresh.
+        stability = state.get("stability", {})
+        self._metrics = {int(e): float(m) for e, m in stability.get("metrics", [])}
+        self._rollbacks = [int(e) for e in stability.get("rollbacks", [])]
+        last = stability.get("instability")
+        self._instability = None if last is None else Instability(int(last[0]), str(last[1]),
+                                                                  str(last[2]))

@@ -1,10 +1,12 @@
 """Prometheus metrics of Tamiyo. Labels are bounded: `kind` is a command action, `reason` an
-AckReason name; nothing is labelled by job, layer or seed."""
+AckReason name, `signal` a stability signal; nothing is labelled by job, layer or seed."""
 
 from __future__ import annotations
 
 from oona.contracts import AckReason
 from prometheus_client import Counter, Gauge, Histogram
+
+from tamiyo.stability import SIGNALS
 
 COMMAND_KINDS = ("germinate", "advance", "cull", "rollback", "cancel")
 
@@ -23,6 +25,10 @@ COMMANDS_ABANDONED = Counter("tamiyo_commands_abandoned",
                              "Commands given up on after max attempts without an ack.")
 JOBS_EVICTED = Counter("tamiyo_jobs_evicted",
                        "Jobs let go after no message for TAMIYO_JOB_RETENTION_S.")
+GROWTH_PAUSED_EPOCHS = Counter(
+    "tamiyo_growth_paused_epochs",
+    "Epochs decided with growth paused by the stability guard (no germination), by the signal "
+    "that paused it: metric_spike, rollbacks, drift.", ["signal"])
 JOBS = Gauge("tamiyo_jobs", "Running jobs this replica follows (every replica follows all).")
 LEASED_JOBS = Gauge("tamiyo_leased_jobs",
                     "Jobs whose lease this replica holds: the ones it decides and commands.")
@@ -30,6 +36,8 @@ LEASED_JOBS = Gauge("tamiyo_leased_jobs",
 # Every series exists from the start, at 0, so rates and dashboards see it.
 for _kind in COMMAND_KINDS:
     DECISIONS.labels(_kind)
+for _signal in SIGNALS:
+    GROWTH_PAUSED_EPOCHS.labels(_signal)
 for _reason in AckReason.DESCRIPTOR.values:
     ACKS.labels(_reason.name.removeprefix("ACK_REASON_"))
 

@@ -7,12 +7,15 @@ a learned policy only has to implement `decide`.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from oona.contracts import Advance, Cancel, Cull, Germinate, LifecycleCommand, Rollback
 from oona.contracts import SeedStage as Stage
 
+from tamiyo import metrics
 from tamiyo.blueprints import BlueprintAdvisor
 from tamiyo.heuristics import (
     HealthWeights,
@@ -20,7 +23,24 @@ from tamiyo.heuristics import (
     epochs_without_improvement,
     health_scores,
 )
+from tamiyo.stability import (
+    GrowthPause,
+    Instability,
+    StabilityConfig,
+    drift_instability,
+    growth_pause,
+    metric_spikes,
+    rollback_bursts,
+)
 from tamiyo.view import ACTIVE_STAGES, METRIC_HISTORY_EPOCHS, JobView, SeedView
+
+log = logging.getLogger(__name__)
+
+# Jobs remembered in a drift pause, past which the oldest go first: a job that ends mid-pause
+# never clears its own entry. More than a replica follows by default (TAMIYO_MAX_JOBS, 1000).
+_MAX_DRIFT_JOBS = 4096
+# Seeds whose blueprint is blended into the layer's output: their drift moves the host's.
+BLENDED_STAGES = frozenset(range(Stage.SEED_STAGE_GRAFTING, Stage.SEED_STAGE_FINE_TUNING + 1))
 
 
 class Policy(Protocol):
@@ -41,6 +61,9 @@ class PolicyConfig:
     weights: HealthWeights = field(default_factory=HealthWeights)
     # Used while health reports do not carry the layer's width (see README: chunk size).
     fallback_chunk_size: int = 16
+    # The stability guard (tamiyo.stability): no germination while the job looks unstable.
+    # None: no guard.
+    stability: StabilityConfig | None = field(default_factory=StabilityConfig)
 
     def __post_init__(self) -> None:
         if self.plateau_epochs < 1 or self.cooldown_epochs < 0 or self.max_active_seeds < 1:
@@ -71,6 +94,9 @@ class HeuristicPolicy:
     def __init__(self, config: PolicyConfig, advisor: BlueprintAdvisor) -> None:
         self.config = config
         self._advisor = advisor
+        # Per job, the newest epoch whose reports showed drift, while it still pauses growth
+        # (the view keeps only the newest report). In memory: a restarted Tamiyo forgets it.
+        self._drift_epochs: dict[str, int] = {}
 
     def decide(self, view: JobView) -> list[LifecycleCommand]:
         commands: list[LifecycleCommand] = []
@@ -88,11 +114,42 @@ class HeuristicPolicy:
                 # Only DORMANT seeds may germinate: CULLED ones (embargo) and terminal ones not.
                 candidates += [(scores[s.index], layer_id, s.index) for s in seeds
                                if s.stage == Stage.SEED_STAGE_DORMANT and not s.busy]
-        if candidates and (reason := self._growth_reason(view)):
+        pause = self.growth_pause(view)
+        reason = self._growth_reason(view) if candidates else None
+        if pause is not None:
+            metrics.GROWTH_PAUSED_EPOCHS.labels(pause.cause.signal).inc()
+            log.info("job %s epoch %s: %s%s", view.job_id, view.epoch, pause.describe(),
+                     f"; germination withheld ({reason})" if reason else "")
+        elif reason:
             germination = self._germinate(view, min(candidates), reason)
             if germination is not None:
                 commands.append(germination)
         return commands
+
+    def growth_pause(self, view: JobView) -> GrowthPause | None:
+        """Whether growth is paused at the view's newest epoch, and why. Spikes and rollbacks
+        are read from the view alone (the metrics it keeps; a report's stage and epochs in
+        stage date each rollback), so a restarted or taking-over Tamiyo sees the same pause;
+        drift shows only in the newest report, so its epoch is remembered here."""
+        config = self.config.stability
+        if config is None or view.epoch is None:
+            return None
+        found = metric_spikes(view.metrics, higher_is_better=view.higher_is_better,
+                              config=config)
+        found += rollback_bursts(_rollback_epochs(view), config)
+        drift = drift_instability(view.epoch, _blended_drift(view), config)
+        if drift is not None:
+            self._drift_epochs[view.job_id] = view.epoch
+        seen = self._drift_epochs.get(view.job_id)
+        if seen is not None and seen <= view.epoch:
+            found.append(drift or Instability(seen, "drift", "a blended seed's weight drift "
+                                              f"was over {config.drift_limit:g}"))
+        pause = growth_pause(view.epoch, found, config)
+        if seen is not None and (seen > view.epoch or view.epoch - seen >= config.resume_epochs):
+            del self._drift_epochs[view.job_id]  # over, or from epochs a rewound job replays
+        while len(self._drift_epochs) > _MAX_DRIFT_JOBS:  # jobs that ended in a drift pause
+            del self._drift_epochs[next(iter(self._drift_epochs))]
+        return pause
 
     def _move(self, seed: SeedView) -> LifecycleCommand | None:
         if seed.stage == Stage.SEED_STAGE_GERMINATED and seed.ready_for not in _READY_ACTIONS:
@@ -140,6 +197,20 @@ class HeuristicPolicy:
                   f"({choice.source}) with {choice.strategy_name}",
             germinate=Germinate(blueprint_name=choice.blueprint_name,
                                 strategy_name=choice.strategy_name))
+
+
+def _rollback_epochs(view: JobView) -> Iterator[int]:
+    for report in view.reports.values():
+        for index, stage in enumerate(report.stage):
+            if stage == Stage.SEED_STAGE_ROLLED_BACK:
+                yield report.epoch - report.epochs_in_stage[index]
+
+
+def _blended_drift(view: JobView) -> Iterator[float]:
+    for report in view.reports.values():
+        for index, stage in enumerate(report.stage):
+            if stage in BLENDED_STAGES:
+                yield report.drift[index]
 
 
 def _command(layer_id: str, index: int, rationale: str, **action: object) -> LifecycleCommand:
