@@ -12,8 +12,8 @@ mkdir -p "$OUT" benchmarks/results
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
   echo "commit $(git rev-parse --short HEAD 2>/dev/null) + $(git status --short 2>/dev/null | wc -l) changed"
 } 2>&1 | tee "$OUT/gpu_$TAG.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -x services/kasmina-runtime/tests/test_kernels.py \
-  -k "telemetry or column_stats or layer_selects or fused" 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -4
+timeout ${PYTEST_S:-150} python3 -m pytest -q -p no:cacheprovider -rs ${PYTEST_FILES:-services/kasmina-runtime/tests/test_kernels.py \
+  -k "telemetry or column_stats or layer_selects or fused"} 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -4
 timeout 120 python3 benchmarks/bench_paths.py --device cuda --steps 50 --epochs 2 2>&1 \
   | tee "$OUT/paths_cuda_h200_${D}_$TAG.log" | tail -18
 cp benchmarks/results/paths_cuda_h200_${D}.csv "$OUT/paths_cuda_h200_${D}_$TAG.csv" 2>/dev/null
