@@ -103,7 +103,8 @@ EOF
 
 step "a first dead letter fires DeadLettersGrowing"
 # Not an Envelope: Karn's consumer dead-letters it as `undecodable`.
-compose exec -T redis redis-cli XADD innovation.field_reports '*' smoke not-an-envelope
+compose exec -T redis sh -c 'REDISCLI_AUTH=$(cat /run/secrets/redis_admin_password) \
+  redis-cli --user admin XADD innovation.field_reports "*" smoke not-an-envelope'
 prom "$TIMEOUT_S" <<'EOF'
 import json, sys, time, urllib.request
 port, timeout = sys.argv[1], float(sys.argv[2])

@@ -29,7 +29,8 @@ WAIT_S=${UP_WAIT_S:-300}
 deploy/build.sh
 
 # The fleet's secrets (deploy/secrets/README.md): any that is missing is made, random, once.
-for name in oona_signing_key kasmina_api_token karn_api_token tamiyo_api_token; do
+for name in oona_signing_key kasmina_api_token karn_api_token tamiyo_api_token \
+            redis_kasmina_password redis_tamiyo_password redis_karn_password redis_admin_password; do
     file=deploy/secrets/$name
     if [ ! -s "$file" ]; then
         (umask 077; python3 -c "import secrets; print(secrets.token_hex(32))" > "$file")
@@ -37,6 +38,23 @@ for name in oona_signing_key kasmina_api_token karn_api_token tamiyo_api_token; 
         echo "up: made $file (random; keep it, every service of the fleet shares it)"
     fi
 done
+# Empty unless a signing key rotation is under way (docs/security.md).
+if [ ! -e deploy/secrets/oona_signing_previous_keys ]; then
+    (umask 077; : > deploy/secrets/oona_signing_previous_keys)
+    chmod 0644 deploy/secrets/oona_signing_previous_keys
+fi
+# Redis's ACL users, one per service with least privilege (oona.acl), rendered by the fleet's
+# own image from the password files (only their SHA-256 lands in the file); remade every time,
+# so a changed password or a new rule takes effect at the next `make up`.
+mounts=()
+for user in kasmina tamiyo karn admin; do
+    mounts+=(-v "$ROOT/deploy/secrets/redis_${user}_password:/secrets/redis_${user}_password:ro")
+done
+(umask 077; docker run --rm --network none "${mounts[@]}" \
+    "${IMAGE_PREFIX:-kasmina}/karn:${IMAGE_TAG:-latest}" \
+    python -m oona.acl --passwords-dir /secrets > deploy/secrets/redis_users_acl.new)
+mv deploy/secrets/redis_users_acl.new deploy/secrets/redis_users_acl
+chmod 0644 deploy/secrets/redis_users_acl  # read by redis-server in its container
 
 grafana_image=${GRAFANA_IMAGE:-grafana/grafana:11.1.0}
 secret=${GRAFANA_ADMIN_PASSWORD_FILE:-./secrets/grafana_admin_password}

@@ -1,7 +1,12 @@
 """The bad-input corpus's fleet: one private embedded Redis and real processes of Karn
 (`python -m karn`), Tamiyo (`python -m tamiyo`) and the runtime (`python -m kasmina serve`),
 secure by default (a signing key and an API token each, as compose gives them), shared by the
-whole directory so hypothesis runs its examples against processes that stay up between them."""
+whole directory so hypothesis runs its examples against processes that stay up between them.
+
+`OONA_FAULTS_REDIS_URL=redis://127.0.0.1:6379/15` runs the corpus on that server instead (e.g.
+the system's Redis 7). The corpus writes the fleet's fixed stream names, so the database must be
+empty at the start (else the session is skipped, saying so: nothing of anyone else's is touched);
+what the corpus wrote there is deleted at the end."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -33,6 +39,14 @@ _SECRETS = ("OONA_SIGNING_KEY", "OONA_SIGNING_PREVIOUS_KEYS", "OONA_REDIS_PASSWO
             "KASMINA_API_TOKEN", "KARN_API_TOKEN", "TAMIYO_API_TOKEN", "OONA_INSECURE")
 # The runtime imports torch: its start takes ~10 s on an idle 2-core machine, more when loaded.
 _START_TIMEOUT_S = 120.0
+EXTERNAL_URL = os.environ.get("OONA_FAULTS_REDIS_URL") or None
+
+
+@dataclass(frozen=True)
+class ExternalRedis:
+    """A server the corpus does not own (OONA_FAULTS_REDIS_URL): used, never restarted."""
+
+    url: str
 
 
 @dataclass
@@ -106,10 +120,46 @@ def _stop(service: ServiceProcess) -> None:
 
 
 @pytest.fixture(scope="session")
-def fault_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    """A private embedded Redis for the corpus (its dead letters must be ours alone)."""
-    with EmbeddedRedis(tmp_path_factory.mktemp("faults-redis"), port=0) as broker:
-        yield broker
+def fault_broker(tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[EmbeddedRedis | ExternalRedis]:
+    """A private embedded Redis for the corpus (its dead letters must be ours alone), or the
+    empty database OONA_FAULTS_REDIS_URL names."""
+    if EXTERNAL_URL is None:
+        with EmbeddedRedis(tmp_path_factory.mktemp("faults-redis"), port=0) as broker:
+            yield broker
+        return
+    with redis.Redis.from_url(EXTERNAL_URL) as client:
+        try:
+            keys = client.dbsize()
+        except redis.RedisError as exc:
+            pytest.skip(f"OONA_FAULTS_REDIS_URL: {exc}")
+        if keys:
+            pytest.skip(f"OONA_FAULTS_REDIS_URL's database holds {keys} keys: the corpus writes "
+                        "the fleet's stream names there, so it needs an empty one (e.g. /15)")
+        yield ExternalRedis(EXTERNAL_URL)
+        for key in client.scan_iter(count=1000):  # all ours: the database was empty
+            client.unlink(key)
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """`start_service(name, args, url, **env)`: a fleet process (`python -m *args`) on the Redis
+    at `url`, secure by default (signed with `signing_key`), ready; stopped at the test's end."""
+    started: list[ServiceProcess] = []
+
+    def start(name: str, args: list[str], url: str, **extra: str) -> ServiceProcess:
+        started.append(_start(name, args, _env(url, **extra), tmp_path / f"{name}.log"))
+        return started[-1]
+
+    yield start
+    for service in started:
+        _stop(service)
+
+
+@pytest.fixture
+def signing_key() -> bytes:
+    """The fleet's signing key in this directory: what a message must be signed with."""
+    return SIGNING_KEY.encode()
 
 
 @pytest.fixture(scope="session")

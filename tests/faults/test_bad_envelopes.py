@@ -1,9 +1,10 @@
 """Hypothesis-generated bad entries written raw (XADD, as anyone who reaches Redis can) onto every
 stream a real `python -m tamiyo` and `python -m karn` consume: random bytes, truncated and
 bit-flipped envelopes, no envelope field, unsigned, forged, wrong type and version, oversize,
-missing and corrupt claim checks, undecodable payloads, and payloads that parse but break the
-contract. Each ends in `<stream>.dlq` with the reason its kind implies, nothing stays pending,
-and the process stays up; a hostile field report Karn can store is either stored or refused."""
+missing and corrupt claim checks, undecodable payloads, genuine messages of another stream (a
+signed topic that is not the stream), and payloads that parse but break the contract. Each ends
+in `<stream>.dlq` with the reason its kind implies, nothing stays pending, and the process stays
+up; a hostile field report Karn can store is either stored or refused."""
 
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ _BREAKS = {LayerHealthReport: _break_report, EpochEvent: _break_event, CommandAc
 
 KINDS = ("no_envelope_field", "random_bytes", "truncated", "bit_flip", "unsigned", "other_key",
          "wrong_type", "wrong_version", "bad_event_id", "oversize_ref", "missing_blob",
-         "corrupt_blob", "payload_undecodable", "hostile_content")
+         "corrupt_blob", "payload_undecodable", "hostile_content", "wrong_topic")
 
 
 @st.composite
@@ -191,6 +192,13 @@ def bad_entries(draw: st.DrawFn, stream: str, message_class: type[Message], kind
                                                     (*_BREAKS, FieldReport)])
         ).filter(lambda t: t != schema.message_type))
         return BadEntry(kind, _entry(genuine), frozenset({"unknown_schema"}))
+    if kind == "wrong_topic":  # a genuine message of another stream, copied here
+        genuine.topic = draw(st.one_of(
+            st.sampled_from([streams.TELEMETRY_SEED_HEALTH, streams.EPOCH_EVENTS,
+                             streams.CONTROL_ACKS, streams.FIELD_REPORTS,
+                             streams.commands("job-faults"), stream + ".dlq"]),
+            st.text(max_size=300)).filter(lambda t: t != stream))
+        return BadEntry(kind, _entry(genuine), frozenset({"wrong_topic"}))
     if kind == "wrong_version":
         genuine.schema.version = draw(st.integers(0, 2**32 - 1).filter(
             lambda v: v != schema.version))
@@ -305,7 +313,7 @@ def test_bad_entries_are_dead_lettered_with_their_reason_and_the_service_stays_u
     service = {"tamiyo": fault_tamiyo, "karn": fault_karn}[service_name]
     client = redis.Redis.from_url(fault_broker.url)
 
-    # 4 streams x 14 kinds x 5 examples (20 of content that parses): 320 entries, ~10 ms each.
+    # 4 streams x 15 kinds x 5 examples (20 of content that parses): 340 entries, ~10 ms each.
     @settings(max_examples=20 if kind == "hostile_content" else 5, deadline=None,
               database=None, suppress_health_check=[HealthCheck.too_slow,
                                                     HealthCheck.data_too_large,

@@ -257,7 +257,8 @@ def test_the_fleet_runs_signed_and_authenticated_from_compose_secrets(compose: d
               "kasmina": {"kasmina_api_token"}}
     for name, mine in tokens.items():
         env, secrets = services[name]["environment"], set(services[name]["secrets"])
-        assert secrets == {"oona_signing_key", *mine}, name
+        assert secrets == {"oona_signing_key", "oona_signing_previous_keys",
+                           f"redis_{name}_password", *mine}, name
         assert env["OONA_SIGNING_KEY_FILE"] == "/run/secrets/oona_signing_key", name
         assert "OONA_SIGNING_KEY" not in env, name  # a key never sits in a variable
         for token in mine:

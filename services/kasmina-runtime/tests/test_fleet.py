@@ -149,15 +149,24 @@ def test_runtime_applies_commands_once_and_publishes_what_happened(oona_redis_ur
         for _ in range(3):
             m(x).sum().backward()
             runtime.step(0.5)
-        acks = runtime.end_epoch(0.4)  # boundary 1: germinate + promote; the cull waits
+        acks = runtime_acks = runtime.end_epoch(0.4)  # boundary 1: germinate + promote
         assert [a.command_id for a in acks] == [germ.command_id, promote.command_id]
-        assert all(a.success for a in acks)
+        assert all(a.success for a in acks)  # (the cull waits)
         # A resend under a new event id passes the bus's dedupe; the runtime's catches it.
         asyncio.run(_publish(oona_redis_url, streams.commands(job), [promote], True))
         _wait_for_inbox(runtime, 2)
-        acks = runtime.end_epoch(0.45)  # boundary 2: the cull; the resend is refused
+        acks = runtime.end_epoch(0.45)  # boundary 2: the cull; the resend is not applied
         assert [a.command_id for a in acks] == [later.command_id, promote.command_id]
-        assert acks[0].success and not acks[1].success and "duplicate" in acks[1].message
+        first, duplicate = runtime_acks[1], acks[1]
+        assert acks[0].success and duplicate.reason == AckReason.ACK_REASON_DUPLICATE
+        # The duplicate's ack carries the first answer's outcome, so a controller whose first
+        # ack was late or lost learns what really happened.
+        assert duplicate.original_reason == first.reason == AckReason.ACK_REASON_OK
+        assert (duplicate.success, duplicate.stage_before, duplicate.stage_after,
+                duplicate.applied_epoch, duplicate.applied_step) == (
+                    first.success, first.stage_before, first.stage_after, first.applied_epoch,
+                    first.applied_step)
+        assert "duplicate" in duplicate.message and "ACK_REASON_OK" in duplicate.message
     finally:
         runtime.close()
     wire_acks = asyncio.run(_collect(oona_redis_url, streams.CONTROL_ACKS, CommandAck))

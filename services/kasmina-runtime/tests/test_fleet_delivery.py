@@ -25,6 +25,7 @@ from oona.contracts import (
     Germinate,
     LifecycleCommand,
 )
+from oona.envelope import ENVELOPE_FIELD, encode
 from prometheus_client import REGISTRY
 from torch import nn
 
@@ -92,7 +93,8 @@ def test_a_delivery_is_acked_only_after_its_command_is_answered(oona_redis_url):
         wait_until(lambda: pending(client, job) == 1)  # `now` acked; `later` answered just now
     finally:
         runtime.close()
-    wait_until(lambda: pending(client, job) == 0)  # close publishes, then acks the rest
+    # close publishes, then acks the rest: nothing pending, so the job's stream is deleted
+    assert not client.exists(streams.commands(job))
 
 
 def test_a_command_in_hand_when_the_runtime_dies_is_applied_once_by_the_next(oona_redis_url):
@@ -115,7 +117,7 @@ def test_a_command_in_hand_when_the_runtime_dies_is_applied_once_by_the_next(oon
         assert boundary(second, m) == []  # applied once
     finally:
         second.close()
-    wait_until(lambda: pending(client, job) == 0)
+    assert not client.exists(streams.commands(job))  # all acked: deleted with the job
 
 
 def test_a_command_replayed_into_a_resumed_run_is_refused_as_a_duplicate(oona_redis_url):
@@ -126,7 +128,8 @@ def test_a_command_replayed_into_a_resumed_run_is_refused_as_a_duplicate(oona_re
     cmd = germinate(job)
     publish(oona_redis_url, job, cmd)
     wait_until(lambda: arrived(runtime) == 1)
-    assert boundary(runtime, m)[0].success
+    (first,) = boundary(runtime, m)
+    assert first.success
     checkpoint = {"model": m.state_dict(), "fleet": runtime.state_dict()}
     runtime.close()
     resumed_model = model()
@@ -141,10 +144,34 @@ def test_a_command_replayed_into_a_resumed_run_is_refused_as_a_duplicate(oona_re
         state = layer.state.clone()
         acks = boundary(resumed, resumed_model)
         assert [a.command_id for a in acks] == [cmd.command_id]
-        assert not acks[0].success and "duplicate" in acks[0].message
+        # Not applied again; answered with the outcome the checkpointed run gave it.
+        assert acks[0].reason == AckReason.ACK_REASON_DUPLICATE and "duplicate" in acks[0].message
+        assert (acks[0].original_reason, acks[0].success, acks[0].stage_after,
+                acks[0].applied_epoch) == (first.reason, True, first.stage_after,
+                                           first.applied_epoch)
         assert torch.equal(layer.state[:, 0], state[:, 0])  # no stage changed
     finally:
         resumed.close()
+
+
+def test_a_checkpoint_without_outcomes_still_refuses_its_commands_as_duplicates(
+        oona_redis_url):
+    """Checkpoints written before outcomes were kept carry ids only: still never applied
+    twice, answered as duplicates of an unknown outcome."""
+    job = f"job-{uuid.uuid4().hex[:8]}"
+    m = model()
+    runtime = kasmina.attach(m, job, oona.BusSettings.from_dsn(oona_redis_url))
+    cmd = germinate(job)
+    runtime.load_state_dict({"command_ids": [cmd.command_id]})
+    try:
+        publish(oona_redis_url, job, cmd)
+        wait_until(lambda: arrived(runtime) == 1)
+        (ack,) = boundary(runtime, m)
+        assert (ack.reason, ack.original_reason, ack.success) == (
+            AckReason.ACK_REASON_DUPLICATE, AckReason.ACK_REASON_UNSPECIFIED, False)
+        assert kasmina.seed_layers(m)[0].stage_of(1) is SeedStage.DORMANT
+    finally:
+        runtime.close()
 
 
 def test_an_emergency_stop_holds_across_a_resume(oona_redis_url):
@@ -206,7 +233,7 @@ def test_bad_commands_are_refused_on_arrival_and_the_job_trains_on(oona_redis_ur
         boundary(runtime, m)
     finally:
         runtime.close()
-    wait_until(lambda: pending(client, job) == 0)
+    assert not client.exists(streams.commands(job))  # all acked: deleted with the job
     acks = [CommandAck.FromString(_payload(f)) for _, f in
             client.xrange(streams.CONTROL_ACKS)]
     mine = {a.command_id: a for a in acks if a.job_id == job}
@@ -216,3 +243,31 @@ def test_bad_commands_are_refused_on_arrival_and_the_job_trains_on(oona_redis_ur
 def _payload(fields):
     from oona.proto.kasmina.bus.v1.envelope_pb2 import Envelope
     return Envelope.FromString(fields[b"envelope"]).payload
+
+
+def test_a_command_copied_from_another_jobs_stream_is_dead_lettered_as_wrong_topic(
+        oona_redis_url):
+    """Signed for job B's stream and written to job A's: the signature holds (the topic is
+    signed and unchanged), the topic check stops it before the training thread sees it."""
+    job, other = f"job-{uuid.uuid4().hex[:8]}", f"job-{uuid.uuid4().hex[:8]}"
+    settings = oona.BusSettings.from_dsn(oona_redis_url, signing_key=b"k" * 32)
+    client = redis.Redis.from_url(oona_redis_url)
+    m = model()
+    runtime = kasmina.attach(m, job, settings)
+    try:
+        copied = encode(streams.commands(other), germinate(job, seed=2), settings,
+                        sender_id="tamiyo")  # job A's command, but signed for B's stream
+        client.xadd(streams.commands(job), {ENVELOPE_FIELD: copied.data})
+        genuine = encode(streams.commands(job), germinate(job, seed=3), settings,
+                         sender_id="tamiyo")
+        client.xadd(streams.commands(job), {ENVELOPE_FIELD: genuine.data})
+        dlq = streams.dead_letters(streams.commands(job))
+        wait_until(lambda: client.xlen(dlq) == 1 and arrived(runtime) == 1)
+        (_, letter), = client.xrange(dlq)
+        assert letter[b"dlq.reason"] == b"wrong_topic"
+        acks = boundary(runtime, m)
+        assert len(acks) == 1 and acks[0].success
+        assert kasmina.seed_layers(m)[0].stage_of(2) is SeedStage.DORMANT
+        assert kasmina.seed_layers(m)[0].stage_of(3) is SeedStage.GERMINATED
+    finally:
+        runtime.close()

@@ -185,12 +185,18 @@ def test_jobs_a_dead_runtime_left_running_are_reported_failed(service, oona_redi
     dead = JobRegistry(tmp_path / "ckpt")
     dead.started("orphan-1", "digits", {"epochs": "50"})
     dead.close()  # the runtime died: its lock on the directory is gone with it
+    client = redis.Redis.from_url(oona_redis_url)
+    # ...with a command in hand (pending in its group), which no runtime will ever answer
+    client.xgroup_create(streams.commands("orphan-1"), "kasmina-orphan-1", id="0",
+                         mkstream=True)
+    client.xadd(streams.commands("orphan-1"), {b"envelope": b"a command"})
+    assert client.xreadgroup("kasmina-orphan-1", "dead", {streams.commands("orphan-1"): ">"})
     manager, stub = service()
     manager.recover()
     updates = list(stub.WatchJob(pb.WatchJobRequest(job_id="orphan-1"), timeout=10))
     assert updates[-1].state == pb.JobState.JOB_STATE_FAILED
     assert json.loads((tmp_path / "ckpt" / "jobs.json").read_text()) == {}
-    client = redis.Redis.from_url(oona_redis_url)
+    assert not client.exists(streams.commands("orphan-1"))  # a bounded bus: gone with the job
     events = [EpochEvent.FromString(Envelope.FromString(f[b"envelope"]).payload)
               for _, f in client.xrange(streams.EPOCH_EVENTS)]
     mine = [e for e in events if e.job_id == "orphan-1"]

@@ -285,3 +285,36 @@ def test_a_message_that_keeps_killing_its_consumers_is_dead_lettered(settings, s
             assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
 
     asyncio.run(body())
+
+
+def test_a_group_lost_to_nogroup_is_made_again_after_the_last_entry_read(settings, stream,
+                                                                         fast_config):
+    """The group destroyed while its consumer runs (an operator's XGROUP DESTROY, a server that
+    lost it): made again after the last entry read, not at start_id "0", so the three handled
+    before are not handled again and the one written meanwhile is handled."""
+    async def body() -> None:
+        got: list[int] = []
+
+        async def on_event(msg: EpochEvent, _: Delivery) -> None:
+            got.append(msg.epoch)
+
+        async with open_bus(settings) as bus:
+            publisher = bus.publisher("p")
+            for epoch in (1, 2, 3):
+                await publisher.publish(stream, EpochEvent(job_id="j", epoch=epoch))
+            consumer = bus.consumer(stream, "g", "c", {EpochEvent: on_event}, fast_config)
+            task = asyncio.create_task(consumer.run())
+            while len(got) < 3:
+                await asyncio.sleep(0.01)
+            await bus.redis.xgroup_destroy(stream, "g")
+            await publisher.publish(stream, EpochEvent(job_id="j", epoch=4))
+            deadline = asyncio.get_running_loop().time() + 10
+            while len(got) < 4 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # a replay from "0" would arrive meanwhile
+            consumer.stop()
+            await task
+            assert got == [1, 2, 3, 4]
+            assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
+
+    asyncio.run(body())

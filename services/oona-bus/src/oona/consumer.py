@@ -97,17 +97,28 @@ class Consumer:
         self._retry_heap: list[tuple[float, str]] = []
         self._retrying: set[str] = set()
         self._next_reclaim = 0.0
+        # The newest entry id the group delivered to us (or had delivered when we joined): where
+        # a group lost to NOGROUP is made again, so nothing read is read twice.
+        self._last_read: str | None = None
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
 
-    async def ensure_group(self) -> None:
-        """Create the group (and the stream) unless it exists; safe to call from every member."""
+    async def ensure_group(self, start_id: str | None = None) -> None:
+        """Create the group (and the stream) unless it exists, at `start_id` (default
+        config.start_id); safe to call from every member."""
         try:
-            await self._redis.xgroup_create(self.stream, self.group, id=self.config.start_id,
-                                            mkstream=True)
+            await self._redis.xgroup_create(self.stream, self.group,
+                                            id=start_id or self.config.start_id, mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def _delivered_up_to(self) -> str | None:
+        for info in cast(list[dict[str, Any]], await self._redis.xinfo_groups(self.stream)):
+            if info["name"] in (self.group, self.group.encode()):
+                last = info["last-delivered-id"]
+                return last.decode() if isinstance(last, bytes) else str(last)
+        return None
 
     def stop(self) -> None:
         """Stop taking messages (call from the consumer's event loop, e.g. a SIGTERM handler)."""
@@ -122,6 +133,7 @@ class Consumer:
         if self._stopping:
             return
         await self.ensure_group()
+        self._last_read = await self._delivered_up_to()
         loop_task = asyncio.create_task(self._loop())
         stop_task = asyncio.create_task(self._stop_event.wait())
         try:
@@ -152,10 +164,12 @@ class Consumer:
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                # The stream or group vanished (deleted, or a server restarted without data).
-                log.warning("%s: group %s missing on %s; recreating", self.name, self.group,
-                            self.stream)
-                await self.ensure_group()
+                # The stream or group vanished (deleted, or a server restarted without data):
+                # made again after the last entry read, so entries written since are read and
+                # none is read twice (start_id "0" would replay all the stream retains).
+                log.warning("%s: group %s missing on %s; recreating after %s", self.name,
+                            self.group, self.stream, self._last_read or self.config.start_id)
+                await self.ensure_group(self._last_read)
 
     async def poll(self, block_ms: int | None = None) -> int:
         """One round: reclaim if due, redeliver due retries, read one batch. Returns how many
@@ -172,6 +186,8 @@ class Consumer:
             self.group, self.name, {self.stream: ">"}, count=self.config.batch_size,
             block=block or None))
         for _stream, entries in reply or ():
+            if entries:
+                self._last_read = entries[-1][0].decode()
             await self._process(entries, counts=None)
             processed += len(entries)
         return processed
@@ -188,7 +204,8 @@ class Consumer:
                 continue
             try:
                 opened = open_envelope(fields.get(ENVELOPE_FIELD), self._settings.signing_keys,
-                                       self._versions, self._settings.max_payload_bytes)
+                                       self._versions, self._settings.max_payload_bytes,
+                                       stream=self.stream)
                 cls, handler = self._handlers[opened.message_type]
                 payload = opened.payload
                 if payload is None:  # claim-checked: fetched one by one, they can be megabytes

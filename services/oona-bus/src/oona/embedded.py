@@ -7,6 +7,7 @@ the streams, and stops it when its owner exits.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -73,6 +74,16 @@ class EmbeddedRedis:
         if self.port is not None:
             return f"redis://127.0.0.1:{self.port}/0"
         return f"unix://{self.socket_path}?db=0"
+
+    def server_version(self) -> tuple[int, ...]:
+        """The version of `executable` (`redis-server --version`: "... v=6.2.14 ..."), e.g. to
+        choose ACL rules (oona.acl: selectors need 7)."""
+        out = subprocess.run([self.executable, "--version"], capture_output=True, text=True,
+                             timeout=_STARTUP_TIMEOUT_S, check=True).stdout
+        match = re.search(r"v=(\d+)\.(\d+)", out)
+        if match is None:
+            raise RuntimeError(f"{self.executable} --version printed {out!r}")
+        return int(match[1]), int(match[2])
 
     @property
     def running(self) -> bool:

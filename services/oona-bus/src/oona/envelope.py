@@ -84,11 +84,13 @@ def encode(stream: str, message: Message, settings: BusSettings, *, sender_id: s
 
 
 def decode_envelope(data: bytes | None, keys: Keys | None,
-                    now_s: float | None = None) -> Envelope:
+                    now_s: float | None = None, *, stream: str | None = None) -> Envelope:
     """Parse and authenticate an entry's envelope; InvalidMessage when it cannot be trusted.
 
     `keys`: BusSettings.signing_keys (None: signing off); `now_s`: the clock freshness is
-    judged by (time.time())."""
+    judged by (time.time()); `stream`: the stream the entry was read from, which must be the
+    envelope's topic (the topic is signed, so a genuine message copied to another stream is
+    refused; None: not checked)."""
     if data is None:
         raise InvalidMessage(DeadLetterReason.UNDECODABLE, "entry has no envelope field")
     envelope = Envelope()
@@ -100,6 +102,7 @@ def decode_envelope(data: bytes | None, keys: Keys | None,
         raise InvalidMessage(DeadLetterReason.UNDECODABLE,
                              f"invalid event_id {envelope.event_id[:40]!r}")
     if keys is None:
+        _check_topic(envelope, stream)
         return envelope
     if not envelope.signature:
         raise InvalidMessage(DeadLetterReason.UNSIGNED, "signature required, none present")
@@ -110,7 +113,15 @@ def decode_envelope(data: bytes | None, keys: Keys | None,
     stale = keys.staleness(envelope, time.time() if now_s is None else now_s)
     if stale is not None:
         raise InvalidMessage(DeadLetterReason.STALE, f"stale envelope: {stale}")
+    _check_topic(envelope, stream)
     return envelope
+
+
+def _check_topic(envelope: Envelope, stream: str | None) -> None:
+    if stream is not None and envelope.topic != stream:
+        raise InvalidMessage(DeadLetterReason.WRONG_TOPIC,
+                             f"envelope topic {envelope.topic[:200]!r} read from {stream!r} "
+                             "(a message copied from another stream)")
 
 
 class Opened(NamedTuple):
@@ -121,10 +132,11 @@ class Opened(NamedTuple):
 
 
 def open_envelope(data: bytes | None, keys: Keys | bytes | None, known: Mapping[str, int],
-                  max_payload_bytes: int) -> Opened:
-    """decode_envelope, then check the schema against `known` (message type -> version) and
-    the payload's size. Fields are read once each: upb builds a Python object per access."""
-    envelope = decode_envelope(data, keys)
+                  max_payload_bytes: int, *, stream: str | None = None) -> Opened:
+    """decode_envelope (`stream`: the stream read, see there), then check the schema against
+    `known` (message type -> version) and the payload's size. Fields are read once each: upb
+    builds a Python object per access."""
+    envelope = decode_envelope(data, keys, stream=stream)
     schema = envelope.schema
     message_type = schema.message_type
     version = known.get(message_type)

@@ -56,6 +56,9 @@ class DeadLetterReason(StrEnum):
     MAX_DELIVERIES = "max_deliveries"  # the handler did not succeed within max_deliveries
     REJECTED = "rejected"  # the handler raised Reject: its content can never be taken
     STALE = "stale"  # a command older than the freshness window, or from the future
+    # The envelope's (signed) topic is not the stream it was read from: a genuine message copied
+    # to another stream.
+    WRONG_TOPIC = "wrong_topic"
     # The outbox could not publish it: the server refused it for good (WRONGTYPE: the stream key
     # holds another type). Never consumed; replay it once the cause is fixed.
     PUBLISH_REFUSED = "publish_refused"

@@ -75,6 +75,8 @@ class BusSettings:
             raise ValueError("need 0 < claim_check_bytes <= max_payload_bytes")
         if self.stream_maxlen < 1:
             raise ValueError("stream_maxlen must be >= 1")
+        if self.dedupe_ttl_s < 1:
+            raise ValueError("dedupe_ttl_s must be >= 1 (every dedupe key expires)")
         if self.stale_group_s < 0:
             raise ValueError("stale_group_s must be >= 0")
         if self.tls_enabled and self.url and self.url.startswith("unix"):
@@ -145,9 +147,10 @@ class BusSettings:
         OONA_REDIS_TLS_CA, OONA_REDIS_TLS_CERT, OONA_REDIS_TLS_KEY, OONA_SIGNING_KEY (the shared
         HMAC key, as text), OONA_SIGNING_PREVIOUS_KEYS (comma-separated), OONA_MAX_COMMAND_AGE_S,
         OONA_MAX_CLOCK_SKEW_S, OONA_INSECURE (1/true/yes), OONA_STREAM_MAXLEN, OONA_STALE_GROUP_S,
-        OONA_CLAIM_CHECK_BYTES, OONA_CONNECT_ATTEMPTS. The password and the keys may come from
-        a file instead (compose secrets): OONA_REDIS_PASSWORD_FILE, OONA_SIGNING_KEY_FILE,
-        OONA_SIGNING_PREVIOUS_KEYS_FILE (one key a line); see `read_secret`.
+        OONA_CLAIM_CHECK_BYTES, OONA_CONNECT_ATTEMPTS, OONA_DEDUPE_TTL_S. The password and the
+        keys may come from a file instead (compose secrets): OONA_REDIS_PASSWORD_FILE,
+        OONA_SIGNING_KEY_FILE, OONA_SIGNING_PREVIOUS_KEYS_FILE (one key a line, an empty file
+        none); see `read_secret`.
         """
         env = os.environ if environ is None else environ
         url = env.get("OONA_REDIS_URL") or None
@@ -164,7 +167,8 @@ class BusSettings:
                 overrides[name] = env[var]
         for var, name in (("OONA_STREAM_MAXLEN", "stream_maxlen"),
                           ("OONA_CLAIM_CHECK_BYTES", "claim_check_bytes"),
-                          ("OONA_CONNECT_ATTEMPTS", "connect_attempts")):
+                          ("OONA_CONNECT_ATTEMPTS", "connect_attempts"),
+                          ("OONA_DEDUPE_TTL_S", "dedupe_ttl_s")):
             if env.get(var):
                 overrides[name] = int(env[var])
         for var, name in (("OONA_STALE_GROUP_S", "stale_group_s"),
@@ -175,7 +179,8 @@ class BusSettings:
         key = read_secret("OONA_SIGNING_KEY", env)
         if key:
             overrides["signing_key"] = key.encode()
-        previous = read_secret("OONA_SIGNING_PREVIOUS_KEYS", env)
+        # An empty file is no previous key: compose mounts one outside a rotation.
+        previous = read_secret("OONA_SIGNING_PREVIOUS_KEYS", env, empty_ok=True)
         if previous:
             overrides["previous_signing_keys"] = tuple(
                 k.strip().encode() for k in previous.replace("\n", ",").split(",") if k.strip())
@@ -197,10 +202,12 @@ class MissingSecret(ValueError):
     """A service was started without a key or token it needs (and without OONA_INSECURE)."""
 
 
-def read_secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+def read_secret(name: str, environ: Mapping[str, str] | None = None, *,
+                empty_ok: bool = False) -> str | None:
     """The secret in variable `name`, or in the file named by `name`_FILE (a compose secret,
     e.g. /run/secrets/oona_signing_key; surrounding whitespace is dropped). None when neither is
-    set; ValueError when both are, or the file cannot be read or is empty."""
+    set (or, with `empty_ok`, the file is empty); ValueError when both are, or the file cannot
+    be read or is empty."""
     env = os.environ if environ is None else environ
     value, path = env.get(name) or None, env.get(f"{name}_FILE") or None
     if value is not None and path is not None:
@@ -213,6 +220,8 @@ def read_secret(name: str, environ: Mapping[str, str] | None = None) -> str | No
     except OSError as exc:
         raise ValueError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
     if not text:
+        if empty_ok:
+            return None
         raise ValueError(f"{name}_FILE={path} is empty")
     return text
 

@@ -24,6 +24,11 @@ that fails, or that would make Tamiyo track more than `JobLimits` allows (jobs, 
 raises an `oona.Reject` and is dead-lettered with the reason. A job with no message for the
 retention period (a shorter one for a job that sent no epoch event: `JobLimits`) is let go at
 the next tick: by every replica from its memory, and from the store by the lease holder alone.
+
+Redis outages: the consumers ride them out (oona.Consumer); so do the tick and the lease
+renewal, which log, back off and carry on. A decision whose commands cannot be published is
+published once Redis is back (the publish is retried, under the lock, until it succeeds or
+Tamiyo stops), so an outage that hits a decision neither loses it nor stops the tick.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import logging
 import time
 
 from oona import Bus, ConsumerConfig, Delivery, streams
+from oona.connection import TRANSIENT_ERRORS
 from oona.contracts import (
     CommandAck,
     EpochEvent,
@@ -58,6 +64,8 @@ from tamiyo.view import JobView
 log = logging.getLogger(__name__)
 
 CONSUMER_GROUP = "tamiyo"
+# Back-off of the tick, the lease renewal and a decision's publish while Redis is unreachable.
+_OUTAGE_BACKOFF_S = (0.05, 2.0)
 _JOB_ENDS = (EpochEventKind.EPOCH_EVENT_KIND_JOB_FINISHED,
              EpochEventKind.EPOCH_EVENT_KIND_JOB_FAILED)
 
@@ -212,17 +220,28 @@ class ControllerWorker:
                     await self._send(view.job_id, retries)
 
     async def _tick_loop(self) -> None:
+        backoff = _OUTAGE_BACKOFF_S[0]
         while not self._stopping:
-            await self.tick(time.time())
+            try:
+                await self.tick(time.time())
+                backoff = _OUTAGE_BACKOFF_S[0]
+            except TRANSIENT_ERRORS as exc:  # what was not done is done at a later tick
+                log.warning("tick: redis unavailable (%s); again in %.2f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _OUTAGE_BACKOFF_S[1])
+                continue
             await asyncio.sleep(self._tick_s)
 
     async def _renew_loop(self, drained: asyncio.Event) -> None:
         # Apart from the tick and not under the lock: a decision waiting on Karn must not let
         # the leases lapse.
         while not drained.is_set():
-            for job_id in self.leases.jobs:
-                if not await self.leases.renew(job_id):
-                    log.warning("job %s: lease lost to another replica", job_id)
+            try:
+                for job_id in self.leases.jobs:
+                    if not await self.leases.renew(job_id):
+                        log.warning("job %s: lease lost to another replica", job_id)
+            except TRANSIENT_ERRORS as exc:  # a lease that lapses meanwhile is taken again
+                log.warning("lease renewal: redis unavailable (%s)", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(drained.wait(), self.leases.ttl_ms / 3000)
 
@@ -295,7 +314,18 @@ class ControllerWorker:
                 batch.append(self._publisher.encode(stream, item.command, event_id=event_id))
             else:
                 batch.append(self._publisher.encode(stream, item, event_id=item.command_id))
-        await self._publisher.send(batch)
+        backoff = _OUTAGE_BACKOFF_S[0]
+        while True:
+            try:  # the same event ids every time: written once however often it is tried
+                await self._publisher.send(batch)
+                return
+            except TRANSIENT_ERRORS as exc:
+                if self._stopping:  # decided again, same ids, by whoever runs next
+                    raise
+                log.warning("job %s: %d commands not published, redis unavailable (%s); "
+                            "again in %.2f s", job_id, len(batch), exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _OUTAGE_BACKOFF_S[1])
 
     async def _view(self, job_id: str, *, create: bool = True) -> JobView | None:
         """The job's view: followed, saved, or (if `create`) new; None for an unknown job when

@@ -4,6 +4,13 @@ mechanism). A runtime that dies with commands in hand leaves them pending in the
 next runtime of the job takes them over at start (one job runs in one runtime at a time, so
 everything pending is a dead incarnation's) and the training thread gets them again.
 
+A job's stream lives as long as the job: a job that ends with every delivery answered and acked
+deletes it (`close(delete=True)`), group and all, so a job id used again starts from an empty
+stream and inherits no command of the old job; the stream's dedupe keys expire on their own
+(BusSettings.dedupe_ttl_s). A job that ends with deliveries unacked keeps it, for its next
+runtime. A group lost while reading (NOGROUP) is made again after the last entry the group had
+delivered, so what was written meanwhile is read and nothing answered is read again.
+
 The reader runs on a private event loop in a thread; the training thread only touches `take`
 (a lock-free deque) and `ack` (a thread-safe queue)."""
 
@@ -33,6 +40,23 @@ MAX_DELIVERIES = 5
 _TAKEOVER_PAGE = 100
 
 
+def delete_command_streams(settings: oona.BusSettings, job_ids: list[str]) -> None:
+    """Delete the command streams of jobs that ended without their runtime (a runtime killed,
+    its jobs reported failed at the next start): what is pending there is for a job no runtime
+    will run. A Redis error is logged: the streams then stay, as before."""
+    async def body() -> None:
+        async with oona.open_bus(settings) as bus:
+            for job_id in job_ids:  # one by one: in a Redis Cluster each job is its own slot
+                await bus.redis.unlink(streams.commands(job_id))
+
+    if not job_ids:
+        return
+    try:
+        asyncio.run(body())
+    except (RedisError, oona.BusUnavailable) as exc:
+        log.warning("command streams of %d failed jobs not deleted: %s", len(job_ids), exc)
+
+
 class Incoming(NamedTuple):
     entry_id: str
     command: LifecycleCommand
@@ -49,6 +73,10 @@ class CommandInbox:
         self.lags: collections.deque[float] = collections.deque(maxlen=10_000)
         self._acks: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._held: set[str] = set()  # entries handed to the training thread, not yet acked
+        # The newest entry the group delivered (to us, or before we joined): where a group lost
+        # to NOGROUP is made again.
+        self._last_read: str | None = None
+        self._delete = False
         self._stopping = threading.Event()
         self._stop_reading, self._not_reading = threading.Event(), threading.Event()
         self._ready = threading.Event()
@@ -76,8 +104,11 @@ class CommandInbox:
         if self._thread.is_alive():
             self._not_reading.wait(timeout)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Send the acks queued so far, then stop. Unacked deliveries stay pending."""
+    def close(self, timeout: float = 10.0, *, delete: bool = False) -> None:
+        """Send the acks queued so far, then stop. Unacked deliveries stay pending; with
+        `delete` (the job ended, everything answered) the stream is deleted once every
+        delivery is acked."""
+        self._delete = delete
         self._stopping.set()
         self._thread.join(timeout)
 
@@ -96,6 +127,7 @@ class CommandInbox:
             redis = bus.redis
             self._dead_letter_script = redis.register_script(scripts.DEAD_LETTER)
             await self._ensure_group(redis)
+            self._last_read = await self._delivered_up_to(redis)
             await self._take_over(redis)
             self._ready.set()
             backoff, reread = 0.05, False
@@ -118,7 +150,8 @@ class CommandInbox:
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, 5.0)
                         continue
-                    await self._ensure_group(redis)  # the stream was deleted, or Redis lost it
+                    # The stream was deleted, or Redis lost it: again from the last entry read.
+                    await self._ensure_group(redis, self._last_read or "0")
                 except (*TRANSIENT_ERRORS, RedisError) as exc:
                     reread = True
                     log.warning("%s: redis unavailable (%s); retrying in %.2f s", self.stream,
@@ -127,8 +160,30 @@ class CommandInbox:
                     backoff = min(backoff * 2, 5.0)
             try:
                 await self._send_acks(redis)
+                if self._delete:
+                    await self._delete_if_done(redis)
             except RedisError as exc:  # left pending: the next runtime redelivers them
                 log.warning("%s: acks not sent at close (%s)", self.stream, exc)
+
+    async def _delivered_up_to(self, redis: Client) -> str | None:
+        """The group's last-delivered id (where a NOGROUP recreate resumes); None if missing."""
+        for group in await redis.xinfo_groups(self.stream):
+            if group["name"].decode() == self.group:
+                return str(group["last-delivered-id"].decode())
+        return None
+
+    async def _delete_if_done(self, redis: Client) -> None:
+        """Delete the stream (and with it the group) unless a delivery is still unacked. What
+        came after the last read was meant for a job that has ended (the controller lets the
+        job go at its JOB_FINISHED/FAILED), so it goes too."""
+        try:
+            pending = (await redis.xpending(self.stream, self.group))["pending"]
+        except ResponseError:  # no stream or no group: nothing to keep
+            return
+        if pending:
+            log.info("%s: kept at the job's end: %d deliveries not acked", self.stream, pending)
+            return
+        await redis.unlink(self.stream)
 
     async def _read(self, redis: Client, start: str) -> None:
         """New entries (">"), or the ones this consumer already holds from `start` ("0")."""
@@ -137,6 +192,8 @@ class CommandInbox:
                 self.group, self.consumer, {self.stream: start}, count=100,
                 block=_BLOCK_MS if start == ">" else None))
             entries = [e for _stream, page in reply or () for e in page]
+            if start == ">" and entries:
+                self._last_read = entries[-1][0].decode()
             for raw_id, fields in entries:
                 if fields:  # an own pending entry trimmed meanwhile comes back empty
                     await self._receive(redis, raw_id.decode(), fields, 1)
@@ -144,9 +201,9 @@ class CommandInbox:
                 return
             start = entries[-1][0].decode()
 
-    async def _ensure_group(self, redis: Client) -> None:
+    async def _ensure_group(self, redis: Client, start: str = "0") -> None:
         try:  # "0": commands published before the job started are its first commands
-            await redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            await redis.xgroup_create(self.stream, self.group, id=start, mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -184,7 +241,7 @@ class CommandInbox:
                                      f"pending across {deliveries - 1} runtimes of the job")
             opened = open_envelope(fields.get(ENVELOPE_FIELD), self.settings.signing_keys,
                                    {_SCHEMA.message_type: _SCHEMA.version},
-                                   self.settings.max_payload_bytes)
+                                   self.settings.max_payload_bytes, stream=self.stream)
             payload = opened.payload
             if payload is None:
                 ref = opened.envelope.payload_ref

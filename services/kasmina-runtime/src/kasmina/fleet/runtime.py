@@ -16,9 +16,10 @@ LayerHealthReport per layer, the field reports of seeds that ended, and an Epoch
 
 One at-least-once mechanism: a command's bus delivery is acked after it was applied or refused
 (`CommandInbox`), so a runtime that dies first leaves it pending and the job's next runtime
-gets it again. One dedupe: the ids of the commands answered, kept with the job's checkpoint
-(`state_dict`), so a command sent again (a controller's resend, a replay into a resumed run) is
-refused as a duplicate, never applied twice.
+gets it again. One dedupe: the ids of the commands answered and their outcomes, kept with the
+job's checkpoint (`state_dict`), so a command sent again (a controller's resend, a replay into a
+resumed run) is never applied twice: it is answered ACK_REASON_DUPLICATE with the first answer's
+outcome (success, stages, epoch; its reason in `original_reason`).
 
 The execution path (DESIGN §9): with `flags=True`, a job whose model has `DualPathLayer`s reads
 the `kasmina.execution_path` feature flag (oona.flags, bucketed by job id) at attach, where the
@@ -59,8 +60,12 @@ log = logging.getLogger(__name__)
 # a late command is safe (every transition is checked against the current table and gates), and
 # short epochs (digits: ~0.1 s) outrun a controller's round trip by several epochs.
 MAX_LATENESS_EPOCHS = 10
-# Command ids remembered for the duplicate check (and saved in checkpoints): ~40 bytes each.
+# Command ids remembered with their outcomes for the duplicate check (and saved in
+# checkpoints): ~250 bytes each in memory.
 MAX_REMEMBERED_COMMANDS = 50_000
+# What a duplicate's ack repeats of the first answer, in this order (also the checkpoint's).
+_OUTCOME_FIELDS = ("reason", "success", "stage_before", "stage_after", "applied_epoch",
+                   "applied_step")
 
 
 class FleetRuntime:
@@ -97,7 +102,8 @@ class FleetRuntime:
         self.leader = distributed.rank() == 0
         self._broker = None
         self._waiting: list[Incoming] = []  # arrived, well formed, due at a later boundary
-        self._answered: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # command id -> the first answer's outcome (_OUTCOME_FIELDS; None: not known)
+        self._answered: collections.OrderedDict[str, tuple | None] = collections.OrderedDict()
         self._commands: CommandInbox | None = None
         # Deliveries answered, whose CommandAck may not be published yet: acked on the bus once
         # the outbox has emptied, so a crash in between leaves them pending, never unanswered.
@@ -183,16 +189,24 @@ class FleetRuntime:
         return lags
 
     def state_dict(self) -> dict:
-        """What a checkpoint of the job must carry for the fleet: the answered command ids, and
-        whether an operator paused or emergency-stopped the job (a resume keeps it so)."""
-        return {"command_ids": list(self._answered), "paused": self.target.paused,
-                "stopped": self.target.stopped}
+        """What a checkpoint of the job must carry for the fleet: the answered command ids and
+        their outcomes (`_OUTCOME_FIELDS`), and whether an operator paused or emergency-stopped
+        the job (a resume keeps it so)."""
+        return {"command_ids": list(self._answered),
+                "command_outcomes": [list(o) if o else [] for o in self._answered.values()],
+                "paused": self.target.paused, "stopped": self.target.stopped}
 
     def load_state_dict(self, state: dict) -> None:
         """Before the first boundary of a resumed run: commands answered before the checkpoint
-        are refused as duplicates if they come again."""
-        for command_id in state.get("command_ids", ()):
-            self._remember(str(command_id))
+        are answered as duplicates, with their outcome, if they come again. (A checkpoint
+        without outcomes, from before they were kept: the duplicates' outcome is unknown.)"""
+        ids = state.get("command_ids", ())
+        outcomes = state.get("command_outcomes") or [[]] * len(ids)
+        for command_id, outcome in zip(ids, outcomes, strict=True):
+            known = tuple(outcome) if (len(outcome) == len(_OUTCOME_FIELDS)
+                                       and all(isinstance(v, int) for v in outcome)
+                                       and outcome[0] in AckReason.values()) else None
+            self._remember(str(command_id), known)
         self.target.paused = bool(state.get("paused", False))
         self.target.stopped = bool(state.get("stopped", False))
 
@@ -217,7 +231,9 @@ class FleetRuntime:
             log.warning("job %s: %d messages not published at close", self.job_id, unsent)
         else:
             self._commands.ack(self._unconfirmed + [incoming.entry_id for incoming in left])
-        self._commands.close(timeout)
+        # Everything answered and published: the job's command stream goes (a bounded bus for
+        # long-lived fleets); else it stays for the job's next runtime.
+        self._commands.close(timeout, delete=not unsent)
         if self._flags is not None:
             self._flags.shutdown()
         if self._broker is not None:
@@ -248,26 +264,42 @@ class FleetRuntime:
         return acks
 
     def _answer(self, command: LifecycleCommand) -> CommandAck:
-        boundary = self.epoch + 1
         if command.command_id in self._answered:
-            return CommandAck(command_id=command.command_id, job_id=self.job_id,
-                              reason=AckReason.ACK_REASON_INVALID, applied_epoch=self.epoch,
-                              applied_step=self.step_count,
-                              message="duplicate: this command id was answered before; "
-                                      "not applied again")
-        if command.command_id:
-            self._remember(command.command_id)
+            return self._duplicate(command.command_id)
+        boundary = self.epoch + 1
         when = command.apply_at_epoch if command.HasField("apply_at_epoch") else boundary
         if when < boundary - MAX_LATENESS_EPOCHS:
-            return CommandAck(command_id=command.command_id, job_id=self.job_id,
-                              reason=AckReason.ACK_REASON_EXPIRED, applied_epoch=self.epoch,
-                              message=f"due at epoch {when}, now {boundary}")
-        return self.target.apply(command, self.epoch, self.step_count, self.last_epoch)
+            ack = CommandAck(command_id=command.command_id, job_id=self.job_id,
+                             reason=AckReason.ACK_REASON_EXPIRED, applied_epoch=self.epoch,
+                             message=f"due at epoch {when}, now {boundary}")
+        else:
+            ack = self.target.apply(command, self.epoch, self.step_count, self.last_epoch)
+        if command.command_id:
+            self._remember(command.command_id,
+                           tuple(getattr(ack, name) for name in _OUTCOME_FIELDS))
+        return ack
 
-    def _remember(self, command_id: str) -> None:
+    def _duplicate(self, command_id: str) -> CommandAck:
+        """The answer to a command id answered before: not applied again; the first outcome."""
+        outcome = self._answered[command_id]
+        ack = CommandAck(command_id=command_id, job_id=self.job_id,
+                         reason=AckReason.ACK_REASON_DUPLICATE)
+        if outcome is None:
+            ack.message = ("duplicate: this command id was answered before (its outcome is not "
+                           "known here); not applied again")
+            return ack
+        first = dict(zip(_OUTCOME_FIELDS, outcome, strict=True))
+        ack.original_reason = first.pop("reason")
+        for name, value in first.items():
+            setattr(ack, name, value)
+        ack.message = (f"duplicate: answered before with {AckReason.Name(ack.original_reason)} "
+                       f"at epoch {ack.applied_epoch}; not applied again")
+        return ack
+
+    def _remember(self, command_id: str, outcome: tuple | None) -> None:
         if not 0 < len(command_id) <= MAX_COMMAND_ID:  # refused as malformed, never kept
             return
-        self._answered[command_id] = None
+        self._answered[command_id] = outcome
         while len(self._answered) > MAX_REMEMBERED_COMMANDS:
             self._answered.popitem(last=False)
 

@@ -22,6 +22,7 @@ from oona.contracts import EpochEvent, EpochEventKind
 from oona.proto.kasmina.runtime.v1.runtime_service_pb2 import JobState, JobUpdate
 
 from ..fleet import FleetRuntime, health_to_proto
+from ..fleet.inbox import delete_command_streams
 from ..lifecycle import BLENDING_STAGES, SeedStage
 from ..recipes import DigitsParams, EpochRecord, build_model, load_digits_split, train_digits
 from ..wrap import seed_layers
@@ -295,3 +296,5 @@ class JobManager:
             job.fail_without_running(message)
             if not unsent:  # else kept, so the next start reports it
                 self.registry.finished(job_id)
+        if not unsent:  # the controller lets them go: nobody will answer their commands
+            delete_command_streams(self.bus or oona.BusSettings.from_env(), failed)

@@ -27,6 +27,7 @@ class AckReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACK_REASON_EMERGENCY_STOPPED: _ClassVar[AckReason]
     ACK_REASON_EXPIRED: _ClassVar[AckReason]
     ACK_REASON_INTERNAL_ERROR: _ClassVar[AckReason]
+    ACK_REASON_DUPLICATE: _ClassVar[AckReason]
 ACK_REASON_UNSPECIFIED: AckReason
 ACK_REASON_OK: AckReason
 ACK_REASON_UNKNOWN_JOB: AckReason
@@ -44,6 +45,7 @@ ACK_REASON_ADAPTATION_PAUSED: AckReason
 ACK_REASON_EMERGENCY_STOPPED: AckReason
 ACK_REASON_EXPIRED: AckReason
 ACK_REASON_INTERNAL_ERROR: AckReason
+ACK_REASON_DUPLICATE: AckReason
 
 class Germinate(_message.Message):
     __slots__ = ("blueprint_name", "blueprint_id", "blueprint_spec", "strategy_name", "strategy_id")
@@ -142,7 +144,7 @@ class LifecycleCommand(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., seed_index: _Optional[int] = ..., apply_at_epoch: _Optional[int] = ..., apply_at_step: _Optional[int] = ..., rationale: _Optional[str] = ..., germinate: _Optional[_Union[Germinate, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., advance: _Optional[_Union[Advance, _Mapping]] = ..., cull: _Optional[_Union[Cull, _Mapping]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., pause_adaptation: _Optional[_Union[PauseAdaptation, _Mapping]] = ..., resume_adaptation: _Optional[_Union[ResumeAdaptation, _Mapping]] = ..., emergency_stop: _Optional[_Union[EmergencyStop, _Mapping]] = ..., switch_path: _Optional[_Union[SwitchPath, _Mapping]] = ...) -> None: ...
 
 class CommandAck(_message.Message):
-    __slots__ = ("command_id", "job_id", "success", "reason", "message", "stage_before", "stage_after", "applied_epoch", "applied_step")
+    __slots__ = ("command_id", "job_id", "success", "reason", "message", "stage_before", "stage_after", "applied_epoch", "applied_step", "original_reason")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,7 @@ class CommandAck(_message.Message):
     STAGE_AFTER_FIELD_NUMBER: _ClassVar[int]
     APPLIED_EPOCH_FIELD_NUMBER: _ClassVar[int]
     APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_REASON_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     success: bool
@@ -161,4 +164,5 @@ class CommandAck(_message.Message):
     stage_after: _stage_pb2.SeedStage
     applied_epoch: int
     applied_step: int
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., success: _Optional[bool] = ..., reason: _Optional[_Union[AckReason, str]] = ..., message: _Optional[str] = ..., stage_before: _Optional[_Union[_stage_pb2.SeedStage, str]] = ..., stage_after: _Optional[_Union[_stage_pb2.SeedStage, str]] = ..., applied_epoch: _Optional[int] = ..., applied_step: _Optional[int] = ...) -> None: ...
+    original_reason: AckReason
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., success: _Optional[bool] = ..., reason: _Optional[_Union[AckReason, str]] = ..., message: _Optional[str] = ..., stage_before: _Optional[_Union[_stage_pb2.SeedStage, str]] = ..., stage_after: _Optional[_Union[_stage_pb2.SeedStage, str]] = ..., applied_epoch: _Optional[int] = ..., applied_step: _Optional[int] = ..., original_reason: _Optional[_Union[AckReason, str]] = ...) -> None: ...
