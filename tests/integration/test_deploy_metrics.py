@@ -235,3 +235,24 @@ def test_alert_rules_name_exported_metrics(scrapes: dict[str, str]) -> None:
     assert used - PROMETHEUS_SYNTHETIC, "no metric found in the alert rules"
     assert not used - declared - PROMETHEUS_SYNTHETIC, \
         f"alert rules query metrics no service exports: {sorted(used - declared - {'up'})}"
+
+
+def test_the_migration_row_is_fed_by_karn_from_birth(scrapes: dict[str, str]) -> None:
+    """The migration row (jobs per path, canary percentage, guard, rollbacks, A/B verdict) reads
+    what Karn exports: its rollout metrics and the flags' state, every series there at 0 before
+    any rollout, so a panel is never blank and the first change is a change."""
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "kasmina-fleet.json").read_text())
+    rows = [i for i, p in enumerate(dashboard["panels"]) if p["type"] == "row"]
+    start = next(i for i in rows if dashboard["panels"][i]["title"].startswith("Migration"))
+    end = next((i for i in rows if i > start), len(dashboard["panels"]))
+    used = set().union(*(promql_metric_names(t["expr"])
+                         for p in dashboard["panels"][start + 1:end] for t in p["targets"]))
+    assert used >= {"karn_jobs_by_path", "oona_flag_rollout_percent", "oona_flag_ramp_state",
+                    "oona_flag_killed", "karn_rollback_rate", "karn_rollout_verdict",
+                    "karn_failures_per_1000_adaptations", "karn_field_reports_by_path_total"}
+    _, sampled = _exported({"karn": scrapes["karn"]})
+    assert not used - sampled, f"not in Karn's scrape: {sorted(used - sampled)}"
+    karn = scrapes["karn"]
+    assert 'karn_job_share{execution_path="chunked"}' in karn  # the plan's share of jobs
+    assert re.search(r'^oona_flag_ramp_state\{flag="kasmina.execution_path",state="idle"\} 1\.0$',
+                     karn, re.MULTILINE), "the execution path's ramp is idle before any rollout"

@@ -276,17 +276,19 @@ def test_every_change_is_audited(store):
     store.kill(EXECUTION_PATH, "bob", "step time +30 %")
     entries = store.audit(EXECUTION_PATH)
     assert [(e.action, e.who) for e in entries] == [
-        ("set", "alice"), ("ramp", "ramp-bot"), ("kill", "bob")]
+        ("set", "alice"), ("ramp", "ramp-bot"), ("ramp-done", "ramp-bot"), ("kill", "bob")]
     assert entries[0].old is None and entries[0].new.rollout_percent == 5.0
     assert (entries[1].old.rollout_percent, entries[1].new.rollout_percent) == (5.0, 15.0)
-    assert not entries[2].old.killed and entries[2].new.killed
-    assert entries[2].reason == "step time +30 %"
-    assert [e.new.version for e in entries] == [1, 2, 3]
+    assert entries[2].new.rollout_percent == 15.0  # the completion changes nothing
+    assert not entries[3].old.killed and entries[3].new.killed
+    assert entries[3].reason == "step time +30 %"
+    assert [e.new.version for e in entries] == [1, 2, 3, 4]
     assert all(before - 1 <= e.when <= time.time() + 1 for e in entries)
 
     for i in range(600):  # more than a page of another flag's entries on top
         store.set(TELEMETRY_LEVEL, "carol", salt=str(i))
-    assert [e.action for e in store.audit(EXECUTION_PATH)] == ["set", "ramp", "kill"]
+    assert [e.action for e in store.audit(EXECUTION_PATH)] == ["set", "ramp", "ramp-done",
+                                                                "kill"]
     assert [e.new.salt for e in store.audit(count=2)] == ["598", "599"]
 
 
@@ -329,6 +331,49 @@ def test_ramp_halts_when_killed_or_changed_by_someone_else(store):
     outcome = ramp(store, EXECUTION_PATH, "ramp-bot", step_s=0.0, sleep=lambda _s: store.set(
         EXECUTION_PATH, "alice", rollout_percent=50.0))
     assert not outcome.completed and "someone else" in outcome.halted_reason
+
+
+def test_ramp_states_follow_the_last_ramp_of_each_flag(store):
+    flags = [EXECUTION_PATH, TELEMETRY_LEVEL]
+    assert store.ramp_states(flags) == {EXECUTION_PATH: "idle", TELEMETRY_LEVEL: "idle"}
+    seen: list[str] = []
+    ramp(store, EXECUTION_PATH, "ramp-bot", step_s=0.0, target=25.0,
+         sleep=lambda _s: seen.append(store.ramp_states(flags)[EXECUTION_PATH]))
+    assert seen == ["ramping", "ramping"]
+    assert store.ramp_states(flags)[EXECUTION_PATH] == "completed"
+    store.set(EXECUTION_PATH, "alice", rollout_percent=0.0)
+    ramp(store, EXECUTION_PATH, "ramp-bot", step_s=0.0, guard=lambda d: (
+        "regression" if d.rollout_percent >= 5 else None), sleep=lambda _s: None)
+    for i in range(600):  # more than a page of another flag's entries on top
+        store.set(TELEMETRY_LEVEL, "carol", salt=str(i))
+    assert store.ramp_states(flags) == {EXECUTION_PATH: "halted", TELEMETRY_LEVEL: "idle"}
+
+
+def test_ramp_sets_the_off_and_on_variants_it_is_given(store):
+    store.set(EXECUTION_PATH, "alice", default_variant="chunked", rollout_variant="legacy")
+    outcome = ramp(store, EXECUTION_PATH, "ramp-bot", step_s=0.0, target=5.0,
+                   off_variant="legacy", on_variant="chunked", sleep=lambda _s: None)
+    current = store.get(EXECUTION_PATH)
+    assert outcome.completed and (current.default_variant, current.rollout_variant,
+                                  current.rollout_percent) == ("legacy", "chunked", 5.0)
+    assert store.kill(EXECUTION_PATH, "oncall").default_variant == "legacy"  # kill -> legacy
+    store.kill(EXECUTION_PATH, "oncall", release=True)
+    with pytest.raises(InvalidFlag, match="set its percentage to 0"):  # would move its jobs
+        ramp(store, EXECUTION_PATH, "ramp-bot", step_s=0.0, off_variant="chunked",
+             on_variant="legacy", sleep=lambda _s: None)
+    store.set(EXECUTION_PATH, "alice", rollout_percent=0.0)
+    with pytest.raises(InvalidFlag, match="not one of"):
+        ramp(store, EXECUTION_PATH, "ramp-bot", step_s=0.0, on_variant="turbo",
+             sleep=lambda _s: None)
+    assert store.get(EXECUTION_PATH).rollout_variant == "chunked"  # nothing written
+
+
+def test_the_execution_paths_off_variant_is_legacy():
+    # The safe side (docs/migration.md): a job that follows the flag runs legacy until a rollout
+    # puts it in, and while the flag is killed; chunked is KasminaConfig's default.
+    built_in = DEFAULT_FLAGS[EXECUTION_PATH]
+    assert (built_in.default_variant, built_in.rollout_variant) == ("legacy", "chunked")
+    assert built_in.variant_for("job-1", EXECUTION_PATH)[0] == "legacy"
 
 
 # ---------------------------------------------------------------- the CLI, as a subprocess

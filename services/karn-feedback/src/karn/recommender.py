@@ -7,6 +7,9 @@ largest candidate's, and ranks by that score. A blueprint that keeps failing has
 pushed towards 0 and is chosen less and less, but never exactly never: if it starts to succeed,
 sampling notices. Sampling rather than a deterministic index (UCB) also spreads seeds germinated
 at the same epoch over blueprints while their outcomes are still unknown.
+
+The catalog includes the blueprints Karn's search proposed (karn.search): a new proposal starts
+at the Beta(1, 1) prior, so it is tried, and one the search retired is never recommended again.
 """
 
 from __future__ import annotations
@@ -71,10 +74,13 @@ class BlueprintRecommender:
         self._rng_lock = threading.Lock()
 
     def candidates(self, request: RecommendationRequest) -> list[BlueprintSpec]:
-        """Catalog entries that fit the chunk, the budget and the exclusions."""
+        """Catalog entries that fit the chunk, the budget and the exclusions, less the search's
+        retired proposals (karn.search)."""
+        retired = self._store.retired_blueprint_ids()
         return [spec for spec in self._store.blueprints()
                 if fits(spec, request.chunk_size)
                 and spec.blueprint_id not in request.exclude_blueprint_ids
+                and spec.blueprint_id not in retired
                 and (request.parameter_budget == 0
                      or parameter_count(spec, request.chunk_size) <= request.parameter_budget)]
 

@@ -3,6 +3,7 @@ statistics. Synchronous and bus-agnostic: the worker and the gRPC layer call it 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from karn.database import (
     SUPPORTED_BACKENDS,
+    blueprint_proposals,
     blueprints,
     create_database_engine,
     field_reports,
@@ -69,6 +71,24 @@ class BlueprintStatistics:
     @property
     def success_rate(self) -> float:
         return self.successes / self.reports if self.reports else 0.0
+
+
+# The execution paths of DESIGN §9, and the end reason Kasmina gives the chunked seeds a switch
+# to legacy rolls back (kasmina.dual): the rollout's own rollbacks, not the seeds' failures.
+PATHS = ("legacy", "chunked")
+PATH_SWITCH_REASON = "execution path switched to"
+
+
+@dataclass(frozen=True)
+class PathOutcomes:
+    """One execution path's seeds in Karn: `reports` (adaptations ended), `rolled_back` (ended
+    ROLLED_BACK, for any reason), `failures` (ROLLED_BACK by a safety rule: non-finite values,
+    drift, gradient norm; not by a path switch), `jobs` (jobs whose latest report is on it)."""
+
+    reports: int = 0
+    rolled_back: int = 0
+    failures: int = 0
+    jobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,14 +252,18 @@ class FieldReportStore:
         with self.engine.connect() as connection:
             return [StrategyRecord(*row) for row in connection.execute(query)]
 
-    def gains_by_path(self) -> dict[str, tuple[list[float], list[float]]]:
+    def gains_by_path(self, since: datetime | None = None
+                      ) -> dict[str, tuple[list[float], list[float]]]:
         """Per execution path, each report's (metric gain since germination, sign-adjusted, and
         the metric before it: the rollout's outcome and its CUPED covariate), in arrival order;
-        reports without a finite gain or metric before are left out."""
+        reports without a finite gain or metric before are left out, and with `since` those
+        received before it (a new rollout judged on its own reports)."""
         fr = field_reports.c
         query = (select(fr.execution_path, fr.metric_gain, fr.metric_before)
                  .where(fr.metric_gain.is_not(None), fr.metric_before.is_not(None))
                  .order_by(fr.received_at, fr.report_id))
+        if since is not None:
+            query = query.where(fr.received_at >= since)
         out: dict[str, tuple[list[float], list[float]]] = {}
         with self.engine.connect() as connection:
             for path, gain, before in connection.execute(query):
@@ -248,6 +272,37 @@ class FieldReportStore:
                 befores.append(before)
         return out
 
+    def outcomes_by_path(self) -> dict[str, PathOutcomes]:
+        """The migration's success metrics' counts per execution path, over every stored report
+        (PathOutcomes); every path in PATHS is present."""
+        fr = field_reports.c
+        switched = fr.end_reason.like(f"%{PATH_SWITCH_REASON}%")
+        query = (select(fr.execution_path, func.count(),
+                        _count_where(fr.final_stage == "ROLLED_BACK"),
+                        _count_where((fr.final_stage == "ROLLED_BACK") & ~switched))
+                 .group_by(fr.execution_path))
+        # Each job on the path of its latest report (a job the rollout moved counts once).
+        latest = (select(fr.job_id, fr.execution_path, func.row_number().over(
+                      partition_by=fr.job_id, order_by=(fr.received_at.desc(),
+                                                        fr.report_id.desc())).label("newest"))
+                  .subquery())
+        jobs_query = (select(latest.c.execution_path, func.count())
+                      .where(latest.c.newest == 1).group_by(latest.c.execution_path))
+        out = {path: PathOutcomes() for path in PATHS}
+        with self.engine.connect() as connection:
+            for path, reports, rolled_back, failures in connection.execute(query):
+                out[path] = PathOutcomes(reports, rolled_back, failures, 0)
+            for path, jobs in connection.execute(jobs_query):
+                out[path] = dataclasses.replace(out.get(path, PathOutcomes()), jobs=jobs)
+        return out
+
     def report_count(self) -> int:
         with self.engine.connect() as connection:
             return connection.execute(select(func.count()).select_from(field_reports)).scalar_one()
+
+    def retired_blueprint_ids(self) -> set[int]:
+        """Blueprints Karn's search proposed and then retired (karn.search): never recommended."""
+        query = select(blueprint_proposals.c.blueprint_id).where(
+            blueprint_proposals.c.status == "retired")
+        with self.engine.connect() as connection:
+            return set(connection.execute(query).scalars())

@@ -3,23 +3,54 @@
 Compares the seeds' metric gain on the chunked path (the new one) against the legacy path with
 the always-valid sequential test of `karn.sequential` (CUPED on the metric before germination),
 prints the comparison as one JSON line and exits 0 (promote or hold) or 3 (roll back), so it
-can guard a ramp: `python -m oona flags ramp kasmina.execution_path --guard-cmd "python -m karn
-verdict --kill-on-rollback"` halts the ramp and, with `--kill-on-rollback`, sets the flag's
-kill switch (every job back to legacy at its next boundary). Reads KARN_DATABASE_URL (and
-OONA_REDIS_URL for the kill switch).
+can guard a ramp: `python -m oona flags ramp kasmina.execution_path --off-variant legacy
+--on-variant chunked --step-s 604800 --guard-cmd "python -m karn verdict --kill-on-rollback"`
+halts the ramp and, with `--kill-on-rollback`, sets the flag's kill switch (every job back to
+legacy at its next boundary). `--since` judges a new rollout on the reports received since it
+began. Reads KARN_DATABASE_URL (and OONA_REDIS_URL for the kill switch).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
+from dataclasses import dataclass
 
-from karn.sequential import Moments, SequentialConfig, Verdict, compare
+from karn.sequential import Comparison, Moments, SequentialConfig, Verdict, compare
 from karn.settings import KarnSettings
 from karn.store import FieldReportStore
 
 ROLL_BACK_EXIT = 3
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict  # HOLD until both paths have min_jobs_per_path reports
+    reports: dict[str, int]
+    comparison: Comparison
+
+
+def decide(store: FieldReportStore, config: SequentialConfig | None = None,
+           since: datetime.datetime | None = None) -> Decision:
+    """The verdict on the chunked path against legacy from the stored reports (those received
+    from `since` on, when given): what this command prints and Karn exports."""
+    config = config or SequentialConfig()
+    paths = store.gains_by_path(since)
+    arms = {p: Moments.of(*paths.get(p, ([], []))) for p in ("legacy", "chunked")}
+    result = compare(arms["legacy"], arms["chunked"], config)
+    return Decision(result.verdict if result.ready else Verdict.HOLD,
+                    {p: int(m.n) for p, m in arms.items()}, result)
+
+
+def _since(text: str) -> datetime.datetime:
+    """An ISO 8601 time; without a zone, UTC."""
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time, got {text!r}") from None
+    return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).astimezone(datetime.UTC)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=SequentialConfig.alpha)
     parser.add_argument("--margin", type=float, default=0.0,
                         help="a loss of gain up to this much still promotes (non-inferiority)")
+    parser.add_argument("--since", type=_since, metavar="TIME",
+                        help="judge only the reports received from TIME on (ISO 8601, UTC "
+                        "unless it says otherwise): a new rollout on its own evidence")
     parser.add_argument("--kill-on-rollback", action="store_true",
                         help="on a roll back, set kasmina.execution_path's kill switch")
     args = parser.parse_args(argv)
@@ -43,17 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store = FieldReportStore.open(url)
     try:
-        paths = store.gains_by_path()
+        decision = decide(store, config, args.since)
     finally:
         store.close()
-    arms = {p: Moments.of(*paths.get(p, ([], []))) for p in ("legacy", "chunked")}
-    result = compare(arms["legacy"], arms["chunked"], config)
-    verdict = result.verdict if result.ready else Verdict.HOLD
+    result = decision.comparison
     print(json.dumps({
-        "verdict": str(verdict), "reports": {p: int(m.n) for p, m in arms.items()},
+        "verdict": str(decision.verdict), "reports": decision.reports,
         "gain_difference": _number(result.estimate), "lower": _number(result.lower),
         "upper": _number(result.upper), "cuped_theta": _number(result.theta)}))
-    if verdict is not Verdict.ROLL_BACK:
+    if decision.verdict is not Verdict.ROLL_BACK:
         return 0
     if args.kill_on_rollback:
         import oona

@@ -56,6 +56,11 @@ RAMP_START = 5.0
 RAMP_INCREMENT = 10.0
 
 
+# What a flag's last ramp did (FlagStore.ramp_states), by its audit action.
+RAMP_STATES = ("idle", "ramping", "halted", "completed")
+_RAMP_ACTIONS = {"ramp": "ramping", "ramp-halt": "halted", "ramp-done": "completed"}
+
+
 class InvalidFlag(ValueError):
     """A flag definition that cannot be served (unknown variant, percentage out of range...)."""
 
@@ -131,7 +136,9 @@ def bucket(salt: str, flag_key: str, targeting_key: str) -> float:
 
 
 # The flags of DESIGN §9 and what a job gets before anyone sets them: the one home of these
-# defaults. The execution path's default (off) variant is legacy while the migration ramps.
+# defaults. The execution path's off (default) variant is legacy, the safe side: what a job
+# that follows the flag gets before a rollout, while killed and after a wiped Redis. A job that
+# does not follow it runs its KasminaConfig.execution_path, chunked by default (DESIGN §9).
 DEFAULT_FLAGS: Mapping[str, FlagDefinition] = {
     EXECUTION_PATH: FlagDefinition({"legacy": "legacy", "chunked": "chunked"}, "legacy",
                                    rollout_variant="chunked"),
@@ -310,6 +317,25 @@ class FlagStore:
             newest = "(" + _text(page[-1][0])  # exclusive: the page after the last one read
         return list(reversed(entries[:count]))
 
+    def ramp_states(self, flags: Sequence[str]) -> dict[str, str]:
+        """Each flag's RAMP_STATES entry, from its latest ramp audit entry: "idle" (never
+        ramped), "ramping" (a step was the last), "halted", "completed". Reads the audit
+        stream back until every flag is found (it holds operators' changes: a few entries a
+        day)."""
+        states = dict.fromkeys(flags, "idle")
+        missing, newest = set(flags), "+"
+        while missing:
+            page = self.client.xrevrange(self.keys.audit, max=newest, count=500)
+            for _entry_id, raw in page:
+                fields = {_text(k): _text(v) for k, v in raw.items()}
+                if fields["flag"] in missing and fields["action"] in _RAMP_ACTIONS:
+                    states[fields["flag"]] = _RAMP_ACTIONS[fields["action"]]
+                    missing.discard(fields["flag"])
+            if len(page) < 500:
+                break
+            newest = "(" + _text(page[-1][0])
+        return states
+
 
 def _audit_entry(entry_id: str, fields: dict[str, str]) -> AuditEntry:
     return AuditEntry(entry_id=entry_id, when=int(entry_id.split("-")[0]) / 1000,
@@ -343,14 +369,26 @@ Guard = Callable[[FlagDefinition], str | None]  # a reason to stop, or None to g
 
 def ramp(store: FlagStore, flag: str, who: str, *, step_s: float, guard: Guard | None = None,
          start: float = RAMP_START, increment: float = RAMP_INCREMENT, target: float = 100.0,
+         off_variant: str | None = None, on_variant: str | None = None,
          sleep: Callable[[float], None] = time.sleep) -> RampOutcome:
     """Raise the rollout along `ramp_schedule`, one step every `step_s` (a week in production,
     seconds in tests). Before each step the guard is asked; it halts when the guard gives a
     reason, when the flag is killed, or when someone else changed its percentage meanwhile.
-    The halt is audited; rolling back is the kill switch's job (the guard may pull it)."""
+    `off_variant` / `on_variant`, when given, become the flag's default and rollout variants
+    at the first step (refused while a rollout of other variants is under way). The halt and
+    the completion are audited (`ramp-halt`, `ramp-done`: what `ramp_states` reads); rolling
+    back is the kill switch's job (the guard may pull it)."""
     done: list[float] = []
     current = store.get(flag)
-    if current.rollout_variant is None:
+    variants = {k: v for k, v in (("default_variant", off_variant),
+                                  ("rollout_variant", on_variant)) if v is not None}
+    if any(getattr(current, k) != v for k, v in variants.items()):
+        if current.rollout_percent > 0:
+            raise InvalidFlag(f"flag {flag} is rolling out {current.rollout_variant!r} at "
+                              f"{current.rollout_percent:g} %: set its percentage to 0 before "
+                              f"ramping other variants")
+        replace(current, **variants)  # an unknown variant is an InvalidFlag before any write
+    if variants.get("rollout_variant", current.rollout_variant) is None:
         raise InvalidFlag(f"flag {flag} has no rollout variant to ramp")
     expected = current.rollout_percent
     for i, percent in enumerate(ramp_schedule(expected, start, increment, target)):
@@ -363,9 +401,11 @@ def ramp(store: FlagStore, flag: str, who: str, *, step_s: float, guard: Guard |
         if reason:
             store.change(flag, who, "ramp-halt", lambda d: d, reason)
             return RampOutcome(current.rollout_percent, False, reason, tuple(done))
-        store.change(flag, who, "ramp", lambda d, p=percent: replace(d, rollout_percent=p))
+        store.change(flag, who, "ramp", lambda d, p=percent: replace(d, rollout_percent=p,
+                                                                     **variants))
         expected = percent
         done.append(percent)
+    store.change(flag, who, "ramp-done", lambda d: d)
     return RampOutcome(expected, True, "", tuple(done))
 
 

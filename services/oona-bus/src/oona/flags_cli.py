@@ -3,7 +3,7 @@
     flags list                              every flag: variants served, rollout, kill switch
     flags get FLAG                          one flag's definition (JSON)
     flags set FLAG [--percent P] ...        change a flag (audited)
-    flags ramp FLAG --step-s S [--guard-cmd CMD]
+    flags ramp FLAG --step-s S [--guard-cmd CMD] [--off-variant V --on-variant V]
                                             5 %, then +10 % a step, halting when the guard fails
     flags kill FLAG [--release]             every job back to the default variant (or release)
     flags audit [FLAG]                      who changed what, when
@@ -118,7 +118,8 @@ def _ramp(store: FlagStore, args: argparse.Namespace) -> int:
         time.sleep(seconds)
 
     outcome = ramp(store, args.flag, args.actor, step_s=args.step_s, guard=_guard(args.guard_cmd),
-                   start=args.start, increment=args.increment, target=args.target, sleep=sleep)
+                   start=args.start, increment=args.increment, target=args.target,
+                   off_variant=args.off_variant, on_variant=args.on_variant, sleep=sleep)
     if outcome.completed:
         print(f"{args.flag}: ramp completed at {outcome.percent:g} %")
         return 0
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     ramp_.add_argument("--target", type=float, default=100.0)
     ramp_.add_argument("--guard-cmd", help="run before each step (OONA_FLAG_PERCENT set); a "
                        "non-zero exit halts the ramp")
+    ramp_.add_argument("--off-variant", help="what the jobs outside the rollout (and every job "
+                       "while killed) get: the flag's default variant from the first step on "
+                       "(default: the flag's own; legacy for kasmina.execution_path)")
+    ramp_.add_argument("--on-variant", help="the variant ramped (default: the flag's rollout "
+                       "variant; chunked for kasmina.execution_path)")
     ramp_.set_defaults(fn=_ramp)
 
     kill = sub.add_parser("kill", help="the kill switch: every job gets the default variant")

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from oona.errors import DeadLetterReason
+
+if TYPE_CHECKING:
+    from oona.flags import FlagDefinition
 
 PUBLISHED = Counter("oona_published", "Messages written to a stream.", ["stream"])
 CONSUMED = Counter("oona_consumed", "Messages handed to a handler.", ["stream"])
@@ -95,3 +99,27 @@ HANDLER_SECONDS = BatchHistogram(
     "oona_handler_seconds", "Handler run time per message.", "stream",
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
+
+
+def flag_families(definitions: Mapping[str, FlagDefinition], ramp_states: Mapping[str, str]
+                  ) -> list[GaugeMetricFamily]:
+    """The feature flags' state (oona.flags) as gauges, for the process that watches the
+    rollout to export (Karn: karn.metrics.RolloutMetrics): `flag` is a flag key, `state` one of
+    oona.flags.RAMP_STATES."""
+    from oona.flags import RAMP_STATES
+
+    percent = GaugeMetricFamily(
+        "oona_flag_rollout_percent", "Percentage of jobs served the flag's rollout variant "
+        "(0 while the kill switch is on).", labels=["flag"])
+    killed = GaugeMetricFamily("oona_flag_killed", "1 while the flag's kill switch is on.",
+                               labels=["flag"])
+    ramp = GaugeMetricFamily("oona_flag_ramp_state", "What the flag's last ramp did (1: this "
+                             "state): idle, ramping, halted (its guard failed, the flag was "
+                             "killed or changed by hand), completed.", labels=["flag", "state"])
+    for flag, definition in sorted(definitions.items()):
+        served = definition.rollout_percent if definition.rollout_variant else 0.0
+        percent.add_metric([flag], 0.0 if definition.killed else served)
+        killed.add_metric([flag], 1.0 if definition.killed else 0.0)
+        for state in RAMP_STATES:
+            ramp.add_metric([flag, state], 1.0 if ramp_states.get(flag, "idle") == state else 0.0)
+    return [percent, killed, ramp]

@@ -1,13 +1,15 @@
-"""Which blueprint and grafting strategy a germination uses: Karn's recommendation, or the
-catalog default when Karn cannot answer in time."""
+"""Which blueprint and grafting strategy a germination uses: Karn's recommendation (a built-in
+blueprint or one Karn's search proposed, sent to the runtime as its full spec), or the catalog
+default when Karn cannot answer in time."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
+from oona.contracts import BlueprintSpec, Germinate
 from oona.proto.kasmina.karn.v1 import karn_service_pb2 as karn_pb
 from oona.proto.kasmina.karn.v1 import karn_service_pb2_grpc as karn_grpc
 from oona.signing import authenticated_channel
@@ -32,6 +34,16 @@ class BlueprintChoice:
     strategy_name: str
     # "karn" or "fallback", for the command's rationale.
     source: str
+    # Karn's spec of it (None for the fallback, which the runtime knows by name). Not part of
+    # equality: a choice is the blueprint named, whatever copy of its spec came with it.
+    spec: BlueprintSpec | None = field(default=None, compare=False)
+
+    def germinate(self) -> Germinate:
+        """The Germinate action: the full spec when Karn sent one, so a runtime grows a
+        blueprint it has never seen (a proposal of Karn's search); else the catalog name."""
+        if self.spec is not None:
+            return Germinate(blueprint_spec=self.spec, strategy_name=self.strategy_name)
+        return Germinate(blueprint_name=self.blueprint_name, strategy_name=self.strategy_name)
 
 
 class BlueprintAdvisor(Protocol):
@@ -43,7 +55,8 @@ class BlueprintAdvisor(Protocol):
 class KarnAdvisor:
     """Asks Karn's `Recommend` with a short deadline. Karn unreachable, slow or failing:
     `default_blueprint` (counted in tamiyo_karn_fallbacks_total) so growth never waits on it.
-    `allowed` (catalog names; empty: any) keeps Karn's best recommendation among those.
+    `allowed` (catalog names; empty: any) keeps Karn's best recommendation among those; the
+    blueprints Karn's search proposes have names of their own, so an allow-list keeps them out.
     `token`: Karn's API token, sent with every call (None: none)."""
 
     def __init__(self, address: str, timeout_s: float, *, default_blueprint: str,
@@ -82,7 +95,7 @@ class KarnAdvisor:
             return None
         best = ranked[0]
         return BlueprintChoice(best.blueprint.name, best.strategy_name or self._default_strategy,
-                               "karn")
+                               "karn", spec=best.blueprint)
 
     def close(self) -> None:
         self._channel.close()

@@ -24,17 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%kasmina/blueprints/v1/blueprint.proto\x12\x15kasmina.blueprints.v1\"O\n\rParameterCost\x12\x19\n\x11per_chunk_squared\x18\x01 \x01(\x04\x12\x11\n\tper_chunk\x18\x02 \x01(\x04\x12\x10\n\x08\x63onstant\x18\x03 \x01(\x04\"\x88\x02\n\rBlueprintSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x04kind\x18\x02 \x01(\x0e\x32$.kasmina.blueprints.v1.BlueprintKind\x12\x14\n\x0c\x62lueprint_id\x18\x03 \x01(\x05\x12\x0e\n\x06hidden\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12<\n\x0eparameter_cost\x18\x06 \x01(\x0b\x32$.kasmina.blueprints.v1.ParameterCost\x12\x16\n\x0emin_chunk_size\x18\x07 \x01(\r\x12\x16\n\x0emax_chunk_size\x18\x08 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t*\x88\x01\n\rBlueprintKind\x12\x1e\n\x1a\x42LUEPRINT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x42LUEPRINT_KIND_RESIDUAL_MLP\x10\x01\x12\x1b\n\x17\x42LUEPRINT_KIND_LOW_RANK\x10\x02\x12\x19\n\x15\x42LUEPRINT_KIND_LINEAR\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%kasmina/blueprints/v1/blueprint.proto\x12\x15kasmina.blueprints.v1\"O\n\rParameterCost\x12\x19\n\x11per_chunk_squared\x18\x01 \x01(\x04\x12\x11\n\tper_chunk\x18\x02 \x01(\x04\x12\x10\n\x08\x63onstant\x18\x03 \x01(\x04\"\xac\x03\n\rBlueprintSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x04kind\x18\x02 \x01(\x0e\x32$.kasmina.blueprints.v1.BlueprintKind\x12\x14\n\x0c\x62lueprint_id\x18\x03 \x01(\x05\x12\x0e\n\x06hidden\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12<\n\x0eparameter_cost\x18\x06 \x01(\x0b\x32$.kasmina.blueprints.v1.ParameterCost\x12\x16\n\x0emin_chunk_size\x18\x07 \x01(\r\x12\x16\n\x0emax_chunk_size\x18\x08 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12>\n\nactivation\x18\n \x01(\x0e\x32*.kasmina.blueprints.v1.BlueprintActivation\x12\x32\n\x04init\x18\x0b \x01(\x0e\x32$.kasmina.blueprints.v1.BlueprintInit\x12\x12\n\nramp_steps\x18\x0c \x01(\r\x12\x1a\n\x12seed_learning_rate\x18\r \x01(\x01\"\x9b\x01\n\x12\x42lueprintParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x05shape\x18\x02 \x03(\x0e\x32#.kasmina.blueprints.v1.BlueprintDim\x12\x33\n\x06\x66\x61n_in\x18\x03 \x01(\x0e\x32#.kasmina.blueprints.v1.BlueprintDim\x12\x0e\n\x06output\x18\x04 \x01(\x08\"\xb1\x01\n\x17\x42lueprintKindDefinition\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.kasmina.blueprints.v1.BlueprintKind\x12=\n\nparameters\x18\x02 \x03(\x0b\x32).kasmina.blueprints.v1.BlueprintParameter\x12\x12\n\nactivation\x18\x03 \x01(\x08\x12\x0f\n\x07\x66ormula\x18\x04 \x01(\t\"\x8b\x01\n\x10\x42lueprintCatalog\x12=\n\x05kinds\x18\x01 \x03(\x0b\x32..kasmina.blueprints.v1.BlueprintKindDefinition\x12\x38\n\nblueprints\x18\x02 \x03(\x0b\x32$.kasmina.blueprints.v1.BlueprintSpec\"\x91\x01\n\x11\x42lueprintProposal\x12\x37\n\tblueprint\x18\x01 \x01(\x0b\x32$.kasmina.blueprints.v1.BlueprintSpec\x12\x10\n\x08proposer\x18\x02 \x01(\t\x12\x14\n\x0ctrial_number\x18\x03 \x01(\r\x12\x1b\n\x13parent_blueprint_id\x18\x04 \x01(\x05*\x88\x01\n\rBlueprintKind\x12\x1e\n\x1a\x42LUEPRINT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x42LUEPRINT_KIND_RESIDUAL_MLP\x10\x01\x12\x1b\n\x17\x42LUEPRINT_KIND_LOW_RANK\x10\x02\x12\x19\n\x15\x42LUEPRINT_KIND_LINEAR\x10\x03*\xb7\x01\n\x13\x42lueprintActivation\x12$\n BLUEPRINT_ACTIVATION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42LUEPRINT_ACTIVATION_GELU\x10\x01\x12\x1d\n\x19\x42LUEPRINT_ACTIVATION_RELU\x10\x02\x12\x1d\n\x19\x42LUEPRINT_ACTIVATION_TANH\x10\x03\x12\x1d\n\x19\x42LUEPRINT_ACTIVATION_SILU\x10\x04*r\n\rBlueprintInit\x12\x1e\n\x1a\x42LUEPRINT_INIT_UNSPECIFIED\x10\x00\x12!\n\x1d\x42LUEPRINT_INIT_FAN_IN_UNIFORM\x10\x01\x12\x1e\n\x1a\x42LUEPRINT_INIT_ZERO_OUTPUT\x10\x02*x\n\x0c\x42lueprintDim\x12\x1d\n\x19\x42LUEPRINT_DIM_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42LUEPRINT_DIM_CHUNK\x10\x01\x12\x18\n\x14\x42LUEPRINT_DIM_HIDDEN\x10\x02\x12\x16\n\x12\x42LUEPRINT_DIM_RANK\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'oona.proto.kasmina.blueprints.v1.blueprint_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BLUEPRINTKIND']._serialized_start=413
-  _globals['_BLUEPRINTKIND']._serialized_end=549
+  _globals['_BLUEPRINTKIND']._serialized_start=1205
+  _globals['_BLUEPRINTKIND']._serialized_end=1341
+  _globals['_BLUEPRINTACTIVATION']._serialized_start=1344
+  _globals['_BLUEPRINTACTIVATION']._serialized_end=1527
+  _globals['_BLUEPRINTINIT']._serialized_start=1529
+  _globals['_BLUEPRINTINIT']._serialized_end=1643
+  _globals['_BLUEPRINTDIM']._serialized_start=1645
+  _globals['_BLUEPRINTDIM']._serialized_end=1765
   _globals['_PARAMETERCOST']._serialized_start=64
   _globals['_PARAMETERCOST']._serialized_end=143
   _globals['_BLUEPRINTSPEC']._serialized_start=146
-  _globals['_BLUEPRINTSPEC']._serialized_end=410
+  _globals['_BLUEPRINTSPEC']._serialized_end=574
+  _globals['_BLUEPRINTPARAMETER']._serialized_start=577
+  _globals['_BLUEPRINTPARAMETER']._serialized_end=732
+  _globals['_BLUEPRINTKINDDEFINITION']._serialized_start=735
+  _globals['_BLUEPRINTKINDDEFINITION']._serialized_end=912
+  _globals['_BLUEPRINTCATALOG']._serialized_start=915
+  _globals['_BLUEPRINTCATALOG']._serialized_end=1054
+  _globals['_BLUEPRINTPROPOSAL']._serialized_start=1057
+  _globals['_BLUEPRINTPROPOSAL']._serialized_end=1202
 # @@protoc_insertion_point(module_scope)
