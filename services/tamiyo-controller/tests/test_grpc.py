@@ -64,6 +64,16 @@ def test_asking_again_for_an_epoch_returns_the_same_signal(tamiyo, report):
     assert older.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_step_says_when_the_stability_guard_holds_growth(tamiyo, report):
+    """An accuracy that collapses after a steady run: the signal's rationale names the pause
+    (and what it means: no germination until it clears)."""
+    for epoch in range(6):
+        assert "growth paused" not in tamiyo.Step(_state(report, epoch, 0.7), timeout=5).rationale
+    paused = tamiyo.Step(_state(report, 6, 0.1), timeout=5)
+    assert "growth paused: metric_spike at epoch 6" in paused.rationale, paused.rationale
+    assert not any(c.WhichOneof("action") == "germinate" for c in paused.commands)
+
+
 def test_step_needs_a_job_id(tamiyo):
     with pytest.raises(grpc.RpcError) as error:
         tamiyo.Step(pb.SystemState(epoch=1), timeout=5)

@@ -10,6 +10,17 @@ from tamiyo.heuristics import HealthWeights
 from tamiyo.settings import TamiyoSettings
 
 
+def test_the_stability_guard_is_set_or_turned_off_by_environment():
+    from tamiyo.stability import StabilityConfig
+    assert TamiyoSettings.from_env({}).policy().stability == StabilityConfig()
+    tuned = TamiyoSettings.from_env({"TAMIYO_SPIKE_MADS": "3", "TAMIYO_RESUME_EPOCHS": "5",
+                                     "TAMIYO_SPIKE_BASELINE_EPOCHS": "6"}).policy().stability
+    assert (tuned.spike_mads, tuned.resume_epochs, tuned.baseline_epochs) == (3.0, 5, 6)
+    assert TamiyoSettings.from_env({"TAMIYO_STABILITY_GUARD": "0"}).policy().stability is None
+    with pytest.raises(ValueError, match="min_baseline_epochs"):
+        TamiyoSettings.from_env({"TAMIYO_SPIKE_MIN_BASELINE_EPOCHS": "9"})
+
+
 def test_settings_from_the_environment():
     settings = TamiyoSettings.from_env({
         "TAMIYO_GRPC_PORT": "6000", "TAMIYO_KARN_ADDRESS": "karn:50053",

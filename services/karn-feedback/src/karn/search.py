@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import optuna
-from oona import Bus, contracts
+from oona import Bus, contracts, streams
 from oona.contracts import BlueprintDim, BlueprintProposal, BlueprintSpec, with_cost
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PROPOSER = "optuna-tpe"
 # The stream proposals go out on (DESIGN §4 names no other for them).
-BLUEPRINT_PROPOSALS = "innovation.blueprints"
+BLUEPRINT_PROPOSALS = streams.BLUEPRINT_PROPOSALS
 ACTIVE, RETIRED = "active", "retired"
 # Asking again for a spec the study already holds (integer sizes collide) is retried this often.
 _ASK_ATTEMPTS = 8

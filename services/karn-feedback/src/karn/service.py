@@ -20,14 +20,17 @@ import time
 from importlib.metadata import version
 
 from oona import Bus, BusSettings, ConsumerConfig, open_bus
+from oona.flags import FlagStore, sync_client
 from oona.http import HttpServer, ReadinessCheck, create_app
 from oona.service import run_service, serve_until_stopped
 from oona.settings import require_secrets
 from redis.asyncio import Redis
 from sqlalchemy.exc import OperationalError
 
+from karn import metrics
 from karn.grpc_api import KarnServicer, start_grpc_server
 from karn.recommender import BlueprintRecommender
+from karn.search import BlueprintSearch, BlueprintSearchLoop, SearchConfig, SearchingWorker
 from karn.settings import KarnSettings
 from karn.store import FieldReportStore
 from karn.worker import FieldReportWorker
@@ -109,8 +112,18 @@ async def _serve_with(settings: KarnSettings, store: FieldReportStore, bus: Bus)
              settings.bind_host, settings.http_port, worker.consumer.stream,
              worker.consumer.group, worker.consumer.name, bus.settings.redacted_url(),
              "on" if bus.settings.signing_key else "OFF", "on" if settings.api_token else "OFF")
-    await serve_until_stopped(worker, http, http_socket, grpc_server, stopping,
-                              settings.shutdown_grace_s)
+    # The rollout's gauges (karn.metrics.RolloutMetrics): from the database and the flags.
+    flags = await asyncio.to_thread(lambda: FlagStore(sync_client(bus.settings)))
+    await asyncio.to_thread(metrics.ROLLOUT.start, store, flags)
+    serving = worker if not settings.search_interval_s else SearchingWorker(
+        worker, BlueprintSearchLoop(bus, BlueprintSearch(store, SearchConfig(
+            seed=settings.random_seed)), settings.search_interval_s, settings.consumer_name))
+    try:
+        await serve_until_stopped(serving, http, http_socket, grpc_server, stopping,
+                                  settings.shutdown_grace_s)
+    finally:
+        metrics.ROLLOUT.stop()
+        flags.client.close()
     log.info("stopped")
 
 

@@ -43,6 +43,10 @@ class KarnSettings:
     # stored once, counted as duplicates). Defaults are oona's.
     reclaim_idle_ms: int = ConsumerConfig.reclaim_idle_ms
     reclaim_interval_s: float = ConsumerConfig.reclaim_interval_s
+    # Seconds between rounds of the blueprint search (karn.search); 0: no search. Off by default
+    # until runtimes grow specs they were not built with: a proposal a runtime refuses gets no
+    # field report, so it would never be retired.
+    search_interval_s: float = 0.0
     # Every gRPC call must carry it (`authorization: Bearer <token>`); None only with
     # OONA_INSECURE=1 (`python -m karn` refuses to start otherwise).
     api_token: str | None = field(default=None, repr=False)
@@ -64,6 +68,8 @@ class KarnSettings:
             raise ValueError("reclaim_idle_ms must be >= 1")
         if self.reclaim_interval_s <= 0:
             raise ValueError("reclaim_interval_s must be > 0")
+        if not 0 <= self.search_interval_s < float("inf"):
+            raise ValueError("search_interval_s must be >= 0 (0: no search)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KarnSettings:
@@ -71,8 +77,8 @@ class KarnSettings:
 
         KARN_DATABASE_URL, KARN_GRPC_PORT, KARN_HTTP_PORT, KARN_BIND_HOST, KARN_CONSUMER_NAME,
         KARN_COST_PENALTY, KARN_RANDOM_SEED, KARN_MAX_DELIVERIES, KARN_SHUTDOWN_GRACE_S,
-        KARN_RECLAIM_IDLE_MS, KARN_RECLAIM_INTERVAL_S, KARN_API_TOKEN (or KARN_API_TOKEN_FILE, a
-        file holding it).
+        KARN_RECLAIM_IDLE_MS, KARN_RECLAIM_INTERVAL_S, KARN_SEARCH_INTERVAL_S, KARN_API_TOKEN (or
+        KARN_API_TOKEN_FILE, a file holding it).
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {"api_token": read_secret("KARN_API_TOKEN", env)}

@@ -91,10 +91,11 @@ def _grant(user: str) -> _Grant:
         return _Grant(
             writes=(_COMMAND_KEYS, *map(streams.dead_letters, consumed), _BLOBS, "tamiyo:*"),
             commands=(*_PUBLISH, *_DEAD_LETTER, *_TAMIYO_STATE), consumes=consumed)
-    if user == "karn":  # flags read for its rollout metrics (karn.metrics)
-        return _Grant(writes=(streams.dead_letters(streams.FIELD_REPORTS), _BLOBS),
-                      commands=(*_DEAD_LETTER, *_FLAGS_READ), consumes=(streams.FIELD_REPORTS,),
-                      read_only=(_FLAG_KEYS,))
+    if user == "karn":  # flags read for its rollout metrics (karn.metrics); its search's specs
+        return _Grant(writes=(streams.dead_letters(streams.FIELD_REPORTS), _BLOBS,
+                              *_published(streams.BLUEPRINT_PROPOSALS)),
+                      commands=(*_PUBLISH, *_DEAD_LETTER, *_FLAGS_READ),
+                      consumes=(streams.FIELD_REPORTS,), read_only=(_FLAG_KEYS,))
     raise ValueError(f"no ACL rules for user {user!r}; the fleet's users are {', '.join(USERS)}")
 
 

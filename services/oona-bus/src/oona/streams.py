@@ -6,6 +6,7 @@ TELEMETRY_SEED_HEALTH = "telemetry.seed.health"
 CONTROL_ACKS = "control.kasmina.acks"
 FIELD_REPORTS = "innovation.field_reports"
 EPOCH_EVENTS = "system.events.epoch"
+BLUEPRINT_PROPOSALS = "innovation.blueprints"  # Karn's search: new specs (BlueprintProposal)
 _COMMANDS_PREFIX = "control.kasmina.commands."
 DLQ_SUFFIX = ".dlq"
 
@@ -38,7 +39,8 @@ def trim_mode(stream: str) -> str:
     return "guarded" if must_not_lose(stream) else "capped"
 
 
-_FAMILIES = frozenset({TELEMETRY_SEED_HEALTH, CONTROL_ACKS, FIELD_REPORTS, EPOCH_EVENTS})
+_FAMILIES = frozenset({TELEMETRY_SEED_HEALTH, CONTROL_ACKS, FIELD_REPORTS, EPOCH_EVENTS,
+                       BLUEPRINT_PROPOSALS})
 
 
 def family(stream: str) -> str:

@@ -89,6 +89,10 @@ class TamiyoServicer(pb_grpc.TamiyoServicer):
             commands = self._controller.decide(view, time.time())
             rationale = "; ".join(f"{c.WhichOneof('action')} {c.layer_id}[{c.seed_index}]: "
                                   f"{c.rationale}" for c in commands) or "no change"
+            pause = getattr(self._controller.policy, "growth_pause", None)
+            paused = pause(view) if pause is not None else None
+            if paused is not None:  # the stability guard held germinations back
+                rationale += f"; {paused.describe()}"
             signal = pb.AdaptationSignal(commands=commands, rationale=rationale)
             self._signals[request.job_id] = (request.epoch, signal)
             return signal

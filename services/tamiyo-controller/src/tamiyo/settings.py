@@ -11,6 +11,7 @@ from typing import Any
 from tamiyo.controller import DeliveryConfig
 from tamiyo.heuristics import HealthWeights
 from tamiyo.policy import PolicyConfig
+from tamiyo.stability import StabilityConfig
 from tamiyo.validation import JobLimits
 
 _PARSERS = {"int": int, "float": float, "str": str}
@@ -53,6 +54,16 @@ class TamiyoSettings:
     dead_ratio_weight: float = 1.0
     correlation_weight: float = 1.0
     fallback_chunk_size: int = 16
+    # The stability guard (tamiyo.stability, README "Stability guard"): 0 turns it off.
+    stability_guard: int = 1
+    spike_mads: float = StabilityConfig.spike_mads
+    spike_baseline_epochs: int = StabilityConfig.baseline_epochs
+    spike_min_baseline_epochs: int = StabilityConfig.min_baseline_epochs
+    spike_min_spread: float = StabilityConfig.min_spread
+    rollback_limit: int = StabilityConfig.rollback_limit
+    rollback_window: int = StabilityConfig.rollback_window
+    drift_limit: float = StabilityConfig.drift_limit
+    resume_epochs: int = StabilityConfig.resume_epochs
 
     ack_timeout_s: float = 10.0
     max_command_attempts: int = 5
@@ -98,7 +109,13 @@ class TamiyoSettings:
             max_active_seeds=self.max_active_seeds, cooldown_epochs=self.cooldown_epochs,
             weights=HealthWeights(self.variance_weight, self.dead_ratio_weight,
                                   self.correlation_weight),
-            fallback_chunk_size=self.fallback_chunk_size)
+            fallback_chunk_size=self.fallback_chunk_size,
+            stability=StabilityConfig(
+                spike_mads=self.spike_mads, baseline_epochs=self.spike_baseline_epochs,
+                min_baseline_epochs=self.spike_min_baseline_epochs,
+                min_spread=self.spike_min_spread, rollback_limit=self.rollback_limit,
+                rollback_window=self.rollback_window, drift_limit=self.drift_limit,
+                resume_epochs=self.resume_epochs) if self.stability_guard else None)
 
     def limits(self) -> JobLimits:
         return JobLimits(retention_s=self.job_retention_s,
