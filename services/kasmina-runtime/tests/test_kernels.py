@@ -117,6 +117,26 @@ def test_column_stats_kernel_matches_reference(rows, features, dtype):
     assert got[2, 0] == rows
 
 
+@pytest.mark.parametrize("features,seeds,rows", [(23, 5, 37), (7, 7, 5), (130, 3, 300)])
+def test_observe_in_two_launches_accumulates_what_add_of_the_stats_does(features, seeds, rows):
+    """The dormant layer's tracking step: the column pass adds into the float64 accumulators
+    (`into`), the telemetry kernel adds rows and the correlation sample; against `add` of the
+    PyTorch reference's statistics, over two steps (the second adds to the first)."""
+    from kasmina.telemetry import SeedTelemetry
+    chunks = KasminaLayer(nn.Linear(1, features), seeds).chunks
+    cfg = KasminaConfig(correlation_features=4)
+    ours, want = (SeedTelemetry(chunks, cfg, torch.device(DEVICE)) for _ in range(2))
+    for step in range(2):
+        torch.manual_seed(step)
+        h2 = torch.randn(rows, features, device=DEVICE)
+        h2[0, 0] = 0.0  # a dead value
+        ours.observe(h2, 1e-6, triton=True)
+        want.add(reference.column_stats(h2, 1e-6), h2)
+    for name, t in ours.named_buffers():
+        torch.testing.assert_close(t, getattr(want, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert ours.columns[2, 0] == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("features,seeds,rows", [(23, 5, 37), (130, 3, 300), (7, 7, 5),
                                                  (64, 4, 80)])

@@ -165,9 +165,9 @@ class KasminaLayer(nn.Module):
                 out = out2.view_as(h)
         if tracking:
             if stats is None:  # nothing blended: a read-only pass over the host output
-                stats = kernels.column_stats(h2.detach(), self.config.dead_threshold,
-                                             self._triton)
-            self.telemetry.add(stats, h2.detach(), self._triton)
+                self.telemetry.observe(h2.detach(), self.config.dead_threshold, self._triton)
+            else:
+                self.telemetry.add(stats, h2.detach(), self._triton)
         if loss is not None:
             out = AttachLoss.apply(out, loss)
         return out

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, kernels
 from .config import KasminaConfig
 from .kernels import interpreting
 from .lifecycle import SeedStage
@@ -51,6 +51,21 @@ class SeedTelemetry(nn.Module):
         self.register_buffer("corr_sum", torch.zeros(num_seeds, k, **f64))
         self.register_buffer("corr_prod", torch.zeros(num_seeds, k, k, **f64))
         self.register_buffer("corr_n", torch.zeros((), **f64))
+
+    @torch.no_grad()
+    def observe(self, h2: torch.Tensor, dead_threshold: float, triton: bool) -> None:
+        """The telemetry of one step's host output h2 (N, F) where no blend computed its column
+        statistics: `add` of `kernels.column_stats`, or in eager CUDA two launches (the column
+        pass adds straight into the float64 accumulators)."""
+        if triton and (h2.is_cuda or interpreting()) and h2.stride(1) == 1 and not (
+                torch.compiler.is_compiling()):
+            from .kernels import triton_blend, triton_telemetry
+            triton_blend.column_stats(h2, dead_threshold, into=self.columns)
+            triton_telemetry.add(None, h2, self.corr_idx, self.corr_valid, self.columns,
+                                 self.rows, self.corr_sum, self.corr_prod, self.corr_n,
+                                 self.rows_sampled)
+            return
+        self.add(kernels.column_stats(h2, dead_threshold, triton), h2, triton)
 
     @torch.no_grad()
     def add(self, stats: torch.Tensor, h2: torch.Tensor, triton: bool = False) -> None:

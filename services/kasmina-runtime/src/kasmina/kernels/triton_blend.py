@@ -92,10 +92,11 @@ def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_
             s += x
             q += x * x
             d += ((tl.abs(x) < dead_threshold) & m).to(tl.float32)
-    if TRACK:
-        tl.atomic_add(stats_ptr + cols, tl.sum(s, axis=0), mask=cmask)
-        tl.atomic_add(stats_ptr + F + cols, tl.sum(q, axis=0), mask=cmask)
-        tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
+    if TRACK:  # float32 partial sums, added in the statistics' dtype (float64 accumulators)
+        acc = stats_ptr.dtype.element_ty
+        tl.atomic_add(stats_ptr + cols, tl.sum(s, axis=0).to(acc), mask=cmask)
+        tl.atomic_add(stats_ptr + F + cols, tl.sum(q, axis=0).to(acc), mask=cmask)
+        tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0).to(acc), mask=cmask)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK", "I64"], restore_value=["stats_ptr"])
@@ -202,10 +203,15 @@ def _needs_i64(h: torch.Tensor, y: torch.Tensor | None = None) -> bool:
     return extent >= 2**31 - 1
 
 
-def column_stats(h: torch.Tensor, dead_threshold: float) -> torch.Tensor:
+def column_stats(h: torch.Tensor, dead_threshold: float,
+                 into: torch.Tensor | None = None) -> torch.Tensor:
+    """(3, F) float32 sums, squares and dead counts of h's columns; with `into` (a contiguous
+    (3, F) accumulator, float64 for the telemetry's), added into it instead (no allocation,
+    no zeroing launch) and returned."""
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     n, f = h.shape
-    stats = torch.zeros(3, f, dtype=torch.float32, device=h.device)
+    stats = torch.zeros(3, f, dtype=torch.float32, device=h.device) if into is None else into
+    assert stats.shape == (3, f) and stats.is_contiguous()
     _host_pass_kernel[_grid(n, f)](h, h, stats, n, f, h.stride(0), h.stride(0), dead_threshold,
                                    TRACK=True, COPY=False, I64=_needs_i64(h))
     return stats

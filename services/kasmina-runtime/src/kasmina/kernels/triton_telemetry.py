@@ -74,18 +74,21 @@ def _telemetry_kernel(h_ptr, stride_h, idx_ptr, valid_ptr, stats_ptr, columns_pt
             tl.store(rows_ptr, tl.load(rows_ptr) + N.to(tl.float64))
 
 
-def add(stats: torch.Tensor, h2: torch.Tensor, corr_idx: torch.Tensor,
+def add(stats: torch.Tensor | None, h2: torch.Tensor, corr_idx: torch.Tensor,
         corr_valid: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor,
         corr_sum: torch.Tensor, corr_prod: torch.Tensor, corr_n: torch.Tensor,
         rows_sampled: int) -> None:
-    """The accumulators (float64, contiguous) += this step's: `SeedTelemetry.add`'s maths."""
-    assert h2.dim() == 2 and h2.stride(1) == 1 and stats.is_contiguous()
+    """The accumulators (float64, contiguous) += this step's: `SeedTelemetry.add`'s maths.
+    `stats` None: the column statistics are already in `columns` (`triton_blend.column_stats`
+    with `into`); the rows and the correlation sample are still added."""
+    assert h2.dim() == 2 and h2.stride(1) == 1 and (stats is None or stats.is_contiguous())
     n = h2.shape[0]
     seeds, k = corr_sum.shape
     corr = seeds if k > 1 else 0  # chunks of one feature have no pairs to correlate
-    f3 = stats.numel()
-    grid = (corr + triton.cdiv(f3, BLOCK_F),)
-    _telemetry_kernel[grid](h2, h2.stride(0), corr_idx, corr_valid.view(torch.uint8), stats,
+    f3 = 0 if stats is None else stats.numel()
+    grid = (corr + max(1, triton.cdiv(f3, BLOCK_F)),)  # the first column program counts rows
+    _telemetry_kernel[grid](h2, h2.stride(0), corr_idx, corr_valid.view(torch.uint8),
+                            columns if stats is None else stats,
                             columns, rows, corr_n, corr_sum, corr_prod, n,
                             min(n, rows_sampled), corr, f3, K=k,
                             KP=triton.next_power_of_2(k), BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F)
