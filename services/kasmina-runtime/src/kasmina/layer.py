@@ -216,17 +216,21 @@ class KasminaLayer(nn.Module):
             self.lane_recon.copy_(torch.where(train, ema, old))
         return torch.where(train, mse, 0.0).sum()
 
-    @torch.no_grad()
     def step(self, loss: torch.Tensor | float | None = None,
              scaler: torch.amp.GradScaler | None = None) -> None:
         """Report one training step (call once, after the host optimizer's step; with AMP,
         pass the `GradScaler` and call before `scaler.update()`): the seeds' optimizer steps,
         grafting alphas move, step counters advance."""
-        table, flags = self.table, self._flags
+        table = self.table
         table.step += 1
         self._tracking_step = table.step % self.config.telemetry_every == 0
-        if not flags.live:
-            return
+        if self._flags.live:  # a dormant layer's step is these three lines: no grad-mode switch
+            self._step_seeds(loss, scaler)
+
+    @torch.no_grad()
+    def _step_seeds(self, loss: torch.Tensor | float | None,
+                    scaler: torch.amp.GradScaler | None) -> None:
+        flags = self._flags
         self._live_steps += 1
         self._train_mode_steps += self.training
         keys, triton = flags.banks, self._triton
