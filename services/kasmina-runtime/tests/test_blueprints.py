@@ -1,10 +1,27 @@
+"""Blueprint specs, their banks and their maths; the catalog read from the contracts' one
+definition (kasmina/blueprint_catalog.json, generated from oona's blueprint_catalog.txtpb)."""
+
 from __future__ import annotations
 
 import kasmina
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from kasmina import BlueprintSpec, KasminaConfig, SeedStage, catalog, get_blueprint
+from kasmina import blueprints as bp
 from kasmina.bank import BlueprintBank
+from kasmina.blueprints import (
+    BlueprintModule,
+    build_module,
+    from_wire,
+    resolve_wire_spec,
+    uses_fused_mlp,
+)
+from kasmina.lifecycle import LifecycleError
+from oona import contracts as wire
+
+W = wire.BlueprintKind
 
 
 def test_catalog_has_the_three_kinds_with_stable_ids():
@@ -124,3 +141,215 @@ def test_banks_are_fixed_and_a_full_bank_refuses_germination(make_layer, drive):
     assert [p.data_ptr() for p in layer.parameters()] == params  # the same tensors throughout
     out = layer(torch.randn(3, 4))
     assert out.shape == (3, 64)
+
+
+# ---------------------------------------------------------------- specs as data (issue #19)
+
+
+def test_the_runtime_catalog_is_the_contracts_catalog():
+    ours = {s.id: s for s in catalog()}
+    for message in wire.catalog():
+        spec = ours[message.blueprint_id]
+        assert (spec.name, spec.hidden, spec.rank, spec.min_chunk, spec.max_chunk) == (
+            message.name, message.hidden, message.rank, message.min_chunk_size,
+            message.max_chunk_size)
+        cost = message.parameter_cost
+        for chunk in (1, 5, 64, 257):
+            assert spec.param_count(chunk) == (cost.per_chunk_squared * chunk**2
+                                               + cost.per_chunk * chunk + cost.constant)
+        assert spec.to_wire() == message
+
+
+# Specs the catalog does not hold, one per kind and option: their costs and shapes must agree too.
+HAND_MADE = [
+    wire.BlueprintSpec(name="h1", kind=W.BLUEPRINT_KIND_RESIDUAL_MLP, blueprint_id=901, hidden=3),
+    wire.BlueprintSpec(name="h2", kind=W.BLUEPRINT_KIND_RESIDUAL_MLP, blueprint_id=902,
+                       hidden=257, activation=wire.BlueprintActivation.BLUEPRINT_ACTIVATION_TANH,
+                       init=wire.BlueprintInit.BLUEPRINT_INIT_ZERO_OUTPUT),
+    wire.BlueprintSpec(name="h3", kind=W.BLUEPRINT_KIND_LOW_RANK, blueprint_id=903, rank=1),
+    wire.BlueprintSpec(name="h4", kind=W.BLUEPRINT_KIND_LOW_RANK, blueprint_id=904, rank=64,
+                       min_chunk_size=64),
+    wire.BlueprintSpec(name="h5", kind=W.BLUEPRINT_KIND_LINEAR, blueprint_id=905,
+                       max_chunk_size=7),
+]
+
+
+@pytest.mark.parametrize("message", wire.catalog() + HAND_MADE, ids=lambda m: m.name)
+def test_the_runtime_and_the_contracts_derive_the_same_shapes_and_cost(message):
+    spec, cost = from_wire(message), wire.parameter_cost(message)
+    for chunk in (1, 2, 5, 64, 257, 4096):
+        assert spec.shapes(chunk) == wire.parameter_shapes(message, chunk)
+        assert spec.param_count(chunk) == (cost.per_chunk_squared * chunk**2
+                                           + cost.per_chunk * chunk + cost.constant)
+    assert spec.to_wire().parameter_cost == cost
+
+
+@given(kind=st.sampled_from(sorted(bp.KINDS)), size=st.integers(1, 4096),
+       chunk=st.integers(1, 10_000))
+def test_any_spec_costs_the_same_in_the_runtime_and_the_contracts(kind, size, chunk):
+    sizes = {s: size for s in bp.KINDS[kind].sizes}
+    spec = BlueprintSpec(f"p_{kind}", kind, 960, **sizes)
+    message = spec.to_wire()
+    cost = message.parameter_cost
+    assert spec.shapes(chunk) == wire.parameter_shapes(message, chunk)
+    assert spec.param_count(chunk) == (cost.per_chunk_squared * chunk**2
+                                       + cost.per_chunk * chunk + cost.constant)
+    assert from_wire(message) == spec
+
+
+def test_the_runtime_names_every_activation_and_init_the_contracts_define():
+    assert set(bp.ACTIVATIONS) == {wire.activation_name(a)
+                                   for a in wire.BlueprintActivation.values()}
+    assert bp.DEFAULT_ACTIVATION == wire.activation_name(0)
+    assert set(bp.INITS) == {wire.BlueprintInit.Name(v).removeprefix("BLUEPRINT_INIT_").lower()
+                             for v in wire.BlueprintInit.values() if v}
+    assert set(bp.KINDS) == {wire.kind_name(k) for k in wire.BlueprintKind.values() if k}
+
+
+@pytest.mark.parametrize("fields,error", [
+    ({"kind": "residual_mlp"}, LifecycleError),  # no hidden
+    ({"kind": "linear", "rank": 2}, LifecycleError),
+    ({"kind": "low_rank", "rank": -1}, LifecycleError),
+    ({"kind": "linear", "activation": "relu"}, LifecycleError),
+    ({"kind": "residual_mlp", "hidden": 4, "activation": "swish"}, LifecycleError),
+    ({"kind": "residual_mlp", "hidden": 4, "init": "orthogonal"}, LifecycleError),
+    ({"kind": "linear", "min_chunk": 8, "max_chunk": 4}, LifecycleError),
+    ({"kind": "conv"}, kasmina.UnknownBlueprintError),
+])
+def test_a_spec_no_kind_can_build_is_refused_without_the_contracts(fields, error):
+    with pytest.raises(error):
+        BlueprintSpec("bad_t", id=950, **fields)
+
+
+def test_a_spec_never_seen_builds_a_module_with_its_sizes_and_activation():
+    message = wire.BlueprintSpec(name="wide_relu_t", kind=W.BLUEPRINT_KIND_RESIDUAL_MLP,
+                                 blueprint_id=811, hidden=24,
+                                 activation=wire.BlueprintActivation.BLUEPRINT_ACTIVATION_RELU)
+    module = build_module(message, chunk=6, seed=3)
+    p = {n: t.detach() for n, t in module.params.items()}
+    assert p["w1"].shape == (6, 24) and p["w2"].shape == (24, 6)
+    x = torch.randn(2, 5, 6)
+    ref = x + torch.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    torch.testing.assert_close(module(x), ref)
+    assert sum(t.numel() for t in p.values()) == from_wire(message).param_count(6)
+
+
+@pytest.mark.parametrize("kind,size", [(W.BLUEPRINT_KIND_RESIDUAL_MLP, {"hidden": 8}),
+                                       (W.BLUEPRINT_KIND_LOW_RANK, {"rank": 3})])
+def test_zero_output_init_starts_a_residual_blueprint_as_the_identity(kind, size):
+    message = wire.BlueprintSpec(name="z", kind=kind, blueprint_id=812, **size,
+                                 init=wire.BlueprintInit.BLUEPRINT_INIT_ZERO_OUTPUT)
+    module = build_module(message, chunk=7)
+    x = torch.randn(4, 7)
+    assert torch.equal(module(x), x)
+    plain = build_module(wire.BlueprintSpec(name="z", kind=kind, blueprint_id=812, **size), 7)
+    assert not torch.equal(plain(x), x)
+
+
+def test_a_bank_slot_draws_what_the_module_of_the_same_seed_draws():
+    spec = from_wire(wire.BlueprintSpec(name="r", kind=W.BLUEPRINT_KIND_LOW_RANK,
+                                        blueprint_id=813, rank=3,
+                                        init=wire.BlueprintInit.BLUEPRINT_INIT_ZERO_OUTPUT))
+    bank = BlueprintBank(spec, 9, 2, torch.device("cpu"))
+    bank.init_slot(1, seed=42)
+    module = BlueprintModule(spec, 9, seed=42)
+    for name, value in module.params.items():
+        assert torch.equal(bank.params[name][1], value.detach())
+    assert not bank.params["b"][1].any()  # the output parameter starts at 0
+
+
+@pytest.mark.parametrize("message,error,code", [
+    (wire.BlueprintSpec(name="k", kind=77, blueprint_id=820), kasmina.UnknownBlueprintError,
+     "unknown_blueprint"),
+    (wire.BlueprintSpec(name="k", kind=W.BLUEPRINT_KIND_UNSPECIFIED, blueprint_id=820),
+     kasmina.UnknownBlueprintError, "unknown_blueprint"),
+    (wire.BlueprintSpec(name="k", kind=W.BLUEPRINT_KIND_RESIDUAL_MLP, blueprint_id=820),
+     LifecycleError, "invalid"),
+    (wire.BlueprintSpec(name="k", kind=W.BLUEPRINT_KIND_LINEAR, blueprint_id=820, rank=2),
+     LifecycleError, "invalid"),
+    # id 1 is the built-in residual_mlp: a different spec under its id is refused
+    (wire.BlueprintSpec(name="residual_mlp", kind=W.BLUEPRINT_KIND_RESIDUAL_MLP,
+                        blueprint_id=1, hidden=99), LifecycleError, "invalid"),
+])
+def test_a_spec_that_cannot_be_built_is_refused_with_its_reason_code(message, error, code):
+    with pytest.raises(error) as caught:
+        resolve_wire_spec(message)
+    assert caught.value.code == code
+
+
+def test_a_spec_that_does_not_fit_the_chunk_is_refused_as_such():
+    message = wire.BlueprintSpec(name="wide_only", kind=W.BLUEPRINT_KIND_LOW_RANK,
+                                 blueprint_id=821, rank=2, min_chunk_size=16)
+    with pytest.raises(kasmina.BlueprintDoesNotFitError) as caught:
+        build_module(message, chunk=8)
+    assert caught.value.code == "blueprint_does_not_fit"
+
+
+def test_resolving_the_same_spec_twice_names_one_blueprint():
+    message = wire.BlueprintSpec(name="proposed_t", kind=W.BLUEPRINT_KIND_RESIDUAL_MLP,
+                                 blueprint_id=830, hidden=32, ramp_steps=12,
+                                 seed_learning_rate=3e-3, description="from Karn")
+    spec = resolve_wire_spec(message)
+    assert resolve_wire_spec(message) == spec and get_blueprint(830) == spec
+    assert (spec.ramp_steps, spec.seed_lr) == (12, 3e-3)
+
+
+def test_a_layer_grows_a_spec_received_from_the_wire():
+    spec = resolve_wire_spec(wire.BlueprintSpec(
+        name="grown_t", kind=W.BLUEPRINT_KIND_RESIDUAL_MLP, blueprint_id=831, hidden=5))
+    layer = kasmina.KasminaLayer(torch.nn.Linear(6, 8), 2, KasminaConfig(
+        blueprints=("residual_mlp", "grown_t")))
+    layer.germinate(1, spec)
+    for stage in (SeedStage.TRAINING, SeedStage.GRAFTING):
+        layer.transition(1, stage, force=True)
+    assert int(layer.state[1, 1]) == 831
+    assert layer.banks["831"].params["w1"].shape[1:] == (4, 5)
+    layer.alpha[1] = 1.0
+    x = torch.randn(3, 6)
+    assert not torch.allclose(layer(x)[:, 4:], layer.host(x)[:, 4:])
+
+
+@pytest.mark.parametrize("activation,chunk,hidden,fused", [
+    ("", 8, 16, True), ("gelu", 64, 16, True), ("relu", 8, 16, False), ("", 128, 16, False)])
+def test_the_fused_mlp_kernel_is_chosen_by_kind_and_activation(activation, chunk, hidden,
+                                                                 fused):
+    spec = BlueprintSpec("f", "residual_mlp", 840, hidden=hidden, activation=activation)
+    assert uses_fused_mlp(spec, chunk) is fused
+    assert not uses_fused_mlp(get_blueprint("low_rank"), 8)
+
+
+def test_a_bank_runs_its_specs_activation():
+    spec = from_wire(wire.BlueprintSpec(
+        name="relu_bank_t", kind=W.BLUEPRINT_KIND_RESIDUAL_MLP, blueprint_id=850, hidden=6,
+        activation=wire.BlueprintActivation.BLUEPRINT_ACTIVATION_RELU))
+    bank = BlueprintBank(spec, 5, 2, torch.device("cpu"))
+    bank.init_slot(0, seed=1)
+    x = torch.randn(2, 7, 5)
+    p = {n: t[0].detach() for n, t in bank.params.items()}
+    torch.testing.assert_close(bank(x)[0], x[0] + torch.relu(x[0] @ p["w1"] + p["b1"]) @ p["w2"]
+                               + p["b2"])
+    assert not bank._fusable  # the fused kernel computes GELU
+
+
+def test_a_germinate_carrying_a_spec_is_built_from_the_spec():
+    from kasmina.fleet.wire import CommandTarget
+    from oona.contracts import AckReason, Germinate, LifecycleCommand
+
+    spec = wire.BlueprintSpec(name="fleet_t", kind=W.BLUEPRINT_KIND_LOW_RANK, blueprint_id=851,
+                              rank=2, description="from Karn")
+    resolve_wire_spec(spec)  # known when the layer is built: it has a bank
+    layer = kasmina.KasminaLayer(torch.nn.Linear(6, 12), 2, KasminaConfig(
+        blueprints=("residual_mlp", "fleet_t")), layer_id="fc")
+    target = CommandTarget("job", [layer])
+
+    def germinate(seed: int, blueprint: wire.BlueprintSpec):
+        return target.apply(LifecycleCommand(command_id=f"c{seed}{blueprint.blueprint_id}",
+                                             job_id="job", layer_id="fc", seed_index=seed,
+                                             germinate=Germinate(blueprint_spec=blueprint)), 0, 0)
+
+    ack = germinate(0, spec)
+    assert ack.success and int(layer.state[0, 1]) == 851
+    bad = wire.BlueprintSpec(name="fleet_bad", kind=W.BLUEPRINT_KIND_LOW_RANK, blueprint_id=852)
+    assert germinate(1, bad).reason == AckReason.ACK_REASON_INVALID
+    alien = wire.BlueprintSpec(name="fleet_alien", kind=42, blueprint_id=853)
+    assert germinate(1, alien).reason == AckReason.ACK_REASON_UNKNOWN_BLUEPRINT

@@ -1,14 +1,35 @@
-"""The committed generated code matches proto/, and the contract has no breaking change."""
+"""The committed generated code (and the catalog's JSON) matches its sources, and the contract has
+no breaking change."""
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 from google.protobuf import descriptor_pb2 as d
+from google.protobuf import json_format, text_format
 from oona import codegen
 from oona.compat import breaking_changes
+from oona.contracts import CATALOG_FILE, BlueprintCatalog
 
 
 def test_regenerating_the_code_gives_no_diff():
     assert codegen.stale_files(codegen.generate()) == [], "run `python -m oona.codegen`"
+
+
+def test_the_committed_catalog_json_is_what_codegen_writes_from_the_txtpb():
+    assert codegen.CATALOG_JSON.read_bytes() == codegen.catalog_json(), (
+        "run `python -m oona.codegen`")
+
+
+def test_the_catalog_json_holds_the_txtpb_catalog_and_follows_its_edits():
+    text = resources.files("oona").joinpath(CATALOG_FILE).read_text(encoding="utf-8")
+    data = json.loads(codegen.catalog_json(text))
+    assert "oona.codegen" in data.pop("_generated")
+    assert json_format.ParseDict(data, BlueprintCatalog()) == text_format.Parse(
+        text, BlueprintCatalog())
+    edited = text.replace("hidden: 16", "hidden: 24")
+    assert json.loads(codegen.catalog_json(edited))["blueprints"][0]["hidden"] == 24
 
 
 def _current() -> d.FileDescriptorSet:

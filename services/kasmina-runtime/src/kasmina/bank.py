@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .blueprints import KINDS, BlueprintSpec
+from .blueprints import BlueprintSpec, fits_bank, forward_of, init_bounds, uses_fused_mlp
 from .config import KasminaConfig
 
 _STATE = ("exp_avg", "exp_avg_sq", "ema")  # optimizer / drift state, the shape of `flat`
@@ -30,22 +30,21 @@ class BlueprintBank(nn.Module):
         super().__init__()
         self.spec, self.chunk = spec, chunk
         self._shapes = spec.shapes(chunk)
-        self._forward = KINDS[spec.kind].forward
-        self._fusable = spec.kind == "residual_mlp" and kernels.fused_mlp_fits(chunk, spec.hidden)
-        fan_in = KINDS[spec.kind].fan_in(spec, chunk)
+        self._forward = forward_of(spec)  # its activation
+        self._fusable = uses_fused_mlp(spec, chunk)
         self._columns: dict[str, tuple[int, int]] = {}
-        bounds, start = [], 0
+        start = 0
         for name, shape in self._shapes.items():
             size = math.prod(shape)
             self._columns[name] = (start, start + size)
-            bounds.append(torch.full((size,), 1.0 / math.sqrt(fan_in[name])))
             start += size
         self.flat = nn.Parameter(torch.zeros(capacity, start, device=device))
         for k in _STATE:
             self.register_buffer(k, torch.zeros(capacity, start, device=device))
         self.register_buffer("opt_step", torch.zeros(capacity, device=device))
         # uniform(-b, b) initialisation bound of each column, as nn.Linear's
-        self.register_buffer("init_bound", torch.cat(bounds), persistent=False)
+        self.register_buffer("init_bound", init_bounds(spec, spec, chunk).to(device),
+                             persistent=False)
 
     @property
     def capacity(self) -> int:
@@ -62,11 +61,17 @@ class BlueprintBank(nn.Module):
         return self.view(self.flat)
 
     @torch.no_grad()
-    def init_slot(self, slot: int, seed: int) -> None:
+    def init_slot(self, slot: int, seed: int, spec: BlueprintSpec | None = None) -> None:
         """Fresh parameters (uniform ±1/sqrt(fan_in), as nn.Linear) from a generator seeded with
-        `seed`, so every rank and every process draws the same ones; empty optimizer state."""
+        `seed`, so every rank and every process draws the same ones; empty optimizer state.
+        `spec`: the seed's blueprint when it is not the bank's own but fits it (`fits_bank`):
+        its own bounds, and 0 past its sizes."""
+        bound = self.init_bound.cpu()
+        if spec is not None and spec != self.spec:
+            assert fits_bank(spec, self.spec), (spec, self.spec)
+            bound = init_bounds(self.spec, spec, self.chunk)
         gen = torch.Generator().manual_seed(seed)
-        fresh = (torch.rand(self.flat.shape[1], generator=gen) * 2 - 1) * self.init_bound.cpu()
+        fresh = (torch.rand(self.flat.shape[1], generator=gen) * 2 - 1) * bound
         self.flat[slot] = fresh
         self.exp_avg[slot] = self.exp_avg_sq[slot] = 0.0
         self.ema[slot] = self.flat[slot]

@@ -48,6 +48,12 @@ class KasminaConfig:
     # 4 * max_active_seeds)). Every slot of a bank in use runs each step.
     blueprints: tuple[str, ...] | None = None
     bank_slots: int = 0
+    # Each bank of a kind with a hidden width (a rank) is built at least this wide (0: its
+    # catalog entry's own size), so a spec of that kind and activation received later, up to this
+    # size, grows in it (a Germinate carrying a spec Karn proposed). The bank computes at this
+    # size every step a slot of it runs.
+    bank_hidden: int = 0
+    bank_rank: int = 0
     # The seeds' own optimizer (Adam over the blueprint banks).
     seed_lr: float = 1e-3
     seed_betas: tuple[float, float] = (0.9, 0.999)
@@ -73,6 +79,8 @@ class KasminaConfig:
         if self.execution_path not in ("chunked", "legacy"):
             raise ValueError(f"KasminaConfig.execution_path must be 'chunked' or 'legacy', got "
                              f"{self.execution_path!r}")
+        if self.bank_hidden < 0 or self.bank_rank < 0:
+            raise ValueError("KasminaConfig.bank_hidden and bank_rank must be >= 0")
         if self.ramp_steps < 1 or self.telemetry_every < 1:
             raise ValueError("KasminaConfig.ramp_steps and telemetry_every must be >= 1")
         if self.grad_norm_lower > self.grad_norm_upper:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .blueprints import BlueprintSpec, get_blueprint
+from .blueprints import ACTIVATIONS, DEFAULT_ACTIVATION, BlueprintSpec, get_blueprint
 from .dual import DualPathLayer
 from .layer import KasminaLayer
 from .lifecycle import ACTIVE_STAGES, BLENDING_STAGES
@@ -160,8 +160,7 @@ def _grown_seeds(layer: KasminaLayer) -> list[_GrownSeed]:
         spec = get_blueprint(int(table.state[seed, BLUEPRINT_ID]))
         lane = int(table.slot[seed])
         start, end = layer.chunks[seed]
-        local = lane - table.lanes[spec.id][0]  # the seed's slot in its bank
-        bank = layer.banks[str(spec.id)]
+        bank, local = layer._bank_slot(lane)  # its bank may be another blueprint's (fits_bank)
         params = {n: bank.params[n][local][tuple(map(slice, shape))].detach().double()
                   for n, shape in spec.shapes(end - start).items()}
         if alpha != 0.0 and all(bool(p.isfinite().all()) for p in params.values()):
@@ -175,10 +174,14 @@ _AFFINE: dict[str, Callable[[dict[str, Tensor], int], tuple[Tensor, Tensor | Non
     "low_rank": lambda p, w: (torch.eye(w, dtype=p["a"].dtype, device=p["a"].device)
                              + p["a"] @ p["b"], None),
 }
+_ACTIVATION_MODULES = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
+assert set(_ACTIVATION_MODULES) == set(ACTIVATIONS)
 # A blueprint that stays a module: y = x + module(x), x the chunk in the module's dtype.
-_RESIDUAL: dict[str, Callable[[dict[str, Tensor]], nn.Module]] = {
-    "residual_mlp": lambda p: nn.Sequential(
-        _linear_of(p["w1"], p["b1"]), nn.GELU(), _linear_of(p["w2"], p["b2"])),
+_RESIDUAL: dict[str, Callable[[dict[str, Tensor], BlueprintSpec], nn.Module]] = {
+    "residual_mlp": lambda p, spec: nn.Sequential(
+        _linear_of(p["w1"], p["b1"]),
+        _ACTIVATION_MODULES[spec.activation or DEFAULT_ACTIVATION](),
+        _linear_of(p["w2"], p["b2"])),
 }
 
 
@@ -254,7 +257,7 @@ def _residual_layer(host: nn.Module, layer: KasminaLayer, seeds: list[_GrownSeed
     pieces, pos = [], 0
     for s in sorted(seeds, key=lambda s: s.start):
         name = f"seed{s.seed}"
-        module = _RESIDUAL[s.spec.kind]({n: p.float() for n, p in s.params.items()})
+        module = _RESIDUAL[s.spec.kind]({n: p.float() for n, p in s.params.items()}, s.spec)
         first, param = next(module.named_parameters())  # whose dtype the chunk takes
         root[name], root[f"{name}.{first}"] = module, param
         if s.start > pos:

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import boundary, distributed, kernels
 from .bank import BlueprintBank
-from .blueprints import BlueprintSpec, catalog, get_blueprint
+from .blueprints import BlueprintSpec, catalog, get_blueprint, with_headroom
 from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
 from .host import AttachLoss, host_features, no_fused_fast_path, split_chunks
@@ -59,7 +59,8 @@ class KasminaLayer(nn.Module):
             if not any(spec.fits(w) for w in widths) or slots == 0:
                 continue
             capacity = min(slots, fitting)
-            self.banks[str(spec.id)] = BlueprintBank(spec, width, capacity, device)
+            self.banks[str(spec.id)] = BlueprintBank(
+                with_headroom(spec, cfg.bank_hidden, cfg.bank_rank), width, capacity, device)
             lanes[spec.id] = (start, start + capacity)
             start += capacity
         self._bank_of_lane = np.repeat(np.arange(len(lanes)),
@@ -69,7 +70,8 @@ class KasminaLayer(nn.Module):
                              f"num_seeds={num_seeds} (kasmina.DualPathLayer switches a layer "
                              f"between the legacy seed and {num_seeds} chunked ones)")
         self.table = SeedTable(self.chunks, lanes, cfg.max_active_seeds, cfg.embargo_epochs,
-                               layer_id, LEGACY if cfg.execution_path == "legacy" else FULL)
+                               layer_id, LEGACY if cfg.execution_path == "legacy" else FULL,
+                               bank_specs={int(k): b.spec for k, b in self.banks.items()})
         self.register_buffer("state", torch.from_numpy(self.table.state).to(device, copy=True))
         self.register_buffer("alpha", torch.zeros(num_seeds, device=device))
         self.register_buffer("slot", torch.from_numpy(self.table.slot).to(device, copy=True))
@@ -289,7 +291,7 @@ class KasminaLayer(nn.Module):
                 self.lane_strategy_state[lane] = 0.0
             bank, local = self._bank_slot(lane)
             if change.init_seed is not None:
-                bank.init_slot(local, change.init_seed)
+                bank.init_slot(local, change.init_seed, get_blueprint(change.blueprint_id))
             if change.target in RELEASING_STAGES:
                 bank.clear_slot(local)
                 for name, fill in _LANE_STATS.items():

@@ -15,13 +15,21 @@ parameters never do either.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from .blueprints import BlueprintSpec, get_blueprint
+from .blueprints import (
+    BUILT_IN_IDS,
+    DEFAULT_ACTIVATION,
+    BlueprintSpec,
+    fits_bank,
+    get_blueprint,
+    register_blueprint,
+)
 from .events import LifecycleEvent, SeedOutcome, SeedRecord
 from .lifecycle import (
     ACTIVE_STAGES,
@@ -54,15 +62,19 @@ class LaneChange:
     lane: int
     target: SeedStage
     init_seed: int | None = None  # germination: seed of the blueprint's initialisation
+    blueprint_id: int = -1  # the seed's blueprint when it moved (its bank's may be wider)
 
 
 class SeedTable:
     def __init__(self, chunks: list[tuple[int, int]], lanes: Mapping[int, tuple[int, int]],
                  max_active_seeds: int, embargo_epochs: int, layer_id: str = "",
-                 lifecycle: Lifecycle = FULL) -> None:
+                 lifecycle: Lifecycle = FULL,
+                 bank_specs: Mapping[int, BlueprintSpec] | None = None) -> None:
         self.chunks = chunks
         self.widths = np.array([e - s for s, e in chunks])
-        self.lanes = dict(lanes)  # blueprint id -> [start, end) lane range
+        self.lanes = dict(lanes)  # bank (its catalog blueprint's id) -> [start, end) lane range
+        # bank -> the shape it was built to (its blueprint, sizes raised by the headroom)
+        self.bank_specs = dict(bank_specs or {b: get_blueprint(b) for b in self.lanes})
         self.num_lanes = max((e for _, e in self.lanes.values()), default=0)
         self.max_active_seeds, self.embargo_epochs = max_active_seeds, embargo_epochs
         self.layer_id = layer_id
@@ -126,16 +138,14 @@ class SeedTable:
         if not spec.fits(width):
             raise BlueprintDoesNotFitError(
                 f"blueprint {spec.name!r} does not fit seed {seed}'s chunk of {width} features")
-        if spec.id not in self.lanes:
-            raise UnknownBlueprintError(
-                f"layer {self.layer_id!r} has no bank for blueprint {spec.name!r} (banks are "
-                f"made at construction for KasminaConfig.blueprints: "
-                f"{sorted(get_blueprint(b).name for b in self.lanes)})")
+        bank = self.bank_for(spec)
+        if bank is None:
+            raise UnknownBlueprintError(self._no_bank(spec))
         active = self.active_count()
         if active >= self.max_active_seeds:
             raise CapacityError(f"layer {self.layer_id!r} already has {active} active seeds "
                                 f"(max_active_seeds={self.max_active_seeds})")
-        start, end = self.lanes[spec.id]
+        start, end = self.lanes[bank]
         free = sorted(set(range(start, end)) - set(self.slot.tolist()))
         if not free:
             raise CapacityError(f"layer {self.layer_id!r}: all {end - start} slots of "
@@ -147,6 +157,27 @@ class SeedTable:
         # Identical on every rank and in every process: from (layer, seed, epoch, step) ids.
         init = zlib.crc32(f"{self.layer_id}|{seed}|{self.epoch}|{self.step}".encode())
         self.move(seed, S.GERMINATED, "germination request", init_seed=init)
+
+    def _no_bank(self, spec: BlueprintSpec) -> str:
+        message = (f"layer {self.layer_id!r} has no bank for blueprint {spec.name!r} (banks are "
+                   f"made at construction for KasminaConfig.blueprints: "
+                   f"{sorted(b.name for b in self.bank_specs.values())})")
+        kin = [b for b in self.bank_specs.values() if b.kind == spec.kind]
+        if kin:  # a bank of its kind, too narrow or of another activation
+            def shape(b: BlueprintSpec) -> str:
+                return f"hidden {b.hidden}, rank {b.rank}, {b.activation or DEFAULT_ACTIVATION}"
+
+            message += (f"; it needs {shape(spec)}, the {spec.kind} banks are "
+                        f"{', '.join(shape(b) for b in kin)} (KasminaConfig.bank_hidden / "
+                        f"bank_rank build them wider; a bank runs one activation)")
+        return message
+
+    def bank_for(self, spec: BlueprintSpec) -> int | None:
+        """The bank a seed of `spec` grows in: its own, else the first that fits it."""
+        if spec.id in self.lanes:
+            return spec.id
+        return next((b for b, shape in sorted(self.bank_specs.items())
+                     if fits_bank(spec, shape)), None)
 
     def cancel(self, seed: int) -> bool:
         if self.stage_of(seed) not in (S.GERMINATED, S.TRAINING):
@@ -193,7 +224,8 @@ class SeedTable:
         self.state[seed, STAGE] = target
         self.state[seed, EPOCHS_IN_STAGE] = 0
         self.readiness.pop(seed, None)
-        self.changes.append(LaneChange(seed, int(self.slot[seed]), target, init_seed))
+        self.changes.append(LaneChange(seed, int(self.slot[seed]), target, init_seed,
+                                       int(self.state[seed, BLUEPRINT_ID])))
         record = self.records.get(seed)
         if record is not None:
             record.history.append((int(target), self.epoch))
@@ -280,10 +312,17 @@ class SeedTable:
 
     def to_dict(self) -> dict:
         """JSON-serialisable bookkeeping for checkpoints (stages and slots are tensors)."""
-        return {"epoch": self.epoch, "step": self.step, "last_metric": self.last_metric,
-                "layer_id": self.layer_id, "lifecycle": self.lifecycle.name,
-                "readiness": {str(k): int(v) for k, v in self.readiness.items()},
-                "records": {str(k): r.to_dict() for k, r in self.records.items()}}
+        out = {"epoch": self.epoch, "step": self.step, "last_metric": self.last_metric,
+               "layer_id": self.layer_id, "lifecycle": self.lifecycle.name,
+               "readiness": {str(k): int(v) for k, v in self.readiness.items()},
+               "records": {str(k): r.to_dict() for k, r in self.records.items()}}
+        # The specs its seeds grew that are not built in (received on the wire, registered by
+        # the user), which another process may not know: registered again at load.
+        grown = ({int(b) for b in self.state[:, BLUEPRINT_ID] if b >= 0}
+                 | {r.blueprint_id for r in self.records.values()}) - BUILT_IN_IDS
+        if grown:
+            out["specs"] = [dataclasses.asdict(get_blueprint(b)) for b in sorted(grown)]
+        return out
 
     def load_dict(self, extra: dict, state: np.ndarray, slot: np.ndarray) -> None:
         saved = extra.get("lifecycle", self.lifecycle.name)  # absent before the legacy path
@@ -291,6 +330,8 @@ class SeedTable:
             raise ValueError(f"layer {self.layer_id!r}: the checkpoint holds a {saved} seed table, "
                              f"this layer runs the {self.lifecycle.name} path (python -m kasmina "
                              f"migrate converts a legacy checkpoint)")
+        for spec in extra.get("specs", []):  # absent before specs were received on the wire
+            register_blueprint(BlueprintSpec(**spec))
         self.epoch, self.step = int(extra["epoch"]), int(extra["step"])
         self.last_metric = extra["last_metric"]
         self.layer_id = self.layer_id or extra["layer_id"]

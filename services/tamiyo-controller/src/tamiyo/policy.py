@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from oona.contracts import Advance, Cancel, Cull, Germinate, LifecycleCommand, Rollback
+from oona.contracts import Advance, Cancel, Cull, LifecycleCommand, Rollback
 from oona.contracts import SeedStage as Stage
 
 from tamiyo import metrics
@@ -195,8 +195,7 @@ class HeuristicPolicy:
         return _command(
             layer_id, index, f"{reason}; worst health {score:.3f}; {choice.blueprint_name} "
                   f"({choice.source}) with {choice.strategy_name}",
-            germinate=Germinate(blueprint_name=choice.blueprint_name,
-                                strategy_name=choice.strategy_name))
+            germinate=choice.germinate())
 
 
 def _rollback_epochs(view: JobView) -> Iterator[int]:

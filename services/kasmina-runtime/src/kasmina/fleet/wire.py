@@ -19,7 +19,7 @@ from oona.contracts import (
     stage_to_wire,
 )
 
-from ..blueprints import get_blueprint
+from ..blueprints import BlueprintSpec, get_blueprint, resolve_wire_spec
 from ..dual import PATHS, DualPathLayer
 from ..events import SeedOutcome
 from ..lifecycle import ACTIVE_STAGES, InvalidTransitionError, LifecycleError, SeedStage
@@ -242,12 +242,13 @@ def _target_stage(command: LifecycleCommand) -> SeedStage:
     return SeedStage(target)
 
 
-def _blueprint_and_strategy(g: Germinate) -> tuple[str | int, str | int]:
-    """The germination's blueprint and strategy keys, after checking both are known here."""
-    blueprint = {"blueprint_name": g.blueprint_name, "blueprint_id": g.blueprint_id,
-                 # a spec must be in this process's catalog: it is named by its id
-                 "blueprint_spec": g.blueprint_spec.blueprint_id,
-                 None: "residual_mlp"}[g.WhichOneof("blueprint")]
+def _blueprint_and_strategy(g: Germinate) -> tuple[str | int | BlueprintSpec, str | int]:
+    """The germination's blueprint and strategy keys, after checking both are known here; a
+    spec is built from its fields (resolve_wire_spec), whether this process knew it or not."""
+    which = g.WhichOneof("blueprint")
+    blueprint = (resolve_wire_spec(g.blueprint_spec) if which == "blueprint_spec" else
+                 {"blueprint_name": g.blueprint_name, "blueprint_id": g.blueprint_id,
+                  None: "residual_mlp"}[which])
     strategy = {"strategy_name": g.strategy_name, "strategy_id": g.strategy_id,
                 None: "fixed_ramp"}[g.WhichOneof("strategy")]
     get_blueprint(blueprint)  # raise UnknownBlueprintError / UnknownStrategyError
