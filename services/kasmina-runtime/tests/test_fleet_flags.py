@@ -1,11 +1,14 @@
-"""A job's execution path on a real Redis: it follows the `kasmina.execution_path` feature flag
-(oona.flags), taken at attach and re-read at every boundary, where the kill switch sends a canary
-job back to the legacy path with the legacy path's state bit for bit as it was; and a
-`switch_path` lifecycle command moves the job's DualPathLayers at the boundary it is applied."""
+"""A job's flags on a real Redis. The execution path: it follows the `kasmina.execution_path`
+feature flag (oona.flags), taken at attach and re-read at every boundary, where the kill switch
+sends a canary job back to the legacy path with the legacy path's state bit for bit as it was;
+and a `switch_path` lifecycle command moves the job's DualPathLayers at the boundary it is
+applied. The telemetry level: `kasmina.telemetry_level` sets every seed layer's telemetry
+cadence at the next boundary; unset or invalid, each layer keeps its own."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -15,7 +18,15 @@ import torch
 from kasmina import KasminaConfig, SeedStage
 from oona import streams
 from oona.contracts import LifecycleCommand, SwitchPath
-from oona.flags import EXECUTION_PATH, FlagStore, sync_client
+from oona.flags import (
+    DEFAULT_FLAGS,
+    EXECUTION_PATH,
+    TELEMETRY_LEVEL,
+    FlagKeys,
+    FlagStore,
+    sync_client,
+)
+from openfeature.evaluation_context import EvaluationContext
 from torch import nn
 
 
@@ -123,3 +134,84 @@ def test_a_switch_path_command_moves_the_jobs_dual_layers_at_its_boundary(oona_r
         assert set(runtime.execution_paths.values()) == {"chunked"}  # at that boundary
     finally:
         runtime.close()
+
+
+BATCH, STEPS = 16, 20
+
+
+def _sampled_epoch(runtime: kasmina.FleetRuntime, model: nn.Module, x: torch.Tensor
+                   ) -> list[float]:
+    """One epoch of STEPS training steps; the rows each seed layer's telemetry accumulated."""
+    opt = torch.optim.SGD(kasmina.host_parameters(model), lr=0.01)
+    for _ in range(STEPS):
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        runtime.step(loss.detach())
+    rows = [float(layer.telemetry.rows) for layer in runtime.layers]
+    runtime.end_epoch(0.5)
+    return rows
+
+
+def _tracked_rows(first_step: int, every: int) -> float:
+    """The rows accumulated over an epoch whose steps start at `first_step`, every k-th one
+    (a cadence set at the boundary holds from the epoch's first forward on)."""
+    return BATCH * sum((first_step + i) % every == 0 for i in range(STEPS))
+
+
+def test_the_telemetry_level_sets_the_layers_cadence_at_the_next_boundary(oona_redis_url,
+                                                                          caplog):
+    caplog.set_level(logging.WARNING, logger="kasmina.fleet.runtime")
+    settings = oona.BusSettings.from_dsn(oona_redis_url)
+    store = FlagStore(sync_client(settings))
+    store.client.hdel(FlagKeys().definitions, TELEMETRY_LEVEL)  # unset (the Redis is shared)
+    torch.manual_seed(0)
+    model = kasmina.wrap(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)),
+                         seeds_per_layer=4, config=KasminaConfig(telemetry_every=3))
+    x = torch.randn(BATCH, 6)
+    runtime = kasmina.attach(model, f"job-{uuid.uuid4().hex[:8]}", settings, flags=True)
+    levels = dict(DEFAULT_FLAGS[TELEMETRY_LEVEL].variants)
+
+    def change(**fields: object) -> None:
+        """Set the flag (or kill it) and wait until the job's provider serves that version."""
+        version = (store.kill(TELEMETRY_LEVEL, "test") if fields.pop("kill", False)
+                   else store.set(TELEMETRY_LEVEL, "test", **fields)).version
+        deadline = time.monotonic() + 5
+        while (runtime._flags.resolve_object_details(
+                TELEMETRY_LEVEL, None, EvaluationContext(runtime.job_id)).flag_metadata
+               .get("version")) != version:
+            assert time.monotonic() < deadline, "the change never reached the job"
+            time.sleep(0.05)
+
+    try:
+        assert len(runtime.layers) == 2
+        # Unset: each layer's own cadence, every 3rd step.
+        assert set(runtime.telemetry_every.values()) == {3}
+        assert _sampled_epoch(runtime, model, x) == [_tracked_rows(0, 3)] * 2
+        change(rollout_variant="sampled", rollout_percent=100.0)
+        # Changed mid-epoch: this epoch keeps its cadence, the boundary takes the new one.
+        assert _sampled_epoch(runtime, model, x) == [_tracked_rows(STEPS, 3)] * 2
+        assert set(runtime.telemetry_every.values()) == {10}
+        # Steps 40 and 50 of 40..59: the new cadence from the epoch's first forward.
+        assert _sampled_epoch(runtime, model, x) == [_tracked_rows(2 * STEPS, 10)] * 2
+        assert _tracked_rows(2 * STEPS, 10) == 2 * BATCH
+        change(variants=levels | {"every2": "2"}, rollout_variant="every2")  # an integer
+        _sampled_epoch(runtime, model, x)
+        assert set(runtime.telemetry_every.values()) == {2}
+        assert caplog.records == []
+        change(variants=levels | {"often": "often"}, rollout_variant="often")
+        for _ in range(2):  # not a level: each layer's own cadence again, logged once
+            _sampled_epoch(runtime, model, x)
+            assert set(runtime.telemetry_every.values()) == {3}
+        (line,) = [r.getMessage() for r in caplog.records]
+        assert f"flag {TELEMETRY_LEVEL}: value 'often' ignored" in line, line
+        change(kill=True)  # the default variant, "full": every step
+        _sampled_epoch(runtime, model, x)
+        assert set(runtime.telemetry_every.values()) == {1}
+        expected = _tracked_rows(runtime.step_count, 1)
+        assert _sampled_epoch(runtime, model, x) == [expected] * 2
+    finally:
+        runtime.close()
+        store.client.hdel(FlagKeys().definitions, TELEMETRY_LEVEL)
+        store.client.close()

@@ -88,3 +88,22 @@ def test_health_report_is_typed_and_has_stage_metrics(make_layer, drive):
     assert np.isnan(report.reconstruction_ratio[0])
     assert report.stage_counts() == {"DORMANT": 4, "TRAINING": 1}
     assert report.epoch == 1 and report.step == 5 and report.layer_id == "l0"
+
+
+def test_a_new_telemetry_cadence_holds_from_the_next_forward():
+    """set_telemetry_every at a boundary: the next forward follows the new cadence (not the one
+    step() decided before), and a DualPathLayer's inactive path never tracks."""
+    from kasmina import DualPathLayer
+    layer = KasminaLayer(nn.Linear(4, 8), 4, KasminaConfig(telemetry_every=3)).train()
+    x = torch.randn(5, 4)
+    for _ in range(4):  # steps 1..4: the next forward (step 4) is not a tracking one at 3
+        layer(x)
+        layer.step()
+    rows = float(layer.telemetry.rows)
+    layer.set_telemetry_every(2)  # step 4 % 2 == 0: this forward tracks
+    layer(x)
+    assert float(layer.telemetry.rows) == rows + 5 and layer.config.telemetry_every == 2
+    dual = DualPathLayer(nn.Linear(4, 8), 4, KasminaConfig(execution_path="legacy")).train()
+    dual.set_telemetry_every(1)
+    assert dual.config.telemetry_every == 1 and dual.active._tracking_step
+    assert not dual.frozen._tracking_step and dual.frozen.config.telemetry_every == 1

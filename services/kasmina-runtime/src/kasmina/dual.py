@@ -135,6 +135,14 @@ class DualPathLayer(nn.Module):
         for layer in (self.legacy, self.chunked):
             layer.config = dataclasses.replace(value, execution_path=layer.execution_path)
 
+    def set_telemetry_every(self, every: int) -> None:
+        """Both paths' cadence; only the active one tracks (KasminaLayer.set_telemetry_every)."""
+        for layer in (self.legacy, self.chunked):
+            layer.set_telemetry_every(every)
+        for layer in (self.legacy, self.chunked):
+            if layer is not self.active:
+                layer._tracking_step = False
+
     @property
     def num_seeds(self) -> int:
         return self.active.num_seeds

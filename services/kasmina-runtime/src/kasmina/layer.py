@@ -218,6 +218,12 @@ class KasminaLayer(nn.Module):
             self.lane_recon.copy_(torch.where(train, ema, old))
         return torch.where(train, mse, 0.0).sum()
 
+    def set_telemetry_every(self, every: int) -> None:
+        """Change the telemetry cadence (KasminaConfig.telemetry_every) now: the next forward
+        follows it (the fleet's telemetry-level flag, at an epoch boundary)."""
+        self.config = self.config.replace(telemetry_every=every)
+        self._tracking_step = self.table.step % every == 0
+
     def step(self, loss: torch.Tensor | float | None = None,
              scaler: torch.amp.GradScaler | None = None) -> None:
         """Report one training step (call once, after the host optimizer's step; with AMP,

@@ -51,7 +51,8 @@ _DEAD_LETTER = ("+evalsha", "+script|load", "+xadd", "+get", "+xrange")
 # Tamiyo's job state and leases (tamiyo.store, tamiyo.lease).
 _TAMIYO_STATE = ("+hset", "+hget", "+hgetall", "+hkeys", "+hdel", "+sadd", "+srem", "+smembers",
                  "+del", "+pexpire", "+set", "+get", "+multi", "+exec", "+discard")
-# Flags read by the runtime (oona.flags.RedisFlagProvider) and Karn (oona.flags.FlagStore).
+# Flags read by the runtime and Tamiyo (oona.flags.RedisFlagProvider) and Karn
+# (oona.flags.FlagStore).
 _FLAGS_READ = ("+hget", "+hgetall", "+xread", "+xrevrange")
 # The runtime deletes a job's command stream when the job ends (kasmina.fleet.inbox).
 _DELETE = ("+unlink", "+exists")
@@ -88,9 +89,10 @@ def _grant(user: str) -> _Grant:
             consumes=(_COMMAND_KEYS,), consume_extra=_DELETE, read_only=(_FLAG_KEYS,))
     if user == "tamiyo":
         consumed = (streams.TELEMETRY_SEED_HEALTH, streams.CONTROL_ACKS, streams.EPOCH_EVENTS)
-        return _Grant(
+        return _Grant(  # flags read for germinations (TAMIYO_FLAGS, tamiyo.blueprints)
             writes=(_COMMAND_KEYS, *map(streams.dead_letters, consumed), _BLOBS, "tamiyo:*"),
-            commands=(*_PUBLISH, *_DEAD_LETTER, *_TAMIYO_STATE), consumes=consumed)
+            commands=(*_PUBLISH, *_DEAD_LETTER, *_TAMIYO_STATE, *_FLAGS_READ),
+            consumes=consumed, read_only=(_FLAG_KEYS,))
     if user == "karn":  # flags read for its rollout metrics (karn.metrics); its search's specs
         return _Grant(writes=(streams.dead_letters(streams.FIELD_REPORTS), _BLOBS,
                               *_published(streams.BLUEPRINT_PROPOSALS)),

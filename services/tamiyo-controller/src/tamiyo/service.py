@@ -18,13 +18,15 @@ import socket
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
+import redis
 from oona import Bus, BusSettings, ConsumerConfig, open_bus
+from oona.flags import RedisFlagProvider
 from oona.http import HttpServer, ReadinessCheck, create_app
 from oona.service import run_service, serve_until_stopped
 from oona.settings import read_secret, require_secrets
 from redis.asyncio import Redis
 
-from tamiyo.blueprints import KarnAdvisor
+from tamiyo.blueprints import GerminationFlags, KarnAdvisor, parse_allow_list
 from tamiyo.controller import Controller, DeliveryConfig
 from tamiyo.grpc_api import TamiyoServicer, start_grpc_server
 from tamiyo.lease import JobLeases
@@ -83,12 +85,15 @@ async def serve(loaded: tuple[TamiyoSettings, Tokens], bus_settings: BusSettings
 
 
 async def _serve_with(settings: TamiyoSettings, tokens: Tokens, bus: Bus) -> None:
+    flags = None
+    if settings.flags:  # reads them once (bounded connection retries), then a watcher thread
+        flags = await asyncio.to_thread(GerminationFlags.open, RedisFlagProvider(bus.settings),
+                                        settings.default_strategy)
     advisor = KarnAdvisor(settings.karn_address, settings.karn_timeout_s,
                           default_blueprint=settings.default_blueprint,
                           default_strategy=settings.default_strategy,
-                          allowed=frozenset(filter(None, map(str.strip,
-                                                         settings.blueprints.split(",")))),
-                          token=tokens.karn)
+                          allowed=parse_allow_list(settings.blueprints),
+                          token=tokens.karn, flags=flags)
     policy = HeuristicPolicy(settings.policy(), advisor)
     worker = ControllerWorker(
         bus, StateStore(bus.redis, settings.job_retention_s),
@@ -112,21 +117,28 @@ async def _serve_with(settings: TamiyoSettings, tokens: Tokens, bus: Bus) -> Non
     except BaseException:
         http_socket.close()
         advisor.close()
+        if flags is not None:
+            flags.close()
         raise
     log.info("tamiyo %s serving: gRPC %s:%d, HTTP %s:%d, consuming as %s in its groups, "
-             "replica %s (leases of %d ms), Karn at %s, bus %s, signing %s, API token %s",
+             "replica %s (leases of %d ms), Karn at %s, bus %s, signing %s, API token %s, "
+             "flags %s",
              version("tamiyo-controller"), settings.bind_host, grpc_port, settings.bind_host,
              settings.http_port, settings.consumer_name, settings.replica_id, settings.lease_ms,
              settings.karn_address, bus.settings.redacted_url(),
-             "on" if bus.settings.signing_key else "OFF", "on" if tokens.api else "OFF")
+             "on" if bus.settings.signing_key else "OFF", "on" if tokens.api else "OFF",
+             "on" if flags is not None else "off")
     try:
         await serve_until_stopped(worker, http, http_socket, grpc_server, stopping,
                                   settings.shutdown_grace_s)
     finally:
         advisor.close()
+        if flags is not None:
+            flags.close()
     log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A Redis user refused the flag keys (TAMIYO_FLAGS=1): a configuration error, said at start.
     return run_service("tamiyo", __doc__, "read health reports from", load_settings, serve,
-                       argv)
+                       argv, fatal=(redis.exceptions.NoPermissionError,))

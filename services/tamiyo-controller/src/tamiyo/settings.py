@@ -45,6 +45,10 @@ class TamiyoSettings:
     default_strategy: str = "fixed_ramp"
     # Comma-separated catalog names germinations may use (Karn's best among them); empty: any.
     blueprints: str = ""
+    # 1: per job, the kasmina.grafting_strategy and kasmina.blueprint_allow_list feature flags
+    # (oona.flags, in the bus's Redis) override default_strategy and blueprints, once an
+    # operator has set them (README "Feature flags"). 0: flags are not read.
+    flags: int = 0
 
     plateau_epochs: int = 3
     min_delta: float = 1e-3

@@ -21,10 +21,14 @@ job's checkpoint (`state_dict`), so a command sent again (a controller's resend,
 resumed run) is never applied twice: it is answered ACK_REASON_DUPLICATE with the first answer's
 outcome (success, stages, epoch; its reason in `original_reason`).
 
-The execution path (DESIGN §9): with `flags=True`, a job whose model has `DualPathLayer`s reads
-the `kasmina.execution_path` feature flag (oona.flags, bucketed by job id) at attach, where the
-layers take it at once, and at every boundary, where a change is requested for the next one
-(the kill switch sends every canary job back to legacy that way). Rank 0 reads it and broadcasts.
+Feature flags (DESIGN §9): with `flags=True` the job reads its flags (oona.flags, bucketed by
+job id) at attach, where the layers take them at once, and at every boundary, where a change
+takes effect for the next epoch. Rank 0 reads them and broadcasts.
+- `kasmina.execution_path`, in a model with `DualPathLayer`s: the path requested on each (the
+  kill switch sends every canary job back to legacy that way).
+- `kasmina.telemetry_level`: every seed layer's `KasminaConfig.telemetry_every`
+  (`TELEMETRY_EVERY`, or an integer); while nobody has set the flag, or its value is not a
+  level (logged once per change), each layer keeps the cadence it was attached with.
 
 The job id and every layer id follow `oona.ids`, the rule Tamiyo checks: a bad one is a
 ValueError at attach naming it, not a job whose every report Tamiyo dead-letters. A layer with
@@ -43,8 +47,9 @@ import oona
 import torch
 from oona import ids, streams
 from oona.contracts import AckReason, CommandAck, EpochEvent, EpochEventKind, LifecycleCommand
-from oona.flags import EXECUTION_PATH, RedisFlagProvider
+from oona.flags import EXECUTION_PATH, TELEMETRY_LEVEL, RedisFlagProvider
 from openfeature.evaluation_context import EvaluationContext
+from openfeature.flag_evaluation import FlagResolutionDetails
 from torch import nn
 
 from .. import distributed
@@ -66,6 +71,9 @@ MAX_REMEMBERED_COMMANDS = 50_000
 # What a duplicate's ack repeats of the first answer, in this order (also the checkpoint's).
 _OUTCOME_FIELDS = ("reason", "success", "stage_before", "stage_after", "applied_epoch",
                    "applied_step")
+# The telemetry-level flag's variants (oona.flags.DEFAULT_FLAGS) -> KasminaConfig.telemetry_every:
+# accumulate every k-th training step. "sampled" keeps one step in ten of the accumulation.
+TELEMETRY_EVERY = {"full": 1, "sampled": 10}
 
 
 class FleetRuntime:
@@ -110,9 +118,13 @@ class FleetRuntime:
         self._unconfirmed: list[str] = []
         self._outbox = None
         self._flags: RedisFlagProvider | None = None
-        self._follows_flag = flags and any(isinstance(layer, DualPathLayer) for layer in layers)
+        self._follows_flags = flags
+        self._follows_path = flags and any(isinstance(layer, DualPathLayer) for layer in layers)
+        # Each layer's own cadence: what it keeps while the telemetry-level flag sets none.
+        self._own_telemetry_every = [layer.config.telemetry_every for layer in layers]
+        self._telemetry_logged: tuple | None = None  # the invalid level last logged
         if not self.leader:
-            self._follow_path_flag()  # rank 0's reading, broadcast
+            self._follow_flags()  # rank 0's reading, broadcast
             return
         settings = settings or oona.BusSettings.from_env()
         if settings.url is None:  # one embedded broker shared by the outbox and the consumer
@@ -124,10 +136,10 @@ class FleetRuntime:
         # what the old one left pending.
         self._commands = CommandInbox(settings, job_id,
                                       f"runtime-{socket.gethostname()}-{os.getpid()}").start()
-        if self._follows_flag:
+        if self._follows_flags:
             self._flags = RedisFlagProvider(settings)
             self._flags.initialize(EvaluationContext(job_id))
-        self._follow_path_flag()
+        self._follow_flags()
         self._event(EpochEventKind.EPOCH_EVENT_KIND_JOB_STARTED)
 
     # ---------------------------------------------------------------- training loop
@@ -155,7 +167,7 @@ class FleetRuntime:
                 self._outbox.put(streams.FIELD_REPORTS, outcome_to_field_report(
                     outcome, self.job_id, outcome.chunk_size, self.higher_is_better,
                     self.metric_name))
-        self._follow_path_flag()
+        self._follow_flags()
         self._event(EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED, val_metric, train_loss)
         return acks
 
@@ -164,21 +176,57 @@ class FleetRuntime:
         """Each seed layer's active execution path, by layer id."""
         return {layer.layer_id: layer.execution_path for layer in self.layers}
 
-    def _follow_path_flag(self) -> None:
-        """Request the flag's path on every DualPathLayer (at once before the first step, else
-        at the next boundary). Every rank requests rank 0's reading."""
-        if not self._follows_flag:
+    @property
+    def telemetry_every(self) -> dict[str, int]:
+        """Each seed layer's telemetry cadence (accumulate every k-th step), by layer id."""
+        return {layer.layer_id: layer.config.telemetry_every for layer in self.layers}
+
+    def _follow_flags(self) -> None:
+        """Take the flags' values (at once before the first step, else for the next epoch):
+        the path requested on every DualPathLayer, the telemetry cadence of every layer. Every
+        rank takes rank 0's reading."""
+        if not self._follows_flags:
             return
-        path = None
+        path = every = None
         if self._flags is not None:
-            path = self._flags.resolve_string_details(EXECUTION_PATH, "legacy",
-                                                      EvaluationContext(self.job_id)).value
-        path = distributed.broadcast_object(path)
-        if path not in ("legacy", "chunked"):
-            return
-        for layer in self.layers:
-            if isinstance(layer, DualPathLayer):
-                layer.request_path(path)
+            context = EvaluationContext(self.job_id)
+            if self._follows_path:
+                path = self._flags.resolve_string_details(EXECUTION_PATH, "legacy",
+                                                          context).value
+            every = self._telemetry_flag(self._flags.resolve_object_details(
+                TELEMETRY_LEVEL, None, context))
+        path, every = distributed.broadcast_object((path, every))
+        if path in ("legacy", "chunked"):
+            for layer in self.layers:
+                if isinstance(layer, DualPathLayer):
+                    layer.request_path(path)
+        for layer, own in zip(self.layers, self._own_telemetry_every, strict=True):
+            cadence = own if every is None else every
+            if layer.config.telemetry_every != cadence:  # the next forward follows it
+                layer.set_telemetry_every(cadence)
+
+    def _telemetry_flag(self, details: FlagResolutionDetails) -> int | None:
+        """The cadence the telemetry-level flag sets for this job; None: none (not set in
+        Redis, unreadable, or not a level: logged once per change)."""
+        metadata = details.flag_metadata or {}
+        if details.error_code is None and metadata.get("source") != "redis":
+            return None  # nobody has set it
+        value = details.value
+        every = TELEMETRY_EVERY.get(value) if isinstance(value, str) else None
+        if isinstance(value, str) and value.isdigit():
+            every = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            every = value
+        if every is not None and every >= 1:
+            return every
+        seen = (metadata.get("version"), repr(value), details.error_message)
+        if seen != self._telemetry_logged:
+            self._telemetry_logged = seen
+            log.warning("job %s: flag %s: %s ignored (a level is one of %s or an integer >= 1); "
+                        "each layer keeps its telemetry cadence", self.job_id, TELEMETRY_LEVEL,
+                        details.error_message or f"value {value!r}",
+                        ", ".join(TELEMETRY_EVERY))
+        return None
 
     def take_command_lags(self) -> list[float]:
         """Seconds each command spent between its publication and its arrival at this runtime,
