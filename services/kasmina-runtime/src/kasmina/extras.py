@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "demo": ("sklearn", "matplotlib", "tqdm"),
     "hf": ("transformers", "safetensors"),
     "lightning": ("lightning",),
+    "bench": ("gromo",),  # benchmarks/efficacy's GroMo control (with demo's packages)
 }
 
 
