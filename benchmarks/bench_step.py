@@ -7,8 +7,8 @@ gets a device scalar as the loss.
 Modes (n = max(1, round(0.1 * seeds)) seeds, spread evenly over the layer; telemetry every
 step except in dormant10):
 - bare: the host nn.Linear alone. bare2: another copy of it, timed as a mode like the others:
-  its ratio to bare is the run's noise floor (the 1.03 bar is within a few of it). dormant / dormant10: every seed dormant, telemetry every
-  step / every 10th step.
+  its ratio to bare is the run's noise floor. dormant / dormant10: every seed dormant,
+  telemetry every step / every 10th step.
 - training, graft10 ("10 %"): n seeds TRAINING / GRAFTING (fixed_ramp); max_active_seeds =
   bank_slots = n, so every slot of the bank is in use.
 - graft100 ("100 %"): every seed GRAFTING, max_active_seeds = bank_slots = seeds (the kernel
@@ -65,8 +65,8 @@ from kasmina import KasminaConfig, KasminaLayer, SeedStage, get_blueprint, split
 from torch import nn
 from torch.autograd import DeviceType
 
-MODES = ("bare", "bare2", "dormant", "dormant10", "training", "graft10", "graft100", "loop", "compile",
-         "compile_ro")
+MODES = ("bare", "bare2", "dormant", "dormant10", "training", "graft10", "graft100", "loop",
+         "compile", "compile_ro")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BP, RAMP, TAG, S = "residual_mlp", 12, "bench_step::", SeedStage
 
@@ -200,7 +200,7 @@ def check(name: str, m: Mode, x: torch.Tensor, g: torch.Tensor, chunks: list) ->
     if name in ("bare", "bare2", "dormant", "dormant10", "training"):
         out = m.model(x)
         assert torch.isfinite(out).all(), "non-finite output"
-        assert name.startswith("bare") or torch.equal(out, m.host(x)), "not bit-identical to the host"
+        assert name.startswith("bare") or torch.equal(out, m.host(x)), "not bit-identical"
         return
     for _ in range(RAMP):  # alpha = RAMP / ramp_steps; no gradients yet: weights unchanged
         m.after()
