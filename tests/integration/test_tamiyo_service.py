@@ -237,7 +237,10 @@ def test_grows_with_karns_blueprint_and_survives_kill_9(services, oona_restartab
         _end_of_epoch(url, epoch, 0.71)
     (germinate,) = _wait_for_commands(url, 1, tamiyo)
     assert (germinate.layer_id, germinate.seed_index) == ("fc2", 1), "the least healthy seed"
-    assert germinate.germinate.blueprint_name == "low_rank"
+    # Karn's recommendation carries its spec, and Tamiyo sends it whole (a runtime grows it
+    # even if it never saw it: a proposal of Karn's search).
+    assert germinate.germinate.WhichOneof("blueprint") == "blueprint_spec"
+    assert germinate.germinate.blueprint_spec.name == "low_rank"
     assert germinate.germinate.strategy_name == "drift_controlled"
     assert germinate.apply_at_epoch == 3 and "(karn)" in germinate.rationale
 

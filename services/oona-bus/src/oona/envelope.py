@@ -110,10 +110,12 @@ def decode_envelope(data: bytes | None, keys: Keys | None,
         raise InvalidMessage(DeadLetterReason.BAD_SIGNATURE,
                              "HMAC matches none of the fleet's keys (forged, corrupted, or "
                              "signed with a key this consumer does not have)")
+    # Where it was read before how old it is: a copy on another stream is wrong_topic at any age
+    # (an old command copied onto the epoch stream is not a stale epoch event).
+    _check_topic(envelope, stream)
     stale = keys.staleness(envelope, time.time() if now_s is None else now_s)
     if stale is not None:
         raise InvalidMessage(DeadLetterReason.STALE, f"stale envelope: {stale}")
-    _check_topic(envelope, stream)
     return envelope
 
 
