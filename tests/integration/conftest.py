@@ -82,12 +82,13 @@ def start_karn(oona_restartable_broker: EmbeddedRedis, karn_database: Path,
     started: list[KarnProcess] = []
 
     def start(**overrides: str) -> KarnProcess:
-        grpc_port, http_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("KARN_")}
         env.update(OONA_REDIS_URL=oona_restartable_broker.url,
-                   KARN_DATABASE_URL=f"sqlite:///{karn_database}", KARN_GRPC_PORT=str(grpc_port),
-                   KARN_HTTP_PORT=str(http_port), KARN_RANDOM_SEED="5",
-                   KARN_SHUTDOWN_GRACE_S="5", **overrides)
+                   KARN_DATABASE_URL=f"sqlite:///{karn_database}",
+                   KARN_GRPC_PORT=str(free_port()), KARN_HTTP_PORT=str(free_port()),
+                   KARN_RANDOM_SEED="5", KARN_SHUTDOWN_GRACE_S="5")
+        env.update(overrides)  # a test may choose the ports too
+        grpc_port, http_port = int(env["KARN_GRPC_PORT"]), int(env["KARN_HTTP_PORT"])
         log = tmp_path / f"karn-{len(started)}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen([sys.executable, "-m", "karn"], env=env, stdout=sink,
