@@ -95,7 +95,10 @@ def test_consumer_killed_with_messages_in_flight_loses_none(oona_redis_url, run_
     with redis.Redis.from_url(oona_redis_url) as r:
         first = _start_worker(oona_redis_url, stream, run_id, "first", tmp_path,
                               handler_sleep_s=0.005)
-        _wait_for(lambda: r.scard(f"{run_id}:effects") >= 100, 30, "first worker progress")
+        # Killed while a batch is in hand: between a batch's acks and the next read nothing is
+        # pending (the kill once landed there: in_flight 0, nothing left to reclaim).
+        _wait_for(lambda: r.scard(f"{run_id}:effects") >= 100
+                  and r.xpending(stream, "workers")["pending"] > 0, 30, "first worker progress")
         first.send_signal(signal.SIGKILL)
         first.wait()
         in_flight = r.xpending(stream, "workers")["pending"]
