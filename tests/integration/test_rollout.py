@@ -325,9 +325,13 @@ def test_ramp_then_a_regression_halts_the_next_ramp_and_rolls_back(
     assert paths.get("legacy", 0) >= 3 and paths.get("chunked", 0) >= 3, paths
     # Tamiyo's commands: each acked by its job (a job's stream is deleted at its end only once
     # every delivery was answered and acked; one still there has nothing pending)
+    # (a command decided at a job's last boundary may be due at an epoch the job never reaches:
+    # Tamiyo lets it go at the job's end and counts it; it was never applied anywhere)
     sent = _total(tamiyo_metrics, "tamiyo_decisions_total")
+    unapplied = _total(tamiyo_metrics, "tamiyo_commands_unapplied_at_job_end_total")
     acks = _messages(client, streams.CONTROL_ACKS, CommandAck)
-    assert sent > 0 and len({a.command_id for a in acks}) >= sent, (sent, len(acks))
+    acked = len({a.command_id for a in acks})
+    assert sent > 0 and acked + unapplied >= sent, (sent, acked, unapplied)
     assert _total(tamiyo_metrics, "tamiyo_commands_abandoned_total") == 0
     for job in [*records1, *records2]:
         if client.exists(streams.commands(job)):

@@ -90,8 +90,11 @@ def test_a_refused_command_is_not_resent(controller, decided, epoch_ended):
 
 
 def test_a_finished_job_decides_and_resends_nothing(controller, decided, epoch_ended, report):
-    view, _ = decided
-    controller.finish(view)
+    view, commands = decided
+    unapplied_before = _count(metrics.COMMANDS_UNAPPLIED)
+    controller.finish(view)  # its two commands were never acked: counted, let go
+    assert _count(metrics.COMMANDS_UNAPPLIED) == unapplied_before + len(commands) == (
+        unapplied_before + 2)
     view.record_report(report(epoch=5))
     view.record_epoch_end(epoch_ended(5, 0.5), now=0.0)
     assert controller.decide(view, now=0.0) == []

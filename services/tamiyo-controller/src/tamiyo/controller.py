@@ -116,4 +116,8 @@ class Controller:
     def finish(self, view: JobView) -> None:
         """The job ended: nothing more to decide or re-send."""
         view.finished = True
+        if view.pending:
+            metrics.COMMANDS_UNAPPLIED.inc(len(view.pending))
+            log.info("job %s ended with %d commands unacked (due later): let go", view.job_id,
+                     len(view.pending))
         view.pending.clear()

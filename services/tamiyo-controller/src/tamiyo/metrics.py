@@ -23,6 +23,9 @@ COMMAND_RETRIES = Counter("tamiyo_command_retries",
                           "Commands re-sent (same command_id) because their ack was overdue.")
 COMMANDS_ABANDONED = Counter("tamiyo_commands_abandoned",
                              "Commands given up on after max attempts without an ack.")
+COMMANDS_UNAPPLIED = Counter("tamiyo_commands_unapplied_at_job_end",
+                             "Commands still unacked when their job ended (due at an epoch the "
+                             "job never reached): let go, never applied.")
 JOBS_EVICTED = Counter("tamiyo_jobs_evicted",
                        "Jobs let go after no message for TAMIYO_JOB_RETENTION_S.")
 GROWTH_PAUSED_EPOCHS = Counter(
