@@ -187,3 +187,17 @@ def test_runtime_applies_commands_once_and_publishes_what_happened(oona_redis_ur
         EpochEventKind.EPOCH_EVENT_KIND_JOB_STARTED, EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED,
         EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED, EpochEventKind.EPOCH_EVENT_KIND_JOB_FINISHED]
     assert events[1].val_metric == pytest.approx(0.4) and events[1].higher_is_better
+
+
+@pytest.mark.parametrize("printed,chosen", [("v=7.2.4", True), ("v=6.2.14", False),
+                                            ("no version here", False)])
+def test_the_fleet_runs_a_redis_7_found_on_path_else_the_embedded_one(tmp_path, monkeypatch,
+                                                                      printed, chosen):
+    from kasmina.fleet_run import default_redis_server
+    server = tmp_path / "redis-server"
+    server.write_text(f"#!/bin/sh\necho 'Redis server {printed} sha=0'\n")
+    server.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert default_redis_server() == (str(server) if chosen else None)
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert default_redis_server() is None

