@@ -294,6 +294,29 @@ def test_fused_seed_step_matches_the_pytorch_step(weight_decay, overflow_ok, sca
 
 
 @pytest.mark.parametrize("fused", [False, True])
+def test_seed_step_takes_each_slots_own_lr_in_one_call(fused):
+    """Per-slot rates (a seed's spec's seed_lr; 0: the config's): each slot steps exactly as a
+    one-slot step at its rate, in one call over the bank."""
+    cfg = KasminaConfig(seed_lr=1e-3)
+    rates = [1e-2, 0.0, 3e-3]
+    bank, ref = (BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=4), 3, 3,
+                               torch.device(DEVICE)) for _ in range(2))
+    for b in (bank, ref):
+        for slot in range(3):
+            b.init_slot(slot, 11 + slot)
+    grad = torch.randn_like(bank.flat)
+    bank.flat.grad = grad.clone()
+    bank.seed_step(torch.ones(3, dtype=torch.bool, device=DEVICE), cfg, triton=fused,
+                   lr=torch.tensor(rates, device=DEVICE))
+    for slot, rate in enumerate(rates):
+        ref.flat.grad = grad.clone()
+        ref.seed_step(torch.arange(3, device=DEVICE) == slot,
+                      cfg.replace(seed_lr=rate or cfg.seed_lr), triton=fused)
+    for name in ("flat", "exp_avg", "exp_avg_sq", "ema", "opt_step"):
+        assert torch.equal(getattr(bank, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("overflow_ok", [False, True])
 def test_seed_step_into_the_lanes_matches_the_returning_form(fused, overflow_ok):
     """`into` (the layer's form) writes what the returning form returns: grad norm and drift

@@ -100,7 +100,8 @@ class BlueprintBank(nn.Module):
     @torch.no_grad()
     def seed_step(self, trainable: torch.Tensor, cfg: KasminaConfig,
                   grad_scale: torch.Tensor | None = None, overflow_ok: bool = False,
-                  triton: bool = False, into: tuple[torch.Tensor, ...] | None = None
+                  triton: bool = False, into: tuple[torch.Tensor, ...] | None = None,
+                  lr: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """One masked Adam(W) step on the slots where `trainable` (capacity,) and the gradient is
         finite. `grad_scale` (capacity,): what each slot's gradient is divided by first (an AMP
@@ -109,14 +110,15 @@ class BlueprintBank(nn.Module):
         scaler skips the host's, and reads as finite. With `triton` (the layer's kernels) it is
         one fused kernel (kernels/triton_step.py), the same formulas. `into` = the layer's
         (grad_norm, drift, nonfinite, running) lane views: the results are written there
-        (nonfinite |= running & ~finite) and None is returned."""
+        (nonfinite |= running & ~finite) and None is returned. `lr` (capacity,): each slot's
+        learning rate (its seed's spec's), 0 where `cfg.seed_lr` applies; None: cfg.seed_lr."""
         p = self.flat
         if triton and (p.is_cuda or kernels.interpreting()):
             from .kernels import triton_step
             out = triton_step.seed_step(p, p.grad, self.exp_avg, self.exp_avg_sq, self.ema,
                                         self.opt_step, trainable, grad_scale, cfg.seed_lr,
                                         cfg.seed_betas, cfg.seed_eps, cfg.seed_weight_decay,
-                                        cfg.drift_ema, overflow_ok, into)
+                                        cfg.drift_ema, overflow_ok, into, lr)
             p.grad = None
             return out
         g = p.grad if p.grad is not None else torch.zeros_like(p)  # (capacity, P)
@@ -137,7 +139,8 @@ class BlueprintBank(nn.Module):
             (self.exp_avg_sq / (1 - b2 ** step)).sqrt() + cfg.seed_eps)
         if cfg.seed_weight_decay:
             delta = delta + cfg.seed_weight_decay * p
-        p.copy_(torch.where(u, p - cfg.seed_lr * delta, p))
+        rate = cfg.seed_lr if lr is None else torch.where(lr > 0, lr, cfg.seed_lr)[:, None]
+        p.copy_(torch.where(u, p - rate * delta, p))
         self.ema.copy_(torch.where(u, self.ema.lerp(p, 1 - cfg.drift_ema), self.ema))
         drift = (p - self.ema).norm(dim=1) / self.ema.norm(dim=1).clamp(min=1e-12)
         p.grad = None

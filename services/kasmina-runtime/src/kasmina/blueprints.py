@@ -130,8 +130,10 @@ class BlueprintSpec:
     max_chunk: int = 0  # 0: no upper bound
     activation: str = ""  # kinds with one: a key of ACTIVATIONS; "": DEFAULT_ACTIVATION
     init: str = ""  # one of INITS; "": fan_in_uniform
-    ramp_steps: int = 0  # grafting ramp length; 0: the layer's KasminaConfig.ramp_steps
-    seed_lr: float = 0.0  # the seed optimiser's learning rate; 0: KasminaConfig.seed_lr
+    # Per seed grown from this spec (the layer's lanes carry them): its grafting ramp length,
+    # 0: the layer's KasminaConfig.ramp_steps; its optimiser's rate, 0: KasminaConfig.seed_lr.
+    ramp_steps: int = 0
+    seed_lr: float = 0.0
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:

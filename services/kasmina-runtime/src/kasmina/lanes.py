@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .blueprints import get_blueprint
 from .lifecycle import BLENDING_STAGES, RUNNING_STAGES, TRAINABLE_STAGES, SeedStage
-from .seed_table import STAGE, STRATEGY, SeedTable
+from .seed_table import BLUEPRINT_ID, STAGE, STRATEGY, SeedTable
 
 # name -> (dtype, shape as a function of (L, W, F))
 LANE_TENSORS: dict[str, tuple[torch.dtype, object]] = {
@@ -30,6 +31,10 @@ LANE_TENSORS: dict[str, tuple[torch.dtype, object]] = {
     "lane_sizes": (torch.float32, lambda L, W, F: (L,)),  # chunk width (1 when free)
     "run_of": (torch.int32, lambda L, W, F: (F,)),  # running lane of each host feature, or -1
     "bounds": (torch.int32, lambda L, W, F: (L, 2)),  # running chunk's first feature, width
+    # The seed's spec's own seed_lr and ramp_steps; 0 where it leaves them to the layer's
+    # KasminaConfig (read at each step, so a config change applies at once).
+    "lane_lr": (torch.float32, lambda L, W, F: (L,)),
+    "lane_ramp_steps": (torch.float32, lambda L, W, F: (L,)),
 }
 
 
@@ -68,11 +73,15 @@ def build_lanes(table: SeedTable, width: int, isolate: bool, bank_of_lane: np.nd
     valid = (pos[None, :] < sizes[:, None]) & running[:, None]
     run_of = np.full(features, -1, dtype=np.int32)
     run_of[gather[valid]] = np.repeat(np.arange(num_lanes), valid.sum(1))
+    own = [get_blueprint(int(b)) for b in table.state[seed[used], BLUEPRINT_ID]]  # seeds' specs
+    lr, ramp = np.zeros(num_lanes), np.zeros(num_lanes)
+    lr[used], ramp[used] = [s.seed_lr for s in own], [s.ramp_steps for s in own]
     arrays = {
         "lane_index": seed, "lane_gather": gather.reshape(-1), "lane_valid": valid[:, None, :],
         "lane_through": through[:, None, None], "lane_blend": blend, "lane_train": train,
         "lane_trainable": trainable, "lane_running": running,
-        "lane_sizes": np.maximum(sizes, 1), "run_of": run_of,
+        "lane_sizes": np.maximum(sizes, 1), "run_of": run_of, "lane_lr": lr,
+        "lane_ramp_steps": ramp,
         "bounds": np.stack([np.where(running, starts, 0), np.where(running, sizes, 0)], 1)
         if num_lanes else np.zeros((0, 2), dtype=np.int32)}
 

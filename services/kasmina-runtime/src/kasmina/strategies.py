@@ -26,6 +26,14 @@ class GraftContext:
     loss: torch.Tensor | None  # the training loss of this step (a scalar), if reported
     state: torch.Tensor  # (A, 2) float32 scratch owned by the strategy, zero at graft start
     config: KasminaConfig
+    # float32: each seed's ramp length, its spec's `ramp_steps` else config.ramp_steps (the
+    # layer fills it); None: config.ramp_steps for every seed
+    ramp_steps: torch.Tensor | None = None
+
+    @property
+    def ramp_length(self) -> torch.Tensor | int:
+        """What every strategy ramps over: the seeds' own lengths, else the config's."""
+        return self.config.ramp_steps if self.ramp_steps is None else self.ramp_steps
 
 
 class GraftingStrategy:
@@ -39,16 +47,16 @@ class GraftingStrategy:
     @staticmethod
     def ramp(alpha: torch.Tensor, ctx: GraftContext, speed: torch.Tensor | float = 1.0
              ) -> torch.Tensor:
-        return torch.clamp(alpha + speed / ctx.config.ramp_steps, max=1.0)
+        return torch.clamp(alpha + speed / ctx.ramp_length, max=1.0)
 
 
 class FixedRamp(GraftingStrategy):
-    """alpha = steps / ramp_steps: exactly 1 after `ramp_steps` updates (no rounding drift)."""
+    """alpha = steps / ramp length: exactly 1 after that many updates (no rounding drift)."""
 
     name, id = "fixed_ramp", 0
 
     def update(self, alpha, ctx):
-        return torch.clamp(ctx.steps.float() / ctx.config.ramp_steps, max=1.0), ctx.state
+        return torch.clamp(ctx.steps.float() / ctx.ramp_length, max=1.0), ctx.state
 
 
 class PerformanceLinked(GraftingStrategy):

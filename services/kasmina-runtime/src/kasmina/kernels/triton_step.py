@@ -22,12 +22,16 @@ _BLOCK = 256
 
 @triton.jit
 def _seed_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, step_ptr, trainable_ptr, scale_ptr,
-                      norm_ptr, finite_ptr, drift_ptr, running_ptr, P, lr, b1, b2, ln_b1,
+                      norm_ptr, finite_ptr, drift_ptr, running_ptr, lr_ptr, P, lr, b1, b2, ln_b1,
                       ln_b2, eps, wd, drift_w, HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      OVERFLOW_OK: tl.constexpr, INTO: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_LR: tl.constexpr, OVERFLOW_OK: tl.constexpr, INTO: tl.constexpr,
+                      BLOCK: tl.constexpr):
     slot = tl.program_id(0)
     row = slot.to(tl.int64) * P
     scale = tl.load(scale_ptr + slot) if HAS_SCALE else 1.0
+    if HAS_LR:  # the slot's own rate; 0: the scalar (KasminaConfig.seed_lr)
+        own = tl.load(lr_ptr + slot)
+        lr = tl.where(own > 0.0, own, lr)
     sq = tl.zeros((BLOCK,), tl.float32)
     if HAS_GRAD:
         for start in range(0, P, BLOCK):
@@ -86,14 +90,16 @@ def seed_step(flat: torch.Tensor, grad: torch.Tensor | None, exp_avg: torch.Tens
               exp_avg_sq: torch.Tensor, ema: torch.Tensor, opt_step: torch.Tensor,
               trainable: torch.Tensor, grad_scale: torch.Tensor | None, lr: float,
               betas: tuple[float, float], eps: float, weight_decay: float, drift_ema: float,
-              overflow_ok: bool, into: tuple[torch.Tensor, ...] | None = None
+              overflow_ok: bool, into: tuple[torch.Tensor, ...] | None = None,
+              slot_lr: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """In place on flat, exp_avg, exp_avg_sq, ema and opt_step; returns per-slot (grad_norm,
     grad_finite, drift). With `into` = (grad_norm, drift, nonfinite, running), the layer's
     (capacity,) lane views, it writes the first two there, flags nonfinite where a running
     slot's gradient is not finite (unless `overflow_ok`) and returns None: one launch where
     the returning form takes four more (casts and the layer's copies), each tens of
-    microseconds of host time on a host-bound step."""
+    microseconds of host time on a host-bound step. `slot_lr` (capacity,) float32: each slot's
+    learning rate, `lr` where it is 0 (read in the same launch)."""
     slots, size = flat.shape
     if into is None:
         norm = torch.empty(slots, device=flat.device, dtype=torch.float32)
@@ -107,9 +113,11 @@ def seed_step(flat: torch.Tensor, grad: torch.Tensor | None, exp_avg: torch.Tens
     _seed_step_kernel[(slots,)](
         flat, flat if grad is None else grad.contiguous(), exp_avg, exp_avg_sq, ema, opt_step,
         trainable.view(torch.uint8), flat if grad_scale is None else grad_scale.float(),
-        norm, finite, drift, running, size, lr, b1, b2,
+        norm, finite, drift, running, flat if slot_lr is None else slot_lr.contiguous(), size,
+        lr, b1, b2,
         math.log(b1) if b1 > 0 else -math.inf, math.log(b2) if b2 > 0 else -math.inf, eps,
         weight_decay, 1.0 - drift_ema, HAS_GRAD=grad is not None,
-        HAS_SCALE=grad_scale is not None, OVERFLOW_OK=overflow_ok, INTO=into is not None,
+        HAS_SCALE=grad_scale is not None, HAS_LR=slot_lr is not None,
+        OVERFLOW_OK=overflow_ok, INTO=into is not None,
         BLOCK=_BLOCK, num_warps=4)
     return None if into is not None else (norm, finite.bool(), drift)
