@@ -257,7 +257,8 @@ class KasminaLayer(nn.Module):
                     triton=triton, into=(self.lane_grad_norm[start:end],
                                          self.lane_drift[start:end],
                                          self.lane_nonfinite[start:end],
-                                         self.lane_running[start:end]))
+                                         self.lane_running[start:end]),
+                    lr=self.lane_lr[start:end])
             else:  # compiled graphs run every bank: drop the (zero) gradient of idle ones
                 bank.flat.grad = None
             start = end
@@ -268,12 +269,14 @@ class KasminaLayer(nn.Module):
         elif isinstance(loss, (int, float)):
             loss = torch.tensor(float(loss), device=self.alpha.device)
         for strategy_id, (seeds, lanes) in (flags.grafting or {}).items():
+            ramp = self.lane_ramp_steps.index_select(0, lanes)  # the seeds' specs', 0: config's
             ctx = GraftContext(
                 steps=self.lane_steps.index_select(0, lanes),
                 drift=self.lane_drift.index_select(0, lanes),
                 grad_norm=self.lane_grad_norm.index_select(0, lanes),
                 loss=loss, state=self.lane_strategy_state.index_select(0, lanes),
-                config=self.config)
+                config=self.config,
+                ramp_steps=torch.where(ramp > 0, ramp, float(self.config.ramp_steps)))
             alpha, state = get_strategy(strategy_id).update(self.alpha.index_select(0, seeds), ctx)
             self.alpha.index_copy_(0, seeds, alpha.clamp(0.0, 1.0))
             self.lane_strategy_state.index_copy_(0, lanes, state)
