@@ -7,10 +7,14 @@ gets a device scalar as the loss.
 Modes (n = max(1, round(0.1 * seeds)) seeds, spread evenly over the layer; telemetry every
 step except in dormant10):
 - bare: the host nn.Linear alone. bare2: another copy of it, timed as a mode like the others:
-  its ratio to bare is the run's noise floor. dormant / dormant10: every seed dormant,
+  its ratio to bare is the run's noise floor. bare_g: the host under
+  torch.cuda.make_graphed_callables (forward and backward replayed as CUDA graphs), the baseline
+  of the graphed modes (column ratio_to_bare_g). dormant / dormant10: every seed dormant,
   telemetry every step / every 10th step.
 - training, graft10 ("10 %"): n seeds TRAINING / GRAFTING (fixed_ramp); max_active_seeds =
   bank_slots = n, so every slot of the bank is in use.
+- training_g, graft10_g: the same layers with `KasminaConfig.cuda_graphs` (the seeds' forward,
+  backward and step replayed as CUDA graphs: kasmina/graphs.py).
 - graft100 ("100 %"): every seed GRAFTING, max_active_seeds = bank_slots = seeds (the kernel
   table's 100 % active row). 100 % of a budget of n would be graft10 again, so "of the active
   budget" is read as "of the seeds".
@@ -65,8 +69,8 @@ from kasmina import KasminaConfig, KasminaLayer, SeedStage, get_blueprint, split
 from torch import nn
 from torch.autograd import DeviceType
 
-MODES = ("bare", "bare2", "dormant", "dormant10", "training", "graft10", "graft100", "loop",
-         "compile", "compile_ro")
+MODES = ("bare", "bare2", "bare_g", "dormant", "dormant10", "training", "graft10", "training_g",
+         "graft10_g", "graft100", "loop", "compile", "compile_ro")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BP, RAMP, TAG, S = "residual_mlp", 12, "bench_step::", SeedStage
 
@@ -119,6 +123,23 @@ class SeedLoop(nn.Module):
         self.alpha = [min(1.0, a + 1.0 / self.ramp) for a in self.alpha]
 
 
+class GraphedBare(nn.Module):
+    """bare_g: the host under torch.cuda.make_graphed_callables, captured at its first call (on
+    the CPU, the host itself)."""
+
+    def __init__(self, host: nn.Linear) -> None:
+        super().__init__()
+        self.host, self.fn = host, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return self.host(x)
+        if self.fn is None:
+            sample = x.detach().clone().requires_grad_(x.requires_grad)
+            self.fn = torch.cuda.make_graphed_callables(self.host, (sample,))
+        return self.fn(x)
+
+
 class Mode:
     def __init__(self, model, host, opts, after, layer=None, ids=(), every=1) -> None:  # noqa: ANN001
         self.model, self.host, self.opts, self.after = model, host, opts, after
@@ -132,16 +153,19 @@ def make_modes(tpl: dict, seeds: int, dtype: torch.dtype, dev: str, want: set) -
     loss, modes, sgd = torch.zeros((), device=dev), {}, lambda mod: torch.optim.SGD(
         mod.parameters(), lr=1e-3)
     for name in sorted(want, key=MODES.index):
-        if name in ("bare", "bare2"):
+        if name in ("bare", "bare2", "bare_g"):
             host = to(tpl["host"])
-            modes[name] = Mode(host, host, [sgd(host)], lambda: None)
+            model = GraphedBare(host) if name == "bare_g" else host
+            modes[name] = Mode(model, host, [sgd(host)], lambda: None)
         elif name == "loop":
             loop = SeedLoop(to(tpl["host"]), seeds, tpl["graft10"][1]).to(dev)  # float32 bps
             modes[name] = Mode(loop, loop.host, [sgd(loop.host), torch.optim.Adam(
                 loop.bps.parameters(), lr=1e-3)], loop.after, loop, tpl["graft10"][1])
         else:
-            layer, ids = tpl["graft10" if name.startswith("compile") else name]
+            layer, ids = tpl["graft10" if name.startswith("compile") else name.removesuffix("_g")]
             layer = to(layer)
+            if name.endswith("_g"):
+                layer.set_cuda_graphs(True)
             model = (torch.compile(layer) if name == "compile" else torch.compile(
                 layer, mode="reduce-overhead") if name == "compile_ro" else layer)
             modes[name] = Mode(model,
@@ -286,7 +310,7 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
         for name, m in list(modes.items()):
             try:
                 if phase == "check":
-                    check(name, m, xs[0], gs[0], chunks)
+                    check(name.removesuffix("_g"), m, xs[0], gs[0], chunks)
                     status[name] = "ok"
                 elif not args.check_only:
                     for i in range(args.warmup):
@@ -307,6 +331,7 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
     prof = profile(modes, xs, gs, cuda)
     med = {n: [statistics.median(t[i] for t in ts) for i in range(3)] for n, ts in times.items()}
     bare, ours, out = med.get("bare"), med.get("graft10"), []
+    bare_g = med.get("bare_g")
     for name, (step, fwd, cpu) in med.items():
         (kern, dev_us), m = prof.get(name, (math.nan, math.nan)), modes[name]
         out.append({
@@ -315,6 +340,7 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
             "telemetry_every": m.every if isinstance(m.layer, KasminaLayer) else "",
             "check": status[name], "step_ms": round(step * 1e3, 4),
             "ratio_to_bare": round(step / bare[0], 4) if bare else "",
+            "ratio_to_bare_g": round(step / bare_g[0], 4) if bare_g else "",
             "over_ours": round(step / ours[0], 3) if ours and name in ("loop", "compile",
                                                                       "compile_ro") else "",
             "fwd_us": round(fwd * 1e6, 1),
@@ -333,14 +359,21 @@ def bars(rows: list, big: str, small: str, bs: int) -> None:
     def shape(r: dict) -> str:
         return f"{r['hidden']}x{r['rows']}"
 
-    def growing(r: dict) -> bool:
-        return r["mode"] in ("training", "graft10") and r["seeds"] == bs
+    def growing(r: dict, modes: tuple = ("training", "graft10")) -> bool:
+        return r["mode"] in modes and r["seeds"] == bs
+
+    def graphed(r: dict) -> bool:
+        return growing(r, ("training_g", "graft10_g"))
 
     table = [  # (what, op, limit, column, which rows)
         (f"growing step / bare, {big} bf16, {bs} seeds", "<=", 1.15, "ratio_to_bare",
          lambda r: growing(r) and shape(r) == big and r["dtype"] == "bfloat16"),
         (f"growing step / bare, {small} bf16, {bs} seeds", "<=", 1.5, "ratio_to_bare",
          lambda r: growing(r) and shape(r) == small and r["dtype"] == "bfloat16"),
+        (f"growing step / bare, {big} bf16, cuda_graphs", "<=", 1.15, "ratio_to_bare",
+         lambda r: graphed(r) and shape(r) == big and r["dtype"] == "bfloat16"),
+        (f"growing step / bare, {small} bf16, cuda_graphs", "<=", 1.5, "ratio_to_bare",
+         lambda r: graphed(r) and shape(r) == small and r["dtype"] == "bfloat16"),
         ("dormant / bare, every shape, telemetry every 10th", "<=", 1.03, "ratio_to_bare",
          lambda r: r["mode"] == "dormant10"),
         (f"dormant / bare, {big}, telemetry every step", "<=", 1.05, "ratio_to_bare",
@@ -348,6 +381,7 @@ def bars(rows: list, big: str, small: str, bs: int) -> None:
         (f"forward overhead (us), {big}, dormant and growing", "<", 100, "fwd_overhead_us",
          lambda r: shape(r) == big and (r["mode"] in ("dormant", "dormant10") or growing(r))),
         ("GPU busy fraction, growing step, every shape", ">=", 0.8, "gpu_busy", growing),
+        ("GPU busy fraction, growing step, cuda_graphs", ">=", 0.8, "gpu_busy", graphed),
         (f"per-seed loop / ours (graft10), every shape, {bs} seeds", ">=", 10, "over_ours",
          lambda r: r["mode"] == "loop" and r["seeds"] == bs),
     ]
@@ -412,8 +446,8 @@ def main() -> int:
                 stages = {"dormant": (n, 1, ()), "dormant10": (n, 10, ()), "graft10": (
                     n, 1, (S.TRAINING, grow)), "training": (n, 1, (S.TRAINING,)),
                     "graft100": (seeds, 1, (S.TRAINING, grow))}
-                tpl = {"host": host} | {k: build_layer(host, seeds, *v) for k, v in
-                                        stages.items() if k in want or k == "graft10"}
+                tpl = {"host": host} | {k: build_layer(host, seeds, *v) for k, v in stages.items()
+                                        if k in want | {"graft10"} or f"{k}_g" in want}
                 for dtype in dtypes:  # the templates are on the CPU, copied to each case
                     for n_rows in (r for h, r in shapes if h == hidden):
                         modes = want - (set() if seeds == bs else {"compile", "compile_ro"})

@@ -2,7 +2,7 @@
 modes of bench_step.py at one shape: the evidence behind each step-speed change.
 
     python3 benchmarks/probe_step.py [--shape 4096x32768] [--seeds 1024] [--dtype bf16]
-        [--modes dormant,graft10,training] [--steps 5] [--sort self_cpu_time_total]
+        [--modes dormant,graft10,training,graft10_g] [--steps 5] [--sort self_cpu_time_total]
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ def main() -> None:
             model = host.to(device=dev, dtype=dtype)
             after = lambda: None  # noqa: E731
         else:
-            model = build_layer(host.cpu().float(), args.seeds, *stages[name])[0]
+            model = build_layer(host.cpu().float(), args.seeds,
+                                *stages[name.removesuffix("_g")])[0]
             model = model.to(device=dev, dtype=dtype)
+            if name.endswith("_g"):  # bench_step's graphed modes
+                model.set_cuda_graphs(True)
             after = lambda model=model: model.step(loss)  # noqa: E731
         opt = torch.optim.SGD((model.host if name != "bare" else model).parameters(), lr=1e-3)
         mode = type("M", (), {"model": model, "opts": [opt], "after": after})

@@ -24,6 +24,7 @@ from .bank import BlueprintBank
 from .blueprints import BlueprintSpec, catalog, get_blueprint, with_headroom
 from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
+from .graphs import SeedGraphs
 from .host import AttachLoss, host_features, no_fused_fast_path, split_chunks
 from .lanes import LANE_TENSORS, LaneFlags, build_lanes
 from .lifecycle import FULL, LEGACY, RELEASING_STAGES, LifecycleError, SeedStage
@@ -95,6 +96,7 @@ class KasminaLayer(nn.Module):
         self._last_report: LayerHealthReport | None = None
         self._loaded_extra: dict | None = None
         self._batching = False
+        self._graphs = SeedGraphs() if cfg.cuda_graphs else None
         self.register_forward_pre_hook(no_fused_fast_path)
         self.register_load_state_dict_post_hook(_after_load_hook)
         self._commit()
@@ -139,6 +141,10 @@ class KasminaLayer(nn.Module):
 
     # ---------------------------------------------------------------- hot path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._graphs is not None and self._flags.live and not torch.compiler.is_compiling():
+            out = self._graphs.forward(self, x, self.training and self._tracking_step, True)
+            if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)
+                return out
         return self.seed_forward(self.host(x))
 
     def seed_forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -152,6 +158,16 @@ class KasminaLayer(nn.Module):
         live = compiling or flags.live
         if not (tracking or live) or h.numel() == 0:
             return h
+        if live and not compiling and self._graphs is not None:
+            out = self._graphs.forward(self, h, tracking, False)
+            if out is not None:
+                return out
+        return self._seed_forward_eager(h, compiling, tracking)
+
+    def _seed_forward_eager(self, h: torch.Tensor, compiling: bool, tracking: bool
+                            ) -> torch.Tensor:
+        flags = None if compiling else self._flags
+        live = compiling or flags.live
         h2 = h.reshape(-1, h.shape[-1])  # (N, F)
         out, stats, loss = h, None, None
         if live:
@@ -222,7 +238,14 @@ class KasminaLayer(nn.Module):
         """Change the telemetry cadence (KasminaConfig.telemetry_every) now: the next forward
         follows it (the fleet's telemetry-level flag, at an epoch boundary)."""
         self.config = self.config.replace(telemetry_every=every)
+        if self._graphs is not None:
+            self._graphs.clear()
         self._tracking_step = self.table.step % every == 0
+
+    def set_cuda_graphs(self, on: bool = True) -> None:
+        """Turn KasminaConfig.cuda_graphs on or off now (see kasmina.graphs)."""
+        self.config = self.config.replace(cuda_graphs=on)
+        self._graphs = SeedGraphs() if on else None
 
     def step(self, loss: torch.Tensor | float | None = None,
              scaler: torch.amp.GradScaler | None = None) -> None:
@@ -233,14 +256,16 @@ class KasminaLayer(nn.Module):
         table.step += 1
         self._tracking_step = table.step % self.config.telemetry_every == 0
         if self._flags.live:  # a dormant layer's step is these three lines: no grad-mode switch
-            self._step_seeds(loss, scaler)
+            self._live_steps += 1
+            self._train_mode_steps += self.training
+            if self._graphs is None or not self._graphs.step(self, loss, scaler):
+                self._step_seeds(loss, scaler)
 
     @torch.no_grad()
     def _step_seeds(self, loss: torch.Tensor | float | None,
                     scaler: torch.amp.GradScaler | None) -> None:
+        """The seeds' step, tensor work only (a CUDA graph captures it: graphs.py)."""
         flags = self._flags
-        self._live_steps += 1
-        self._train_mode_steps += self.training
         keys, triton = flags.banks, self._triton
         distributed.all_reduce_mean_([g for k in keys for g in self.banks[k].grads()])
         scale = None
@@ -309,6 +334,8 @@ class KasminaLayer(nn.Module):
         table.changes.clear()
         self.state.copy_(torch.from_numpy(table.state))
         self.slot.copy_(torch.from_numpy(table.slot))
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()  # every graph reads the lanes as they were
         arrays, self._flags = build_lanes(table, self.chunk_width,
                                           self.config.isolate_host_in_blend, self._bank_of_lane,
                                           list(self.banks), self.alpha.device)
