@@ -89,3 +89,16 @@ def test_a_plugged_in_strategy_is_used_by_name_and_checkpointed_by_id(make_layer
         register_strategy(type("Clash", (GraftingStrategy,), {"name": "fixed_ramp", "id": 99}))
     with pytest.raises(kasmina.UnknownStrategyError):
         get_strategy("nope")
+
+
+@pytest.mark.parametrize("n", [3, 7, 12, 30, 49])
+def test_the_shared_ramp_reaches_one_after_n_steps(n):
+    """performance_linked without a loss, drift_controlled and grad_norm_gated ramp by adding
+    1/n: after n updates alpha is exactly 1 (float32 sums alone fall short for some n)."""
+    alpha = torch.zeros(2)
+    ctx = GraftContext(steps=torch.ones(2), drift=torch.zeros(2), grad_norm=torch.zeros(2),
+                       loss=None, state=torch.zeros(2, 2), config=KasminaConfig(ramp_steps=n))
+    for i in range(n):
+        assert bool((alpha < 1).all()), i
+        alpha = GraftingStrategy.ramp(alpha, ctx)
+    assert torch.equal(alpha, torch.ones(2))
