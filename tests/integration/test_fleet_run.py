@@ -1,8 +1,9 @@
-"""`make run`'s fleet job, small: every service as a real process, two jobs over gRPC, a
-summary and a report with plots, every process stopped. The whole loop runs: Tamiyo (told that
-every epoch is a plateau) germinates from health reports, the runtime applies and acks its
-commands, seeds move through the lifecycle, their field reports reach Karn's database, and
-Karn's statistics and recommendation for the next seed change with them."""
+"""`make run`'s fleet job, small: every service as a real process, two jobs over gRPC, the two
+controls of the grown architecture in process, a summary and a report with plots, every process
+stopped. The whole loop runs: Tamiyo (told that every epoch is a plateau) germinates from health
+reports with blueprints from the whole catalog, the runtime applies and acks its commands, seeds
+move through the lifecycle, their field reports reach Karn's database, and Karn's statistics and
+recommendation for the next seed change with them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def test_fleet_run_end_to_end(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "host alone" in done.stdout and "bus messages" in done.stdout
+    for control in ("static-final", "insertion"):  # beside host alone, and paired with seeds
+        assert re.search(rf"^{control} +0\.\d{{4}} ± ", done.stdout, re.M), done.stdout
+        assert f"paired differences (seeded - {control}): mean " in done.stdout
     report = tmp_path / "runs" / "smoke" / "report.md"
     assert "training.png" in report.read_text()
     assert (tmp_path / "runs" / "smoke" / "stages.png").stat().st_size > 1000
@@ -31,12 +35,13 @@ def test_fleet_run_end_to_end(tmp_path):
         (stored,) = db.execute("SELECT count(*) FROM karn_field_reports").fetchone()
     assert stored >= 1, done.stdout  # seeds ended and Karn stored what happened to them
     before, after = done.stdout.split("Karn before the run:")[1].split("Karn after the run:")
-    fresh = re.search(r"residual_mlp: (.*)", before).group(1)
-    assert fresh.startswith("0/0 reports"), before
-    reports = int(re.search(r"residual_mlp\s+reports\s+(\d+)", after).group(1))
-    assert reports == stored, after  # only residual_mlp may germinate (the fleet's default)
-    learned = re.search(r"residual_mlp: (.*)", after).group(1)
-    assert learned != fresh and learned.split(" ")[0].endswith(f"/{stored}"), (fresh, learned)
+    names = ("residual_mlp", "low_rank", "linear")
+    assert all(f"{n}: reward 0.00 over 0 reports" in before for n in names), before
+    reports = {n: int(re.search(rf"{n}\s+reports\s+(\d+)", after).group(1)) for n in names}
+    assert sum(reports.values()) == stored, after  # the whole catalog may germinate
+    learned = {n: re.search(rf"{n}: reward [\d.]+ over (\d+) reports", after).group(1)
+               for n in names}
+    assert learned == {n: str(reports[n]) for n in names}, after
     for service in ("karn", "tamiyo", "kasmina"):
         log = (tmp_path / "runs" / "smoke" / f"{service}.log").read_text()
         assert "Traceback" not in log, (service, log[-2000:])

@@ -28,6 +28,9 @@ def _report(blueprint_id: int, fossilized: bool, report_id: str | None = None) -
         report_id=report_id or uuid.uuid4().hex, job_id="job-1", layer_id="layers.0",
         seed_index=0, blueprint_id=blueprint_id, strategy_name="fixed_ramp",
         final_stage=outcome, contribution=0.05 if fossilized else -0.05, chunk_size=64,
+        # metric 0.05 -> 0.15: a fossilized seed's reward is min(0.05, 0.1) / 0.05 = 1, the whole
+        # reward (karn.store), so the recommender's preference is not left to sampling noise
+        metric_before=0.05, metric_after=0.15, higher_is_better=True,
         history=[StageVisit(stage=SeedStage.SEED_STAGE_EVALUATING, epochs=2),
                  StageVisit(stage=outcome)])
 

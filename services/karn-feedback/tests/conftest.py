@@ -87,13 +87,16 @@ STAGES = {name: SeedStage.Value(f"SEED_STAGE_{name}") for name in
 
 def _field_report(blueprint_id: int = 1, outcome: str = "FOSSILIZED", *,
                   contribution: float = 0.0, report_id: str | None = None,
-                  strategy_name: str = "fixed_ramp", metric_before: float = 0.5,
-                  metric_after: float = 0.5, higher_is_better: bool = True,
+                  strategy_name: str = "fixed_ramp", metric_before: float = 0.001,
+                  metric_after: float = 1.0, higher_is_better: bool = True,
                   parameters_added: int = 100, latency_cost_ms: float = 0.1,
                   reached_evaluating: bool | None = None, chunk_size: int = 16,
-                  execution_path: str = "") -> FieldReport:
+                  execution_path: str = "", metric_history: tuple[float, ...] = ()
+                  ) -> FieldReport:
     """A field report as Kasmina sends one. The history ends in `outcome` and passes through
-    EVALUATING when `reached_evaluating` (default: for FOSSILIZED and CULLED seeds)."""
+    EVALUATING when `reached_evaluating` (default: for FOSSILIZED and CULLED seeds). The
+    default metrics rise from 0.001 to 1.0 with no trajectory before: a fossilized report with
+    a contribution of 0.001 or more earns the whole reward, 1 (karn.store `_reward`)."""
     if reached_evaluating is None:
         reached_evaluating = outcome in ("FOSSILIZED", "CULLED")
     path = ["GERMINATED", "TRAINING"]
@@ -110,7 +113,8 @@ def _field_report(blueprint_id: int = 1, outcome: str = "FOSSILIZED", *,
         metric_name="val_accuracy", higher_is_better=higher_is_better,
         metric_before=metric_before, metric_after=metric_after, contribution=contribution,
         parameters_added=parameters_added, latency_cost_ms=latency_cost_ms,
-        chunk_size=chunk_size, end_reason="test", execution_path=execution_path)
+        chunk_size=chunk_size, end_reason="test", execution_path=execution_path,
+        metric_history=metric_history)
 
 
 @pytest.fixture

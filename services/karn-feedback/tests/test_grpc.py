@@ -46,7 +46,8 @@ def test_statistics_follow_the_stored_reports(karn, store, field_report):
     assert [(s.blueprint_id, s.reports) for s in empty.statistics] == [(1, 0), (2, 0), (3, 0)]
     store.record(field_report(LOW_RANK, "FOSSILIZED", contribution=0.3, parameters_added=200,
                               metric_before=0.5, metric_after=0.7))
-    store.record(field_report(LOW_RANK, "ROLLED_BACK", parameters_added=0))
+    store.record(field_report(LOW_RANK, "ROLLED_BACK", parameters_added=0, metric_before=0.5,
+                              metric_after=0.5))
     store.record(field_report(LINEAR, "CANCELLED"))
     response = karn.GetBlueprintStatistics(
         pb.GetBlueprintStatisticsRequest(blueprint_ids=[LOW_RANK]), timeout=5)
@@ -75,7 +76,7 @@ def test_recommend_ranks_fitting_blueprints_and_learns_from_reports(karn, store,
     top = small.recommendations[0]
     assert top.blueprint.blueprint_id == RESIDUAL_MLP
     assert top.strategy_name == "fixed_ramp"
-    assert "15/15 reports" in top.rationale
+    assert "reward 15.00 over 15 reports" in top.rationale
     scores = [r.score for r in small.recommendations]
     assert scores == sorted(scores, reverse=True)
 

@@ -51,10 +51,13 @@ def test_recommendations_respect_fit_budget_exclusions_and_limit(store, chunk_si
     assert set(_ids(ranked)) <= allowed
 
 
-def test_with_a_large_cost_penalty_the_cheapest_fitting_blueprint_wins(store):
-    # At chunk 64: low_rank 512, residual_mlp 2128, linear 4160 parameters. A Beta sample is in
-    # [0, 1], so a penalty of 10 times the relative cost decides the order on its own.
-    recommender = BlueprintRecommender(store, cost_penalty=10.0, rng=random.Random(0))
+def test_between_equally_rewarded_blueprints_the_cheapest_fitting_one_wins(store, field_report):
+    # At chunk 64: low_rank 512, residual_mlp 2128, linear 4160 parameters. 100 full rewards each
+    # put every sample within ~0.01 of 0.99; a penalty of 0.1 divides them by 1.012, 1.051, 1.1.
+    for _ in range(100):
+        for blueprint in (LOW_RANK, RESIDUAL_MLP, LINEAR):
+            store.record(field_report(blueprint, "FOSSILIZED", contribution=0.1))
+    recommender = BlueprintRecommender(store, cost_penalty=0.1, rng=random.Random(0))
     for _ in range(20):
         ranked = recommender.recommend(RecommendationRequest(chunk_size=64, limit=3))
         assert _ids(ranked) == [LOW_RANK, RESIDUAL_MLP, LINEAR]
@@ -99,11 +102,11 @@ def test_the_recommendation_carries_the_best_strategy_for_its_blueprint(store, f
         store.record(field_report(LOW_RANK, outcome,
                                   contribution=0.1 if outcome == "FOSSILIZED" else -0.1,
                                   strategy_name=strategy))
-    recommender = BlueprintRecommender(store, cost_penalty=10.0, rng=random.Random(0))
+    recommender = BlueprintRecommender(store, cost_penalty=1000.0, rng=random.Random(0))
     ranked = recommender.recommend(RecommendationRequest(chunk_size=64, limit=3))
     assert ranked[0].blueprint.blueprint_id == LOW_RANK
     assert ranked[0].strategy_name == "drift_controlled"
-    assert "1/3 reports" in ranked[0].rationale
+    assert "reward 1.00 over 3 reports" in ranked[0].rationale
     assert ranked[1].strategy_name == ""  # residual_mlp: no reports, no opinion
 
 

@@ -171,7 +171,7 @@ def test_the_study_is_rebuilt_from_the_database_so_a_restart_continues_it(databa
 
 
 @pytest.mark.parametrize("config", [
-    {"reports_per_trial": 0}, {"max_pending": 0}, {"retire_below": 1.5},
+    {"reports_per_trial": 0}, {"max_pending": 0}, {"retire_fraction": 1.5},
     {"hidden": (0, 8)}, {"seed_learning_rate": (1e-2, 1e-3)}])
 def test_bad_search_settings_are_refused(config):
     with pytest.raises(ValueError):
@@ -241,3 +241,28 @@ def test_the_searching_worker_stores_reports_and_publishes_until_stopped(bus_set
         assert max(map(parents.count, parents)) <= SearchConfig().max_pending
 
     asyncio.run(body())
+
+
+def test_retirement_is_relative_to_the_parents_reward(store, field_report):
+    """Rewards measure what a seed added (small numbers): a proposal doing as well as its parent
+    stays, one doing less than half as well is retired."""
+    search = BlueprintSearch(store, SearchConfig(seed=3, max_pending=2),
+                             parents=("residual_mlp",))
+    (good,), (poor,) = search.step(), search.step()
+
+    def report(blueprint_id: int, contribution: float) -> None:
+        # metric 1 -> 2: the reward is the contribution itself (the smaller half, karn.store)
+        store.record(field_report(blueprint_id, "FOSSILIZED", contribution=contribution,
+                                  metric_before=1.0, metric_after=2.0))
+
+    for _ in range(8):
+        report(good.parent_blueprint_id, 0.1)
+    for _ in range(REPORTS_PER_TRIAL):
+        report(good.spec.blueprint_id, 0.1)
+        report(poor.spec.blueprint_id, 0.03)
+    stats = {s.blueprint_id: s for s in store.statistics()}
+    assert stats[poor.spec.blueprint_id].successes == pytest.approx(0.03 * REPORTS_PER_TRIAL)
+    search.step()
+    status = {p.spec.blueprint_id: p.status for p in search.proposals()}
+    assert status[good.spec.blueprint_id] == ACTIVE
+    assert status[poor.spec.blueprint_id] == RETIRED

@@ -79,6 +79,31 @@ def test_v2_gives_a_v1_database_the_execution_path_and_old_reports_are_chunked(d
         again.close()
 
 
+def test_v4_gives_a_v3_database_the_trend_and_old_reports_keep_their_whole_gain(database_url,
+                                                                               field_report):
+    store = FieldReportStore.open(database_url)
+    store.record(field_report(report_id="old", contribution=0.2, metric_before=0.5,
+                              metric_after=0.6))  # gained 0.1 of 0.5
+    with store.engine.begin() as connection:  # back to the v3 shape, as a v3 Karn left it
+        connection.execute(text(f"ALTER TABLE {field_reports.name} DROP COLUMN trend_gain"))
+        connection.execute(schema_version.delete().where(schema_version.c.version > 3))
+    store.close()
+    again = FieldReportStore.open(database_url)
+    try:
+        new = field_report(report_id="new", contribution=0.2, metric_before=0.5, metric_after=0.6,
+                           metric_history=tuple(0.4 - 0.5 / t for t in range(1, 11)))
+        new.history[0].entered_epoch, new.history[-1].entered_epoch = 10, 20
+        again.record(new)  # the trend (a + b / t, rising) predicts +0.025 of the 0.1
+        with again.engine.connect() as connection:
+            trends = dict(connection.execute(
+                select(field_reports.c.report_id, field_reports.c.trend_gain)).all())
+        assert trends["old"] is None and trends["new"] == pytest.approx(0.025)
+        (stat,) = again.statistics([1])
+        assert stat.successes == pytest.approx(0.2 + 0.15)
+    finally:
+        again.close()
+
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "mysql://u@h/db"])
 def test_databases_that_cannot_keep_reports_are_refused(url):
     with pytest.raises(ValueError):
@@ -150,7 +175,7 @@ def test_statistics_per_blueprint(store, field_report):
     for report in [
         field_report(1, "FOSSILIZED", contribution=0.04, metric_before=0.5, metric_after=0.6,
                      parameters_added=100, latency_cost_ms=1.0),
-        # Fossilized without a positive contribution: counted, not a success.
+        # Fossilized without a positive contribution: counted, no reward.
         field_report(1, "FOSSILIZED", contribution=-0.02, metric_before=0.5, metric_after=0.5,
                      parameters_added=300, latency_cost_ms=3.0),
         field_report(1, "CULLED", contribution=-0.05, metric_before=0.6, metric_after=0.55,
@@ -172,8 +197,12 @@ def test_statistics_per_blueprint(store, field_report):
     assert sorted(by_id) == [1, 2, 3, 9]
     one = by_id[1]
     assert (one.blueprint_name, one.reports, one.fossilized, one.culled, one.rolled_back,
-            one.cancelled, one.successes) == ("residual_mlp", 5, 2, 1, 1, 1, 1)
-    assert one.success_rate == pytest.approx(0.2)
+            one.cancelled) == ("residual_mlp", 5, 2, 1, 1, 1)
+    # The one fossilized with a contribution: the smaller of it (0.04) and the gain (0.1, no
+    # trajectory), on 0.5: reward 0.08.
+    assert one.successes == pytest.approx(0.08)
+    assert one.success_rate == pytest.approx(0.016)
+    assert by_id[2].successes == pytest.approx(0.05)  # a loss from 2.0 to 1.5, contribution 0.1
     assert one.mean_contribution == pytest.approx((0.04 - 0.02 - 0.05) / 3)
     assert one.mean_metric_gain == pytest.approx((0.1 + 0.0 - 0.05 + 0.0 - 0.2) / 5)
     assert one.mean_parameters_added == pytest.approx(80.0)

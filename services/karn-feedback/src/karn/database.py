@@ -107,6 +107,9 @@ field_reports = Table(
     Column("metric_gain", Double, nullable=True),
     # Also NULL when the seed never reached EVALUATING, where contribution is measured.
     Column("contribution", Double, nullable=True),
+    # The gain (sign-adjusted as metric_gain) the job's own trajectory before the germination
+    # predicted over the seed's life (karn.store.trend_gain, schema v4); NULL when unknown.
+    Column("trend_gain", Double, nullable=True),
     Column("parameters_added", BigInteger, nullable=False),
     Column("latency_cost_ms", Double, nullable=True),
     Column("memory_cost_bytes", BigInteger, nullable=False),
@@ -287,11 +290,20 @@ def _v3_blueprint_specs_and_proposals(connection: Connection) -> None:
     v3.create_all(connection)
 
 
+def _v4_trend_gain(connection: Connection) -> None:
+    """The job's predicted gain beside each report's own (FieldReport.metric_history); reports
+    from before it carry no history: NULL."""
+    if "trend_gain" not in {c["name"] for c in inspect(connection).get_columns(
+            "karn_field_reports")}:
+        connection.execute(text("ALTER TABLE karn_field_reports ADD COLUMN trend_gain "
+                                "DOUBLE PRECISION"))
+
+
 # Version n is MIGRATIONS[n - 1]. Append only, never edit one that has shipped: a database at
 # version n has run exactly the first n. (Until v3, v1 created the tables from the live
 # definitions, so v2 adds its column only where v1 ran before the column existed.)
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _v1_create_tables, _v2_execution_path, _v3_blueprint_specs_and_proposals]
+    _v1_create_tables, _v2_execution_path, _v3_blueprint_specs_and_proposals, _v4_trend_gain]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Any constant works; it only has to be the same in every Karn process.
 _PG_MIGRATION_LOCK = 0x4B61726E  # "Karn"

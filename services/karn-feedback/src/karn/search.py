@@ -4,10 +4,15 @@ For each parent (a built-in blueprint whose kind has a size), an Optuna study (T
 for a hidden width or rank, a grafting ramp length and a seed learning rate; the spec it asks for
 is recorded in the database (karn_blueprints, so ListBlueprints and Recommend see it, and
 karn_blueprint_proposals, its provenance) and published on the bus. Field reports that name it
-tell the study how it did, with the recommender's reward: the posterior mean of success
-(fossilized with a positive contribution). A proposal whose reward stays below `retire_below`
-once it has `reports_per_trial` reports is retired: the recommender stops offering it, and the
-search never asks for it again.
+tell the study how it did, with the recommender's reward (karn.store: what a seed added, in
+[0, 1]; its posterior mean). A proposal whose mean reward, once it has `reports_per_trial`
+reports, is 0 or below `retire_fraction` of its parent's is retired: the recommender stops
+offering it, and the search never asks for it again. So is one the runtimes refused
+`max_refusals` times (a Germinate of it answered unknown_blueprint or blueprint_does_not_fit,
+which the runtime reports as a field report ending DORMANT): its trial is told 0, the worst
+reward. The sizes asked for
+stay within the runtimes' room (`max_hidden`, `max_rank`: what KasminaConfig.bank_hidden /
+bank_rank build), so a fleet configured alike refuses none.
 
 The study is rebuilt from the database at every round, so the database is the whole state: a
 restarted Karn, or another replica, continues the same search.
@@ -31,7 +36,7 @@ from optuna.trial import TrialState, create_trial
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from karn.database import blueprint_proposals, blueprints, spec_from_row, spec_row
+from karn.database import blueprint_proposals, blueprints, field_reports, spec_from_row, spec_row
 from karn.recommender import posterior_mean
 from karn.store import FieldReportStore
 
@@ -41,6 +46,9 @@ PROPOSER = "optuna-tpe"
 # The stream proposals go out on (DESIGN §4 names no other for them).
 BLUEPRINT_PROPOSALS = streams.BLUEPRINT_PROPOSALS
 ACTIVE, RETIRED = "active", "retired"
+# The final stage of the field report a runtime publishes for a refused Germinate (the seed
+# stayed there; kasmina.fleet.wire.refusal_to_field_report); no seed that grew ends in it.
+REFUSED_STAGE = "DORMANT"
 # Asking again for a spec the study already holds (integer sizes collide) is retried this often.
 _ASK_ATTEMPTS = 8
 
@@ -53,9 +61,15 @@ class SearchConfig:
     reports_per_trial: int = 4
     # Proposals of one parent waiting for outcomes at a time; no new one past this.
     max_pending: int = 2
-    # Retired once it has reports_per_trial reports with a reward below this. With the Beta(1, 1)
-    # prior, 0.25 retires 4 failures in 4 (1/6) and keeps 1 success in 4 (1/3).
-    retire_below: float = 0.25
+    # Retired once it has reports_per_trial reports whose mean reward is 0 (nothing it grew
+    # added anything) or below this fraction of its parent's mean reward. Relative, because a
+    # reward measures what a seed added (typically 0.04-0.16 on the digits job:
+    # benchmarks/results/fleet_digits_cpu_2026-12-01_reward.txt), not a 0-1 success rate.
+    retire_fraction: float = 0.5
+    # Retired once the runtimes refused it this many times, whatever its other reports: a
+    # refusal repeats for every runtime built with the same room, so waiting for more wastes
+    # germinations.
+    max_refusals: int = 2
     # Random trials before TPE models the outcomes (Optuna's n_startup_trials).
     startup_trials: int = 4
     # None: a fresh seed per process.
@@ -64,13 +78,21 @@ class SearchConfig:
     rank: tuple[int, int] = (1, 64)
     ramp_steps: tuple[int, int] = (5, 200)
     seed_learning_rate: tuple[float, float] = (1e-4, 1e-1)
+    # The runtimes' room, as KasminaConfig.bank_hidden / bank_rank build it: a parent's sizes
+    # are asked for up to max(its own size, this) (0: its own, the runtime's default); None: up
+    # to `hidden` / `rank`'s upper bound, whatever the runtimes can grow.
+    max_hidden: int | None = None
+    max_rank: int | None = None
 
     def __post_init__(self) -> None:
-        if self.reports_per_trial < 1 or self.max_pending < 1 or self.startup_trials < 0:
+        if (self.reports_per_trial < 1 or self.max_pending < 1 or self.startup_trials < 0
+                or self.max_refusals < 1):
             raise ValueError("need reports_per_trial >= 1, max_pending >= 1, "
-                             "startup_trials >= 0")
-        if not 0 <= self.retire_below <= 1:
-            raise ValueError("retire_below must be in [0, 1]")
+                             "startup_trials >= 0, max_refusals >= 1")
+        if min(self.max_hidden or 0, self.max_rank or 0) < 0:
+            raise ValueError("max_hidden and max_rank must be >= 0")
+        if not 0 <= self.retire_fraction <= 1:
+            raise ValueError("retire_fraction must be in [0, 1]")
         for name in ("hidden", "rank", "ramp_steps", "seed_learning_rate"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
@@ -97,12 +119,22 @@ def search_space(parent: BlueprintSpec, config: SearchConfig) -> dict[str, BaseD
     dims = {d for p in contracts.kind_definition(parent.kind).parameters for d in p.shape}
     space: dict[str, BaseDistribution] = {}
     if BlueprintDim.BLUEPRINT_DIM_HIDDEN in dims:
-        space["hidden"] = IntDistribution(*config.hidden, log=True)
+        space["hidden"] = IntDistribution(*_within(config.hidden, parent.hidden,
+                                                   config.max_hidden), log=True)
     if BlueprintDim.BLUEPRINT_DIM_RANK in dims:
-        space["rank"] = IntDistribution(*config.rank, log=True)
+        space["rank"] = IntDistribution(*_within(config.rank, parent.rank, config.max_rank),
+                                        log=True)
     space["ramp_steps"] = IntDistribution(*config.ramp_steps, log=True)
     space["seed_learning_rate"] = FloatDistribution(*config.seed_learning_rate, log=True)
     return space
+
+
+def _within(bounds: tuple[int, int], own: int, room: int | None) -> tuple[int, int]:
+    """`bounds` cut to the room a runtime's bank of the parent has: max(own, room)."""
+    low, high = bounds
+    if room is not None:
+        high = min(high, max(own, room))
+    return min(low, high), high
 
 
 def proposed_spec(parent: BlueprintSpec, trial_number: int,
@@ -146,15 +178,26 @@ class BlueprintSearch:
         one new spec (none while `max_pending` of its proposals await outcomes). Returns the
         new proposals, stored and not yet published."""
         stats = {s.blueprint_id: s for s in self._store.statistics()}
-        proposals = self.proposals()
-        for proposal in proposals:
+        refusals = self.refusals()
+        for proposal in self.proposals():
+            if proposal.status != ACTIVE:
+                continue
+            refused = refusals.get(proposal.spec.blueprint_id, 0)
+            if refused >= self.config.max_refusals:
+                self._retire(proposal, f"refused {refused} times by the runtimes (no bank with "
+                                       f"room for it, or no chunk it fits)")
+                continue
             stat = stats.get(proposal.spec.blueprint_id)
-            if (proposal.status == ACTIVE and stat is not None
-                    and stat.reports >= self.config.reports_per_trial):
-                reward = posterior_mean(stat.successes, stat.reports)
-                if reward < self.config.retire_below:
-                    self._retire(proposal, f"reward {reward:.2f} < {self.config.retire_below} "
-                                           f"after {stat.reports} reports")
+            if stat is not None and stat.reports >= self.config.reports_per_trial:
+                mean = stat.successes / stat.reports
+                parent = stats.get(proposal.parent_blueprint_id)
+                bar = self.config.retire_fraction * (
+                    parent.successes / parent.reports if parent and parent.reports else 0.0)
+                if mean == 0 or mean < bar:
+                    self._retire(proposal, f"mean reward {mean:.3f} after {stat.reports} reports"
+                                           f" (its parent's x {self.config.retire_fraction}: "
+                                           f"{bar:.3f})")
+        proposals = self.proposals()  # with this round's retirements
         new = []
         for parent in self.parents:
             mine = [p for p in proposals if p.parent_blueprint_id == parent.blueprint_id]
@@ -162,7 +205,7 @@ class BlueprintSearch:
                        and self._reports(stats, p) < self.config.reports_per_trial]
             if len(pending) >= self.config.max_pending:
                 continue
-            proposal = self._propose(parent, mine, stats)
+            proposal = self._propose(parent, mine, stats, refusals)
             if proposal is not None:
                 new.append(proposal)
         return new
@@ -171,8 +214,8 @@ class BlueprintSearch:
         stat = stats.get(proposal.spec.blueprint_id)
         return stat.reports if stat is not None else 0
 
-    def _propose(self, parent: BlueprintSpec, mine: list[Proposal],
-                 stats: dict[int, Any]) -> Proposal | None:
+    def _propose(self, parent: BlueprintSpec, mine: list[Proposal], stats: dict[int, Any],
+                 refusals: dict[int, int]) -> Proposal | None:
         space = search_space(parent, self.config)
         study = self._study(parent, len(mine))
         seen = set()
@@ -180,7 +223,13 @@ class BlueprintSearch:
             stat = stats.get(proposal.spec.blueprint_id)
             params = {k: v for k, v in proposal.params.items() if k in space}
             seen.add(tuple(sorted(params.items())))
-            if stat is not None and stat.reports >= self.config.reports_per_trial:
+            if not all(space[k]._contains(space[k].to_internal_repr(v))
+                       for k, v in params.items()):
+                continue  # asked for under wider bounds (the room was lowered since)
+            if refusals.get(proposal.spec.blueprint_id, 0) >= self.config.max_refusals:
+                # Refused: a failed trial, told the worst reward so TPE steers away from it.
+                study.add_trial(create_trial(params=params, distributions=space, value=0.0))
+            elif stat is not None and stat.reports >= self.config.reports_per_trial:
                 value = posterior_mean(stat.successes, stat.reports)
                 study.add_trial(create_trial(params=params, distributions=space, value=value))
             else:  # waiting for outcomes: the sampler plans around it (constant liar)
@@ -212,6 +261,14 @@ class BlueprintSearch:
                  .order_by(blueprint_proposals.c.blueprint_id))
         with self._store.engine.connect() as connection:
             return [self._proposal(row) for row in connection.execute(query)]
+
+    def refusals(self) -> dict[int, int]:
+        """Blueprint id -> the Germinates of it the runtimes refused (REFUSED_STAGE reports)."""
+        fr = field_reports.c
+        query = (select(fr.blueprint_id, func.count()).where(fr.final_stage == REFUSED_STAGE)
+                 .group_by(fr.blueprint_id))
+        with self._store.engine.connect() as connection:
+            return {bid: count for bid, count in connection.execute(query)}
 
     def _proposal(self, row: Any) -> Proposal:
         return Proposal(spec=spec_from_row(row), parent_blueprint_id=row.parent_blueprint_id,

@@ -117,7 +117,9 @@ async def _serve_with(settings: KarnSettings, store: FieldReportStore, bus: Bus)
     await asyncio.to_thread(metrics.ROLLOUT.start, store, flags)
     serving = worker if not settings.search_interval_s else SearchingWorker(
         worker, BlueprintSearchLoop(bus, BlueprintSearch(store, SearchConfig(
-            seed=settings.random_seed)), settings.search_interval_s, settings.consumer_name))
+            seed=settings.random_seed, max_hidden=settings.search_max_hidden,
+            max_rank=settings.search_max_rank)), settings.search_interval_s,
+            settings.consumer_name))
     try:
         await serve_until_stopped(serving, http, http_socket, grpc_server, stopping,
                                   settings.shutdown_grace_s)

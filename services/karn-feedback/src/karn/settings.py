@@ -27,8 +27,9 @@ class KarnSettings:
     # Both servers listen here; 0.0.0.0 in a container.
     bind_host: str = "127.0.0.1"
     consumer_name: str = "karn-1"
-    # Reward is lowered by cost_penalty * (the blueprint's parameters / the largest candidate's),
-    # so between two equally successful blueprints the cheaper one wins.
+    # A recommendation's sampled reward is divided by 1 + cost_penalty * (the blueprint's
+    # parameters / the largest candidate's), so between two equally rewarded blueprints the
+    # cheaper one wins (karn.recommender).
     cost_penalty: float = 0.1
     # None: a fresh seed per process. Set it to make recommendations reproducible.
     random_seed: int | None = None
@@ -43,10 +44,14 @@ class KarnSettings:
     # stored once, counted as duplicates). Defaults are oona's.
     reclaim_idle_ms: int = ConsumerConfig.reclaim_idle_ms
     reclaim_interval_s: float = ConsumerConfig.reclaim_interval_s
-    # Seconds between rounds of the blueprint search (karn.search); 0: no search. Off by default
-    # until runtimes grow specs they were not built with: a proposal a runtime refuses gets no
-    # field report, so it would never be retired.
+    # Seconds between rounds of the blueprint search (karn.search); 0: no search.
     search_interval_s: float = 0.0
+    # The room of the runtimes' banks (KasminaConfig.bank_hidden / bank_rank, set alike): the
+    # search asks for hidden widths and ranks up to max(the parent's own size, this); 0, as in
+    # KasminaConfig, is the parent's own size. A proposal a runtime has no room for is refused,
+    # reported and retired (karn.search), so a bound set too high costs germinations, not jobs.
+    search_max_hidden: int = 0
+    search_max_rank: int = 0
     # Every gRPC call must carry it (`authorization: Bearer <token>`); None only with
     # OONA_INSECURE=1 (`python -m karn` refuses to start otherwise).
     api_token: str | None = field(default=None, repr=False)
@@ -70,6 +75,8 @@ class KarnSettings:
             raise ValueError("reclaim_interval_s must be > 0")
         if not 0 <= self.search_interval_s < float("inf"):
             raise ValueError("search_interval_s must be >= 0 (0: no search)")
+        if self.search_max_hidden < 0 or self.search_max_rank < 0:
+            raise ValueError("search_max_hidden and search_max_rank must be >= 0")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KarnSettings:
@@ -77,8 +84,9 @@ class KarnSettings:
 
         KARN_DATABASE_URL, KARN_GRPC_PORT, KARN_HTTP_PORT, KARN_BIND_HOST, KARN_CONSUMER_NAME,
         KARN_COST_PENALTY, KARN_RANDOM_SEED, KARN_MAX_DELIVERIES, KARN_SHUTDOWN_GRACE_S,
-        KARN_RECLAIM_IDLE_MS, KARN_RECLAIM_INTERVAL_S, KARN_SEARCH_INTERVAL_S, KARN_API_TOKEN (or
-        KARN_API_TOKEN_FILE, a file holding it).
+        KARN_RECLAIM_IDLE_MS, KARN_RECLAIM_INTERVAL_S, KARN_SEARCH_INTERVAL_S,
+        KARN_SEARCH_MAX_HIDDEN, KARN_SEARCH_MAX_RANK, KARN_API_TOKEN (or KARN_API_TOKEN_FILE, a
+        file holding it).
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {"api_token": read_secret("KARN_API_TOKEN", env)}

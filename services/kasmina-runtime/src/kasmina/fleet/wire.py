@@ -5,6 +5,7 @@ Pure functions (no bus, no threads): the runtime calls them at epoch boundaries.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 from oona.contracts import (
@@ -58,7 +59,8 @@ def health_to_proto(report: Report, job_id: str) -> LayerHealthReport:
 
 
 def outcome_to_field_report(outcome: SeedOutcome, job_id: str, chunk_size: int,
-                            higher_is_better: bool, metric_name: str) -> FieldReport:
+                            higher_is_better: bool, metric_name: str,
+                            metric_history: Sequence[float] = ()) -> FieldReport:
     def finite(value: float | None) -> float:
         return float("nan") if value is None else float(value)
 
@@ -77,7 +79,40 @@ def outcome_to_field_report(outcome: SeedOutcome, job_id: str, chunk_size: int,
         metric_before=finite(outcome.metric_before), metric_after=finite(outcome.metric_after),
         contribution=finite(outcome.contribution), parameters_added=outcome.params_added,
         chunk_size=chunk_size, end_reason=outcome.reason,
-        execution_path=outcome.execution_path)
+        execution_path=outcome.execution_path, metric_history=metric_history)
+
+
+# A Germinate carrying a spec refused for one of these reasons gets a field report (the seed
+# stayed DORMANT), so Karn counts the refusal against the spec: its search retires a proposal
+# the runtimes keep refusing (karn/search.py). Other refusals (capacity, embargo, a paused job)
+# say nothing about the blueprint.
+BLUEPRINT_REFUSALS = frozenset({AckReason.ACK_REASON_UNKNOWN_BLUEPRINT,
+                                AckReason.ACK_REASON_BLUEPRINT_DOES_NOT_FIT})
+
+
+def refusal_to_field_report(command: LifecycleCommand, ack: CommandAck,
+                            layer: SeedLayer | None, higher_is_better: bool,
+                            metric_name: str) -> FieldReport | None:
+    """The field report of a Germinate carrying a spec that was refused for a blueprint reason
+    (BLUEPRINT_REFUSALS): final stage DORMANT (where the seed stayed), no history, no metrics,
+    the ack's reason and message as its end reason; None for any other answer."""
+    if (ack.success or ack.reason not in BLUEPRINT_REFUSALS or layer is None
+            or command.WhichOneof("action") != "germinate"
+            or command.germinate.WhichOneof("blueprint") != "blueprint_spec"):
+        return None
+    spec, nan = command.germinate.blueprint_spec, float("nan")
+    return FieldReport(
+        # One answer per command id (a resend is a duplicate, never refused again).
+        report_id=f"{command.job_id}/{command.layer_id}/{command.seed_index}/refused:"
+                  f"{command.command_id}",
+        job_id=command.job_id, layer_id=command.layer_id, seed_index=command.seed_index,
+        # No strategy: the refusal says nothing of one (Karn's per-strategy records skip it).
+        blueprint_id=spec.blueprint_id, blueprint_name=spec.name, strategy_id=-1,
+        final_stage=stage_to_wire(SeedStage.DORMANT), metric_name=metric_name,
+        higher_is_better=higher_is_better, metric_before=nan, metric_after=nan,
+        contribution=nan, chunk_size=layer.chunk_size(command.seed_index),
+        end_reason=f"refused: {AckReason.Name(ack.reason)}: {ack.message}"[:1000],
+        execution_path=layer.execution_path)
 
 
 # A command may name a boundary at most this far ahead when the job's last epoch is unknown

@@ -20,7 +20,7 @@ class StageVisit(_message.Message):
     def __init__(self, stage: _Optional[_Union[_stage_pb2.SeedStage, str]] = ..., entered_epoch: _Optional[int] = ..., entered_step: _Optional[int] = ..., epochs: _Optional[int] = ...) -> None: ...
 
 class FieldReport(_message.Message):
-    __slots__ = ("report_id", "job_id", "layer_id", "seed_index", "blueprint_id", "blueprint_name", "strategy_id", "strategy_name", "final_stage", "history", "metric_name", "higher_is_better", "metric_before", "metric_after", "contribution", "parameters_added", "latency_cost_ms", "memory_cost_bytes", "chunk_size", "end_reason", "execution_path")
+    __slots__ = ("report_id", "job_id", "layer_id", "seed_index", "blueprint_id", "blueprint_name", "strategy_id", "strategy_name", "final_stage", "history", "metric_name", "higher_is_better", "metric_before", "metric_after", "contribution", "parameters_added", "latency_cost_ms", "memory_cost_bytes", "chunk_size", "end_reason", "execution_path", "metric_history")
     REPORT_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class FieldReport(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PATH_FIELD_NUMBER: _ClassVar[int]
+    METRIC_HISTORY_FIELD_NUMBER: _ClassVar[int]
     report_id: str
     job_id: str
     layer_id: str
@@ -63,4 +64,5 @@ class FieldReport(_message.Message):
     chunk_size: int
     end_reason: str
     execution_path: str
-    def __init__(self, report_id: _Optional[str] = ..., job_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., seed_index: _Optional[int] = ..., blueprint_id: _Optional[int] = ..., blueprint_name: _Optional[str] = ..., strategy_id: _Optional[int] = ..., strategy_name: _Optional[str] = ..., final_stage: _Optional[_Union[_stage_pb2.SeedStage, str]] = ..., history: _Optional[_Iterable[_Union[StageVisit, _Mapping]]] = ..., metric_name: _Optional[str] = ..., higher_is_better: _Optional[bool] = ..., metric_before: _Optional[float] = ..., metric_after: _Optional[float] = ..., contribution: _Optional[float] = ..., parameters_added: _Optional[int] = ..., latency_cost_ms: _Optional[float] = ..., memory_cost_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., end_reason: _Optional[str] = ..., execution_path: _Optional[str] = ...) -> None: ...
+    metric_history: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, report_id: _Optional[str] = ..., job_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., seed_index: _Optional[int] = ..., blueprint_id: _Optional[int] = ..., blueprint_name: _Optional[str] = ..., strategy_id: _Optional[int] = ..., strategy_name: _Optional[str] = ..., final_stage: _Optional[_Union[_stage_pb2.SeedStage, str]] = ..., history: _Optional[_Iterable[_Union[StageVisit, _Mapping]]] = ..., metric_name: _Optional[str] = ..., higher_is_better: _Optional[bool] = ..., metric_before: _Optional[float] = ..., metric_after: _Optional[float] = ..., contribution: _Optional[float] = ..., parameters_added: _Optional[int] = ..., latency_cost_ms: _Optional[float] = ..., memory_cost_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., end_reason: _Optional[str] = ..., execution_path: _Optional[str] = ..., metric_history: _Optional[_Iterable[float]] = ...) -> None: ...
