@@ -47,3 +47,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+async def _drain_stream(url: str, stream: str, message_type: type) -> list:
+    """Every message of `message_type` on `stream` so far, read by a fresh consumer group."""
+    import uuid
+
+    import oona  # the fleet extra: imported here so the GPU machine (no oona) loads conftest
+
+    got = []
+
+    async def on(message, _delivery):  # noqa: ANN001, ANN202
+        got.append(message)
+
+    async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
+        consumer = bus.consumer(stream, group=f"test-{uuid.uuid4()}", name="t",
+                                handlers={message_type: on})
+        await consumer.ensure_group()
+        while await consumer.poll(block_ms=200):
+            pass
+    return got
+
+
+@pytest.fixture(name="drain_stream")
+def _drain_stream_fixture():
+    """`await drain_stream(url, stream, MessageType)`: what a stream holds so far."""
+    return _drain_stream
+

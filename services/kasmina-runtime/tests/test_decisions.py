@@ -236,19 +236,6 @@ async def _publish(url, job, messages, fresh_event_ids=False):
                                     event_id=None if fresh_event_ids else m.command_id)
 
 
-async def _acks(url, job):
-    got = []
-
-    async def on(message, _delivery):
-        got.append(message)
-
-    async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
-        consumer = bus.consumer(streams.CONTROL_ACKS, group=f"test-{uuid.uuid4()}", name="t",
-                                handlers={CommandAck: on})
-        await consumer.ensure_group()
-        while await consumer.poll(block_ms=200):
-            pass
-    return [a for a in got if a.job_id == job]
 
 
 def _wait_for_arrival(runtime, n, timeout=10.0):
@@ -260,7 +247,8 @@ def _wait_for_arrival(runtime, n, timeout=10.0):
     assert arrived == n
 
 
-def test_a_command_more_than_max_lateness_epochs_late_is_acked_expired(oona_redis_url):
+def test_a_command_more_than_max_lateness_epochs_late_is_acked_expired(oona_redis_url,
+                                                                      drain_stream):
     job = f"job-{uuid.uuid4().hex[:8]}"
     torch.manual_seed(0)
     model = kasmina.wrap(nn.Sequential(nn.Linear(3, 12)), seeds_per_layer=3,
@@ -297,7 +285,8 @@ def test_a_command_more_than_max_lateness_epochs_late_is_acked_expired(oona_redi
         assert layer.stage_of(0) is S.DORMANT
     finally:
         runtime.close()
-    on_bus = asyncio.run(_acks(oona_redis_url, job))
+    on_bus = [a for a in asyncio.run(drain_stream(oona_redis_url, streams.CONTROL_ACKS,
+                                                  CommandAck)) if a.job_id == job]
     expired_acks = [a for a in on_bus if a.command_id == expired.command_id]
     assert expired_acks and expired_acks[0].reason == AckReason.ACK_REASON_EXPIRED
     assert not any(a.success for a in expired_acks)

@@ -30,19 +30,6 @@ async def _publish(url, stream, messages):
             await publisher.publish(stream, m, event_id=m.command_id)
 
 
-async def _field_reports(url, job):
-    got = []
-
-    async def on(message, _delivery):
-        got.append(message)
-
-    async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
-        consumer = bus.consumer(streams.FIELD_REPORTS, group=f"test-{uuid.uuid4()}", name="t",
-                                handlers={FieldReport: on})
-        await consumer.ensure_group()
-        while await consumer.poll(block_ms=200):
-            pass
-    return [r for r in got if r.job_id == job]
 
 
 def _runtime(url, job):
@@ -60,7 +47,8 @@ def _wait_for(runtime, n):
         time.sleep(0.02)
 
 
-def test_a_field_report_carries_the_jobs_metric_up_to_the_germination(oona_redis_url):
+def test_a_field_report_carries_the_jobs_metric_up_to_the_germination(oona_redis_url,
+                                                                        drain_stream):
     job = f"job-{uuid.uuid4().hex[:8]}"
     runtime = _runtime(oona_redis_url, job)
     try:
@@ -81,7 +69,8 @@ def test_a_field_report_carries_the_jobs_metric_up_to_the_germination(oona_redis
         state = runtime.state_dict()
     finally:
         runtime.close()
-    (report,) = asyncio.run(_field_reports(oona_redis_url, job))
+    (report,) = [r for r in asyncio.run(drain_stream(
+        oona_redis_url, streams.FIELD_REPORTS, FieldReport)) if r.job_id == job]
     history = list(report.metric_history)
     assert history[0] == pytest.approx(0.9) and history[1] != history[1]  # NaN kept in place
     assert history[2] == pytest.approx(0.7) == pytest.approx(report.metric_before)

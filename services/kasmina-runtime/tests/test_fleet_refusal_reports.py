@@ -86,19 +86,6 @@ async def _publish(url, stream, command, event_id):
         await bus.publisher("test").publish(stream, command, event_id=event_id)
 
 
-async def _field_reports(url):
-    got = []
-
-    async def on(message, _delivery):
-        got.append(message)
-
-    async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
-        consumer = bus.consumer(streams.FIELD_REPORTS, group=f"test-{uuid.uuid4()}", name="t",
-                                handlers={FieldReport: on})
-        await consumer.ensure_group()
-        while await consumer.poll(block_ms=200):
-            pass
-    return got
 
 
 def _wait_for_command(runtime, timeout=10.0):
@@ -108,7 +95,7 @@ def _wait_for_command(runtime, timeout=10.0):
         time.sleep(0.02)
 
 
-def test_the_runtime_publishes_one_report_per_refused_command(oona_redis_url):
+def test_the_runtime_publishes_one_report_per_refused_command(oona_redis_url, drain_stream):
     job = f"job-{uuid.uuid4().hex[:8]}"
     m = model()
     runtime = kasmina.attach(m, job, oona.BusSettings.from_dsn(oona_redis_url), mode="min")
@@ -125,6 +112,7 @@ def test_the_runtime_publishes_one_report_per_refused_command(oona_redis_url):
         assert again.reason == AckReason.ACK_REASON_DUPLICATE
     finally:
         runtime.close()
-    reports = [r for r in asyncio.run(_field_reports(oona_redis_url)) if r.job_id == job]
+    reports = [r for r in asyncio.run(drain_stream(oona_redis_url, streams.FIELD_REPORTS,
+                                                   FieldReport)) if r.job_id == job]
     assert [(r.report_id, r.blueprint_id, r.metric_name) for r in reports] == [
         (f"{job}/0/1/refused:{wide.command_id}", 1_000_311, "val_metric")]
