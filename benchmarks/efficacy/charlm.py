@@ -39,7 +39,9 @@ def encode(text: str) -> torch.Tensor:
 
 
 def stdlib_text(chars: int) -> str:
-    root = sysconfig.get_paths()["stdlib"]
+    # EFFICACY_STDLIB: another interpreter's stdlib folder (a copy of it), for the same text
+    # on a machine whose Python is another version.
+    root = os.environ.get("EFFICACY_STDLIB") or sysconfig.get_paths()["stdlib"]
     parts, n = [], 0
     for name in sorted(f for f in os.listdir(root) if f.endswith(".py")):
         with open(os.path.join(root, name), encoding="utf-8", errors="replace") as fh:

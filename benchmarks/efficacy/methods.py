@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from branches import Branch, install
 from engine import Hooks, RunRecord, matmul_params, train, trainable
 from kasmina import (
     ControllerConfig,
@@ -20,9 +19,11 @@ from kasmina import (
     SeedStage,
     get_blueprint,
     host_parameters,
+    register_blueprint,
     seed_layers,
     wrap,
 )
+from kasmina.controls import Branch, control_optimizer, install
 from kasmina.lifecycle import ACTIVE_STAGES, BLENDING_STAGES
 from torch import nn
 
@@ -34,6 +35,11 @@ class Growth:
     kasmina: KasminaConfig = field(default_factory=KasminaConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     placement: str = "health"  # "health" (the controller's score) or "random"
+    # Two knobs the library lacks, emulated here (plan.EXTRAS): the blueprint's init
+    # ("": as catalogued, fan_in_uniform) and a plateau threshold relative to the best metric
+    # (0: min_delta is absolute, as in the controller).
+    init: str = ""
+    min_delta_rel: float = 0.0
 
 
 class RandomPlacement(LocalController):
@@ -65,14 +71,32 @@ class RandomPlacement(LocalController):
         return done
 
 
+class RelativePlateau(LocalController):
+    """The LocalController with a plateau threshold of `rel` times the best metric so far:
+    ControllerConfig.min_delta is in the metric's units, and has no relative form."""
+
+    def __init__(self, model: nn.Module, config: ControllerConfig, rel: float) -> None:
+        super().__init__(model, config)
+        self.rel = rel
+
+    def _plateaued(self, metric: float) -> bool:
+        if self.best is not None:
+            self.config = dataclasses.replace(self.config, min_delta=self.rel * abs(self.best))
+        return super()._plateaued(metric)
+
+
+def variant(name: str, init: str) -> str:
+    """A catalogued blueprint with another init, registered under a name of its own (its seeds
+    grow in the catalogued blueprint's bank: same kind and sizes)."""
+    spec = get_blueprint(name)
+    return register_blueprint(dataclasses.replace(
+        spec, name=f"{spec.name}@{init}", id=spec.id + 1000, init=init)).name
+
+
 def adamw(task, host: list[nn.Parameter], branch: list[nn.Parameter], branch_lr: float
           ) -> torch.optim.Optimizer:
-    """The host's AdamW (task lr and weight decay); branches as the seeds' own Adam (seed_lr,
-    betas (0.9, 0.999), no weight decay), so controls and seeds train grown modules alike."""
-    groups = [{"params": host, "lr": task.lr, "weight_decay": task.weight_decay}]
-    if branch:
-        groups.append({"params": branch, "lr": branch_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
+    """The host's AdamW at the task's lr and weight decay, branches as the seeds' own Adam."""
+    return control_optimizer(host, branch, task.lr, task.weight_decay, branch_lr)
 
 
 def run_host(task, data, seed: int, method: str = "host", scale: float = 1.0) -> RunRecord:
@@ -87,10 +111,17 @@ def run_host(task, data, seed: int, method: str = "host", scale: float = 1.0) ->
 def run_seeded(task, data, seed: int, method: str, growth: Growth) -> RunRecord:
     model = task.build(seed)
     cfg = growth.kasmina.replace(mode="min")  # the controller watches validation loss
+    blueprint = task.blueprint
+    if growth.init:  # only the catalogued blueprint's bank, which the variant's seeds use
+        blueprint, cfg = variant(task.blueprint, growth.init), cfg.replace(
+            blueprints=(task.blueprint,))
     wrap(model, seeds_per_layer=task.seeds_per_layer, config=cfg,
          target_modules=list(task.seed_sites))
-    ctl_cfg = dataclasses.replace(growth.controller, mode="min", blueprints=(task.blueprint,))
+    ctl_cfg = dataclasses.replace(growth.controller, mode="min", blueprints=(blueprint,))
+    if growth.placement == "random" and growth.min_delta_rel:
+        raise ValueError("random placement with a relative min_delta is not implemented")
     ctl = (RandomPlacement(model, ctl_cfg, seed) if growth.placement == "random"
+           else RelativePlateau(model, ctl_cfg, growth.min_delta_rel) if growth.min_delta_rel
            else LocalController(model, ctl_cfg))
     layers = seed_layers(model)
     host_matmul = matmul_params(model)
@@ -125,7 +156,7 @@ def grown_branches(layers, ctl: LocalController) -> list[Branch]:
                 continue
             spec = get_blueprint(int(layer.state[s, 1]))
             start, end = layer.chunks[s]
-            out.append(Branch(layer.layer_id, start, end, spec.hidden,
+            out.append(Branch(layer.layer_id, start, end, spec.name,
                               germinated[(layer.layer_id, s)], stage.name))
     return out
 
@@ -136,7 +167,7 @@ def run_branched(task, data, seed: int, method: str, branches: list[Branch], bra
     germination epoch)."""
     model = task.build(seed)
     if from_start:
-        branches = [Branch(b.site, b.start, b.end, b.hidden, 0, b.final_stage) for b in branches]
+        branches = [b.from_start() for b in branches]
     layers = install(model, branches, seed)
     extra = {id(p) for la in layers for p in la.branch_parameters()}
     host = [p for p in model.parameters() if p.requires_grad and id(p) not in extra]

@@ -3,12 +3,17 @@ the configurations under test, written out once so the report quotes what ran.""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import math
+import multiprocessing
+import os
 import platform
+import resource
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import gromo_baseline
@@ -25,6 +30,70 @@ from tasks import DIGITS, REGRESSION
 CANDIDATE = Growth(
     KasminaConfig(ramp_steps=150, isolate_host_in_blend=False, seed_lr=3e-3),
     ControllerConfig(plateau_epochs=2, min_delta=0.01, germinations_per_plateau=4))
+
+
+def candidate_changes() -> dict[str, object]:
+    """The fields CANDIDATE sets to other values than the shipped configs (the field names of
+    KasminaConfig and ControllerConfig do not overlap)."""
+    return {k: v for cfg, base in ((CANDIDATE.kasmina, KasminaConfig()),
+                                   (CANDIDATE.controller, ControllerConfig()))
+            for k, v in cfg.__dict__.items() if getattr(base, k) != v}
+
+
+# --ablate changes: knobs the library lacks, emulated by the harness (methods.Growth), each
+# added to a configuration like a change: a zero-output blueprint init, and a plateau threshold
+# relative to the best validation loss instead of min_delta.
+EXTRAS = {"init=zero_output": {"init": "zero_output"},
+          "min_delta_rel=0.01": {"min_delta_rel": 0.01},
+          "min_delta_rel=0.03": {"min_delta_rel": 0.03}}
+
+
+def with_fields(growth: Growth, fields: dict[str, object]) -> Growth:
+    k = {f: v for f, v in fields.items() if f in KasminaConfig.__dataclass_fields__}
+    c = {f: v for f, v in fields.items() if f in ControllerConfig.__dataclass_fields__}
+    g = {f: v for f, v in fields.items() if f not in k and f not in c}
+    return dataclasses.replace(growth, kasmina=growth.kasmina.replace(**k),
+                               controller=dataclasses.replace(growth.controller, **c), **g)
+
+
+def change_set(name: str) -> Growth:
+    """A configuration named by its changes: "default+f+g" is the shipped configs with the
+    candidate's values of fields f and g (or an EXTRAS entry), "candidate-f" the candidate with
+    the shipped value of f; "default" and "candidate" alone are the two themselves."""
+    changes, shipped = candidate_changes(), Growth()
+    base, *terms = name.replace("-", "+-").split("+")
+    fields = dict(changes) if base == "candidate" else {}
+    if base not in ("default", "candidate"):
+        raise ValueError(f"{name!r}: starts with 'default' or 'candidate'")
+    for term in terms:
+        f = term.lstrip("-")
+        if term.startswith("-") and f in changes:
+            fields[f] = getattr(shipped.kasmina if f in KasminaConfig.__dataclass_fields__
+                                else shipped.controller, f)
+        elif not term.startswith("-") and f in changes:
+            fields[f] = changes[f]
+        elif not term.startswith("-") and f in EXTRAS:
+            fields.update(EXTRAS[f])
+        else:
+            raise ValueError(f"{name!r}: {term!r} is not +/- one of {sorted(changes)} or "
+                             f"+ one of {sorted(EXTRAS)}")
+    return with_fields(shipped, fields)
+
+
+def change_sets() -> list[str]:
+    """--ablate changes' configurations: each change alone on the defaults and each left out of
+    the candidate (the two themselves are in the main report, bit-identical: --subsets adds
+    them, and EXTRAS or any other set)."""
+    changes = list(candidate_changes())
+    return [f"default+{f}" for f in changes] + [f"candidate-{f}" for f in changes]
+
+
+def describe_change_set(name: str) -> str:
+    if name in ("default", "candidate"):
+        return DESCRIPTIONS[f"seeds_{name}"]
+    return (f"`seeds_{name.split('+')[0].split('-')[0]}` with "
+            + ", ".join(("the shipped " + t[1:]) if t.startswith("-") else t
+                        for t in name.replace("-", "+-").split("+")[1:]) + ".")
 
 
 def ablations(base: Growth) -> dict[str, Growth]:
@@ -51,9 +120,7 @@ DESCRIPTIONS = {
                      "1 per residual stream on charlm).",
     "seeds_candidate": "host + seeds with the candidate defaults, the fields that differ from "
                        "the shipped ones: " + ", ".join(
-                           f"{k}={v}" for cfg, base in ((CANDIDATE.kasmina, KasminaConfig()),
-                                                        (CANDIDATE.controller, ControllerConfig()))
-                           for k, v in cfg.__dict__.items() if getattr(base, k) != v) + ".",
+                           f"{k}={v}" for k, v in candidate_changes().items()) + ".",
     "static_final": "the architecture `seeds_default` ended with (its seeds in GRAFTING.."
                     "FOSSILIZED at the end), trained from scratch, branches identity-"
                     "initialised; host AdamW, branches Adam at the seeds' lr.",
@@ -108,9 +175,66 @@ def _same_as(rec: RunRecord, method: str, note: str) -> RunRecord:
     return out
 
 
-def runs_for_seed(task, data, seed: int, ablate: str = "default") -> list[RunRecord]:
+def method_of(change_set: str) -> str:
+    return f"seeds_{change_set}" if change_set in ("default", "candidate") else change_set
+
+
+def run_one(task, data, seed: int, name: str) -> RunRecord:
+    """The host, or a configuration named as change_set names it."""
+    return (run_host(task, data, seed) if name == "host" else
+            run_seeded(task, data, seed, method_of(name), change_set(name)))
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(name: str, quick: bool) -> None:
+    torch.set_num_threads(1)
+    task = task_of(name, quick)
+    _WORKER.update(task=task, data=task.load())
+
+
+def _job(args: tuple) -> list[RunRecord]:
+    seed, ablate, sets = args
+    task, data = _WORKER["task"], _WORKER["data"]
+    if ablate == "changes":  # the host is a configuration of its own here
+        return [run_one(task, data, seed, s) for s in sets]
+    return runs_for_seed(task, data, seed, ablate, sets)
+
+
+def run_all(name: str, task, data, seeds: int, quick: bool, ablate: str, sets: list[str],
+            jobs: int) -> list[RunRecord]:
+    """Every seed's runs, in `jobs` one-thread processes (forked) when jobs > 1: one job per
+    (seed, configuration) with --ablate changes, else one per seed (its controls need its grown
+    runs). The records come back in the order one process would make them."""
+    work = ([(seed, ablate, [s]) for seed in range(seeds) for s in ("host", *sets)]
+            if ablate == "changes" else [(seed, ablate, sets) for seed in range(seeds)])
+    if jobs <= 1:
+        _WORKER.update(task=task, data=data)
+        pool, results = None, map(_job, work)
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
+            initargs=(name, quick))
+        results = pool.map(_job, work)
+    records: list[RunRecord] = []
+    start = time.perf_counter()
+    for (seed, _, _), recs in zip(work, results, strict=True):
+        records += recs
+        print(f"{name}: seed {seed}, {recs[-1].method} done "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if pool is not None:
+        pool.shutdown()
+    return records
+
+
+def runs_for_seed(task, data, seed: int, ablate: str = "default",
+                  sets: Sequence[str] = ()) -> list[RunRecord]:
     """Every method on one random seed. With ablate="candidate": the host, the candidate, its
-    two controls and the ablations of the candidate instead of the defaults' (a second run)."""
+    two controls and the ablations of the candidate instead of the defaults' (a second run).
+    With ablate="changes": the host and the configurations named in `sets` (change_set)."""
+    if ablate == "changes":
+        return [run_one(task, data, seed, name) for name in ("host", *sets)]
     host = run_host(task, data, seed)
     recs = [host]
     cand = run_seeded(task, data, seed, "seeds_candidate", CANDIDATE)
@@ -152,11 +276,13 @@ def _controls(task, data, seed: int, host: RunRecord, mirror: RunRecord, tag: st
 
 
 def provenance() -> list[str]:
+    import kasmina
     import numpy
 
     root = Path(__file__).resolve().parents[2]
     src = root / "services" / "kasmina-runtime" / "src" / "kasmina"
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(src.rglob("*.py"))))
+    imported = Path(kasmina.__file__).resolve().parent  # another copy under PYTHONPATH, say
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(imported.rglob("*.py"))))
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()
@@ -173,7 +299,10 @@ def provenance() -> list[str]:
             f"{platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
             f"{gromo}.",
             f"Library: git {head}, {dirty_n} uncommitted file(s) under kasmina/, sources "
-            f"sha256 {digest.hexdigest()[:12]} (the working tree as it was when this ran)."]
+            f"sha256 {digest.hexdigest()[:12]} (the working tree as it was when this ran)."
+            if imported == src.resolve() else
+            f"Library: sources sha256 {digest.hexdigest()[:12]}, imported from {imported} "
+            f"(not this checkout's, whose git state says nothing about them)."]
 
 
 def _version(dist: str) -> str:
@@ -181,37 +310,57 @@ def _version(dist: str) -> str:
     return version(dist)
 
 
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_task(name: str, seeds: int, quick: bool, out: Path, date: str,
-             ablate: str = "default") -> list[Path]:
+             ablate: str = "default", sets: Sequence[str] | None = None, jobs: int = 1,
+             tag: str = "") -> list[Path]:
+    """`sets`: ablate="changes"' configurations (None: change_sets(); a list given names the
+    files ..._ablate-subsets)."""
     task = task_of(name, quick)
     data = task.load()
-    records: list[RunRecord] = []
-    start, cpu0 = time.perf_counter(), time.process_time()
-    for seed in range(seeds):
-        records += runs_for_seed(task, data, seed, ablate)
-        print(f"{name}: seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    chosen = ([] if ablate != "changes" else list(sets) if sets is not None else
+              change_sets())
+    for s in chosen:
+        change_set(s)  # a bad name fails before anything runs
+    descriptions = {**DESCRIPTIONS, **{method_of(s): describe_change_set(s) for s in chosen}}
+    start, cpu0 = time.perf_counter(), time.process_time() + _children_cpu()
+    records = run_all(name, task, data, seeds, quick, ablate, chosen, jobs)
+    wall = time.perf_counter() - start
+    cpu = time.process_time() + _children_cpu() - cpu0
+    mode = ("" if ablate == "default" else
+            "subsets" if ablate == "changes" and sets is not None else ablate)
     stem = (f"efficacy_{name}_cpu_{date}" + ("_quick" if quick else "")
-            + ("_ablate-candidate" if ablate == "candidate" else ""))
+            + (f"_ablate-{mode}" if mode else "") + (f"_{tag}" if tag else ""))
     png = out / f"{stem}.png"
     plotted = report.plot(png, task, records)
     header = [f"Run: `python benchmarks/efficacy/run.py --task {name} --seeds {seeds}"
               f"{' --quick' if quick else ''}"
-              f"{' --ablate candidate' if ablate == 'candidate' else ''}`, {date}, "
-              f"process CPU time {cpu:.0f} s (wall {wall:.0f} s on a shared machine).",
+              f"{'' if ablate == 'default' else f' --ablate {ablate}'}"
+              f"{'' if sets is None else ' --subsets ' + ','.join(sets)}"
+              f"{'' if jobs == 1 else f' --jobs {jobs}'}{f' --tag {tag}' if tag else ''}`, "
+              f"{date}, "
+              f"process CPU time {cpu:.0f} s (wall {wall:.0f} s"
+              f"{' on a shared machine' if jobs == 1 else f' in {jobs} processes'}).",
               *provenance(),
               f"Task: {TASK_LINES[name]} "
               f"({task.epochs} epochs{'' if name != 'charlm' else f' of {task.interval} steps'};"
               f" seed sites {', '.join(task.seed_sites)}, {task.seeds_per_layer} seed(s) "
               f"each; blueprint {task.blueprint}).",
               f"Plot: `{png.name}`." if plotted else "Plot: none (matplotlib not installed)."]
+    if name == "charlm" and os.environ.get("EFFICACY_STDLIB"):
+        header.append(f"Text: the stdlib files in EFFICACY_STDLIB={os.environ['EFFICACY_STDLIB']}"
+                      f", not this interpreter's.")
     if gromo_baseline.available() is not None:
         header.append(f"GroMo: not run ({gromo_baseline.available()}).")
     elif not hasattr(task, "widths"):
         header.append("GroMo: not run on this task: its containers grow MLP/conv widths, not "
                       "a block on a transformer's residual stream.")
     md = out / f"{stem}.md"
-    md.write_text(report.markdown(task, records, header, DESCRIPTIONS))
+    md.write_text(report.markdown(task, records, header, descriptions))
     csv_path = out / f"{stem}.csv"
     report.write_csv(csv_path, records, task.direction)
     return [md, csv_path, *([png] if plotted else [])]

@@ -29,18 +29,20 @@ def by_method(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
     return out
 
 
-def pick_target(methods: dict[str, list[RunRecord]], direction: str) -> str:
+def pick_target(methods: dict[str, list[RunRecord]], direction: str) -> str | None:
     """The static-final control with the better mean final metric: the best grown architecture
-    trained from scratch is the target every method's compute is measured against."""
+    trained from scratch is the target every method's compute is measured against (None: no
+    control ran, as in --ablate changes)."""
     names = [m for m in methods if m.startswith("static_final")]
     sign = 1.0 if direction == "max" else -1.0
-    return max(names, key=lambda m: sign * sum(r.final for r in methods[m]) / len(methods[m]))
+    return max(names, key=lambda m: sign * sum(r.final for r in methods[m]) / len(methods[m]),
+               default=None)
 
 
 def rows(records: Sequence[RunRecord], direction: str) -> tuple[list[dict], str]:
     methods = by_method(records)
     host, target_name = methods["host"], pick_target(methods, direction)
-    target_runs = {r.seed: r for r in methods[target_name]}
+    target_runs = {r.seed: r for r in methods.get(target_name, [])}
     out = []
     for name, runs in methods.items():
         finals = [r.final for r in runs]
@@ -51,10 +53,10 @@ def rows(records: Sequence[RunRecord], direction: str) -> tuple[list[dict], str]
                "gflops": sum(r.flops for r in runs) / len(runs) / 1e9,
                "vs_host": None if name == "host" else paired(
                    [r.final for r in host], finals, direction),
-               "vs_target": None if name == target_name else paired(
+               "vs_target": None if name == target_name or not target_runs else paired(
                    [target_runs[r.seed].final for r in runs], finals, direction)}
         ratios, steps, reached = [], [], 0
-        for r in runs:
+        for r in runs if target_runs else ():
             goal = target_runs[r.seed]
             mine, theirs = (reach(r, goal.final, direction), reach(goal, goal.final, direction))
             if mine is not None:
@@ -95,22 +97,28 @@ def markdown(task, records: Sequence[RunRecord], header: list[str],
     lines = [f"# Efficacy: {task.name}", "", *header, "",
              f"Final metric: {task.metric_name} ({better} is better). Paired differences are "
              f"method minus baseline over the same random seeds, mean and 95 % t interval; "
-             f"`*` marks an interval that excludes 0. Compute-to-target: the first measured "
+             f"`*` marks an interval that excludes 0." + ("" if target is None else
+             f" Compute-to-target: the first measured "
              f"epoch at which a run reaches `{target}`'s final metric of the same random seed; "
              f"steps are the median over the runs that reach it, and the FLOPs ratio is the "
-             f"median of (FLOPs to get there) / (FLOPs `{target}` needed to get there itself).",
-             "",
-             f"| method | {task.metric_name} mean ± sd | vs host | vs {target} | params | "
-             f"added | CPU s | GFLOPs | reached target | steps to target | FLOPs ratio | "
-             f"lifecycle |",
-             "|---" * 12 + "|"]
-    for r in table:
-        lines.append(
-            f"| {r['method']} | {r['mean']:.4f} ± {r['sd']:.4f} | {_diff(r['vs_host'])} | "
-            f"{_diff(r['vs_target'])} | {r['params']:.0f} | {r['params_added']:.0f} | "
-            f"{r['cpu_s']:.1f} | {r['gflops']:.2f} | {r['reached']}/{r['n']} | "
-            f"{_fmt(r['steps_to_target'], '.0f')} | {_fmt(r['flops_ratio_to_target'], '.2f')} | "
-            f"{r['lifecycle']} |")
+             f"median of (FLOPs to get there) / (FLOPs `{target}` needed to get there itself)."),
+             ""]
+    # No static-final control (--ablate changes): no target, and no columns about it.
+    cols = [("method", lambda r: r["method"]),
+            (f"{task.metric_name} mean ± sd", lambda r: f"{r['mean']:.4f} ± {r['sd']:.4f}"),
+            ("vs host", lambda r: _diff(r["vs_host"]))]
+    if target is not None:
+        cols.append((f"vs {target}", lambda r: _diff(r["vs_target"])))
+    cols += [("params", lambda r: f"{r['params']:.0f}"),
+             ("added", lambda r: f"{r['params_added']:.0f}"),
+             ("CPU s", lambda r: f"{r['cpu_s']:.1f}"), ("GFLOPs", lambda r: f"{r['gflops']:.2f}")]
+    if target is not None:
+        cols += [("reached target", lambda r: f"{r['reached']}/{r['n']}"),
+                 ("steps to target", lambda r: _fmt(r["steps_to_target"], ".0f")),
+                 ("FLOPs ratio", lambda r: _fmt(r["flops_ratio_to_target"], ".2f"))]
+    cols.append(("lifecycle", lambda r: r["lifecycle"]))
+    lines += ["| " + " | ".join(c for c, _ in cols) + " |", "|---" * len(cols) + "|"]
+    lines += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in table]
     lines += ["", "Methods:", ""]
     for r in table:
         note = f" {r['note']}" if r["note"] else ""
@@ -124,14 +132,14 @@ def _fmt(x: float, spec: str) -> str:
 
 def write_csv(path: Path, records: Sequence[RunRecord], direction: str) -> None:
     methods = by_method(records)
-    target = {r.seed: r for r in methods[pick_target(methods, direction)]}
+    target = {r.seed: r for r in methods.get(pick_target(methods, direction), [])}
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["task", "method", "seed", "final", "params", "params_added", "cpu_s",
                     "flops", "steps", "steps_to_target", "flops_to_target", "fossilized",
                     "culled", "germinated"])
         for r in records:
-            p = reach(r, target[r.seed].final, direction)
+            p = reach(r, target[r.seed].final, direction) if target else None
             t = r.info.get("transitions", {})
             w.writerow([r.task, r.method, r.seed, f"{r.final:.6f}", r.params, r.params_added,
                         f"{r.cpu_s:.3f}", f"{r.flops:.4e}", r.curve[-1].steps,

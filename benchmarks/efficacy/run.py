@@ -9,6 +9,7 @@ benchmarks/results/efficacy_<task>_cpu_<date>.md, .csv and .png (issue #17).
 
     python benchmarks/efficacy/run.py --task all --seeds 5      # ~20 min on one core
     python benchmarks/efficacy/run.py --task digits --quick     # seconds: a smoke run
+    python benchmarks/efficacy/run.py --task all --ablate changes   # which change pays
 """
 
 from __future__ import annotations
@@ -30,9 +31,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="random seeds per method (default 5; 2 with --quick); at least 2")
     p.add_argument("--quick", action="store_true",
                    help="a few epochs per run: checks the harness, measures nothing")
-    p.add_argument("--ablate", choices=("default", "candidate"), default="default",
+    p.add_argument("--ablate", choices=("default", "candidate", "changes"), default="default",
                    help="the configuration the lifecycle ablations modify; 'candidate' runs "
-                        "only the host, the candidate, its controls and its ablations")
+                        "only the host, the candidate, its controls and its ablations; "
+                        "'changes' runs the host and, for each field the candidate changes, "
+                        "the defaults with that change and the candidate without it "
+                        "(plan.change_sets)")
+    p.add_argument("--subsets", default=None,
+                   help="with --ablate changes: comma-separated configurations to run instead, "
+                        "e.g. default+min_delta+seed_lr,candidate-ramp_steps (plan.change_set)")
+    p.add_argument("--tag", default="", help="a suffix of the report's file names (another "
+                                              "--subsets run of the same date, say)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="one-thread processes running seeds (with --ablate changes: single "
+                        "configurations of a seed) side by side; 1: all in this process")
     p.add_argument("--out", default=str(HERE.parent / "results"), help="folder for the reports")
     p.add_argument("--date", default=datetime.datetime.now(datetime.UTC).date().isoformat())
     args = p.parse_args(argv)
@@ -40,6 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.seeds = 2 if args.quick else 5
     if args.seeds < 2:
         p.error("--seeds must be at least 2 (a paired interval needs two pairs)")
+    if args.subsets is not None and args.ablate != "changes":
+        p.error("--subsets needs --ablate changes")
     return args
 
 
@@ -57,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = TASKS if args.task == "all" else (args.task,)
     for name in names:
-        written = plan.run_task(name, args.seeds, args.quick, out, args.date, args.ablate)
+        written = plan.run_task(name, args.seeds, args.quick, out, args.date, args.ablate,
+                                None if args.subsets is None else args.subsets.split(","),
+                                args.jobs, args.tag)
         for path in written:
             print(f"wrote {path}")
     return 0

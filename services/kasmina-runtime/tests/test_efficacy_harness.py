@@ -102,3 +102,30 @@ def test_quick_run_reports_every_method_and_agrees_with_its_csv(tmp_path: Path) 
         cell = re.search(rf"^\| {re.escape(m)} \| [^|]+ \| ([^|]+) \|", md, re.M).group(1)
         assert cell.startswith(f"{d.mean:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}] ({d.better}/2"), cell
     assert (tmp_path / "efficacy_digits_cpu_test_quick.png").stat().st_size > 0
+
+
+def test_change_sets_name_the_configurations_they_run(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(HARNESS))
+    import plan
+    from kasmina import ControllerConfig, KasminaConfig
+
+    changes = plan.candidate_changes()
+    assert changes["seed_lr"] == 3e-3 and changes["germinations_per_plateau"] == 4
+    assert plan.change_set("candidate") == plan.CANDIDATE
+    assert plan.change_set("default") == plan.Growth()
+    one = plan.change_set("default+seed_lr+min_delta")
+    assert (one.kasmina, one.controller) == (KasminaConfig(seed_lr=3e-3),
+                                             ControllerConfig(min_delta=0.01))
+    out = plan.change_set("candidate-isolate_host_in_blend")
+    assert out.kasmina.isolate_host_in_blend and out.kasmina.seed_lr == 3e-3
+    assert plan.change_set("candidate+min_delta_rel=0.01").min_delta_rel == 0.01
+    assert len(plan.change_sets()) == 2 * len(changes)
+    for bad in ("default+nothing", "host+seed_lr", "default-min_delta_rel=0.01"):
+        with pytest.raises(ValueError):
+            plan.change_set(bad)
+
+
+def test_subsets_need_the_changes_mode() -> None:
+    out = subprocess.run([sys.executable, "-S", str(HARNESS / "run.py"), "--subsets",
+                          "default+seed_lr"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--ablate changes" in out.stderr
