@@ -32,11 +32,19 @@ CANDIDATE = Growth(
     ControllerConfig(plateau_epochs=2, min_delta=0.01, germinations_per_plateau=4))
 
 
+# The library's defaults before ADR 0007 (docs/adr), from which `--ablate changes` starts, so
+# its published tables (benchmarks/NOTES.md, "Which of the candidate's six changes pay")
+# reproduce: "default" in a change set's name means these. `seeds_default` runs the shipped ones.
+FORMER_DEFAULTS = Growth(
+    KasminaConfig(seed_lr=1e-3),
+    ControllerConfig(plateau_epochs=3, min_delta=1e-3, germinations_per_plateau=1))
+
+
 def candidate_changes() -> dict[str, object]:
-    """The fields CANDIDATE sets to other values than the shipped configs (the field names of
+    """The fields CANDIDATE sets to other values than FORMER_DEFAULTS (the field names of
     KasminaConfig and ControllerConfig do not overlap)."""
-    return {k: v for cfg, base in ((CANDIDATE.kasmina, KasminaConfig()),
-                                   (CANDIDATE.controller, ControllerConfig()))
+    return {k: v for cfg, base in ((CANDIDATE.kasmina, FORMER_DEFAULTS.kasmina),
+                                   (CANDIDATE.controller, FORMER_DEFAULTS.controller))
             for k, v in cfg.__dict__.items() if getattr(base, k) != v}
 
 
@@ -57,10 +65,10 @@ def with_fields(growth: Growth, fields: dict[str, object]) -> Growth:
 
 
 def change_set(name: str) -> Growth:
-    """A configuration named by its changes: "default+f+g" is the shipped configs with the
+    """A configuration named by its changes: "default+f+g" is FORMER_DEFAULTS with the
     candidate's values of fields f and g (or an EXTRAS entry), "candidate-f" the candidate with
-    the shipped value of f; "default" and "candidate" alone are the two themselves."""
-    changes, shipped = candidate_changes(), Growth()
+    the former default value of f; "default" and "candidate" alone are the two themselves."""
+    changes, shipped = candidate_changes(), FORMER_DEFAULTS
     base, *terms = name.replace("-", "+-").split("+")
     fields = dict(changes) if base == "candidate" else {}
     if base not in ("default", "candidate"):
@@ -89,10 +97,13 @@ def change_sets() -> list[str]:
 
 
 def describe_change_set(name: str) -> str:
-    if name in ("default", "candidate"):
-        return DESCRIPTIONS[f"seeds_{name}"]
-    return (f"`seeds_{name.split('+')[0].split('-')[0]}` with "
-            + ", ".join(("the shipped " + t[1:]) if t.startswith("-") else t
+    if name == "candidate":
+        return DESCRIPTIONS["seeds_candidate"]
+    if name == "default":
+        return "the library's defaults before ADR 0007 (plan.FORMER_DEFAULTS)."
+    base = "the former defaults" if name.startswith("default") else "`seeds_candidate`"
+    return (f"{base} with "
+            + ", ".join(("the former default " + t[1:]) if t.startswith("-") else t
                         for t in name.replace("-", "+-").split("+")[1:]) + ".")
 
 

@@ -14,6 +14,19 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _blueprint_catalog():
+    """Specs a test registers (a wire spec, the harness's variants) leave with it: a layer
+    builds a bank for every catalog entry, so a leaked one changes later tests' layers."""
+    from kasmina import blueprints
+
+    saved = dict(blueprints._CATALOG), dict(blueprints._BY_ID)
+    yield
+    for registry, before in zip((blueprints._CATALOG, blueprints._BY_ID), saved, strict=True):
+        registry.clear()
+        registry.update(before)
+
+
 def make_layer(in_f: int = 12, out_f: int = 23, seeds: int = 5, dtype=torch.float32,
                **cfg) -> KasminaLayer:
     host = nn.Linear(in_f, out_f).to(dtype)

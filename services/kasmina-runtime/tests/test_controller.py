@@ -61,7 +61,8 @@ def test_plateau_detection_and_worst_health_seed_choice():
     with torch.no_grad():
         layer.host.weight[2:4] = 0  # seed 1's chunk: dead, zero variance
         layer.host.bias[2:4] = 0
-    ctl = LocalController(model, ControllerConfig(plateau_epochs=2, min_delta=0.1))
+    ctl = LocalController(model, ControllerConfig(plateau_epochs=2, min_delta=0.1,
+                                                  germinations_per_plateau=1))
     model.train()
 
     def epoch(metric):

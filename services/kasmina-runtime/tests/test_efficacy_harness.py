@@ -3,6 +3,7 @@ must hold every method and agree with its own CSV (no timing and no result asser
 harness measures, this checks that it measures what it says)."""
 
 import csv
+import dataclasses
 import importlib.util
 import math
 import re
@@ -107,15 +108,16 @@ def test_quick_run_reports_every_method_and_agrees_with_its_csv(tmp_path: Path) 
 def test_change_sets_name_the_configurations_they_run(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(HARNESS))
     import plan
-    from kasmina import ControllerConfig, KasminaConfig
 
     changes = plan.candidate_changes()
     assert changes["seed_lr"] == 3e-3 and changes["germinations_per_plateau"] == 4
     assert plan.change_set("candidate") == plan.CANDIDATE
-    assert plan.change_set("default") == plan.Growth()
+    assert plan.change_set("default") == plan.FORMER_DEFAULTS != plan.Growth()
     one = plan.change_set("default+seed_lr+min_delta")
-    assert (one.kasmina, one.controller) == (KasminaConfig(seed_lr=3e-3),
-                                             ControllerConfig(min_delta=0.01))
+    former = plan.FORMER_DEFAULTS
+    assert (one.kasmina, one.controller) == (former.kasmina.replace(seed_lr=3e-3),
+                                             dataclasses.replace(former.controller,
+                                                                 min_delta=0.01))
     out = plan.change_set("candidate-isolate_host_in_blend")
     assert out.kasmina.isolate_host_in_blend and out.kasmina.seed_lr == 3e-3
     assert plan.change_set("candidate+min_delta_rel=0.01").min_delta_rel == 0.01

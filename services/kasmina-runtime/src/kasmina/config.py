@@ -56,8 +56,10 @@ class KasminaConfig:
     bank_hidden: int = 0
     bank_rank: int = 0
     # The seeds' own optimizer (Adam over the blueprint banks). A seed whose BlueprintSpec has
-    # its own seed_lr steps at that rate instead.
-    seed_lr: float = 1e-3
+    # its own seed_lr steps at that rate instead. 3e-3, chosen by the efficacy harness with the
+    # controller's defaults (benchmarks/NOTES.md, "Which of the candidate's six changes pay";
+    # 1e-3 paid on no task).
+    seed_lr: float = 3e-3
     seed_betas: tuple[float, float] = (0.9, 0.999)
     seed_eps: float = 1e-8
     seed_weight_decay: float = 0.0

@@ -22,10 +22,8 @@ from .controller import ControllerConfig
 from .controls import branch_parameters, control_optimizer
 from .wrap import host_parameters, seed_layers, wrap
 
-# The LocalController of the digits recipe (demo, A/B harness): a val-loss plateau of 2 epochs
-# (min_delta 0.01) germinates 4 seeds.
-DIGITS_CONTROLLER = ControllerConfig(mode="min", plateau_epochs=2, min_delta=0.01,
-                                     germinations_per_plateau=4)
+# The LocalController of the digits recipe (demo, A/B harness): the defaults, on the val loss.
+DIGITS_CONTROLLER = ControllerConfig(mode="min")
 
 
 class Grower(Protocol):

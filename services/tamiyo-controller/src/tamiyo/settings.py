@@ -50,8 +50,8 @@ class TamiyoSettings:
     # operator has set them (README "Feature flags"). 0: flags are not read.
     flags: int = 0
 
-    plateau_epochs: int = 3
-    min_delta: float = 1e-3
+    plateau_epochs: int = 2
+    min_delta: float = 0.01
     max_active_seeds: int = 4
     cooldown_epochs: int = 3
     variance_weight: float = 1.0
