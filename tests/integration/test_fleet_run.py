@@ -36,10 +36,10 @@ def test_fleet_run_end_to_end(tmp_path):
     assert stored >= 1, done.stdout  # seeds ended and Karn stored what happened to them
     before, after = done.stdout.split("Karn before the run:")[1].split("Karn after the run:")
     names = ("residual_mlp", "low_rank", "linear")
-    assert all(f"{n}: reward 0.00 over 0 reports" in before for n in names), before
+    assert all(f"{n}: rewards summing to 0.00 over 0 reports" in before for n in names), before
     reports = {n: int(re.search(rf"{n}\s+reports\s+(\d+)", after).group(1)) for n in names}
     assert sum(reports.values()) == stored, after  # the whole catalog may germinate
-    learned = {n: re.search(rf"{n}: reward [\d.]+ over (\d+) reports", after).group(1)
+    learned = {n: re.search(rf"{n}: rewards summing to [\d.]+ over (\d+) reports", after).group(1)
                for n in names}
     assert learned == {n: str(reports[n]) for n in names}, after
     for service in ("karn", "tamiyo", "kasmina"):

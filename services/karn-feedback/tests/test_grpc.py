@@ -76,7 +76,7 @@ def test_recommend_ranks_fitting_blueprints_and_learns_from_reports(karn, store,
     top = small.recommendations[0]
     assert top.blueprint.blueprint_id == RESIDUAL_MLP
     assert top.strategy_name == "fixed_ramp"
-    assert "reward 15.00 over 15 reports" in top.rationale
+    assert "rewards summing to 15.00 over 15 reports" in top.rationale
     scores = [r.score for r in small.recommendations]
     assert scores == sorted(scores, reverse=True)
 

@@ -106,7 +106,7 @@ def test_the_recommendation_carries_the_best_strategy_for_its_blueprint(store, f
     ranked = recommender.recommend(RecommendationRequest(chunk_size=64, limit=3))
     assert ranked[0].blueprint.blueprint_id == LOW_RANK
     assert ranked[0].strategy_name == "drift_controlled"
-    assert "reward 1.00 over 3 reports" in ranked[0].rationale
+    assert "rewards summing to 1.00 over 3 reports" in ranked[0].rationale
     assert ranked[1].strategy_name == ""  # residual_mlp: no reports, no opinion
 
 

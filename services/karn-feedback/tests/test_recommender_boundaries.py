@@ -69,7 +69,7 @@ def test_a_reward_needs_a_fossilized_seed_with_a_positive_contribution(sqlite_st
     recommender = BlueprintRecommender(sqlite_store, cost_penalty=0.0, rng=random.Random(0))
     (rec,) = recommender.recommend(RecommendationRequest(
         chunk_size=64, exclude_blueprint_ids={RESIDUAL_MLP, LINEAR}))
-    assert f"reward {reward:.2f} over 1 reports" in rec.rationale
+    assert f"rewards summing to {reward:.2f} over 1 reports" in rec.rationale
 
 
 # A loss on the trajectory m(t) = 0.3 + 2 / t before germination at epoch 10 (history: epochs

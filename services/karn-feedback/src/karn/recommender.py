@@ -110,7 +110,7 @@ class BlueprintRecommender:
         for spec, sample in zip(candidates, samples, strict=True):
             stat = stats[spec.blueprint_id]
             relative_cost = costs[spec.blueprint_id] / largest
-            rationale = (f"reward {stat.successes:.2f} over {stat.reports} reports "
+            rationale = (f"rewards summing to {stat.successes:.2f} over {stat.reports} reports "
                          f"(posterior mean {posterior_mean(stat.successes, stat.reports):.2f}); "
                          f"{costs[spec.blueprint_id]} parameters at chunk size "
                          f"{request.chunk_size} ({relative_cost:.2f} of the largest fitting "
