@@ -72,7 +72,6 @@ class SeedGraphs:
     warm: set = field(default_factory=set)  # kinds run eagerly once since the last commit
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # bank key -> its gradient
     dirty: bool = False  # a graphed backward wrote `grads` since the last step
-    pool: object = None
 
     def __deepcopy__(self, memo: dict) -> SeedGraphs:
         return SeedGraphs()
@@ -88,7 +87,6 @@ class SeedGraphs:
         self.passes.clear()
         self.steps.clear()
         self.warm.clear()
-        self.pool = None
 
     # ------------------------------------------------------------------ forward / backward
     def forward(self, layer: KasminaLayer, inp: torch.Tensor, tracking: bool, with_host: bool
