@@ -39,6 +39,8 @@ _LANE_STATS = {"lane_steps": 0, "lane_recon": float("nan"), "lane_grad_norm": 0.
 
 
 class KasminaLayer(nn.Module):
+    _graphs: SeedGraphs | None = None  # KasminaConfig.cuda_graphs (a layer pickled before it: off)
+
     def __init__(self, host: nn.Module, num_seeds: int, config: KasminaConfig | None = None,
                  layer_id: str = "") -> None:
         super().__init__()
@@ -141,7 +143,8 @@ class KasminaLayer(nn.Module):
 
     # ---------------------------------------------------------------- hot path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._graphs is not None and self._flags.live and not torch.compiler.is_compiling():
+        # (compiled: never; is_compiling first, so dynamo does not guard on `_flags`)
+        if self._graphs is not None and not torch.compiler.is_compiling() and self._flags.live:
             out = self._graphs.forward(self, x, self.training and self._tracking_step, True)
             if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)
                 return out
@@ -334,7 +337,7 @@ class KasminaLayer(nn.Module):
         table.changes.clear()
         self.state.copy_(torch.from_numpy(table.state))
         self.slot.copy_(torch.from_numpy(table.slot))
-        if getattr(self, "_graphs", None) is not None:
+        if self._graphs is not None:
             self._graphs.clear()  # every graph reads the lanes as they were
         arrays, self._flags = build_lanes(table, self.chunk_width,
                                           self.config.isolate_host_in_blend, self._bank_of_lane,
