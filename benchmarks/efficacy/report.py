@@ -64,7 +64,8 @@ def rows(records: Sequence[RunRecord], direction: str) -> tuple[list[dict], str]
                 steps.append(mine.steps)
                 ratios.append(mine.flops / theirs.flops)
         row.update(reached=reached, steps_to_target=_median(steps),
-                   flops_ratio_to_target=_median(ratios))
+                   flops_ratio_to_target=_median(ratios),
+                   setback=sum(setback(r, direction) for r in runs) / len(runs))
         trans = [r.info.get("transitions", {}) for r in runs]
         row["lifecycle"] = ("" if "transitions" not in runs[0].info else
                             f"{sum(t.get('FOSSILIZED', 0) for t in trans)} fossilized, "
@@ -73,6 +74,16 @@ def rows(records: Sequence[RunRecord], direction: str) -> tuple[list[dict], str]
         row["note"] = runs[0].info.get("note", "")
         out.append(row)
     return out, target_name
+
+
+def setback(rec: RunRecord, direction: str) -> float:
+    """The run's largest step backwards: the worst fall of the measured metric from one point of
+    its curve to the next (0: it never got worse). A stability measure: a module switched in
+    abruptly shows as a setback at its epoch."""
+    sign = 1.0 if direction == "max" else -1.0
+    ms = [p.metric for p in rec.curve]
+    falls = [sign * (a - b) for a, b in zip(ms[:-1], ms[1:], strict=True)]
+    return max([0.0] + [f for f in falls if math.isfinite(f)])
 
 
 def _median(values: list[float]) -> float:
@@ -101,7 +112,9 @@ def markdown(task, records: Sequence[RunRecord], header: list[str],
              f" Compute-to-target: the first measured "
              f"epoch at which a run reaches `{target}`'s final metric of the same random seed; "
              f"steps are the median over the runs that reach it, and the FLOPs ratio is the "
-             f"median of (FLOPs to get there) / (FLOPs `{target}` needed to get there itself)."),
+             f"median of (FLOPs to get there) / (FLOPs `{target}` needed to get there itself).")
+             + " Worst setback: the largest fall of the measured metric from one measured epoch "
+             "to the next, mean over the runs (stability: an abrupt change shows there).",
              ""]
     # No static-final control (--ablate changes): no target, and no columns about it.
     cols = [("method", lambda r: r["method"]),
@@ -116,7 +129,8 @@ def markdown(task, records: Sequence[RunRecord], header: list[str],
         cols += [("reached target", lambda r: f"{r['reached']}/{r['n']}"),
                  ("steps to target", lambda r: _fmt(r["steps_to_target"], ".0f")),
                  ("FLOPs ratio", lambda r: _fmt(r["flops_ratio_to_target"], ".2f"))]
-    cols.append(("lifecycle", lambda r: r["lifecycle"]))
+    cols += [("worst setback", lambda r: f"{r['setback']:.4f}"),
+             ("lifecycle", lambda r: r["lifecycle"])]
     lines += ["| " + " | ".join(c for c, _ in cols) + " |", "|---" * len(cols) + "|"]
     lines += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in table]
     lines += ["", "Methods:", ""]
@@ -137,14 +151,15 @@ def write_csv(path: Path, records: Sequence[RunRecord], direction: str) -> None:
         w = csv.writer(fh)
         w.writerow(["task", "method", "seed", "final", "params", "params_added", "cpu_s",
                     "flops", "steps", "steps_to_target", "flops_to_target", "fossilized",
-                    "culled", "germinated"])
+                    "culled", "germinated", "worst_setback"])
         for r in records:
             p = reach(r, target[r.seed].final, direction) if target else None
             t = r.info.get("transitions", {})
             w.writerow([r.task, r.method, r.seed, f"{r.final:.6f}", r.params, r.params_added,
                         f"{r.cpu_s:.3f}", f"{r.flops:.4e}", r.curve[-1].steps,
                         "" if p is None else p.steps, "" if p is None else f"{p.flops:.4e}",
-                        t.get("FOSSILIZED", ""), t.get("CULLED", ""), t.get("GERMINATED", "")])
+                        t.get("FOSSILIZED", ""), t.get("CULLED", ""), t.get("GERMINATED", ""),
+                        f"{setback(r, direction):.6f}"])
 
 
 def plot(path: Path, task, records: Sequence[RunRecord]) -> bool:

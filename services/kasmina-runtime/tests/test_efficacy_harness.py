@@ -131,3 +131,17 @@ def test_subsets_need_the_changes_mode() -> None:
     out = subprocess.run([sys.executable, "-S", str(HARNESS / "run.py"), "--subsets",
                           "default+seed_lr"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--ablate changes" in out.stderr
+
+
+def test_worst_setback_is_the_largest_fall_between_measured_epochs(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(HARNESS))
+    import report
+    from engine import EpochPoint, RunRecord
+
+    def run(metrics: list[float]) -> RunRecord:
+        return RunRecord("t", "m", 0, curve=[EpochPoint(i, i, m, 0.0, 0.0)
+                                             for i, m in enumerate(metrics)])
+
+    assert report.setback(run([0.5, 0.7, 0.6, 0.9]), "max") == pytest.approx(0.1)
+    assert report.setback(run([1.0, 0.8, 0.95, 0.5]), "min") == pytest.approx(0.15)
+    assert report.setback(run([0.5, 0.6, 0.7]), "max") == 0.0
