@@ -14,7 +14,6 @@ from engine import Hooks, RunRecord, matmul_params, train, trainable
 from kasmina import (
     ControllerConfig,
     KasminaConfig,
-    LifecycleError,
     LocalController,
     SeedStage,
     get_blueprint,
@@ -43,32 +42,19 @@ class Growth:
 
 
 class RandomPlacement(LocalController):
-    """The LocalController with its germination site drawn at random among the dormant seeds of
-    layers with spare capacity, instead of the least healthy. ControllerConfig has no knob for
-    this (health weights of 0 give index order, not random order): the loop below is the
-    controller's `_germinate` with the sort replaced by a shuffle."""
+    """The LocalController with its germination sites in random order among the dormant seeds
+    of layers with spare capacity, instead of least healthy first. ControllerConfig has no knob
+    for this (health weights of 0 give index order, not random order)."""
 
     def __init__(self, model: nn.Module, config: ControllerConfig, seed: int) -> None:
         super().__init__(model, config)
         self.rng = np.random.default_rng(seed)
 
-    def _germinate(self) -> int:
-        candidates = [(layer, int(s)) for layer in self.layers
-                      if len(layer.seeds_in(*ACTIVE_STAGES)) < layer.config.max_active_seeds
-                      for s in layer.seeds_in(SeedStage.DORMANT)]
-        done = 0
-        for i in self.rng.permutation(len(candidates)):
-            if done == self.config.germinations_per_plateau:
-                break
-            layer, seed_id = candidates[i]
-            fitting = [b for b in self.config.blueprints
-                       if get_blueprint(b).fits(layer.chunk_size(seed_id))]
-            try:
-                layer.germinate(seed_id, fitting[0], self.config.strategy)
-            except (IndexError, LifecycleError):
-                continue
-            done += 1
-        return done
+    def _germination_sites(self) -> list:
+        sites = [(layer, int(s)) for layer in self.layers
+                 if len(layer.seeds_in(*ACTIVE_STAGES)) < layer.config.max_active_seeds
+                 for s in layer.seeds_in(SeedStage.DORMANT)]
+        return [sites[i] for i in self.rng.permutation(len(sites))]
 
 
 class RelativePlateau(LocalController):

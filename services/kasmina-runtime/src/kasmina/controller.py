@@ -225,8 +225,8 @@ class LocalController:
             log.info("epoch %d: growth resumed after %d stable epochs", epoch,
                      config.resume_epochs)
 
-    def _germinate(self) -> int:
-        """Germinate in the least healthy dormant seeds of layers with spare capacity."""
+    def _germination_sites(self) -> list[tuple[SeedLayer, int]]:
+        """Dormant seeds of layers with spare capacity, least healthy first."""
         candidates = []
         for layer, report in zip(self.layers, self.reports, strict=True):
             if len(layer.seeds_in(*ACTIVE_STAGES)) >= layer.config.max_active_seeds:
@@ -235,8 +235,12 @@ class LocalController:
             for seed_id in layer.seeds_in(SeedStage.DORMANT):
                 candidates.append((float(scores[seed_id]), layer, int(seed_id)))
         candidates.sort(key=lambda c: c[0])
+        return [(layer, seed_id) for _, layer, seed_id in candidates]
+
+    def _germinate(self) -> int:
+        """Germinate in the first `germinations_per_plateau` sites that take a blueprint."""
         done = 0
-        for _, layer, seed_id in candidates:
+        for layer, seed_id in self._germination_sites():
             if done == self.config.germinations_per_plateau:
                 break
             width = layer.chunk_size(seed_id)
