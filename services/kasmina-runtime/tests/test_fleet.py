@@ -94,19 +94,6 @@ def test_health_report_to_the_wire():
     assert list(wire.blueprint_id) == [-1, -1, 3, -1] and wire.epoch == 1
 
 
-async def _collect(url, stream, cls):
-    got = []
-
-    async def on(message, _delivery):
-        got.append(message)
-
-    async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
-        consumer = bus.consumer(stream, group=f"test-{uuid.uuid4()}", name="t",
-                                handlers={cls: on})
-        await consumer.ensure_group()
-        while await consumer.poll(block_ms=200):
-            pass
-    return got
 
 
 async def _publish(url, stream, messages, fresh_event_ids=False):
@@ -130,7 +117,7 @@ def _wait_for_inbox(runtime, n, timeout=10.0):
     assert held() >= n
 
 
-def test_runtime_applies_commands_once_and_publishes_what_happened(oona_redis_url):
+def test_runtime_applies_commands_once_and_publishes_what_happened(oona_redis_url, drain_stream):
     job = f"job-{uuid.uuid4().hex[:8]}"
     m = model()
     runtime = kasmina.attach(m, job, oona.BusSettings.from_dsn(oona_redis_url),
@@ -169,19 +156,19 @@ def test_runtime_applies_commands_once_and_publishes_what_happened(oona_redis_ur
         assert "duplicate" in duplicate.message and "ACK_REASON_OK" in duplicate.message
     finally:
         runtime.close()
-    wire_acks = asyncio.run(_collect(oona_redis_url, streams.CONTROL_ACKS, CommandAck))
+    wire_acks = asyncio.run(drain_stream(oona_redis_url, streams.CONTROL_ACKS, CommandAck))
     mine = [a for a in wire_acks if a.job_id == job]
     assert [a.command_id for a in mine] == [germ.command_id, promote.command_id,
                                             later.command_id, promote.command_id]
-    reports = [r for r in asyncio.run(_collect(oona_redis_url, streams.TELEMETRY_SEED_HEALTH,
+    reports = [r for r in asyncio.run(drain_stream(oona_redis_url, streams.TELEMETRY_SEED_HEALTH,
                                                LayerHealthReport)) if r.job_id == job]
     assert [(r.layer_id, r.epoch) for r in reports] == [("0", 1), ("0", 2)]
     assert stage_from_wire(reports[0].stage[1]) == S.TRAINING
-    fields = [f for f in asyncio.run(_collect(oona_redis_url, streams.FIELD_REPORTS,
+    fields = [f for f in asyncio.run(drain_stream(oona_redis_url, streams.FIELD_REPORTS,
                                               FieldReport)) if f.job_id == job]
     assert len(fields) == 1 and stage_from_wire(fields[0].final_stage) == S.CULLED
     assert fields[0].blueprint_name == "residual_mlp" and fields[0].chunk_size == 3
-    events = [e for e in asyncio.run(_collect(oona_redis_url, streams.EPOCH_EVENTS, EpochEvent))
+    events = [e for e in asyncio.run(drain_stream(oona_redis_url, streams.EPOCH_EVENTS, EpochEvent))
               if e.job_id == job]
     assert [e.kind for e in events] == [
         EpochEventKind.EPOCH_EVENT_KIND_JOB_STARTED, EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED,

@@ -55,26 +55,12 @@ def _gpt2() -> nn.Module:
         eos_token_id=0))
 
 
-async def _published(url: str, stream: str, cls: type, jobs: set[str]) -> list:
-    got = []
-
-    async def on(message, _delivery) -> None:
-        if message.job_id in jobs:
-            got.append(message)
-
-    async with oona.open_bus(oona.BusSettings.from_dsn(url)) as bus:
-        consumer = bus.consumer(stream, group=f"test-{uuid.uuid4()}", name="t",
-                                handlers={cls: on})
-        await consumer.ensure_group()
-        while await consumer.poll(block_ms=200):
-            pass
-    return got
 
 
 @hf_warnings
 # Importing torch.compile's machinery on this torch (as in test_kernels.py).
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script_method. is deprecated:DeprecationWarning")
-def test_every_id_real_models_put_on_the_bus_passes_tamiyo(oona_redis_url):
+def test_every_id_real_models_put_on_the_bus_passes_tamiyo(oona_redis_url, drain_stream):
     torch.manual_seed(0)
     compiled = torch.compile(kasmina.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(),
                                                         nn.Linear(8, 3)), seeds_per_layer=2))
@@ -96,10 +82,10 @@ def test_every_id_real_models_put_on_the_bus_passes_tamiyo(oona_redis_url):
             runtime.end_epoch(0.5)
         finally:
             runtime.close()
-    reports = asyncio.run(_published(oona_redis_url, streams.TELEMETRY_SEED_HEALTH,
-                                     LayerHealthReport, set(jobs.values())))
-    events = asyncio.run(_published(oona_redis_url, streams.EPOCH_EVENTS, EpochEvent,
-                                    set(jobs.values())))
+    reports, events = ([m for m in asyncio.run(drain_stream(oona_redis_url, stream, cls))
+                        if m.job_id in jobs.values()]
+                       for stream, cls in ((streams.TELEMETRY_SEED_HEALTH, LayerHealthReport),
+                                           (streams.EPOCH_EVENTS, EpochEvent)))
     for report in reports:
         check_report(report)
     for event in events:
