@@ -1,5 +1,6 @@
 """Fixtures: health reports and epoch events as the Kasmina runtime publishes them, a blueprint
-advisor that answers without Karn, and a private real Redis per worker test.
+advisor that answers without Karn, a private real Redis per worker test, and a real
+`python -m tamiyo` on it.
 
 Tests that need the event loop call `asyncio.run` themselves, as oona's and Karn's do.
 """
@@ -7,12 +8,20 @@ Tests that need the event loop call `asyncio.run` themselves, as oona's and Karn
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from oona import EmbeddedRedis
 from oona.contracts import EpochEvent, EpochEventKind, LayerHealthReport
 from oona.contracts import SeedStage as Stage
+from oona.embedded import free_port
 from tamiyo.blueprints import BlueprintChoice
 
 NAN = math.nan
@@ -81,3 +90,50 @@ def private_redis_url() -> Iterator[str]:
     fixed names, so tests must not share a server."""
     with EmbeddedRedis() as broker:
         yield broker.url
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:  # not listening yet, or 503
+        return False
+
+
+@pytest.fixture
+def start_tamiyo(private_redis_url: str, tmp_path: Path
+                 ) -> Iterator[Callable[..., tuple[subprocess.Popen, int, Path]]]:
+    """`start_tamiyo(**env)`: a real `python -m tamiyo` on the private Redis, with no Karn
+    (germinations fall back to the default blueprint after 0.2 s), no cooldown and fast ticks,
+    `env` on top; returns (process, HTTP port, log) once it is ready. SIGTERMed at the end."""
+    started = []
+
+    def start(**overrides: str) -> tuple[subprocess.Popen, int, Path]:
+        http_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TAMIYO_", "KARN_"))}
+        env.update(OONA_REDIS_URL=private_redis_url, TAMIYO_HTTP_PORT=str(http_port),
+                   TAMIYO_GRPC_PORT=str(free_port()), TAMIYO_SHUTDOWN_GRACE_S="5",
+                   TAMIYO_KARN_ADDRESS=f"127.0.0.1:{free_port()}", TAMIYO_KARN_TIMEOUT_S="0.2",
+                   TAMIYO_COOLDOWN_EPOCHS="0", TAMIYO_REPORT_GRACE_S="0.3",
+                   TAMIYO_TICK_S="0.1", OONA_INSECURE="1", **overrides)
+        log = tmp_path / f"tamiyo-{len(started)}.log"
+        with log.open("ab") as sink:
+            process = subprocess.Popen([sys.executable, "-m", "tamiyo"], env=env, stdout=sink,
+                                       stderr=subprocess.STDOUT)
+        started.append(process)
+        deadline = time.monotonic() + 30
+        while not _ready(http_port):
+            assert process.poll() is None and time.monotonic() < deadline, (
+                f"tamiyo not ready:\n{log.read_text()}")
+            time.sleep(0.1)
+        return process, http_port, log
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -8,12 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +25,6 @@ from oona.contracts import (
     LifecycleCommand,
     catalog,
 )
-from oona.embedded import free_port
 from oona.envelope import ENVELOPE_FIELD
 from oona.flags import (
     BLUEPRINT_ALLOW_LIST,
@@ -164,42 +158,13 @@ JOB = "job-flagged"
 
 
 @pytest.fixture
-def tamiyo(private_redis_url: str, tmp_path: Path) -> Iterator[Path]:
-    http_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAMIYO_", "KARN_"))}
-    env.update(OONA_REDIS_URL=private_redis_url, TAMIYO_HTTP_PORT=str(http_port),
-               TAMIYO_GRPC_PORT=str(free_port()), TAMIYO_SHUTDOWN_GRACE_S="5",
-               # No Karn: germinations fall back to the default blueprint after 0.2 s.
-               TAMIYO_KARN_ADDRESS=f"127.0.0.1:{free_port()}", TAMIYO_KARN_TIMEOUT_S="0.2",
-               # Every epoch after the first is a plateau; one germination per epoch.
-               TAMIYO_PLATEAU_EPOCHS="1", TAMIYO_COOLDOWN_EPOCHS="0",
-               TAMIYO_MAX_ACTIVE_SEEDS="8", TAMIYO_REPORT_GRACE_S="0.3", TAMIYO_TICK_S="0.1",
-               TAMIYO_ACK_TIMEOUT_S="600", TAMIYO_CONSUMER_NAME="tamiyo-flags",
-               TAMIYO_FLAGS="1", OONA_INSECURE="1")
-    log = tmp_path / "tamiyo.log"
-    with log.open("ab") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "tamiyo"], env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT)
-    try:
-        _wait(lambda: _ready(http_port), lambda: f"not ready:\n{log.read_text()}")
-        yield log
-        assert process.poll() is None, log.read_text()
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
+def tamiyo(start_tamiyo) -> Iterator[Path]:  # noqa: ANN001
+    # Every epoch after the first is a plateau; one germination per epoch.
+    process, _, log = start_tamiyo(
+        TAMIYO_PLATEAU_EPOCHS="1", TAMIYO_MAX_ACTIVE_SEEDS="8", TAMIYO_ACK_TIMEOUT_S="600",
+        TAMIYO_CONSUMER_NAME="tamiyo-flags", TAMIYO_FLAGS="1")
+    yield log
+    assert process.poll() is None, log.read_text()
 
 
 def _publish(url: str, messages) -> None:

@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 from oona import BusSettings, open_bus, streams
 from oona.contracts import Envelope, EpochEvent, EpochEventKind, LifecycleCommand
-from oona.embedded import free_port
 from oona.envelope import ENVELOPE_FIELD
 from tamiyo.stability import StabilityConfig
 from tamiyo.store import job_key
@@ -33,32 +29,9 @@ SPIKE_EPOCH = 5
 
 
 @pytest.fixture
-def tamiyo(private_redis_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, int,
-                                                                      Path]]:
-    http_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAMIYO_", "KARN_"))}
-    env.update(OONA_REDIS_URL=private_redis_url, TAMIYO_HTTP_PORT=str(http_port),
-               TAMIYO_GRPC_PORT=str(free_port()), TAMIYO_SHUTDOWN_GRACE_S="5",
-               # No Karn: germinations fall back to the default blueprint after 0.2 s.
-               TAMIYO_KARN_ADDRESS=f"127.0.0.1:{free_port()}", TAMIYO_KARN_TIMEOUT_S="0.2",
-               TAMIYO_PLATEAU_EPOCHS="2", TAMIYO_COOLDOWN_EPOCHS="0",
-               TAMIYO_REPORT_GRACE_S="0.3", TAMIYO_TICK_S="0.1", TAMIYO_ACK_TIMEOUT_S="60",
-               TAMIYO_CONSUMER_NAME="tamiyo-growth-pause", OONA_INSECURE="1")
-    log = tmp_path / "tamiyo.log"
-    with log.open("ab") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "tamiyo"], env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT)
-    try:
-        _wait(lambda: _get(http_port, "/readyz")[0] == 200, "not ready", log)
-        yield process, http_port, log
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def tamiyo(start_tamiyo) -> tuple[subprocess.Popen, int, Path]:  # noqa: ANN001
+    return start_tamiyo(TAMIYO_PLATEAU_EPOCHS="2", TAMIYO_ACK_TIMEOUT_S="60",
+                        TAMIYO_CONSUMER_NAME="tamiyo-growth-pause")
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
