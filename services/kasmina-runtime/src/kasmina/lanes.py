@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .blueprints import get_blueprint
+from .config import KasminaConfig
 from .lifecycle import BLENDING_STAGES, RUNNING_STAGES, TRAINABLE_STAGES, SeedStage
 from .seed_table import BLUEPRINT_ID, STAGE, STRATEGY, SeedTable
 
@@ -31,8 +32,9 @@ LANE_TENSORS: dict[str, tuple[torch.dtype, object]] = {
     "lane_sizes": (torch.float32, lambda L, W, F: (L,)),  # chunk width (1 when free)
     "run_of": (torch.int32, lambda L, W, F: (F,)),  # running lane of each host feature, or -1
     "bounds": (torch.int32, lambda L, W, F: (L, 2)),  # running chunk's first feature, width
-    # The seed's spec's own seed_lr and ramp_steps; 0 where it leaves them to the layer's
-    # KasminaConfig (read at each step, so a config change applies at once).
+    # The seed's spec's own seed_lr (0 where it leaves it to KasminaConfig.seed_lr, which the
+    # fused step reads in the same launch) and its ramp length (the spec's, else the config's:
+    # resolved here, so a grafting step reads it with no extra op).
     "lane_lr": (torch.float32, lambda L, W, F: (L,)),
     "lane_ramp_steps": (torch.float32, lambda L, W, F: (L,)),
 }
@@ -52,7 +54,7 @@ class LaneFlags:
     grafting: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-def build_lanes(table: SeedTable, width: int, isolate: bool, bank_of_lane: np.ndarray,
+def build_lanes(table: SeedTable, width: int, config: KasminaConfig, bank_of_lane: np.ndarray,
                 keys: list[str], device: torch.device
                 ) -> tuple[dict[str, np.ndarray], LaneFlags]:
     num_lanes, features = table.num_lanes, table.chunks[-1][1]
@@ -66,7 +68,8 @@ def build_lanes(table: SeedTable, width: int, isolate: bool, bank_of_lane: np.nd
     blend = (running & np.isin(stage, list(BLENDING_STAGES))
              & ~np.isin(owner, list(table.counterfactual)))
     train = running & (stage == SeedStage.TRAINING)
-    through = running & ((stage == SeedStage.FOSSILIZED) | (blend & (not isolate)))
+    through = running & ((stage == SeedStage.FOSSILIZED)
+                         | (blend & (not config.isolate_host_in_blend)))
     trainable = running & np.isin(stage, list(TRAINABLE_STAGES))
     pos = np.arange(width)
     gather = starts[:, None] + np.minimum(pos[None, :], np.maximum(sizes, 1)[:, None] - 1)
@@ -76,6 +79,7 @@ def build_lanes(table: SeedTable, width: int, isolate: bool, bank_of_lane: np.nd
     own = [get_blueprint(int(b)) for b in table.state[seed[used], BLUEPRINT_ID]]  # seeds' specs
     lr, ramp = np.zeros(num_lanes), np.zeros(num_lanes)
     lr[used], ramp[used] = [s.seed_lr for s in own], [s.ramp_steps for s in own]
+    ramp = np.where(ramp > 0, ramp, config.ramp_steps)
     arrays = {
         "lane_index": seed, "lane_gather": gather.reshape(-1), "lane_valid": valid[:, None, :],
         "lane_through": through[:, None, None], "lane_blend": blend, "lane_train": train,

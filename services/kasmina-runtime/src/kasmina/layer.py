@@ -297,14 +297,13 @@ class KasminaLayer(nn.Module):
         elif isinstance(loss, (int, float)):
             loss = torch.tensor(float(loss), device=self.alpha.device)
         for strategy_id, (seeds, lanes) in (flags.grafting or {}).items():
-            ramp = self.lane_ramp_steps.index_select(0, lanes)  # the seeds' specs', 0: config's
             ctx = GraftContext(
                 steps=self.lane_steps.index_select(0, lanes),
                 drift=self.lane_drift.index_select(0, lanes),
                 grad_norm=self.lane_grad_norm.index_select(0, lanes),
                 loss=loss, state=self.lane_strategy_state.index_select(0, lanes),
                 config=self.config,
-                ramp_steps=torch.where(ramp > 0, ramp, float(self.config.ramp_steps)))
+                ramp_steps=self.lane_ramp_steps.index_select(0, lanes))
             alpha, state = get_strategy(strategy_id).update(self.alpha.index_select(0, seeds), ctx)
             self.alpha.index_copy_(0, seeds, alpha.clamp(0.0, 1.0))
             self.lane_strategy_state.index_copy_(0, lanes, state)
@@ -339,9 +338,8 @@ class KasminaLayer(nn.Module):
         self.slot.copy_(torch.from_numpy(table.slot))
         if self._graphs is not None:
             self._graphs.clear()  # every graph reads the lanes as they were
-        arrays, self._flags = build_lanes(table, self.chunk_width,
-                                          self.config.isolate_host_in_blend, self._bank_of_lane,
-                                          list(self.banks), self.alpha.device)
+        arrays, self._flags = build_lanes(table, self.chunk_width, self.config,
+                                          self._bank_of_lane, list(self.banks), self.alpha.device)
         for name, value in arrays.items():
             buf = getattr(self, name)
             buf.copy_(torch.as_tensor(value).to(buf.dtype).view(buf.shape))
