@@ -15,6 +15,8 @@ step except in dormant10):
   bank_slots = n, so every slot of the bank is in use.
 - training_g, graft10_g: the same layers with `KasminaConfig.cuda_graphs` (the seeds' forward,
   backward and step replayed as CUDA graphs: kasmina/graphs.py).
+- training_gp, graft10_gp: the same layers on the general path (a no-op forward hook on the
+  host rules out kasmina.fused, the one-node Linear path): what that node saves.
 - graft100 ("100 %"): every seed GRAFTING, max_active_seeds = bank_slots = seeds (the kernel
   table's 100 % active row). 100 % of a budget of n would be graft10 again, so "of the active
   budget" is read as "of the seeds".
@@ -70,9 +72,14 @@ from torch import nn
 from torch.autograd import DeviceType
 
 MODES = ("bare", "bare2", "bare_g", "dormant", "dormant10", "training", "graft10", "training_g",
-         "graft10_g", "graft100", "loop", "compile", "compile_ro")
+         "graft10_g", "training_gp", "graft10_gp", "graft100", "loop", "compile", "compile_ro")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BP, RAMP, TAG, S = "residual_mlp", 12, "bench_step::", SeedStage
+
+
+def base(mode: str) -> str:
+    """The layer a mode times: graft10_g and graft10_gp are graft10's."""
+    return mode.removesuffix("_gp").removesuffix("_g")
 
 
 def machine_name() -> str:
@@ -162,10 +169,12 @@ def make_modes(tpl: dict, seeds: int, dtype: torch.dtype, dev: str, want: set) -
             modes[name] = Mode(loop, loop.host, [sgd(loop.host), torch.optim.Adam(
                 loop.bps.parameters(), lr=1e-3)], loop.after, loop, tpl["graft10"][1])
         else:
-            layer, ids = tpl["graft10" if name.startswith("compile") else name.removesuffix("_g")]
+            layer, ids = tpl["graft10" if name.startswith("compile") else base(name)]
             layer = to(layer)
             if name.endswith("_g"):
                 layer.set_cuda_graphs(True)
+            if name.endswith("_gp"):  # a forward hook on the host rules out kasmina.fused
+                layer.host.register_forward_hook(lambda *_: None)
             model = (torch.compile(layer) if name == "compile" else torch.compile(
                 layer, mode="reduce-overhead") if name == "compile_ro" else layer)
             modes[name] = Mode(model,
@@ -310,7 +319,7 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
         for name, m in list(modes.items()):
             try:
                 if phase == "check":
-                    check(name.removesuffix("_g"), m, xs[0], gs[0], chunks)
+                    check(base(name), m, xs[0], gs[0], chunks)
                     status[name] = "ok"
                 elif not args.check_only:
                     for i in range(args.warmup):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_step import DTYPES, S, build_layer, train_step
+from bench_step import DTYPES, S, base, build_layer, train_step
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -41,10 +41,12 @@ def main() -> None:
             after = lambda: None  # noqa: E731
         else:
             model = build_layer(host.cpu().float(), args.seeds,
-                                *stages[name.removesuffix("_g")])[0]
+                                *stages[base(name)])[0]
             model = model.to(device=dev, dtype=dtype)
             if name.endswith("_g"):  # bench_step's graphed modes
                 model.set_cuda_graphs(True)
+            if name.endswith("_gp"):  # and its general-path ones
+                model.host.register_forward_hook(lambda *_: None)
             after = lambda model=model: model.step(loss)  # noqa: E731
         opt = torch.optim.SGD((model.host if name != "bare" else model).parameters(), lr=1e-3)
         mode = type("M", (), {"model": model, "opts": [opt], "after": after})

@@ -122,8 +122,8 @@ class SeedGraphs:
         with torch.cuda.graph(fwd, pool=pool, capture_error_mode="thread_local"), \
                 _aliased(layer.host if with_host else None, host) as host_views, \
                 _aliased(layer.banks, [b.flat for b in layer.banks.values()]) as flats:
-            h = layer.host(static_in) if with_host else static_in
-            out = layer._seed_forward_eager(h, False, tracking)
+            out = (layer._host_and_seeds(static_in, tracking) if with_host
+                   else layer._seed_forward_eager(static_in, False, tracking))
         grad_out = torch.zeros_like(out)
         wrt = ([static_in] if inp.requires_grad else []) + host_views
         with torch.cuda.graph(bwd, pool=pool, capture_error_mode="thread_local"):

@@ -50,6 +50,7 @@ class LaneFlags:
     has_blend: bool = False
     has_through: bool = False
     banks: tuple[str, ...] = ()  # banks with a running lane
+    fused: bool = False  # kasmina.fused can run them (set by the layer, which knows its banks)
     # strategy id -> (grafting seeds, their lanes)
     grafting: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 

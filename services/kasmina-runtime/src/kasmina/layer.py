@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import boundary, distributed, kernels
+from . import boundary, distributed, fused, kernels
 from .bank import BlueprintBank
 from .blueprints import BlueprintSpec, catalog, get_blueprint, with_headroom
 from .config import KasminaConfig
@@ -144,11 +144,21 @@ class KasminaLayer(nn.Module):
     # ---------------------------------------------------------------- hot path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (compiled: never; is_compiling first, so dynamo does not guard on `_flags`)
-        if self._graphs is not None and not torch.compiler.is_compiling() and self._flags.live:
-            out = self._graphs.forward(self, x, self.training and self._tracking_step, True)
-            if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)
-                return out
+        if not torch.compiler.is_compiling() and self._flags.live:
+            tracking = self.training and self._tracking_step
+            if self._graphs is not None:
+                out = self._graphs.forward(self, x, tracking, True)
+                if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)
+                    return out
+            if fused.applies(self, x):  # a plain Linear host: one node, the blend in place
+                return fused.forward(self, x, tracking)
         return self.seed_forward(self.host(x))
+
+    def _host_and_seeds(self, x: torch.Tensor, tracking: bool) -> torch.Tensor:
+        """The whole layer eagerly (what kasmina.graphs captures)."""
+        if fused.applies(self, x):
+            return fused.forward(self, x, tracking)
+        return self._seed_forward_eager(self.host(x), False, tracking)
 
     def seed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """The seeds' part of the forward, on the host's output h (..., F): `forward` is
@@ -227,15 +237,21 @@ class KasminaLayer(nn.Module):
         diff = (y - xs) * self.lane_valid
         elems = self.lane_sizes * xs.shape[1]  # (L,)
         mse = diff.square().sum((1, 2)) / elems
-        train = self.lane_train & ok
-        with torch.no_grad():
-            mean = xs.sum((1, 2)) / elems
-            var = (xs.square().sum((1, 2)) / elems - mean.square()).clamp(min=1e-12)
-            ratio = mse / var
-            old = self.lane_recon
-            ema = torch.where(torch.isnan(old), ratio, 0.9 * old + 0.1 * ratio)
-            self.lane_recon.copy_(torch.where(train, ema, old))
+        train = self._track_reconstruction(mse.detach(), xs.sum((1, 2)) / elems,
+                                           xs.square().sum((1, 2)) / elems, ok)
         return torch.where(train, mse, 0.0).sum()
+
+    @torch.no_grad()
+    def _track_reconstruction(self, mse: torch.Tensor, mean: torch.Tensor, msq: torch.Tensor,
+                              ok: torch.Tensor) -> torch.Tensor:
+        """The EMA of mse / var(x) on the finite TRAINING lanes (the reconstruction gate reads
+        it), from each lane's means of (y - x)^2, x and x^2. Returns those lanes."""
+        train = self.lane_train & ok
+        ratio = mse / (msq - mean.square()).clamp(min=1e-12)
+        old = self.lane_recon
+        ema = torch.where(torch.isnan(old), ratio, 0.9 * old + 0.1 * ratio)
+        self.lane_recon.copy_(torch.where(train, ema, old))
+        return train
 
     def set_telemetry_every(self, every: int) -> None:
         """Change the telemetry cadence (KasminaConfig.telemetry_every) now: the next forward
@@ -340,6 +356,8 @@ class KasminaLayer(nn.Module):
             self._graphs.clear()  # every graph reads the lanes as they were
         arrays, self._flags = build_lanes(table, self.chunk_width, self.config,
                                           self._bank_of_lane, list(self.banks), self.alpha.device)
+        self._flags.fused = self._flags.live and not self._flags.has_through and all(
+            self.banks[k]._fusable for k in self._flags.banks)
         for name, value in arrays.items():
             buf = getattr(self, name)
             buf.copy_(torch.as_tensor(value).to(buf.dtype).view(buf.shape))

@@ -1,0 +1,147 @@
+"""kasmina.fused (a plain nn.Linear host and its growing seeds as one autograd node, the blend
+in place) against the layer's general path: the same outputs, gradients, statistics and
+lifecycle. On the CPU the kernels run under the Triton interpreter (tiny shapes)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the kernels' @triton.jit decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kasmina import KasminaConfig, KasminaLayer, SeedStage, fused  # noqa: E402
+from torch import nn  # noqa: E402
+
+S = SeedStage
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_layer(features=23, seeds=5, bias=True, **cfg):
+    """Seeds 1 and 3 GRAFTING at alpha 0.5 and 0.25, seed 4 TRAINING (ragged chunks: 5, 5, 5,
+    4, 4 features)."""
+    torch.manual_seed(0)
+    config = KasminaConfig(**{"kernels": "triton", "blueprints": ("residual_mlp",),
+                              "max_active_seeds": 4, **cfg})
+    layer = KasminaLayer(nn.Linear(6, features, bias=bias), seeds, config).to(DEVICE)
+    with layer.batch():
+        for s, stages in ((1, (S.TRAINING, S.GRAFTING)), (3, (S.TRAINING, S.GRAFTING)),
+                          (4, (S.TRAINING,))):
+            layer.germinate(s, "residual_mlp")
+            for stage in stages:
+                layer.transition(s, stage, force=True)
+    layer.alpha[1], layer.alpha[3] = 0.5, 0.25
+    return layer
+
+
+def general(layer: KasminaLayer) -> KasminaLayer:
+    """A copy that takes the general path: a forward hook on the host (one that does nothing)
+    rules the fused node out."""
+    other = copy.deepcopy(layer)
+    other.host.register_forward_hook(lambda *_: None)
+    return other
+
+
+def grads(layer: KasminaLayer, x: torch.Tensor) -> dict:
+    out = {"weight": layer.host.weight.grad, "x": x.grad,
+           **{f"bank{k}": b.flat.grad for k, b in layer.banks.items()}}
+    if layer.host.bias is not None:
+        out["bias"] = layer.host.bias.grad
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(13,), (3, 5)])
+def test_fused_node_matches_the_general_path(bias, shape):
+    layer = make_layer(bias=bias)
+    ref = general(layer)
+    assert fused.applies(layer, torch.zeros(1, 6, device=DEVICE))
+    assert not fused.applies(ref, torch.zeros(1, 6, device=DEVICE))
+    torch.manual_seed(1)
+    x = torch.randn(*shape, 6, device=DEVICE)
+    g = torch.randn(*shape, 23, device=DEVICE)
+    results = []
+    for m in (layer, ref):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        out.backward(g)
+        results.append((out.detach(), grads(m, xi)))
+    (out, got), (want_out, want) = results
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    untouched = [0, 1, 2, 3, 4, *range(19, 23)]  # seed 0 and TRAINING seed 4: the host's
+    assert torch.equal(out[..., untouched], layer.host(x)[..., untouched].detach())
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+    torch.testing.assert_close(layer.lane_recon, ref.lane_recon, rtol=1e-4, atol=1e-6,
+                               equal_nan=True)
+    assert not layer.lane_recon[layer.lane_train].isnan().any()
+    torch.testing.assert_close(layer.telemetry.columns, ref.telemetry.columns)
+    for m in (layer, ref):
+        m.step(torch.zeros((), device=DEVICE))
+    for key, bank in layer.banks.items():
+        torch.testing.assert_close(bank.flat, ref.banks[key].flat, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.alpha, ref.alpha)
+
+
+def test_without_gradients_and_in_eval_the_blend_is_the_same():
+    layer = make_layer()
+    ref = general(layer)
+    x = torch.randn(9, 6, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    layer.eval(), ref.eval()
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_poisoned_seeds_never_reach_the_output_and_roll_back():
+    layer = make_layer()
+    with torch.no_grad():
+        for bank in layer.banks.values():
+            bank.flat.fill_(float("nan"))
+    x = torch.randn(7, 6, device=DEVICE, requires_grad=True)
+    out = layer(x)
+    assert torch.equal(out, layer.host(x))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.host.weight.grad).all()
+    # the host's gradient is its own: nothing blended
+    xr = x.detach().clone().requires_grad_()
+    layer.host(xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    layer.step(torch.zeros((), device=DEVICE))
+    layer.end_epoch(None)
+    assert layer.seeds_in(S.ROLLED_BACK) == [1, 3, 4], layer.stage_counts
+
+
+@pytest.mark.parametrize("case", ["hook", "fossilized", "through", "torch kernels",
+                                  "subclass"])
+def test_the_general_path_where_the_node_does_not_apply(case):
+    if case == "through":
+        layer = make_layer(isolate_host_in_blend=False)
+    elif case == "torch kernels":
+        layer = make_layer(kernels="torch")
+    else:
+        layer = make_layer()
+    if case == "hook":
+        layer.host.register_forward_pre_hook(lambda *_: None)
+    if case == "fossilized":
+        with layer.batch():
+            for stage in (S.STABILIZATION, S.EVALUATING, S.FINE_TUNING, S.FOSSILIZED):
+                layer.transition(1, stage, force=True)
+    if case == "subclass":
+        class MyLinear(nn.Linear):
+            pass
+        layer.host.__class__ = MyLinear
+    x = torch.randn(4, 6, device=DEVICE)
+    assert not fused.applies(layer, x)
+    assert layer(x).shape == (4, 23)
+
+
+def test_a_layer_with_nothing_running_does_not_take_the_node():
+    layer = KasminaLayer(nn.Linear(6, 8), 2, KasminaConfig(kernels="triton")).to(DEVICE)
+    assert not layer._flags.fused
+    x = torch.randn(3, 6, device=DEVICE)
+    assert torch.equal(layer(x), layer.host(x))
