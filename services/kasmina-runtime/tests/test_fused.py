@@ -79,7 +79,10 @@ def test_fused_node_matches_the_general_path(bias, shape):
     torch.testing.assert_close(layer.lane_recon, ref.lane_recon, rtol=1e-4, atol=1e-6,
                                equal_nan=True)
     assert not layer.lane_recon[layer.lane_train].isnan().any()
-    torch.testing.assert_close(layer.telemetry.columns, ref.telemetry.columns)
+    # float64 sums of float32 partials, added in another order (the general path's blend
+    # kernel computes them; here the telemetry's own pass)
+    torch.testing.assert_close(layer.telemetry.columns, ref.telemetry.columns, rtol=1e-6,
+                               atol=1e-5)
     for m in (layer, ref):
         m.step(torch.zeros((), device=DEVICE))
     for key, bank in layer.banks.items():
@@ -145,3 +148,47 @@ def test_a_layer_with_nothing_running_does_not_take_the_node():
     assert not layer._flags.fused
     x = torch.randn(3, 6, device=DEVICE)
     assert torch.equal(layer(x), layer.host(x))
+
+
+def test_a_transformers_conv1d_host_takes_the_node_and_matches():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    layer = make_layer()
+    conv = Conv1D(23, 6).to(DEVICE)  # weight (in, out): the Linear's, transposed
+    with torch.no_grad():
+        conv.weight.copy_(layer.host.weight.T), conv.bias.copy_(layer.host.bias)
+    layer.host = conv
+    ref = general(layer)
+    x = torch.randn(2, 7, 6, device=DEVICE)
+    assert fused.applies(layer, x) and not fused.applies(ref, x)
+    results = []
+    for m in (layer, ref):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), grads(m, xi)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for key in results[0][1]:
+        torch.testing.assert_close(results[0][1][key], results[1][1][key], rtol=1e-4,
+                                   atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast to bf16 on a CUDA device")
+def test_under_autocast_float32_weights_get_float32_gradients_that_match():
+    layer = make_layer()  # float32 parameters, bf16 compute: mixed precision as users run it
+    ref = general(layer)
+    x = torch.randn(64, 6, device=DEVICE)
+    results = []
+    for m in (layer, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(xi)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        got = grads(m, xi)
+        assert got["weight"].dtype == torch.float32 and got["x"].dtype == torch.float32
+        results.append((out.float(), got))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=2e-2)
+    for key in results[0][1]:
+        torch.testing.assert_close(results[0][1][key], results[1][1][key], rtol=3e-2,
+                                   atol=1e-3, msg=key)

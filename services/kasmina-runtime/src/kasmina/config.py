@@ -73,8 +73,8 @@ class KasminaConfig:
     # "torch" forces one (the two agree to kasmina.kernels.tolerances.TOLERANCES).
     kernels: str = "auto"
     # Replay a growing layer's forward (host and seeds), backward and seed step as CUDA graphs
-    # (kasmina.graphs): for layers whose step is bound by the host CPU (1.37-1.39x bare, not
-    # 4.6-5.1x, at 1024 x 8192 on an H200; no gain where the GPU is busy). Eager on the CPU, under
+    # (kasmina.graphs): for layers whose step is bound by the host CPU (1.04-1.19x bare, not
+    # 2.25-2.96x, at 1024 x 8192 on an H200; slower where the GPU is busy). Eager on the CPU, under
     # torch.distributed, in eval mode and with a GradScaler's step whatever this says.
     cuda_graphs: bool = False
 

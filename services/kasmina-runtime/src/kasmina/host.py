@@ -3,6 +3,8 @@ that keep the host's own callers and gradients as they were."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -19,6 +21,13 @@ def split_chunks(features: int, num_seeds: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' Conv1D (GPT-2's transposed linear) if transformers is loaded. A model that
+    holds one has imported `transformers.pytorch_utils`, so this finds every Conv1D there is
+    without importing transformers."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def host_features(host: nn.Module) -> tuple[int, int]:

@@ -20,7 +20,6 @@ import functools
 import inspect
 import logging
 import re
-import sys
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +29,7 @@ from torch import nn
 from .config import KasminaConfig
 from .distributed import prepare_ddp
 from .dual import DualPathLayer
+from .host import conv1d_type
 from .layer import KasminaLayer
 
 SEED_LAYER_TYPES = (KasminaLayer, DualPathLayer)
@@ -51,16 +51,9 @@ _METADATA = frozenset({"dtype", "device", "shape", "is_cuda", "ndim"})
 _NOT_FORWARD = re.compile(r"(^|_)(init|reset|tie|resize)|repr|state_dict")
 
 
-def _conv1d_type() -> type[nn.Module] | None:
-    """transformers' Conv1D (GPT-2's transposed linear) if transformers is loaded. A model that
-    holds one has imported `transformers.pytorch_utils`, so this finds every Conv1D there is
-    without importing transformers."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def default_targets() -> tuple[type[nn.Module], ...]:
     """nn.Linear (and its subclasses) and, when transformers is loaded, its Conv1D."""
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
@@ -241,7 +234,7 @@ def _no_nested_tensors(model: nn.Module) -> None:
 
 
 def _can_host(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 

@@ -149,87 +149,101 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
 
 
 # ------------------------------------------------------------------ the seeds' pass on h itself
-# kasmina/fused.py's forward: each running lane's chunk is read from the host output h (N, F)
-# in place of a gathered (A, N, C) copy, goes through the blueprint as `_mlp_fwd_kernel` does
-# (the same products in the same order) and is blended back into h where its alpha is not 0 and
-# its output finite. Only the running chunks' bytes move: the general path wrote a copy of all
-# of h (400 us of a 4096 x 32768 bf16 step, benchmarks/NOTES.md "Where the growing step's 1.7 ms
-# over bare went"). Each program also writes its partial sums of (y - x)^2, x and x^2 for the
-# reconstruction loss's statistics and the lane's finiteness.
+# kasmina/fused.py's node: each running lane's chunk is read from the host output h (N, F) in
+# place of a gathered (A, N, C) float32 copy, goes through its blueprint and is blended back
+# into h where its alpha is not 0 and its output finite. Only the running chunks' bytes move:
+# the general path wrote a copy of all of h (400 us of a 4096 x 32768 bf16 step,
+# benchmarks/NOTES.md "Where the growing step's 1.7 ms over bare went"). Each forward program
+# also writes its partial sums of (y - x)^2, x and x^2 (the reconstruction statistics and the
+# lane's finiteness), which `_seed_finish_kernel` turns into the lane's state in one launch.
+#
+# Three forms of each kernel were measured on an H200 at the bars' growing case (102 lanes of
+# 4 features, 32,768 rows, hidden 16; benchmarks/results/probe_seed_kernels_h200_2026-12-01_
+# s7{b,c}.log): forward, graft / training lanes: the column form of `_mlp_fwd_kernel` 369 /
+# 282 us, a thread a row with tuples of (rows,) vectors 262 / 155, (rows, chunk) tiles with
+# the hidden units a static loop 177 / 152 (kept); backward: the column form 529 / 737,
+# (rows, chunk) tiles 952-3,687 (a reduction across threads per hidden unit and row block), a
+# thread a row 354 / 401 (kept: no reduction until the end; 255 registers, a little spilled).
+FWD_ROWS, FWD_WARPS = 64, 1
+BWD_ROWS, BWD_WARPS, BWD_PROGRAMS = 64, 2, 1024
+
+
 @triton.jit
-def _seed_fwd_kernel(h_ptr, save_ptr, p_ptr, part_ptr, bounds_ptr, alpha_ptr, N, P, stride_h,
-                     LANE0, W: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, SAVE: tl.constexpr, I64: tl.constexpr):
+def _lane_alpha(lane, alpha_ptr, index_ptr, blend_ptr, nonfinite_ptr):
+    """The alpha a lane blends with: its seed's, where the lane blends and was finite so far."""
+    a = tl.load(alpha_ptr + tl.load(index_ptr + lane)) * tl.load(blend_ptr + lane)
+    return tl.where(tl.load(nonfinite_ptr + lane) != 0, 0.0, a)
+
+
+@triton.jit
+def _seed_fwd_kernel(h_ptr, save_ptr, p_ptr, part_ptr, bounds_ptr, alpha_ptr, index_ptr,
+                     blend_ptr, nonfinite_ptr, N, P, stride_h, LANE0, W: tl.constexpr,
+                     H: tl.constexpr, WP: tl.constexpr, BLOCK_N: tl.constexpr,
+                     SAVE: tl.constexpr, I64: tl.constexpr):
     slot, blk = tl.program_id(0), tl.program_id(1)
     lane = LANE0 + slot
     width = tl.load(bounds_ptr + 2 * lane + 1)
-    sse = tl.zeros((BLOCK_N,), tl.float32)
-    sx = tl.zeros((BLOCK_N,), tl.float32)
-    sxx = tl.zeros((BLOCK_N,), tl.float32)
+    sse = tl.zeros((BLOCK_N, WP), tl.float32)
+    sx = tl.zeros((BLOCK_N, WP), tl.float32)
+    sxx = tl.zeros((BLOCK_N, WP), tl.float32)
     if width > 0:
         start = tl.load(bounds_ptr + 2 * lane)
-        a = tl.load(alpha_ptr + lane)
+        a = _lane_alpha(lane, alpha_ptr, index_ptr, blend_ptr, nonfinite_ptr)
         rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask, hc = rows < N, tl.arange(0, HP)
-        hm = hc < H
-        wide = tl.zeros((BLOCK_N,), tl.int32) + width  # (a scalar in a mask: the interpreter)
+        wc = tl.arange(0, WP)
+        m = (rows[:, None] < N) & (wc[None, :] < width)
         r = rows
         if I64:
             r = rows.to(tl.int64)
-        hrow = h_ptr + r * stride_h + start
-        srow = save_ptr + (slot * N + r) * W
+        ptr = h_ptr + r[:, None] * stride_h + start + wc[None, :]
+        raw = tl.load(ptr, mask=m, other=0.0)
+        x = raw.to(tl.float32)
         p = p_ptr + slot * P
-        pre = tl.zeros((BLOCK_N, HP), tl.float32) + tl.load(p + W * H + hc, mask=hm,
-                                                            other=0.0)[None, :]
-        for k in tl.static_range(W):
-            xk = tl.load(hrow + k, mask=rmask & (wide > k), other=0.0).to(tl.float32)
-            pre += xk[:, None] * tl.load(p + k * H + hc, mask=hm, other=0.0)[None, :]
-        g = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
-        for j in tl.static_range(W):
-            mj = rmask & (wide > j)
-            raw = tl.load(hrow + j, mask=mj, other=0.0)
-            xj = raw.to(tl.float32)
-            w2j = tl.load(p + W * H + H + hc * W + j, mask=hm, other=0.0)
-            yj = xj + tl.sum(g * w2j[None, :], axis=1) + tl.load(p + 2 * W * H + H + j)
-            if SAVE:
-                tl.store(srow + j, raw, mask=mj)
-            if a != 0.0:  # blended where y is finite (NaN fails the comparison)
-                finite = tl.abs(yj) <= 3.4028234663852886e38
-                tl.store(hrow + j, ((1.0 - a) * xj + a * yj).to(raw.dtype), mask=mj & finite)
-            d = tl.where(mj, yj - xj, 0.0)
-            sse += d * d
-            sx += xj
-            sxx += xj * xj
+        wm = wc < W
+        y = x + tl.load(p + 2 * W * H + H + wc, mask=wm, other=0.0)[None, :]
+        for hh in tl.static_range(H):
+            pre = tl.sum(x * tl.load(p + wc * H + hh, mask=wm, other=0.0)[None, :], axis=1) \
+                + tl.load(p + W * H + hh)
+            gl = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+            y += gl[:, None] * tl.load(p + W * H + H + hh * W + wc, mask=wm, other=0.0)[None, :]
+        if SAVE:
+            tl.store(save_ptr + (slot * N + r)[:, None] * W + wc[None, :], raw, mask=m)
+        if a != 0.0:  # blended where y is finite (NaN fails the comparison)
+            finite = tl.abs(y) <= 3.4028234663852886e38
+            tl.store(ptr, ((1.0 - a) * x + a * y).to(raw.dtype), mask=m & finite)
+        d = tl.where(m, y - x, 0.0)
+        sse += d * d
+        sx += x
+        sxx += x * x
     out = part_ptr + (slot * tl.num_programs(1) + blk) * 3
-    tl.store(out, tl.sum(sse, axis=0))
-    tl.store(out + 1, tl.sum(sx, axis=0))
-    tl.store(out + 2, tl.sum(sxx, axis=0))
+    tl.store(out, tl.sum(tl.sum(sse, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(sx, axis=1), axis=0))
+    tl.store(out + 2, tl.sum(tl.sum(sxx, axis=1), axis=0))
 
 
 @triton.jit
-def _seed_bwd_kernel(save_ptr, g_ptr, p_ptr, part_ptr, bounds_ptr, alpha_ptr, coef_ptr, N, P,
-                     stride_g, LANE0, BLOCKS_PER_PROGRAM, W: tl.constexpr, H: tl.constexpr,
-                     WP: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr,
-                     I64: tl.constexpr):
+def _seed_bwd_kernel(save_ptr, g_ptr, p_ptr, part_ptr, bounds_ptr, alpha_ptr, coef_ptr, N,
+                        P, stride_g, LANE0, BLOCKS_PER_PROGRAM, W: tl.constexpr,
+                        H: tl.constexpr, BLOCK_N: tl.constexpr, RECON: tl.constexpr,
+                        I64: tl.constexpr):
     """The parameter gradients of `_seed_fwd_kernel`'s blueprints: dy = alpha g (the blend) +
-    coef (y - x) (the reconstruction loss, coef = 2 / elements on TRAINING lanes), the rest as
-    `_mlp_bwd_kernel` (no dx: the blueprints' inputs are detached on this path)."""
+    coef (y - x) (the reconstruction loss, coef = 2 / elements on TRAINING lanes); no dx (the
+    blueprints' inputs are detached on this path). A thread a row: each parameter's gradient
+    is a (rows,) accumulator (the tuple `acc`, in the bank's column order) summed elementwise
+    over the program's row blocks and reduced across threads once, at the end."""
     slot, prog = tl.program_id(0), tl.program_id(1)
     lane = LANE0 + slot
     width = tl.load(bounds_ptr + 2 * lane + 1)
     start = tl.load(bounds_ptr + 2 * lane)
     a = tl.load(alpha_ptr + lane)
     c = tl.load(coef_ptr + lane)
-    hc, wc = tl.arange(0, HP), tl.arange(0, WP)
-    hm = hc < H
     p = p_ptr + slot * P
-    g_w1 = tl.zeros((WP, HP), tl.float32)  # row k: d w1[k, :]
-    g_b1 = tl.zeros((HP,), tl.float32)
-    g_w2 = tl.zeros((WP, HP), tl.float32)  # row j: d w2[:, j]
-    g_b2 = tl.zeros((WP,), tl.float32)
+    acc = ()
+    for _ in tl.static_range(2 * W * H + H + W):
+        acc = acc + (tl.zeros((BLOCK_N,), tl.float32),)
     iters = tl.where(width > 0, BLOCKS_PER_PROGRAM, 0)
-    for i in range(0, iters):
-        rows = (prog * BLOCKS_PER_PROGRAM + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+    for it in range(0, iters):
+        rows = (prog * BLOCKS_PER_PROGRAM + it) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         wide = tl.zeros((BLOCK_N,), tl.int32) + width
         r = rows
@@ -237,71 +251,163 @@ def _seed_bwd_kernel(save_ptr, g_ptr, p_ptr, part_ptr, bounds_ptr, alpha_ptr, co
             r = rows.to(tl.int64)
         srow = save_ptr + (slot * N + r) * W
         grow = g_ptr + r * stride_g + start
-        pre = tl.zeros((BLOCK_N, HP), tl.float32) + tl.load(p + W * H + hc, mask=hm,
-                                                            other=0.0)[None, :]
+        xs = ()
+        dys = ()
         for k in tl.static_range(W):
-            xk = tl.load(srow + k, mask=rmask & (wide > k), other=0.0).to(tl.float32)
-            pre += xk[:, None] * tl.load(p + k * H + hc, mask=hm, other=0.0)[None, :]
-        cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
-        gl = pre * cdf
-        dg = tl.zeros((BLOCK_N, HP), tl.float32)
-        for j in tl.static_range(W):
-            mj = rmask & (wide > j)
-            w2j = tl.load(p + W * H + H + hc * W + j, mask=hm, other=0.0)
-            dyj = a * tl.load(grow + j, mask=mj, other=0.0).to(tl.float32)
-            if c != 0.0:  # y - x, recomputed
-                rj = tl.sum(gl * w2j[None, :], axis=1) + tl.load(p + 2 * W * H + H + j)
-                dyj += c * tl.where(mj, rj, 0.0)
-            dg += dyj[:, None] * w2j[None, :]
-            g_w2 += tl.where(wc[:, None] == j, tl.sum(gl * dyj[:, None], axis=0)[None, :], 0.0)
-            g_b2 += tl.where(wc == j, tl.sum(dyj, axis=0), 0.0)
-        dpre = dg * (cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327)  # d gelu
-        g_b1 += tl.sum(dpre, axis=0)
-        for k in tl.static_range(W):
-            xk = tl.load(srow + k, mask=rmask & (wide > k), other=0.0).to(tl.float32)
-            g_w1 += tl.where(wc[:, None] == k, tl.sum(xk[:, None] * dpre, axis=0)[None, :], 0.0)
+            mk = rmask & (wide > k)
+            xs = xs + (tl.load(srow + k, mask=mk, other=0.0).to(tl.float32),)
+            dys = dys + (a * tl.load(grow + k, mask=mk, other=0.0).to(tl.float32),)
+        if RECON:  # some lane TRAINING: the reconstruction loss's c (y - x), y recomputed
+            res = ()
+            for j in tl.static_range(W):
+                res = res + (tl.zeros((BLOCK_N,), tl.float32) + tl.load(p + 2 * W * H + H + j),)
+            for hh in tl.static_range(H):
+                pre = tl.zeros((BLOCK_N,), tl.float32) + tl.load(p + W * H + hh)
+                for k in tl.static_range(W):
+                    pre += xs[k] * tl.load(p + k * H + hh)
+                gl = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+                new = ()
+                for j in tl.static_range(W):
+                    new = new + (res[j] + gl * tl.load(p + W * H + H + hh * W + j),)
+                res = new
+            new = ()
+            for j in tl.static_range(W):
+                new = new + (dys[j] + c * tl.where(rmask & (wide > j), res[j], 0.0),)
+            dys = new
+        for hh in tl.static_range(H):  # each hidden unit's share of every gradient
+            pre = tl.zeros((BLOCK_N,), tl.float32) + tl.load(p + W * H + hh)
+            for k in tl.static_range(W):
+                pre += xs[k] * tl.load(p + k * H + hh)
+            cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+            gl = pre * cdf
+            dg = tl.zeros((BLOCK_N,), tl.float32)
+            for j in tl.static_range(W):
+                dg += dys[j] * tl.load(p + W * H + H + hh * W + j)
+            dpre = dg * (cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327)  # d gelu
+            new = ()
+            for i in tl.static_range(2 * W * H + H + W):  # the bank's columns, in order
+                if i < W * H:  # w1[k, hh'] += x_k dpre
+                    if i % H == hh:
+                        new = new + (acc[i] + xs[i // H] * dpre,)
+                    else:
+                        new = new + (acc[i],)
+                elif i < W * H + H:  # b1
+                    if i - W * H == hh:
+                        new = new + (acc[i] + dpre,)
+                    else:
+                        new = new + (acc[i],)
+                elif i < 2 * W * H + H:  # w2[hh', j] += gelu dy_j
+                    if (i - W * H - H) // W == hh:
+                        new = new + (acc[i] + gl * dys[(i - W * H - H) % W],)
+                    else:
+                        new = new + (acc[i],)
+                elif hh == 0:  # b2
+                    new = new + (acc[i] + dys[i - 2 * W * H - H],)
+                else:
+                    new = new + (acc[i],)
+            acc = new
     out = part_ptr + (slot * tl.num_programs(1) + prog).to(tl.int64) * P
-    wm = wc < W
-    tl.store(out + wc[:, None] * H + hc[None, :], g_w1, mask=wm[:, None] & hm[None, :])
-    tl.store(out + W * H + hc, g_b1, mask=hm)
-    tl.store(out + W * H + H + hc[None, :] * W + wc[:, None], g_w2, mask=wm[:, None] & hm[None, :])
-    tl.store(out + 2 * W * H + H + wc, g_b2, mask=wm)
+    for i in tl.static_range(2 * W * H + H + W):
+        tl.store(out + i, tl.sum(acc[i], axis=0))
 
 
-def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int,
-                 bounds: torch.Tensor, alpha: torch.Tensor, lane0: int, save: bool
-                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+@triton.jit
+def _seed_finish_kernel(part_ptr, BLOCKS, alpha_ptr, index_ptr, blend_ptr, nonfinite_ptr,
+                        running_ptr, train_ptr, sizes_ptr, recon_ptr, used_ptr, coef_ptr, N,
+                        LANE0, RECON: tl.constexpr, BLOCK: tl.constexpr):
+    """A lane's state after `_seed_fwd_kernel`, one program a lane: its partial sums summed;
+    non-finite from now on if (y - x)^2 summed to inf or NaN; the alpha the backward uses (0
+    where not finite); with RECON, the EMA of mse / var(x) on finite TRAINING lanes (the
+    formula of `KasminaLayer._track_reconstruction`) and the loss's 2 / elements there."""
+    slot = tl.program_id(0)
+    lane = LANE0 + slot
+    offs = tl.arange(0, BLOCK)
+    sse = tl.zeros((BLOCK,), tl.float32)
+    sx = tl.zeros((BLOCK,), tl.float32)
+    sxx = tl.zeros((BLOCK,), tl.float32)
+    for b0 in range(0, BLOCKS, BLOCK):
+        m = b0 + offs < BLOCKS
+        row = part_ptr + (slot * BLOCKS + b0 + offs) * 3
+        sse += tl.load(row, mask=m, other=0.0)
+        sx += tl.load(row + 1, mask=m, other=0.0)
+        sxx += tl.load(row + 2, mask=m, other=0.0)
+    sse, sx, sxx = tl.sum(sse, axis=0), tl.sum(sx, axis=0), tl.sum(sxx, axis=0)
+    a = _lane_alpha(lane, alpha_ptr, index_ptr, blend_ptr, nonfinite_ptr)
+    ok = (tl.load(nonfinite_ptr + lane) == 0) & (
+        (tl.load(running_ptr + lane) == 0) | (tl.abs(sse) <= 3.4028234663852886e38))
+    tl.store(nonfinite_ptr + lane, (~ok).to(tl.int1))
+    tl.store(used_ptr + lane, tl.where(ok, a, 0.0))
+    coef = 0.0
+    if RECON:
+        elems = tl.load(sizes_ptr + lane) * N
+        mse, mean = sse / elems, sx / elems
+        ratio = mse / tl.maximum(sxx / elems - mean * mean, 1e-12)
+        old = tl.load(recon_ptr + lane)
+        ema = tl.where(old != old, ratio, 0.9 * old + 0.1 * ratio)  # NaN: the first
+        train = ok & (tl.load(train_ptr + lane) != 0)
+        tl.store(recon_ptr + lane, tl.where(train, ema, old))
+        coef = tl.where(train, 2.0 / elems, 0.0)
+    tl.store(coef_ptr + lane, coef)
+
+
+@triton.jit
+def _feature_scale_kernel(run_ptr, used_ptr, out_ptr, F, BLOCK: tl.constexpr):
+    """D of the host's gradient: 1 - alpha on each blended feature, 1 elsewhere."""
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    run = tl.load(run_ptr + f, mask=m, other=-1)
+    a = tl.load(used_ptr + run, mask=m & (run >= 0), other=0.0)
+    tl.store(out_ptr + f, 1.0 - a, mask=m)
+
+
+def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int, lanes: dict,
+                 lane0: int, save: bool, recon: bool, used: torch.Tensor, coef: torch.Tensor
+                 ) -> torch.Tensor | None:
     """One bank's running lanes through their blueprints and blended into h (N, F) in place.
-    bounds (L, 2) int32 and alpha (L,) float32 are the layer's, the bank's slots its lanes
-    lane0.... Returns (the chunks as they were, (A, N, C) in h's dtype, for the backward, or
-    None without `save`; per-lane sums (A, 3) float32 of (y - x)^2, x and x^2)."""
+    `lanes`: the layer's lane tensors by name (bounds, lane_index, lane_blend, lane_nonfinite,
+    lane_running, lane_train, lane_sizes, lane_recon) and its seeds' alpha; the bank's slots are
+    its lanes lane0.... Updates lane_nonfinite (and lane_recon with `recon`) and writes the
+    lanes' `used` alpha and loss `coef` for `seed_backward`. Returns the chunks as they were,
+    (A, N, C) in h's dtype, for the backward (None without `save`)."""
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     slots, n = flat.shape[0], h.shape[0]
-    _, hp, block = _meta(chunk, hidden)
-    blocks = max(1, triton.cdiv(n, block))
+    blocks = max(1, triton.cdiv(n, FWD_ROWS))
     part = torch.empty(slots, blocks, 3, device=h.device, dtype=torch.float32)
     kept = torch.empty(slots, n, chunk, device=h.device, dtype=h.dtype) if save else None
     i64 = max(h.shape[0] * h.stride(0), slots * n * chunk) >= 2**31 - 1
+    alpha = (lanes["alpha"], lanes["lane_index"], lanes["lane_blend"], lanes["lane_nonfinite"])
     _seed_fwd_kernel[(slots, blocks)](
-        h, kept if save else h, flat, part, bounds, alpha, n, flat.shape[1], h.stride(0), lane0,
-        W=chunk, H=hidden, HP=hp, BLOCK_N=block, SAVE=save, I64=i64, num_warps=4)
-    return kept, part.sum(1)
+        h, kept if save else h, flat, part, lanes["bounds"], *alpha, n, flat.shape[1],
+        h.stride(0), lane0, W=chunk, H=hidden, WP=triton.next_power_of_2(chunk),
+        BLOCK_N=FWD_ROWS, SAVE=save, I64=i64, num_warps=FWD_WARPS)
+    _seed_finish_kernel[(slots,)](
+        part, blocks, *alpha, lanes["lane_running"], lanes["lane_train"], lanes["lane_sizes"],
+        lanes["lane_recon"], used, coef, n, lane0, RECON=recon, BLOCK=256, num_warps=1)
+    return kept
+
+
+def feature_scale(run_of: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    f = run_of.shape[0]
+    out = torch.empty(f, device=used.device, dtype=torch.float32)
+    _feature_scale_kernel[(triton.cdiv(f, 1024),)](run_of, used, out, f, BLOCK=1024)
+    return out
 
 
 def seed_backward(kept: torch.Tensor, g: torch.Tensor, flat: torch.Tensor, hidden: int,
-                  bounds: torch.Tensor, alpha: torch.Tensor, coef: torch.Tensor, lane0: int
-                  ) -> torch.Tensor:
-    """d flat (A, P) of `seed_forward`'s blueprints for the output gradient g (N, F)."""
+                  bounds: torch.Tensor, alpha: torch.Tensor, coef: torch.Tensor, lane0: int,
+                  recon: bool) -> torch.Tensor:
+    """d flat (A, P) of `seed_forward`'s blueprints for the output gradient g (N, F); alpha and
+    coef are its `used` and `coef`; `recon` as there."""
     assert g.stride(1) == 1
     slots, n, chunk = kept.shape
-    wp, hp, block = _meta(chunk, hidden)
-    blocks = triton.cdiv(n, block)
-    programs = max(1, min(blocks, triton.cdiv(_PROGRAMS, max(slots, 1))))
+    blocks = triton.cdiv(n, BWD_ROWS)
+    programs = max(1, min(blocks, triton.cdiv(BWD_PROGRAMS, max(slots, 1))))
     per_program = triton.cdiv(blocks, programs)
     programs = triton.cdiv(blocks, per_program) if blocks else 1
     part = torch.empty(slots, programs, flat.shape[1], device=g.device, dtype=torch.float32)
     i64 = max(g.shape[0] * g.stride(0), kept.numel()) >= 2**31 - 1
     _seed_bwd_kernel[(slots, programs)](
         kept, g, flat, part, bounds, alpha, coef, n, flat.shape[1], g.stride(0), lane0,
-        per_program, W=chunk, H=hidden, WP=wp, HP=hp, BLOCK_N=block, I64=i64, num_warps=4)
+        per_program, W=chunk, H=hidden, BLOCK_N=BWD_ROWS, RECON=recon, I64=i64,
+        num_warps=BWD_WARPS)
     return part.sum(1)
