@@ -33,6 +33,9 @@ from .strategies import GraftContext, get_strategy
 from .telemetry import LayerHealthReport, SeedTelemetry
 
 S = SeedStage
+# GraftContext's per-seed fields and the lane tensors they are gathered from.
+_GRAFT_INPUTS = {"steps": "lane_steps", "drift": "lane_drift", "grad_norm": "lane_grad_norm",
+                 "state": "lane_strategy_state", "ramp_steps": "lane_ramp_steps"}
 # Per-lane statistics of the running seeds (persistent: checkpointed), name -> fill value.
 _LANE_STATS = {"lane_steps": 0, "lane_recon": float("nan"), "lane_grad_norm": 0.0,
                "lane_drift": 0.0, "lane_nonfinite": False}
@@ -313,16 +316,14 @@ class KasminaLayer(nn.Module):
         elif isinstance(loss, (int, float)):
             loss = torch.tensor(float(loss), device=self.alpha.device)
         for strategy_id, (seeds, lanes) in (flags.grafting or {}).items():
-            ctx = GraftContext(
-                steps=self.lane_steps.index_select(0, lanes),
-                drift=self.lane_drift.index_select(0, lanes),
-                grad_norm=self.lane_grad_norm.index_select(0, lanes),
-                loss=loss, state=self.lane_strategy_state.index_select(0, lanes),
-                config=self.config,
-                ramp_steps=self.lane_ramp_steps.index_select(0, lanes))
-            alpha, state = get_strategy(strategy_id).update(self.alpha.index_select(0, seeds), ctx)
+            strategy = get_strategy(strategy_id)
+            ctx = GraftContext(loss=loss, config=self.config, **{
+                field: getattr(self, lane).index_select(0, lanes) if field in strategy.reads
+                else None for field, lane in _GRAFT_INPUTS.items()})
+            alpha, state = strategy.update(self.alpha.index_select(0, seeds), ctx)
             self.alpha.index_copy_(0, seeds, alpha.clamp(0.0, 1.0))
-            self.lane_strategy_state.index_copy_(0, lanes, state)
+            if "state" in strategy.reads:
+                self.lane_strategy_state.index_copy_(0, lanes, state)
 
     # ---------------------------------------------------------------- commit
     @torch.no_grad()

@@ -18,13 +18,14 @@ from .lifecycle import UnknownStrategyError
 
 @dataclass
 class GraftContext:
-    """Per-seed inputs for the seeds being updated, each (A,) on the device."""
+    """Per-seed inputs for the seeds being updated, each (A,) on the device. The layer fills
+    only the fields its strategy `reads` (None for the others: each is a gather a step)."""
 
-    steps: torch.Tensor  # grafting updates made so far, this one included (>= 1)
-    drift: torch.Tensor  # ‖w − w_ema‖ / ‖w_ema‖ of the blueprint's weights
-    grad_norm: torch.Tensor  # the blueprint's gradient norm this step
+    steps: torch.Tensor | None  # grafting updates made so far, this one included (>= 1)
+    drift: torch.Tensor | None  # ‖w − w_ema‖ / ‖w_ema‖ of the blueprint's weights
+    grad_norm: torch.Tensor | None  # the blueprint's gradient norm this step
     loss: torch.Tensor | None  # the training loss of this step (a scalar), if reported
-    state: torch.Tensor  # (A, 2) float32 scratch owned by the strategy, zero at graft start
+    state: torch.Tensor | None  # (A, 2) float32 scratch owned by the strategy, zero at start
     config: KasminaConfig
     # float32: each seed's ramp length, its spec's `ramp_steps` else config.ramp_steps (the
     # layer fills it); None: config.ramp_steps for every seed
@@ -39,6 +40,10 @@ class GraftContext:
 class GraftingStrategy:
     name: ClassVar[str]
     id: ClassVar[int]
+    # The GraftContext fields `update` reads (loss and config are always there); a strategy
+    # that does not read `state` returns it as given and the layer keeps it as it was.
+    reads: ClassVar[frozenset[str]] = frozenset(
+        {"steps", "drift", "grad_norm", "state", "ramp_steps"})
 
     def update(self, alpha: torch.Tensor, ctx: GraftContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (new alpha, new state); the caller clamps alpha to [0, 1]."""
@@ -57,6 +62,7 @@ class FixedRamp(GraftingStrategy):
     """alpha = steps / ramp length: exactly 1 after that many updates (no rounding drift)."""
 
     name, id = "fixed_ramp", 0
+    reads = frozenset({"steps", "ramp_steps"})
 
     def update(self, alpha, ctx):
         return torch.clamp(ctx.steps.float() / ctx.ramp_length, max=1.0), ctx.state
@@ -67,6 +73,7 @@ class PerformanceLinked(GraftingStrategy):
     stalls or rises; without a reported loss, the plain ramp. alpha never decreases."""
 
     name, id = "performance_linked", 1
+    reads = frozenset({"steps", "state", "ramp_steps"})
     ema = 0.9
 
     def update(self, alpha, ctx):
@@ -91,6 +98,7 @@ class DriftControlled(GraftingStrategy):
     """Hold while the blueprint's weight drift exceeds `drift_threshold`, else ramp."""
 
     name, id = "drift_controlled", 2
+    reads = frozenset({"drift", "ramp_steps"})
 
     def update(self, alpha, ctx):
         hold = ctx.drift > ctx.config.drift_threshold
@@ -101,6 +109,7 @@ class GradNormGated(GraftingStrategy):
     """Ramp only while the seed's gradient norm is inside [grad_norm_lower, grad_norm_upper]."""
 
     name, id = "grad_norm_gated", 3
+    reads = frozenset({"grad_norm", "ramp_steps"})
 
     def update(self, alpha, ctx):
         cfg = ctx.config
