@@ -192,3 +192,11 @@ def test_under_autocast_float32_weights_get_float32_gradients_that_match():
     for key in results[0][1]:
         torch.testing.assert_close(results[0][1][key], results[1][1][key], rtol=3e-2,
                                    atol=1e-3, msg=key)
+
+
+def test_a_commit_between_forward_and_backward_is_an_error_not_a_wrong_gradient():
+    layer = make_layer()
+    out = layer(torch.randn(5, 6, device=DEVICE, requires_grad=True))
+    layer.germinate(0, "residual_mlp")  # a command commits: the lane tensors are rewritten
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -98,10 +98,10 @@ class _FusedLinear(torch.autograd.Function):
         ctx.layer, ctx.keys, ctx.blend, ctx.recon = layer, keys, layer._flags.has_blend, recon
         ctx.transposed = transposed
         x = x.to(h.dtype)  # what the GEMM read (autocast's copy; x itself otherwise)
-        if save:
-            ctx.save_for_backward(x, weight, used, coef, *flats, *kept)
-        else:
-            ctx.save_for_backward(x, weight)
+        # the lanes as this forward read them (a commit before the backward is an error, as on
+        # the general path, not a gradient of other lanes)
+        lanes = (layer.run_of, layer.bounds, used, coef, *flats, *kept) if save else ()
+        ctx.save_for_backward(x, weight, *lanes)
         return h
 
     @staticmethod
@@ -110,8 +110,9 @@ class _FusedLinear(torch.autograd.Function):
         x, weight, *rest = ctx.saved_tensors
         g = g if g.stride(1) == 1 else g.contiguous()
         scale = None
+        run_of, bounds, alpha, coef, *banks = rest or (None,) * 4
         if ctx.blend and rest:  # D: 1 - alpha on the blended features, 1 elsewhere
-            scale = _kernels().feature_scale(layer.run_of, rest[0])
+            scale = _kernels().feature_scale(run_of, alpha)
         gx = gw = gb = None
         cd = g.dtype  # the GEMMs' dtype (autocast's, or the host's), whatever the weight's
         side = None if scale is None else scale[None, :] if ctx.transposed else scale[:, None]
@@ -128,16 +129,13 @@ class _FusedLinear(torch.autograd.Function):
             if scale is not None:
                 gb.mul_(scale)
         flats = [None] * len(ctx.keys)
-        if rest:
-            alpha, coef, *banks = rest
-            params, kept = banks[:len(flats)], banks[len(flats):]
-            for i, key in enumerate(ctx.keys):
-                if needs[5 + i]:
-                    start, _ = layer.table.lanes[int(key)]
-                    flats[i] = _kernels().seed_backward(kept[i], g, params[i],
-                                                        layer.banks[key].spec.hidden,
-                                                        layer.bounds, alpha, coef, start,
-                                                        ctx.recon)
+        params, kept = banks[:len(flats)], banks[len(flats):]
+        for i, key in enumerate(ctx.keys):
+            if rest and needs[5 + i]:
+                start, _ = layer.table.lanes[int(key)]
+                flats[i] = _kernels().seed_backward(kept[i], g, params[i],
+                                                    layer.banks[key].spec.hidden, bounds,
+                                                    alpha, coef, start, ctx.recon)
         return gx, gw, gb, None, None, *flats
 
 

@@ -153,7 +153,7 @@ class KasminaLayer(nn.Module):
                 out = self._graphs.forward(self, x, tracking, True)
                 if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)
                     return out
-            if fused.applies(self, x):  # a plain Linear host: one node, the blend in place
+            if fused.applies(self, x):  # a plain Linear or Conv1D host: one node, blend in place
                 return fused.forward(self, x, tracking)
         return self.seed_forward(self.host(x))
 
