@@ -32,6 +32,7 @@ class BlueprintBank(nn.Module):
         self._shapes = spec.shapes(chunk)
         self._forward = forward_of(spec)  # its activation
         self._fusable = uses_fused_mlp(spec, chunk)
+        self._node = self._fusable and kernels.seed_node_fits(chunk, spec.hidden)  # kasmina.fused
         self._columns: dict[str, tuple[int, int]] = {}
         start = 0
         for name, shape in self._shapes.items():

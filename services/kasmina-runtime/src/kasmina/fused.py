@@ -16,8 +16,9 @@ the output gradient (211 us), for chunks of 4 features, a tenth of them running.
   dx = g (D W), dW = D (g^T x), db = D sum(g). The blueprints' gradients come from one kernel a
   bank reading g's running columns (`seed_backward`).
 
-It applies (`applies`) where every running lane is a fused residual_mlp lane that does not
-pass the host's gradient through its blueprint (no FOSSILIZED seed, `isolate_host_in_blend`),
+It applies (`applies`) where every running lane is a residual_mlp lane of a narrow bank
+(`kernels.seed_node_fits`: up to 4 features a chunk at the catalog's 16 hidden units) that does
+not pass the host's gradient through its blueprint (no FOSSILIZED seed, `isolate_host_in_blend`),
 with the Triton kernels on CUDA (or the interpreter), not under torch.compile (which traces the
 general path: every lane runs), and on a host that is exactly `nn.Linear` or `Conv1D` with no
 hooks (this node computes the host itself). A lane whose output is not finite this step blends

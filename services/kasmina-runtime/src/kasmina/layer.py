@@ -358,7 +358,7 @@ class KasminaLayer(nn.Module):
         arrays, self._flags = build_lanes(table, self.chunk_width, self.config,
                                           self._bank_of_lane, list(self.banks), self.alpha.device)
         self._flags.fused = self._flags.live and not self._flags.has_through and all(
-            self.banks[k]._fusable for k in self._flags.banks)
+            self.banks[k]._node for k in self._flags.banks)
         for name, value in arrays.items():
             buf = getattr(self, name)
             buf.copy_(torch.as_tensor(value).to(buf.dtype).view(buf.shape))

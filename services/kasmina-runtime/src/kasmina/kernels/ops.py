@@ -248,6 +248,14 @@ def fused_mlp_fits(chunk: int, hidden: int) -> bool:
     return _pow2(chunk) * _pow2(hidden) <= 1024
 
 
+def seed_node_fits(chunk: int, hidden: int) -> bool:
+    """Whether kasmina.fused's kernels take a residual_mlp bank of this size: their backward
+    keeps one register accumulator a parameter, and at 4 features x 16 hidden (148) it already
+    uses all 255 registers with ~200 bytes spilled (compiled for sm_90): wider banks keep the
+    general path."""
+    return 2 * chunk * hidden + hidden + chunk <= 148
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
