@@ -2,13 +2,13 @@
 Triton kernels registered as `torch.library` custom ops (CUDA default)."""
 
 from .ops import (
-                  chunk_blend,
-                  column_stats,
-                  fused_mlp_fits,
-                  interpreting,
-                  residual_mlp,
-                  seed_node_fits,
-                  use_triton,
+    chunk_blend,
+    column_stats,
+    fused_mlp_fits,
+    interpreting,
+    residual_mlp,
+    seed_node_fits,
+    use_triton,
 )
 
 __all__ = ["chunk_blend", "column_stats", "fused_mlp_fits", "interpreting", "residual_mlp",
