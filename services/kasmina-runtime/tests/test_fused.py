@@ -206,3 +206,59 @@ def test_wide_chunks_keep_the_general_path():
     layer = make_layer(features=40)  # 8 features a chunk: 2 * 8 * 16 + 16 + 8 parameters
     assert not layer._flags.fused and layer._flags.live
     assert layer(torch.randn(3, 6, device=DEVICE)).shape == (3, 40)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_small_transformer_trains_the_same_on_either_path(arch, monkeypatch):
+    """Hugging Face GPT-2 (Conv1D hosts) and Llama (nn.Linear, 3-D inputs, no biases), every
+    seed layer growing one seed: two SGD steps with layer.step on the fused node and on the
+    general path give the same losses and parameters."""
+    import kasmina
+    import transformers
+    if arch == "gpt2":
+        config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40,
+                                         n_positions=16, bos_token_id=0, eos_token_id=0)
+        model_class = transformers.GPT2LMHeadModel
+    else:
+        config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1, max_position_embeddings=16,
+                                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model_class = transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    base = model_class(config).to(DEVICE)
+    cfg = KasminaConfig(kernels="triton", blueprints=("residual_mlp",), max_active_seeds=1)
+    kasmina.wrap(base, seeds_per_layer=16, config=cfg, exclude=["lm_head"])  # <= 4 features
+    layers = kasmina.seed_layers(base)
+    assert layers
+    for layer in layers:
+        with layer.batch():
+            layer.germinate(1, "residual_mlp")
+            for stage in (S.TRAINING, S.GRAFTING):
+                layer.transition(1, stage, force=True)
+        layer.alpha[1] = 0.5
+    assert all(layer._flags.fused for layer in layers)
+    ids = torch.randint(0, 40, (2, 8), device=DEVICE)
+    runs = []
+    for path in ("fused", "general"):
+        model = copy.deepcopy(base)
+        if path == "general":
+            monkeypatch.setattr(fused, "applies", lambda *_: False)
+        opt = torch.optim.SGD([p for n, p in model.named_parameters() if ".banks." not in n],
+                              lr=0.1)
+        torch.manual_seed(1)  # GPT-2's dropout draws the same masks on both paths
+        losses = []
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            for layer in kasmina.seed_layers(model):
+                layer.step(loss.detach())
+            losses.append(loss.item())
+        runs.append((losses, model.state_dict()))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
+    for key, value in runs[0][1].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, runs[1][1][key], rtol=1e-4, atol=1e-5,
+                                       equal_nan=True, msg=key)
