@@ -262,3 +262,49 @@ def test_a_small_transformer_trains_the_same_on_either_path(arch, monkeypatch):
         if value.is_floating_point():
             torch.testing.assert_close(value, runs[1][1][key], rtol=1e-4, atol=1e-5,
                                        equal_nan=True, msg=key)
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One gloo rank of test_two_ddp_ranks_stay_bit_identical_on_the_fused_node."""
+    import kasmina
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        layer = make_layer()
+        net = nn.parallel.DistributedDataParallel(kasmina.prepare_ddp(layer))
+        opt = torch.optim.SGD(layer.host.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(7)
+        applied = []
+        for _ in range(3):
+            x = torch.randn(8, 6, generator=gen)[rank * 4:(rank + 1) * 4]
+            applied.append(fused.applies(layer, x))
+            loss = net(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            layer.step(loss.detach())
+        layer.end_epoch(None)  # the boundary all-reduces what each rank measured on its rows
+        torch.save((applied, layer.state_dict()), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="gloo ranks on the CPU, under the interpreter")
+def test_two_ddp_ranks_stay_bit_identical_on_the_fused_node(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.start_processes(_ddp_rank, args=(2, port, out), nprocs=2, start_method="spawn")
+    (applied0, a), (applied1, b) = (torch.load(f"{out}.{r}", weights_only=False)
+                                    for r in range(2))
+    assert applied0 == applied1 == [True] * 3
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key].nan_to_num(), b[key].nan_to_num()), key
