@@ -3,6 +3,7 @@ the configurations under test, written out once so the report quotes what ran.""
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -67,15 +68,24 @@ def with_fields(growth: Growth, fields: dict[str, object]) -> Growth:
 def change_set(name: str) -> Growth:
     """A configuration named by its changes: "default+f+g" is FORMER_DEFAULTS with the
     candidate's values of fields f and g (or an EXTRAS entry), "candidate-f" the candidate with
-    the former default value of f; "default" and "candidate" alone are the two themselves."""
+    the former default value of f; "default" and "candidate" alone are the two themselves;
+    "shipped" is the library's defaults as they are (Growth()); a term "f=v" sets a field of
+    KasminaConfig or ControllerConfig to the literal v (e.g. shipped+fine_tuning_epochs=1)."""
     changes, shipped = candidate_changes(), FORMER_DEFAULTS
-    base, *terms = name.replace("-", "+-").split("+")
+    base, *terms = _terms(name)
     fields = dict(changes) if base == "candidate" else {}
-    if base not in ("default", "candidate"):
-        raise ValueError(f"{name!r}: starts with 'default' or 'candidate'")
+    if base not in ("default", "candidate", "shipped"):
+        raise ValueError(f"{name!r}: starts with 'default', 'candidate' or 'shipped'")
+    if base == "shipped":
+        shipped = Growth()
     for term in terms:
         f = term.lstrip("-")
-        if term.startswith("-") and f in changes:
+        if "=" in term and not term.startswith("-") and term not in EXTRAS:
+            f, value = term.split("=", 1)
+            if f not in KasminaConfig.__dataclass_fields__ | ControllerConfig.__dataclass_fields__:
+                raise ValueError(f"{name!r}: {f!r} is a field of neither config")
+            fields[f] = ast.literal_eval(value)
+        elif term.startswith("-") and f in changes:
             fields[f] = getattr(shipped.kasmina if f in KasminaConfig.__dataclass_fields__
                                 else shipped.controller, f)
         elif not term.startswith("-") and f in changes:
@@ -86,6 +96,19 @@ def change_set(name: str) -> Growth:
             raise ValueError(f"{name!r}: {term!r} is not +/- one of {sorted(changes)} or "
                              f"+ one of {sorted(EXTRAS)}")
     return with_fields(shipped, fields)
+
+
+def _terms(name: str) -> list[str]:
+    """"candidate-f+g+h=1e-3" -> ["candidate", "-f", "g", "h=1e-3"] (a value runs to the next
+    "+", so it may hold a "-")."""
+    out = []
+    for part in name.split("+"):
+        if "=" in part:
+            out.append(part)
+            continue
+        first, *minus = part.split("-")
+        out += [first, *(f"-{m}" for m in minus)]
+    return out
 
 
 def change_sets() -> list[str]:
@@ -101,10 +124,11 @@ def describe_change_set(name: str) -> str:
         return DESCRIPTIONS["seeds_candidate"]
     if name == "default":
         return "the library's defaults before ADR 0007 (plan.FORMER_DEFAULTS)."
-    base = "the former defaults" if name.startswith("default") else "`seeds_candidate`"
+    base = {"default": "the former defaults", "shipped": "the shipped defaults"}.get(
+        _terms(name)[0], "`seeds_candidate`")
     return (f"{base} with "
             + ", ".join(("the former default " + t[1:]) if t.startswith("-") else t
-                        for t in name.replace("-", "+-").split("+")[1:]) + ".")
+                        for t in _terms(name)[1:]) + ".")
 
 
 def ablations(base: Growth) -> dict[str, Growth]:

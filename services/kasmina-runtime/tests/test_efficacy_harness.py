@@ -145,3 +145,19 @@ def test_worst_setback_is_the_largest_fall_between_measured_epochs(monkeypatch) 
     assert report.setback(run([0.5, 0.7, 0.6, 0.9]), "max") == pytest.approx(0.1)
     assert report.setback(run([1.0, 0.8, 0.95, 0.5]), "min") == pytest.approx(0.15)
     assert report.setback(run([0.5, 0.6, 0.7]), "max") == 0.0
+
+
+def test_a_change_set_can_start_from_the_shipped_defaults_and_set_any_field(monkeypatch
+                                                                            ) -> None:
+    monkeypatch.syspath_prepend(str(HARNESS))
+    import plan
+    from kasmina import ControllerConfig, KasminaConfig
+
+    got = plan.change_set("shipped+fine_tuning_epochs=1+min_delta=1e-3")
+    assert got.kasmina == KasminaConfig(fine_tuning_epochs=1)
+    assert got.controller == dataclasses.replace(ControllerConfig(), min_delta=1e-3)
+    assert plan.change_set("shipped") == plan.Growth()
+    with pytest.raises(ValueError, match="neither config"):
+        plan.change_set("shipped+no_such_field=1")
+    assert plan.describe_change_set("shipped+ramp_steps=1") == (
+        "the shipped defaults with ramp_steps=1.")
