@@ -124,6 +124,8 @@ def describe_change_set(name: str) -> str:
         return DESCRIPTIONS["seeds_candidate"]
     if name == "default":
         return "the library's defaults before ADR 0007 (plan.FORMER_DEFAULTS)."
+    if name == "shipped":
+        return "the library's defaults as shipped (the runs of `seeds_default`)."
     base = {"default": "the former defaults", "shipped": "the shipped defaults"}.get(
         _terms(name)[0], "`seeds_candidate`")
     return (f"{base} with "
