@@ -322,7 +322,11 @@ def test_ramp_then_a_regression_halts_the_next_ramp_and_rolls_back(
         paths = dict(db.execute("SELECT execution_path, count(*) FROM karn_field_reports "
                                 "GROUP BY execution_path"))
     assert len(published) == len(set(published)) and sorted(stored) == sorted(published)
-    assert paths.get("legacy", 0) >= 3 and paths.get("chunked", 0) >= 3, paths
+    # both paths' reports: at least the guard's minimum a side, what its verdict needed (the
+    # ramp halts as soon as it has them, so a third legacy report is a race: 2 in 5 of 9 runs
+    # on the 2-core box, 2026-12-01)
+    least = int(GUARD_MIN_REPORTS)
+    assert paths.get("legacy", 0) >= least and paths.get("chunked", 0) >= least, paths
     # Tamiyo's commands: each acked by its job (a job's stream is deleted at its end only once
     # every delivery was answered and acked; one still there has nothing pending)
     # (a command decided at a job's last boundary may be due at an epoch the job never reaches:
