@@ -90,6 +90,21 @@ def test_fused_node_matches_the_general_path(bias, shape):
     torch.testing.assert_close(layer.alpha, ref.alpha)
 
 
+def test_frozen_blueprints_still_give_the_host_its_blended_gradient():
+    """The host's (1 - alpha) is applied in the node's backward whether or not the blueprints'
+    own gradients are wanted."""
+    layer = make_layer()
+    ref = general(layer)
+    for m in (layer, ref):
+        m.banks.requires_grad_(False)
+    x = torch.randn(9, 6, device=DEVICE)
+    for m in (layer, ref):
+        m(x).square().sum().backward()
+    torch.testing.assert_close(layer.host.weight.grad, ref.host.weight.grad, rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(layer.host.bias.grad, ref.host.bias.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_without_gradients_and_in_eval_the_blend_is_the_same():
     layer = make_layer()
     ref = general(layer)
@@ -237,7 +252,8 @@ def test_a_small_transformer_trains_the_same_on_either_path(arch, monkeypatch):
             for stage in (S.TRAINING, S.GRAFTING):
                 layer.transition(1, stage, force=True)
         layer.alpha[1] = 0.5
-    assert all(layer._flags.fused for layer in layers)
+    assert all(fused.applies(layer, torch.zeros(1, layer.in_features, device=DEVICE))
+               for layer in layers)  # the first run takes the node in every seed layer
     ids = torch.randint(0, 40, (2, 8), device=DEVICE)
     runs = []
     for path in ("fused", "general"):

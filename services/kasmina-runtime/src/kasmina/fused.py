@@ -45,22 +45,19 @@ if TYPE_CHECKING:
     from .layer import KasminaLayer
 
 
-def host_kind(host: nn.Module) -> str | None:
-    """"linear" (exactly nn.Linear) or "conv1d" (exactly transformers' Conv1D, its weight
-    (in, out)) where this node may compute the host itself, with no hooks anywhere; else None."""
+def host_ok(host: nn.Module) -> bool:
+    """Exactly nn.Linear or transformers' Conv1D (its weight (in, out)), with no hooks
+    anywhere: a host this node may compute itself."""
     if (host._forward_hooks or host._forward_pre_hooks or _module._global_forward_hooks
             or _module._global_forward_pre_hooks):
-        return None
-    if type(host) is nn.Linear:
-        return "linear"
-    conv1d = conv1d_type()
-    return "conv1d" if conv1d is not None and type(host) is conv1d else None
+        return False
+    return type(host) is nn.Linear or type(host) is conv1d_type()
 
 
 def applies(layer: KasminaLayer, x: torch.Tensor) -> bool:
     return (layer._flags.fused and not torch.compiler.is_compiling() and x.numel() > 0
             and (x.is_cuda or interpreting()) and layer._triton
-            and host_kind(layer.host) is not None)
+            and host_ok(layer.host))
 
 
 def forward(layer: KasminaLayer, x: torch.Tensor, tracking: bool) -> torch.Tensor:
@@ -69,7 +66,7 @@ def forward(layer: KasminaLayer, x: torch.Tensor, tracking: bool) -> torch.Tenso
     keys = layer._flags.banks
     # (the reconstruction loss is decided here: autograd runs the node's forward without grad)
     recon = layer.training and torch.is_grad_enabled() and layer._flags.has_train
-    mode = (tracking, recon, keys, host_kind(host) == "conv1d")
+    mode = (tracking, recon, keys, type(host) is not nn.Linear)  # (applies: else a Conv1D)
     out = _FusedLinear.apply(x2, host.weight, host.bias, layer, mode,
                              *(layer.banks[k].flat for k in keys))
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -85,35 +82,34 @@ class _FusedLinear(torch.autograd.Function):
             h = x.mm(weight) if bias is None else torch.addmm(bias, x, weight)
         if tracking:  # the host's output as it was: the telemetry reads it before the blend
             layer.telemetry.observe(h, layer.config.dead_threshold, True)
-        save = any(ctx.needs_input_grad[5:])
+        save = any(ctx.needs_input_grad[5:])  # the blueprints' gradients: keep their inputs
         used = torch.empty(layer.num_lanes, device=h.device)  # the alpha each lane blended with
         coef = torch.empty(layer.num_lanes, device=h.device)  # its reconstruction loss's 2 / n
-        lanes = {name: getattr(layer, name) for name in _LANES}
-        lanes["alpha"] = layer.alpha
+        tensors = {name: getattr(layer, name) for name in _LANES}
+        tensors["alpha"] = layer.alpha
         kept = []
         for key, flat in zip(keys, flats, strict=True):
             bank = layer.banks[key]
             start, _ = layer.table.lanes[int(key)]
-            kept.append(_kernels().seed_forward(h, flat, bank.chunk, bank.spec.hidden, lanes,
+            kept.append(_kernels().seed_forward(h, flat, bank.chunk, bank.spec.hidden, tensors,
                                                 start, save, recon, used, coef))
         ctx.layer, ctx.keys, ctx.blend, ctx.recon = layer, keys, layer._flags.has_blend, recon
-        ctx.transposed = transposed
+        ctx.transposed, ctx.save = transposed, save
         x = x.to(h.dtype)  # what the GEMM read (autocast's copy; x itself otherwise)
-        # the lanes as this forward read them (a commit before the backward is an error, as on
-        # the general path, not a gradient of other lanes)
-        lanes = (layer.run_of, layer.bounds, used, coef, *flats, *kept) if save else ()
-        ctx.save_for_backward(x, weight, *lanes)
+        # The lanes as this forward read them (a commit before the backward is then autograd's
+        # in-place error, as on the general path, not a gradient of other lanes); the host's
+        # gradient needs them whether or not the blueprints' are wanted.
+        ctx.save_for_backward(x, weight, layer.run_of, layer.bounds, used, coef, *flats,
+                              *(kept if save else ()))
         return h
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         layer, needs = ctx.layer, ctx.needs_input_grad
-        x, weight, *rest = ctx.saved_tensors
+        x, weight, run_of, bounds, alpha, coef, *banks = ctx.saved_tensors
         g = g if g.stride(1) == 1 else g.contiguous()
-        scale = None
-        run_of, bounds, alpha, coef, *banks = rest or (None,) * 4
-        if ctx.blend and rest:  # D: 1 - alpha on the blended features, 1 elsewhere
-            scale = _kernels().feature_scale(run_of, alpha)
+        # D: 1 - alpha on the blended features, 1 elsewhere
+        scale = _kernels().feature_scale(run_of, alpha) if ctx.blend else None
         gx = gw = gb = None
         cd = g.dtype  # the GEMMs' dtype (autocast's, or the host's), whatever the weight's
         side = None if scale is None else scale[None, :] if ctx.transposed else scale[:, None]
@@ -132,7 +128,7 @@ class _FusedLinear(torch.autograd.Function):
         flats = [None] * len(ctx.keys)
         params, kept = banks[:len(flats)], banks[len(flats):]
         for i, key in enumerate(ctx.keys):
-            if rest and needs[5 + i]:
+            if ctx.save and needs[5 + i]:
                 start, _ = layer.table.lanes[int(key)]
                 flats[i] = _kernels().seed_backward(kept[i], g, params[i],
                                                     layer.banks[key].spec.hidden, bounds,
