@@ -26,6 +26,32 @@ def graft(make_layer, drive, strategy, steps, loss_fn=lambda i: None, **cfg):
     return layer, alphas
 
 
+@pytest.mark.parametrize("strategy", ["fixed_ramp", "performance_linked", "drift_controlled",
+                                      "grad_norm_gated"])
+def test_every_strategy_gets_what_it_reads_from_the_layer(make_layer, drive, strategy):
+    """The layer fills only the GraftContext fields a strategy names in `reads`: each built-in
+    one still ramps through a layer (a field it reads but did not name would be None)."""
+    _, alphas = graft(make_layer, drive, strategy, 5, lambda i: 5.0 - i,
+                      grad_norm_lower=0.0, grad_norm_upper=1e9, drift_threshold=1e9)
+    assert 0 < alphas[0] <= alphas[-1] <= 1
+
+
+def test_a_strategy_that_names_nothing_reads_every_field(make_layer, drive):
+    seen = {}
+
+    class Watcher(GraftingStrategy):
+        name, id = "test_watcher", 97
+
+        def update(self, alpha, ctx):
+            seen.update({f: getattr(ctx, f) is not None for f in
+                         ("steps", "drift", "grad_norm", "state", "ramp_steps")})
+            return alpha, ctx.state
+
+    register_strategy(Watcher)
+    graft(make_layer, drive, "test_watcher", 1)
+    assert seen == dict.fromkeys(seen, True) and len(seen) == 5
+
+
 def test_ids_are_stable():
     assert [get_strategy(n).id for n in ("fixed_ramp", "performance_linked", "drift_controlled",
                                          "grad_norm_gated")] == [0, 1, 2, 3]
