@@ -14,10 +14,12 @@ from torch import nn
 S = SeedStage
 
 
-def growing(device: str, graphs: bool, dtype: torch.dtype = torch.float32) -> KasminaLayer:
+def growing(device: str, graphs: bool, dtype: torch.dtype = torch.float32, seeds: int = 12
+            ) -> KasminaLayer:
+    """Seeds of 8 features (the general path), or of 4 with seeds=24 (kasmina.fused's node)."""
     torch.manual_seed(0)
     cfg = KasminaConfig(max_active_seeds=8, cuda_graphs=graphs, ramp_steps=6)
-    layer = KasminaLayer(nn.Linear(64, 96), 12, cfg)
+    layer = KasminaLayer(nn.Linear(64, 96), seeds, cfg)
     layer.germinate(1, "residual_mlp", "performance_linked")
     layer.germinate(4, "residual_mlp")
     layer.transition(1, S.TRAINING, force=True)
@@ -64,11 +66,13 @@ def test_graphs_are_not_copied():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seeds", [12, 24])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphed_training_equals_eager_on_cuda(dtype):
+def test_graphed_training_equals_eager_on_cuda(dtype, seeds):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    eager_layer, graphed_layer = growing("cuda", False, dtype), growing("cuda", True, dtype)
+    eager_layer, graphed_layer = (growing("cuda", g, dtype, seeds) for g in (False, True))
+    assert eager_layer._flags.fused == (seeds == 24)  # the graphs capture either path
     eager = train(eager_layer, 10, "cuda", dtype)
     graphed = train(graphed_layer, 10, "cuda", dtype)
     assert graphed_layer._graphs.passes and graphed_layer._graphs.steps  # it did replay
