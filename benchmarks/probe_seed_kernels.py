@@ -1,6 +1,6 @@
 """The fused node's seed kernels (kernels/triton_mlp.py `seed_forward`, with its finishing
 launch, and `seed_backward`) alone at the bars' growing case, over row blocks, warps and
-programs, each checked first against a float64 formula. CUDA only.
+programs and groups of hidden units, each checked first against a float64 formula. CUDA only.
 
     python3 benchmarks/probe_seed_kernels.py [--shape 4096x32768] [--seeds 1024] [--lanes 102]
 """
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from kasmina.kernels import triton_mlp as tm
 
-FWD = [(64, 1), (128, 1), (64, 2), (128, 2)]  # (rows, warps)
-BWD = [(64, 2, 1024), (32, 1, 1024), (64, 2, 2048), (128, 4, 1024)]  # (rows, warps, programs)
+FWD = [(64, 1), (128, 2), (32, 1)]  # (rows, warps)
+BWD = [(4, 32, 1, 8192), (4, 32, 1, 16384), (4, 64, 2, 8192), (2, 32, 1, 8192)]
+# (hidden units a group, rows, warps, programs)
 
 
 def timed(fn, reps: int = 20) -> float:  # noqa: ANN001
@@ -61,7 +62,8 @@ def main() -> None:
     flat = torch.randn(lanes, 2 * c * hid + hid + c, device=dev) * 0.5
     starts = (torch.linspace(0, args.seeds - 1, lanes).round().int() * c).to(dev)
     print(f"{n} x {f} bf16, {lanes} lanes of {c} features, hidden {hid}", flush=True)
-    defaults = (tm.FWD_ROWS, tm.FWD_WARPS, tm.BWD_ROWS, tm.BWD_WARPS, tm.BWD_PROGRAMS)
+    defaults = (tm.FWD_ROWS, tm.FWD_WARPS, tm.BWD_GROUP, tm.BWD_ROWS, tm.BWD_WARPS,
+                tm.BWD_PROGRAMS)
     for case, a, coef in (("graft", 0.3, 0.0), ("training", 0.0, 2.0 / (n * c))):
         t = {"bounds": torch.stack([starts, torch.full_like(starts, c)], 1).int(),
              "lane_index": torch.arange(lanes, device=dev),
@@ -78,20 +80,22 @@ def main() -> None:
                       save=True, recon=coef != 0, used=used, coef=cf)
         for tm.FWD_ROWS, tm.FWD_WARPS in FWD:
             h = h0.clone()
-            kept = fwd(h)
+            kept, diff = fwd(h)
             idx = starts[:, None].long() + torch.arange(c, device=dev)
             torch.testing.assert_close(h[:, idx].transpose(0, 1).double(), want_out,
                                        rtol=8e-3, atol=1e-3)
             us = timed(lambda fwd=fwd: fwd(h0.clone())) - timed(lambda: h0.clone())
             print(f"{case} forward  rows {tm.FWD_ROWS:3d} warps {tm.FWD_WARPS}: {us:7.1f} us "
                   f"(checked)", flush=True)
-        for tm.BWD_ROWS, tm.BWD_WARPS, tm.BWD_PROGRAMS in BWD:
-            bwd = partial(tm.seed_backward, kept, g, flat, hid, t["bounds"], used, cf, 0,
+        for tm.BWD_GROUP, tm.BWD_ROWS, tm.BWD_WARPS, tm.BWD_PROGRAMS in BWD:
+            bwd = partial(tm.seed_backward, kept, diff, g, flat, hid, t["bounds"], used, cf, 0,
                           coef != 0)
             torch.testing.assert_close(bwd().double(), want_d, rtol=2e-3, atol=1e-6)
-            print(f"{case} backward rows {tm.BWD_ROWS:3d} warps {tm.BWD_WARPS} programs "
+            print(f"{case} backward group {tm.BWD_GROUP} rows {tm.BWD_ROWS:3d} warps "
+                  f"{tm.BWD_WARPS} programs "
                   f"{tm.BWD_PROGRAMS}: {timed(bwd):7.1f} us (checked)", flush=True)
-    tm.FWD_ROWS, tm.FWD_WARPS, tm.BWD_ROWS, tm.BWD_WARPS, tm.BWD_PROGRAMS = defaults
+    (tm.FWD_ROWS, tm.FWD_WARPS, tm.BWD_GROUP, tm.BWD_ROWS, tm.BWD_WARPS,
+     tm.BWD_PROGRAMS) = defaults
 
 
 if __name__ == "__main__":

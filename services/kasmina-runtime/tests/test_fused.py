@@ -324,3 +324,29 @@ def test_two_ddp_ranks_stay_bit_identical_on_the_fused_node(tmp_path):
     for key in a:
         if isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key].nan_to_num(), b[key].nan_to_num()), key
+
+
+@pytest.mark.parametrize("rows", [True, False])
+def test_feature_mul_is_torch_mul_with_one_rounding(rows):
+    """The node's scaling of W and dW by D: torch.mul's bits (a float32 product rounded once to
+    bf16), into a new tensor or in place; tiles whose features are all unscaled (skipped in
+    place) keep their values."""
+    from kasmina.kernels import triton_mlp
+    torch.manual_seed(1)
+    src = torch.randn(37, 300, device=DEVICE).bfloat16()
+    scale = torch.ones(37 if rows else 300, device=DEVICE)
+    scale[3:7] = torch.rand(4, device=DEVICE)  # a running chunk's features: 1 - alpha
+    side = scale[:, None] if rows else scale[None, :]
+    want = torch.mul(src, side, out=torch.empty_like(src))
+
+    def same(got):  # the interpreter's bf16 casts truncate: one unit in the last place there
+        if DEVICE == "cuda":
+            assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+        assert torch.equal(got[:3], src[:3]) if rows else torch.equal(got[:, :3], src[:, :3])
+
+    same(triton_mlp.feature_mul(src, scale, rows))
+    same(triton_mlp.feature_mul(src.t().contiguous().t(), scale, rows))
+    inplace = src.clone()
+    assert triton_mlp.feature_mul(inplace, scale, rows, out=inplace) is inplace
+    same(inplace)

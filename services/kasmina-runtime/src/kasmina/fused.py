@@ -87,11 +87,11 @@ class _FusedLinear(torch.autograd.Function):
         coef = torch.empty(layer.num_lanes, device=h.device)  # its reconstruction loss's 2 / n
         tensors = {name: getattr(layer, name) for name in _LANES}
         tensors["alpha"] = layer.alpha
-        kept = []
+        kept = []  # per bank: its chunks as they were, and with recon their y - x
         for key, flat in zip(keys, flats, strict=True):
             bank = layer.banks[key]
             start, _ = layer.table.lanes[int(key)]
-            kept.append(_kernels().seed_forward(h, flat, bank.chunk, bank.spec.hidden, tensors,
+            kept.extend(_kernels().seed_forward(h, flat, bank.chunk, bank.spec.hidden, tensors,
                                                 start, save, recon, used, coef))
         ctx.layer, ctx.keys, ctx.blend, ctx.recon = layer, keys, layer._flags.has_blend, recon
         ctx.transposed, ctx.save = transposed, save
@@ -112,15 +112,15 @@ class _FusedLinear(torch.autograd.Function):
         scale = _kernels().feature_scale(run_of, alpha) if ctx.blend else None
         gx = gw = gb = None
         cd = g.dtype  # the GEMMs' dtype (autocast's, or the host's), whatever the weight's
-        side = None if scale is None else scale[None, :] if ctx.transposed else scale[:, None]
+        rows = not ctx.transposed  # nn.Linear's weight is (out, in): D scales its rows
         if needs[0]:  # D W: one rounding of the product
-            w = weight.to(cd) if side is None else torch.mul(
-                weight, side, out=torch.empty_like(weight, dtype=cd))
+            w = weight.to(cd) if scale is None else _kernels().feature_mul(
+                weight, scale, rows, torch.empty(weight.shape, dtype=cd, device=weight.device))
             gx = g.mm(w.t() if ctx.transposed else w)
         if needs[1]:
             gw = x.t().mm(g) if ctx.transposed else g.t().mm(x)
-            if side is not None:
-                gw.mul_(side)
+            if scale is not None:
+                _kernels().feature_mul(gw, scale, rows, out=gw)
         if needs[2]:
             gb = g.sum(0)
             if scale is not None:
@@ -130,7 +130,7 @@ class _FusedLinear(torch.autograd.Function):
         for i, key in enumerate(ctx.keys):
             if ctx.save and needs[5 + i]:
                 start, _ = layer.table.lanes[int(key)]
-                flats[i] = _kernels().seed_backward(kept[i], g, params[i],
+                flats[i] = _kernels().seed_backward(*kept[2 * i:2 * i + 2], g, params[i],
                                                     layer.banks[key].spec.hidden, bounds,
                                                     alpha, coef, start, ctx.recon)
         return gx, gw, gb, None, None, *flats

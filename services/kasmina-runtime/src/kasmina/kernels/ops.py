@@ -249,10 +249,10 @@ def fused_mlp_fits(chunk: int, hidden: int) -> bool:
 
 
 def seed_node_fits(chunk: int, hidden: int) -> bool:
-    """Whether kasmina.fused's kernels take a residual_mlp bank of this size: their backward
-    keeps one register accumulator a parameter, and at 4 features x 16 hidden (148) it already
-    uses all 255 registers with ~200 bytes spilled (compiled for sm_90): wider banks keep the
-    general path."""
+    """Whether kasmina.fused's kernels take a residual_mlp bank of this size: up to 148
+    parameters a seed (4 features x 16 hidden), the size they were measured and tuned at on a
+    GPU (their backward keeps a register accumulator a parameter of a group of 4 hidden units,
+    ~120 registers there for sm_90); wider banks keep the general path."""
     return 2 * chunk * hidden + hidden + chunk <= 148
 
 
