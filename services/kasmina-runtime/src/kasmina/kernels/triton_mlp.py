@@ -169,9 +169,10 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
 #   threads per hidden unit and row block); a thread a row with every parameter's accumulator
 #   354 / 401 (255 registers, spilling); the same over groups of 4 hidden units, y - x read
 #   from the forward instead of recomputed: 277 / 308 at 32 rows x 1 warp x 8,192 programs
-#   (kept; 64 x 2 x 4,096: 298 / 333; groups of 2: 528 / 587, of 8: 338 / 356).
+#   (64 x 2 x 4,096: 298 / 333; groups of 2: 528 / 587, of 8: 338 / 356), 257 / 286 at 16,384
+#   programs (kept; s8c).
 FWD_ROWS, FWD_WARPS = 64, 1
-BWD_ROWS, BWD_WARPS, BWD_PROGRAMS, BWD_GROUP = 32, 1, 8192, 4
+BWD_ROWS, BWD_WARPS, BWD_PROGRAMS, BWD_GROUP = 32, 1, 16384, 4
 
 
 @triton.jit
