@@ -352,7 +352,7 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
     prof = profile(modes, xs, gs, cuda)
     med = {n: [statistics.median(t[i] for t in ts) for i in range(3)] for n, ts in times.items()}
 
-    def paired(name: str, ref: str) -> float:  # median over rounds of the ratio in each round
+    def paired(name: str, ref: str) -> float | str:  # median of the in-round ratios
         if ref not in times:
             return ""
         return round(statistics.median(

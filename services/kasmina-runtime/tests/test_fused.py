@@ -20,17 +20,17 @@ S = SeedStage
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_layer(features=19, seeds=5, bias=True, **cfg):
+def make_layer(features=19, seeds=5, bias=True, blueprint="residual_mlp", **cfg):
     """Seeds 1 and 3 GRAFTING at alpha 0.5 and 0.25, seed 4 TRAINING (ragged chunks: 4, 4, 4,
     4, 3 features)."""
     torch.manual_seed(0)
-    config = KasminaConfig(**{"kernels": "triton", "blueprints": ("residual_mlp",),
+    config = KasminaConfig(**{"kernels": "triton", "blueprints": (blueprint,),
                               "max_active_seeds": 4, **cfg})
     layer = KasminaLayer(nn.Linear(6, features, bias=bias), seeds, config).to(DEVICE)
     with layer.batch():
         for s, stages in ((1, (S.TRAINING, S.GRAFTING)), (3, (S.TRAINING, S.GRAFTING)),
                           (4, (S.TRAINING,))):
-            layer.germinate(s, "residual_mlp")
+            layer.germinate(s, blueprint)
             for stage in stages:
                 layer.transition(s, stage, force=True)
     layer.alpha[1], layer.alpha[3] = 0.5, 0.25
@@ -53,10 +53,23 @@ def grads(layer: KasminaLayer, x: torch.Tensor) -> dict:
     return out
 
 
+@pytest.fixture(params=["residual_mlp", 6])
+def blueprint(request):
+    """The catalog's residual_mlp (16 hidden units: the backward's groups of 4), or a spec of 6
+    (groups of 3: the backward's group is the largest divisor of the width up to 4)."""
+    if request.param == "residual_mlp":
+        return request.param
+    from kasmina import blueprints
+    return blueprints.register_blueprint(blueprints.BlueprintSpec(
+        name="t_fused_h6", kind="residual_mlp", id=990_006, hidden=request.param)).name
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(13,), (3, 5)])
-def test_fused_node_matches_the_general_path(bias, shape):
-    layer = make_layer(bias=bias)
+def test_fused_node_matches_the_general_path(bias, shape, blueprint):
+    layer = make_layer(bias=bias, blueprint=blueprint)
+    assert all(b.spec.hidden == (16 if blueprint == "residual_mlp" else 6)
+               for b in layer.banks.values())
     ref = general(layer)
     assert fused.applies(layer, torch.zeros(1, 6, device=DEVICE))
     assert not fused.applies(ref, torch.zeros(1, 6, device=DEVICE))
