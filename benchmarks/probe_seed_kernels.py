@@ -1,6 +1,7 @@
 """The fused node's seed kernels (kernels/triton_mlp.py `seed_forward`, with its finishing
 launch, and `seed_backward`) alone at the bars' growing case, over row blocks, warps and
-programs and groups of hidden units, each checked first against a float64 formula. CUDA only.
+programs, groups of hidden units and the chunks' alignment, each checked first against a
+float64 formula. CUDA only.
 
     python3 benchmarks/probe_seed_kernels.py [--shape 4096x32768] [--seeds 1024] [--lanes 102]
 """
@@ -14,9 +15,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from kasmina.kernels import triton_mlp as tm
 
-FWD = [(64, 1), (128, 2), (32, 1)]  # (rows, warps)
-BWD = [(4, 32, 1, 8192), (4, 32, 1, 16384), (4, 64, 2, 8192), (2, 32, 1, 8192)]
-# (hidden units a group, rows, warps, programs)
+FWD = [(64, 1, 1), (64, 1, 4), (128, 2, 4), (32, 1, 4), (128, 1, 4)]  # (rows, warps, align)
+BWD = [(4, 32, 1, 16384, 1), (4, 32, 1, 16384, 4), (4, 32, 1, 8192, 4), (4, 64, 2, 8192, 4),
+       (8, 32, 1, 16384, 4)]
+# (hidden units a group, rows, warps, programs, align)
 
 
 def timed(fn, reps: int = 20) -> float:  # noqa: ANN001
@@ -78,22 +80,22 @@ def main() -> None:
         want_out, want_d = reference(h0, flat, starts, c, hid, a, g, coef)
         fwd = partial(tm.seed_forward, flat=flat, chunk=c, hidden=hid, lanes=t, lane0=0,
                       save=True, recon=coef != 0, used=used, coef=cf)
-        for tm.FWD_ROWS, tm.FWD_WARPS in FWD:
+        for tm.FWD_ROWS, tm.FWD_WARPS, align in FWD:
             h = h0.clone()
-            kept, diff = fwd(h)
+            kept, diff = fwd(h, align=align)
             idx = starts[:, None].long() + torch.arange(c, device=dev)
             torch.testing.assert_close(h[:, idx].transpose(0, 1).double(), want_out,
                                        rtol=8e-3, atol=1e-3)
-            us = timed(lambda fwd=fwd: fwd(h0.clone())) - timed(lambda: h0.clone())
-            print(f"{case} forward  rows {tm.FWD_ROWS:3d} warps {tm.FWD_WARPS}: {us:7.1f} us "
-                  f"(checked)", flush=True)
-        for tm.BWD_GROUP, tm.BWD_ROWS, tm.BWD_WARPS, tm.BWD_PROGRAMS in BWD:
+            us = timed(lambda fwd=fwd: fwd(h0.clone(), align=align)) - timed(lambda: h0.clone())
+            print(f"{case} forward  rows {tm.FWD_ROWS:3d} warps {tm.FWD_WARPS} align {align}: "
+                  f"{us:7.1f} us (checked)", flush=True)
+        for tm.BWD_GROUP, tm.BWD_ROWS, tm.BWD_WARPS, tm.BWD_PROGRAMS, align in BWD:
             bwd = partial(tm.seed_backward, kept, diff, g, flat, hid, t["bounds"], used, cf, 0,
-                          coef != 0)
+                          coef != 0, align)
             torch.testing.assert_close(bwd().double(), want_d, rtol=2e-3, atol=1e-6)
             print(f"{case} backward group {tm.BWD_GROUP} rows {tm.BWD_ROWS:3d} warps "
-                  f"{tm.BWD_WARPS} programs "
-                  f"{tm.BWD_PROGRAMS}: {timed(bwd):7.1f} us (checked)", flush=True)
+                  f"{tm.BWD_WARPS} programs {tm.BWD_PROGRAMS:5d} align {align}: "
+                  f"{timed(bwd):7.1f} us (checked)", flush=True)
     (tm.FWD_ROWS, tm.FWD_WARPS, tm.BWD_GROUP, tm.BWD_ROWS, tm.BWD_WARPS,
      tm.BWD_PROGRAMS) = defaults
 

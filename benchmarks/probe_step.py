@@ -3,11 +3,17 @@ modes of bench_step.py at one shape: the evidence behind each step-speed change.
 
     python3 benchmarks/probe_step.py [--shape 4096x32768] [--seeds 1024] [--dtype bf16]
         [--modes dormant,graft10,training,graft10_g] [--steps 5] [--sort self_cpu_time_total]
+        [--cprofile 200]
+
+--cprofile N: instead of torch.profiler, N steps a mode under cProfile (the host's Python time
+per function, by own time), for shapes where the CPU is the limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 
 import torch
 from bench_step import DTYPES, S, base, build_layer, train_step
@@ -23,6 +29,7 @@ def main() -> None:
     ap.add_argument("--modes", default="bare,dormant,graft10,training")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N")
     ap.add_argument("--sort", default="self_cuda_time_total",
                     help="a key_averages column, e.g. self_cpu_time_total (host-bound shapes)")
     args = ap.parse_args()
@@ -53,6 +60,18 @@ def main() -> None:
         for _ in range(8):
             train_step(mode, x, g)
         torch.cuda.synchronize()
+        if args.cprofile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.cprofile):
+                train_step(mode, x, g)
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"==== {name} {args.shape} {args.dtype} seeds {args.seeds}: cProfile, "
+                  f"{args.cprofile} steps")
+            for key in ("tottime", "cumulative"):
+                pstats.Stats(prof).sort_stats(key).print_stats(args.top)
+            continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 train_step(mode, x, g)

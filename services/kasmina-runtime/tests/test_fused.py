@@ -66,8 +66,12 @@ def blueprint(request):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(13,), (3, 5)])
-def test_fused_node_matches_the_general_path(bias, shape, blueprint):
-    layer = make_layer(bias=bias, blueprint=blueprint)
+@pytest.mark.parametrize("features", [19, 20])
+def test_fused_node_matches_the_general_path(bias, shape, blueprint, features):
+    """19 features: ragged chunks (the kernels' chunks unaligned); 20: five chunks of 4 (a
+    row's chunk one vector access, `_align` 4)."""
+    layer = make_layer(bias=bias, blueprint=blueprint, features=features)
+    assert layer._align == (1 if features == 19 else 4)
     assert all(b.spec.hidden == (16 if blueprint == "residual_mlp" else 6)
                for b in layer.banks.values())
     ref = general(layer)
@@ -75,7 +79,7 @@ def test_fused_node_matches_the_general_path(bias, shape, blueprint):
     assert not fused.applies(ref, torch.zeros(1, 6, device=DEVICE))
     torch.manual_seed(1)
     x = torch.randn(*shape, 6, device=DEVICE)
-    g = torch.randn(*shape, 19, device=DEVICE)
+    g = torch.randn(*shape, features, device=DEVICE)
     results = []
     for m in (layer, ref):
         xi = x.clone().requires_grad_()
@@ -84,7 +88,7 @@ def test_fused_node_matches_the_general_path(bias, shape, blueprint):
         results.append((out.detach(), grads(m, xi)))
     (out, got), (want_out, want) = results
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-    untouched = [*range(4), *range(8, 12), *range(16, 19)]  # seeds 0, 2 and TRAINING 4: the host's
+    untouched = [*range(4), *range(8, 12), *range(16, features)]  # seeds 0, 2, TRAINING 4
     assert torch.equal(out[..., untouched], layer.host(x)[..., untouched].detach())
     assert got.keys() == want.keys()
     for key in got:

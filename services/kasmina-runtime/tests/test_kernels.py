@@ -138,16 +138,18 @@ def test_observe_in_two_launches_accumulates_what_add_of_the_stats_does(features
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("features,seeds,rows", [(23, 5, 37), (130, 3, 300), (7, 7, 5),
-                                                 (64, 4, 80)])
-def test_telemetry_kernel_accumulates_what_the_pytorch_form_does(features, seeds, rows, dtype):
+@pytest.mark.parametrize("features,seeds,rows,k", [(23, 5, 37, 4), (130, 3, 300, 4),
+                                                   (7, 7, 5, 4), (64, 4, 80, 4),
+                                                   (130, 3, 300, 16)])
+def test_telemetry_kernel_accumulates_what_the_pytorch_form_does(features, seeds, rows, k,
+                                                                 dtype):
     """Two steps into the same accumulators, on a strided h (a slice of a wider output):
     k = 1 (chunks of one feature: no correlation), ragged chunks narrower than k (padded),
-    more rows than are sampled (300 > 256)."""
+    more rows than are sampled (300 > 256), k = 16 (a row block of 16: its product tile)."""
     from kasmina.kernels import triton_telemetry
     from kasmina.telemetry import SeedTelemetry
     chunks = KasminaLayer(nn.Linear(1, features), seeds).chunks
-    cfg = KasminaConfig(correlation_features=4)
+    cfg = KasminaConfig(correlation_features=k)
     ours, want = (SeedTelemetry(chunks, cfg, torch.device(DEVICE)) for _ in range(2))
     for step in range(2):
         torch.manual_seed(step)

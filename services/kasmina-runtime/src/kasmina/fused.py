@@ -92,7 +92,8 @@ class _FusedLinear(torch.autograd.Function):
             bank = layer.banks[key]
             start, _ = layer.table.lanes[int(key)]
             kept.extend(_kernels().seed_forward(h, flat, bank.chunk, bank.spec.hidden, tensors,
-                                                start, save, recon, used, coef))
+                                                start, save, recon, used, coef,
+                                                layer._align))
         ctx.layer, ctx.keys, ctx.blend, ctx.recon = layer, keys, layer._flags.has_blend, recon
         ctx.transposed, ctx.save = transposed, save
         x = x.to(h.dtype)  # what the GEMM read (autocast's copy; x itself otherwise)
@@ -132,7 +133,8 @@ class _FusedLinear(torch.autograd.Function):
                 start, _ = layer.table.lanes[int(key)]
                 flats[i] = _kernels().seed_backward(*kept[2 * i:2 * i + 2], g, params[i],
                                                     layer.banks[key].spec.hidden, bounds,
-                                                    alpha, coef, start, ctx.recon)
+                                                    alpha, coef, start, ctx.recon,
+                                                    layer._align)
         return gx, gw, gb, None, None, *flats
 
 

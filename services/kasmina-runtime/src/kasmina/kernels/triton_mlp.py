@@ -170,7 +170,12 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
 #   354 / 401 (255 registers, spilling); the same over groups of 4 hidden units, y - x read
 #   from the forward instead of recomputed: 277 / 308 at 32 rows x 1 warp x 8,192 programs
 #   (64 x 2 x 4,096: 298 / 333; groups of 2: 528 / 587, of 8: 338 / 356), 257 / 286 at 16,384
-#   programs (kept; s8c).
+#   programs (s8c); with each input's chunk one (rows, C) tile load, a vector a thread where
+#   the chunks are aligned: 183 / 192 (kept; s9b: 257 / 288 unaligned in the same run; two row
+#   blocks' loads issued before their arithmetic 182 / 200, groups of 8 280 / 287).
+# Compiled locally for sm_90 (ptxas -v), without ALIGN Triton spread a row's 4 features over 4
+# threads: scalar 2-byte accesses, each hidden unit's GELU computed 4 times, shared-memory
+# layout changes between the loads and the arithmetic.
 FWD_ROWS, FWD_WARPS = 64, 1
 BWD_ROWS, BWD_WARPS, BWD_PROGRAMS, BWD_GROUP = 32, 1, 16384, 4
 
@@ -187,12 +192,15 @@ def _seed_fwd_kernel(h_ptr, save_ptr, diff_ptr, p_ptr, part_ptr, bounds_ptr, alp
                      index_ptr, blend_ptr, nonfinite_ptr, N, P, stride_h, LANE0,
                      W: tl.constexpr, H: tl.constexpr, WP: tl.constexpr,
                      BLOCK_N: tl.constexpr, SAVE: tl.constexpr, DIFF: tl.constexpr,
-                     I64: tl.constexpr):
+                     I64: tl.constexpr, ALIGN: tl.constexpr):
     """One program a (slot, row block): the lane's chunk of h through its residual_mlp, blended
     into h in place where y is finite; SAVE keeps the chunk as it was (save, in h's dtype),
     DIFF keeps y - x (float32) for the reconstruction loss's gradient. The hidden units are a
     runtime loop: unrolled, their weights took all 255 registers (spilling; room for 8 warps an
-    SM), compiled for sm_90; as a loop 80. The speed did not change (s8a): not register-bound."""
+    SM), compiled for sm_90; as a loop 80. The speed did not change (s8a): not register-bound.
+    With ALIGN (dividing every chunk's start and width) a row's chunk is one vector load and
+    store a thread (62 registers, no shared-memory layout changes): 188 / 153 -> 180 / 131 us
+    graft / training (s9b); the non-finite fallback writes x back so the store stays a vector."""
     slot, blk = tl.program_id(0), tl.program_id(1)
     lane = LANE0 + slot
     width = tl.load(bounds_ptr + 2 * lane + 1)
@@ -200,11 +208,11 @@ def _seed_fwd_kernel(h_ptr, save_ptr, diff_ptr, p_ptr, part_ptr, bounds_ptr, alp
     sx = tl.zeros((BLOCK_N, WP), tl.float32)
     sxx = tl.zeros((BLOCK_N, WP), tl.float32)
     if width > 0:
-        start = tl.load(bounds_ptr + 2 * lane)
+        start = tl.multiple_of(tl.load(bounds_ptr + 2 * lane), ALIGN)
         a = _lane_alpha(lane, alpha_ptr, index_ptr, blend_ptr, nonfinite_ptr)
         rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         wc = tl.arange(0, WP)
-        m = (rows[:, None] < N) & (wc[None, :] < width)
+        m = (rows[:, None] < N) & ((wc // ALIGN)[None, :] < width // ALIGN)
         r = rows
         if I64:
             r = rows.to(tl.int64)
@@ -222,9 +230,10 @@ def _seed_fwd_kernel(h_ptr, save_ptr, diff_ptr, p_ptr, part_ptr, bounds_ptr, alp
         at = (slot * N + r)[:, None] * W + wc[None, :]
         if SAVE:
             tl.store(save_ptr + at, raw, mask=m)
-        if a != 0.0:  # blended where y is finite (NaN fails the comparison)
+        if a != 0.0:  # blended where y is finite (NaN fails the comparison); elsewhere the
+            # chunk's own value is written back (bit for bit), so the store stays a vector
             finite = tl.abs(y) <= 3.4028234663852886e38
-            tl.store(ptr, ((1.0 - a) * x + a * y).to(raw.dtype), mask=m & finite)
+            tl.store(ptr, tl.where(finite, (1.0 - a) * x + a * y, x).to(raw.dtype), mask=m)
         d = tl.where(m, y - x, 0.0)
         if DIFF:
             tl.store(diff_ptr + at, d, mask=m)
@@ -239,46 +248,50 @@ def _seed_fwd_kernel(h_ptr, save_ptr, diff_ptr, p_ptr, part_ptr, bounds_ptr, alp
 
 @triton.jit
 def _seed_bwd_kernel(save_ptr, diff_ptr, g_ptr, p_ptr, part_ptr, bounds_ptr, alpha_ptr,
-                           coef_ptr, N, P, stride_g, LANE0, BLOCKS_PER_PROGRAM,
-                           W: tl.constexpr, H: tl.constexpr, HG: tl.constexpr,
-                           BLOCK_N: tl.constexpr, RECON: tl.constexpr, I64: tl.constexpr):
+                     coef_ptr, N, P, stride_g, LANE0, BLOCKS_PER_PROGRAM,
+                     W: tl.constexpr, WP: tl.constexpr, H: tl.constexpr, HG: tl.constexpr,
+                     BLOCK_N: tl.constexpr, RECON: tl.constexpr, I64: tl.constexpr,
+                     ALIGN: tl.constexpr):
     """The parameter gradients of `_seed_fwd_kernel`'s blueprints: dy = alpha g (the blend) +
     coef (y - x) (the reconstruction loss, coef = 2 / elements on TRAINING lanes, y - x the
     forward's DIFF); no dx (the blueprints' inputs are detached on this path). A thread a row,
     one program a (group of HG hidden units, slot, row slab): each gradient of the group's
     units (and b2's, kept by group 0) is a (rows,) accumulator, summed over the slab's row
     blocks and across threads once, at the end. The groups are grid axis 0, so a slab's groups
-    run side by side and share its loads in L2."""
+    run side by side and share its loads in L2. A row's chunk of each input is one (rows, WP)
+    tile load: a vector a thread where ALIGN (dividing every chunk's start and width) and the
+    pointers allow, its columns then a thread's own registers."""
     grp, slot, prog = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lane = LANE0 + slot
     width = tl.load(bounds_ptr + 2 * lane + 1)
-    start = tl.load(bounds_ptr + 2 * lane)
+    start = tl.multiple_of(tl.load(bounds_ptr + 2 * lane), ALIGN)
     a = tl.load(alpha_ptr + lane)
     c = tl.load(coef_ptr + lane)
     p = p_ptr + slot * P
     h0 = grp * HG
+    wc = tl.arange(0, WP)
+    cm = ((wc // ALIGN) < width // ALIGN)[None, :]  # the chunk's columns (width % ALIGN == 0)
     acc = ()
     for _ in tl.static_range((2 * W + 1) * HG + W):
         acc = acc + (tl.zeros((BLOCK_N,), tl.float32),)
     iters = tl.where(width > 0, BLOCKS_PER_PROGRAM, 0)
     for it in range(0, iters):
         rows = (prog * BLOCKS_PER_PROGRAM + it) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        wide = tl.zeros((BLOCK_N,), tl.int32) + width
+        m = (rows < N)[:, None] & cm
         r = rows
         if I64:
             r = rows.to(tl.int64)
-        srow = (slot * N + r) * W
-        grow = g_ptr + r * stride_g + start
+        at = ((slot * N + r) * W)[:, None] + wc[None, :]
+        xt = tl.load(save_ptr + at, mask=m, other=0.0).to(tl.float32)
+        dyt = a * tl.load(g_ptr + (r * stride_g + start)[:, None] + wc[None, :], mask=m,
+                          other=0.0).to(tl.float32)
+        if RECON:
+            dyt += c * tl.load(diff_ptr + at, mask=m, other=0.0)
         xs = ()
         dys = ()
-        for k in tl.static_range(W):
-            mk = rmask & (wide > k)
-            xs = xs + (tl.load(save_ptr + srow + k, mask=mk, other=0.0).to(tl.float32),)
-            dy = a * tl.load(grow + k, mask=mk, other=0.0).to(tl.float32)
-            if RECON:
-                dy += c * tl.load(diff_ptr + srow + k, mask=mk, other=0.0)
-            dys = dys + (dy,)
+        for k in tl.static_range(W):  # a thread's own columns: no cross-thread traffic
+            xs = xs + (tl.sum(tl.where(wc[None, :] == k, xt, 0.0), axis=1),)
+            dys = dys + (tl.sum(tl.where(wc[None, :] == k, dyt, 0.0), axis=1),)
         new = ()
         for q in tl.static_range(HG):  # each hidden unit's share of every gradient
             hh = h0 + q
@@ -362,15 +375,16 @@ def _feature_scale_kernel(run_ptr, used_ptr, out_ptr, F, BLOCK: tl.constexpr):
 
 
 def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int, lanes: dict,
-                 lane0: int, save: bool, recon: bool, used: torch.Tensor, coef: torch.Tensor
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 lane0: int, save: bool, recon: bool, used: torch.Tensor, coef: torch.Tensor,
+                 align: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One bank's running lanes through their blueprints and blended into h (N, F) in place.
     `lanes`: the layer's lane tensors by name (bounds, lane_index, lane_blend, lane_nonfinite,
     lane_running, lane_train, lane_sizes, lane_recon) and its seeds' alpha; the bank's slots are
     its lanes lane0.... Updates lane_nonfinite (and lane_recon with `recon`) and writes the
     lanes' `used` alpha and loss `coef` for `seed_backward`. Returns, for the backward (None
     without `save`): the chunks as they were, (A, N, C) in h's dtype, and with `recon` their
-    y - x (A, N, C) float32."""
+    y - x (A, N, C) float32. `align` (a power of two) divides every lane's chunk start and
+    width: the kernels' loads and stores of a row's chunk are then one vector each."""
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     slots, n = flat.shape[0], h.shape[0]
     blocks = max(1, triton.cdiv(n, FWD_ROWS))
@@ -384,7 +398,7 @@ def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int, l
         h, kept if save else h, h if diff is None else diff, flat, part, lanes["bounds"],
         *alpha, n, flat.shape[1], h.stride(0), lane0, W=chunk, H=hidden,
         WP=triton.next_power_of_2(chunk), BLOCK_N=FWD_ROWS, SAVE=save, DIFF=diff is not None,
-        I64=i64, num_warps=FWD_WARPS)
+        I64=i64, ALIGN=align, num_warps=FWD_WARPS)
     _seed_finish_kernel[(slots,)](
         part, blocks, *alpha, lanes["lane_running"], lanes["lane_train"], lanes["lane_sizes"],
         lanes["lane_recon"], used, coef, n, lane0, RECON=recon, BLOCK=256, num_warps=1)
@@ -438,9 +452,10 @@ def feature_mul(src: torch.Tensor, scale: torch.Tensor, rows: bool,
 
 def seed_backward(kept: torch.Tensor, diff: torch.Tensor | None, g: torch.Tensor,
                   flat: torch.Tensor, hidden: int, bounds: torch.Tensor, alpha: torch.Tensor,
-                  coef: torch.Tensor, lane0: int, recon: bool) -> torch.Tensor:
+                  coef: torch.Tensor, lane0: int, recon: bool, align: int = 1) -> torch.Tensor:
     """d flat (A, P) of `seed_forward`'s blueprints for the output gradient g (N, F): kept and
-    diff are what it returned, alpha and coef its `used` and `coef`; `recon` as there."""
+    diff are what it returned, alpha and coef its `used` and `coef`; `recon` and `align` as
+    there."""
     assert g.stride(1) == 1
     slots, n, chunk = kept.shape
     blocks = triton.cdiv(n, BWD_ROWS)
@@ -453,6 +468,7 @@ def seed_backward(kept: torch.Tensor, diff: torch.Tensor | None, g: torch.Tensor
     i64 = max(g.shape[0] * g.stride(0), kept.numel()) >= 2**31 - 1
     _seed_bwd_kernel[(groups, slots, programs)](
         kept, kept if diff is None else diff, g, flat, part, bounds, alpha, coef, n,
-        flat.shape[1], g.stride(0), lane0, per_program, W=chunk, H=hidden, HG=group,
-        BLOCK_N=BWD_ROWS, RECON=recon, I64=i64, num_warps=BWD_WARPS)
+        flat.shape[1], g.stride(0), lane0, per_program, W=chunk,
+        WP=triton.next_power_of_2(chunk), H=hidden, HG=group, BLOCK_N=BWD_ROWS,
+        RECON=recon, I64=i64, ALIGN=align, num_warps=BWD_WARPS)
     return part.sum(1)

@@ -9,7 +9,7 @@ bound by the host CPU). Here one grid does it all:
 
 - programs 0 .. S-1 (one per seed, only when chunks have pairs to correlate): the seed's k
   sampled features of the first R rows, summed and multiplied pairwise (float32, a row block
-  at a time; each of the k product rows is a 2-D tile reduced over rows), added into its own
+  at a time, read once: the (rows, k, k) products reduced over rows), added into its own
   (k,) and (k, k) float64 accumulators: every accumulator has one owner, so no atomics and the
   same result every run;
 - the next programs add the step's (3, F) float32 column statistics into the (3, F) float64
@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 BLOCK_R = 64
+TILE = 4096  # elements of a correlation program's (rows, k, k) product tile, at most
 BLOCK_F = 1024
 
 
@@ -32,7 +33,7 @@ def _telemetry_kernel(h_ptr, stride_h, idx_ptr, valid_ptr, stats_ptr, columns_pt
                       K: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_F: tl.constexpr):
     pid = tl.program_id(0)
-    if pid < S:  # seed pid's correlation sample
+    if pid < S:  # seed pid's correlation sample: each (BLOCK_R, KP) tile read once
         j = tl.arange(0, KP)
         jm = j < K
         base = pid * K
@@ -40,27 +41,18 @@ def _telemetry_kernel(h_ptr, stride_h, idx_ptr, valid_ptr, stats_ptr, columns_pt
         # Padded features are multiplied by 0, as `sample * corr_valid` does (NaN stays NaN).
         use = tl.load(valid_ptr + base + j, mask=jm, other=0).to(tl.float32)[None, :]
         acc = tl.zeros((KP,), tl.float32)
+        prod = tl.zeros((KP, KP), tl.float32)
         for r0 in range(0, R, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             x = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + idx[None, :],
-                        mask=(rows < R)[:, None] & jm[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(x * use, axis=0)
+                        mask=(rows < R)[:, None] & jm[None, :], other=0.0).to(tl.float32) * use
+            acc += tl.sum(x, axis=0)
+            prod += tl.sum(x[:, :, None] * x[:, None, :], axis=0)
         tl.store(sum_ptr + base + j, tl.load(sum_ptr + base + j, mask=jm) + acc.to(tl.float64),
                  mask=jm)
-        for i in tl.static_range(K):
-            idx_i = tl.load(idx_ptr + base + i)
-            use_i = tl.load(valid_ptr + base + i).to(tl.float32)
-            acc = tl.zeros((KP,), tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                rm = rows < R
-                off = rows.to(tl.int64) * stride_h
-                x = tl.load(h_ptr + off[:, None] + idx[None, :],
-                            mask=rm[:, None] & jm[None, :], other=0.0).to(tl.float32) * use
-                xi = tl.load(h_ptr + off + idx_i, mask=rm, other=0.0).to(tl.float32) * use_i
-                acc += tl.sum(xi[:, None] * x, axis=0)
-            at = prod_ptr + (base + i) * K + j
-            tl.store(at, tl.load(at, mask=jm) + acc.to(tl.float64), mask=jm)
+        at = prod_ptr + (base + j)[:, None] * K + j[None, :]
+        pm = jm[:, None] & jm[None, :]
+        tl.store(at, tl.load(at, mask=pm) + prod.to(tl.float64), mask=pm)
         if pid == 0:
             tl.store(corr_n_ptr, tl.load(corr_n_ptr) + R.to(tl.float64))
     else:  # a block of the column statistics
@@ -86,9 +78,10 @@ def add(stats: torch.Tensor | None, h2: torch.Tensor, corr_idx: torch.Tensor,
     seeds, k = corr_sum.shape
     corr = seeds if k > 1 else 0  # chunks of one feature have no pairs to correlate
     f3 = 0 if stats is None else stats.numel()
+    kp = triton.next_power_of_2(k)
     grid = (corr + max(1, triton.cdiv(f3, BLOCK_F)),)  # the first column program counts rows
     _telemetry_kernel[grid](h2, h2.stride(0), corr_idx, corr_valid.view(torch.uint8),
                             columns if stats is None else stats,
                             columns, rows, corr_n, corr_sum, corr_prod, n,
                             min(n, rows_sampled), corr, f3, K=k,
-                            KP=triton.next_power_of_2(k), BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F)
+                            KP=kp, BLOCK_R=max(1, min(BLOCK_R, TILE // (kp * kp))), BLOCK_F=BLOCK_F)

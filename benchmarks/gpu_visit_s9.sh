@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Session 9's GPU visits (device tool), one script, PART picks the visit's work:
+#   probe: where the host CPU time of an eager growing step goes at 1024 x 8192 (cProfile),
+#          and the dormant step's kernels at 4096 x 32768;
+#   kernels: the seed kernels' and the telemetry pass's forms alone, then the bars' shapes;
+#   tests: the GPU test files;  matrix: bench_step's whole matrix.
+# Results land in $OUT (copied to benchmarks/results/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/services/kasmina-runtime/src:$PWD/benchmarks PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; TAG=${TAG:-s9a}; D=$(date +%F); PART=${PART:-probe}
+T=services/kasmina-runtime/tests
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.draw,temperature.gpu --format=csv
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+} 2>&1 | tee "$OUT/gpu_$TAG.txt"
+case $PART in
+probe)
+  timeout 200 python3 benchmarks/probe_step.py --shape 1024x8192 --modes bare,dormant10,training,graft10 \
+    --cprofile 300 --top 32 > "$OUT/probe_cpu_h200_${D}_$TAG.log" 2>&1
+  grep -E "^====|function calls" "$OUT/probe_cpu_h200_${D}_$TAG.log"
+  timeout 120 python3 benchmarks/probe_step.py --shape 1024x8192 --modes training,graft10 --top 30 \
+    --sort self_cpu_time_total > "$OUT/probe_step_small_h200_${D}_$TAG.log" 2>&1
+  timeout 90 python3 benchmarks/probe_step.py --shape 4096x32768 --modes bare,dormant --top 14 \
+    > "$OUT/probe_step_h200_${D}_$TAG.log" 2>&1
+  grep -E "^=|kernel|mm|sum" "$OUT/probe_step_h200_${D}_$TAG.log" | head -40 ;;
+kernels)
+  timeout 200 python3 benchmarks/probe_seed_kernels.py 2>&1 | tee "$OUT/probe_seed_kernels_h200_${D}_$TAG.log"
+  timeout 150 python3 benchmarks/probe_column_stats.py 2>&1 | tee "$OUT/probe_column_stats_h200_${D}_$TAG.log"
+  timeout 200 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 1024 --dtypes bf16 \
+    --modes bare,bare2,dormant,dormant10,training,graft10 --rounds 7 \
+    --tag "_$TAG" --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|bar|missed|met|fail" | head -40 ;;
+tests)
+  timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
+    $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;
+matrix)
+  timeout 570 python3 benchmarks/bench_step.py --tag "_$TAG" --out "$OUT" ${ARGS:-} 2>&1 \
+    | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "bar|missed|met|fail|so far" | tail -60 ;;
+esac
