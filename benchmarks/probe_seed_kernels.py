@@ -86,7 +86,8 @@ def main() -> None:
             idx = starts[:, None].long() + torch.arange(c, device=dev)
             torch.testing.assert_close(h[:, idx].transpose(0, 1).double(), want_out,
                                        rtol=8e-3, atol=1e-3)
-            us = timed(lambda fwd=fwd: fwd(h0.clone(), align=align)) - timed(lambda: h0.clone())
+            us = (timed(lambda fwd=fwd, align=align: fwd(h0.clone(), align=align))
+                  - timed(lambda: h0.clone()))
             print(f"{case} forward  rows {tm.FWD_ROWS:3d} warps {tm.FWD_WARPS} align {align}: "
                   f"{us:7.1f} us (checked)", flush=True)
         for tm.BWD_GROUP, tm.BWD_ROWS, tm.BWD_WARPS, tm.BWD_PROGRAMS, align in BWD:

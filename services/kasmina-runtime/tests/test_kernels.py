@@ -369,3 +369,38 @@ def test_torch_compile_traces_the_layer_without_graph_breaks():
     x = torch.randn(8, 6, device=DEVICE)
     explanation = torch._dynamo.explain(layer)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_the_launchers_key_holds_what_triton_specialises_on():
+    """kernels.launch keeps one compiled kernel per key: two arguments Triton compiles apart
+    must not share one (a 16-byte-aligned tensor and a view one element in, 1 and other
+    integers, 32- and 64-bit integers, a float and an int)."""
+    from kasmina.kernels.launch import _spec
+    x = torch.zeros(8)
+    assert _spec(x) != _spec(x[1:]) and _spec(x) == _spec(x[4:])
+    assert _spec(x) != _spec(x.half())
+    assert len({_spec(v) for v in (1, 2, 16, 2**31, 2**63, 0.0)}) == 6
+    assert _spec(32) == _spec(48) and _spec(3) == _spec(5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the launcher's cache (CUDA; the "
+                    "interpreter goes through Triton)")
+def test_the_launcher_reuses_a_kernel_only_for_its_own_specialisation():
+    """A compiled kernel specialised on an aligned pointer or an integer 1 must not be reused
+    for a misaligned view or another integer; every result against torch."""
+    import triton
+    import triton.language as tl
+    from kasmina.kernels.launch import fast
+
+    @triton.jit
+    def axpb(x_ptr, out_ptr, n, b, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2.0 + b, mask=i < n)
+
+    base = torch.arange(70, device="cuda", dtype=torch.float32)
+    k = fast(axpb)
+    for x, b in ((base, 1), (base, 1), (base[1:], 1), (base, 5), (base[3:], 5), (base, 16)):
+        out = torch.empty_like(x)
+        k[(triton.cdiv(x.numel(), 32),)](x, out, x.numel(), b, BLOCK=32)
+        torch.testing.assert_close(out, x * 2 + b)
+    assert len(k.compiled) == 5  # the repeat reused its kernel; every other case compiled

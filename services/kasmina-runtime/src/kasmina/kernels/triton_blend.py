@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast
+
 # The best of a sweep on an H200 at 4096 x 32768 (benchmarks/probe_tiles.py, results in
 # benchmarks/results/probe_tiles_h200_2026-11-27.log): small row blocks, 4 warps, 32-128 row
 # slabs per column tile. Larger tiles (64 x 128, 8 warps) lost 20-40 % of bandwidth.
@@ -212,8 +214,9 @@ def column_stats(h: torch.Tensor, dead_threshold: float,
     n, f = h.shape
     stats = torch.zeros(3, f, dtype=torch.float32, device=h.device) if into is None else into
     assert stats.shape == (3, f) and stats.is_contiguous()
-    _host_pass_kernel[_grid(n, f)](h, h, stats, n, f, h.stride(0), h.stride(0), dead_threshold,
-                                   TRACK=True, COPY=False, I64=_needs_i64(h))
+    fast(_host_pass_kernel)[_grid(n, f)](h, h, stats, n, f, h.stride(0), h.stride(0),
+                                         dead_threshold, TRACK=True, COPY=False,
+                                         I64=_needs_i64(h))
     return stats
 
 
@@ -242,16 +245,16 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
     stats = torch.zeros(3 if track else 0, f, dtype=torch.float32, device=h.device)
     i64 = _needs_i64(h, y)
     if not _two_pass(h, runs, c):
-        _gather_blend_kernel[_grid(n, f)](h, y, out, stats, alpha, run_of, bounds, n, f, c,
-                                          h.stride(0), out.stride(0), dead_threshold,
-                                          TRACK=track, I64=i64)
+        fast(_gather_blend_kernel)[_grid(n, f)](
+            h, y, out, stats, alpha, run_of, bounds, n, f, c, h.stride(0), out.stride(0),
+            dead_threshold, TRACK=track, I64=i64)
         return out, stats
-    _host_pass_kernel[_grid(n, f)](h, out, stats, n, f, h.stride(0), out.stride(0),
-                                   dead_threshold, TRACK=track, COPY=True, I64=i64)
+    fast(_host_pass_kernel)[_grid(n, f)](h, out, stats, n, f, h.stride(0), out.stride(0),
+                                         dead_threshold, TRACK=track, COPY=True, I64=i64)
     if runs:
         block_c = min(triton.next_power_of_2(c), 128)
         block_n = max(16, min(64, 4096 // block_c))  # at C = 32, 16-256 rows tied (v4 sweep)
-        _seed_blend_kernel[(runs, min(triton.cdiv(n, block_n), MAX_GRID_Y))](
+        fast(_seed_blend_kernel)[(runs, min(triton.cdiv(n, block_n), MAX_GRID_Y))](
             h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=i64,
             BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats
@@ -264,7 +267,7 @@ def chunk_blend_backward(grad_out: torch.Tensor, alpha: torch.Tensor, run_of: to
     n, f = g.shape
     grad_h = torch.empty(n, f, dtype=g.dtype, device=g.device)
     grad_y = torch.zeros(alpha.shape[0], n, width, dtype=torch.float32, device=g.device)
-    _blend_backward_kernel[_grid(n, f)](g, grad_h, grad_y, alpha, run_of, bounds, n, f, width,
-                                        g.stride(0), grad_h.stride(0),
-                                        I64=_needs_i64(g, grad_y))
+    fast(_blend_backward_kernel)[_grid(n, f)](g, grad_h, grad_y, alpha, run_of, bounds, n, f,
+                                              width, g.stride(0), grad_h.stride(0),
+                                              I64=_needs_i64(g, grad_y))
     return grad_h, grad_y

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast
+
 _ELEMS = 2048  # (rows, hidden) tile elements per program (BLOCK_N = _ELEMS / H, 16..128)
 _PROGRAMS = 1024  # backward: about this many programs over all slots (several per SM)
 
@@ -124,7 +126,7 @@ def forward(x: torch.Tensor, flat: torch.Tensor, hidden: int) -> torch.Tensor:
     wp, hp, block = _meta(chunk, hidden)
     y = torch.empty_like(x)
     if n:
-        _mlp_fwd_kernel[(slots, triton.cdiv(n, block))](
+        fast(_mlp_fwd_kernel)[(slots, triton.cdiv(n, block))](
             x, flat, y, n, flat.shape[1], W=chunk, H=hidden, HP=hp, BLOCK_N=block, num_warps=4)
     return y
 
@@ -142,7 +144,7 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
     part = torch.empty(slots, programs, flat.shape[1], device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else None
     if n:
-        _mlp_bwd_kernel[(slots, programs)](
+        fast(_mlp_bwd_kernel)[(slots, programs)](
             x, flat, dy.contiguous(), dx if need_dx else x, part, n, flat.shape[1], per_program,
             W=chunk, H=hidden, WP=wp, HP=hp, BLOCK_N=block, STORE_DX=need_dx, num_warps=4)
     return dx, part.sum(1)
@@ -394,12 +396,12 @@ def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int, l
             if save and recon else None)
     i64 = max(h.shape[0] * h.stride(0), slots * n * chunk) >= 2**31 - 1
     alpha = (lanes["alpha"], lanes["lane_index"], lanes["lane_blend"], lanes["lane_nonfinite"])
-    _seed_fwd_kernel[(slots, blocks)](
+    fast(_seed_fwd_kernel)[(slots, blocks)](
         h, kept if save else h, h if diff is None else diff, flat, part, lanes["bounds"],
         *alpha, n, flat.shape[1], h.stride(0), lane0, W=chunk, H=hidden,
         WP=triton.next_power_of_2(chunk), BLOCK_N=FWD_ROWS, SAVE=save, DIFF=diff is not None,
         I64=i64, ALIGN=align, num_warps=FWD_WARPS)
-    _seed_finish_kernel[(slots,)](
+    fast(_seed_finish_kernel)[(slots,)](
         part, blocks, *alpha, lanes["lane_running"], lanes["lane_train"], lanes["lane_sizes"],
         lanes["lane_recon"], used, coef, n, lane0, RECON=recon, BLOCK=256, num_warps=1)
     return kept, diff
@@ -408,7 +410,7 @@ def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int, l
 def feature_scale(run_of: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     f = run_of.shape[0]
     out = torch.empty(f, device=used.device, dtype=torch.float32)
-    _feature_scale_kernel[(triton.cdiv(f, 1024),)](run_of, used, out, f, BLOCK=1024)
+    fast(_feature_scale_kernel)[(triton.cdiv(f, 1024),)](run_of, used, out, f, BLOCK=1024)
     return out
 
 
@@ -444,7 +446,7 @@ def feature_mul(src: torch.Tensor, scale: torch.Tensor, rows: bool,
     dst = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
     r, c = src.shape
     br, bc = 16, 256
-    _feature_mul_kernel[(triton.cdiv(r, br), triton.cdiv(c, bc))](
+    fast(_feature_mul_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
         src, dst, scale, r, c, src.stride(0), dst.stride(0), ROWS=rows, SKIP=dst is src,
         BR=br, BC=bc, num_warps=4)
     return dst
@@ -466,7 +468,7 @@ def seed_backward(kept: torch.Tensor, diff: torch.Tensor | None, g: torch.Tensor
     programs = triton.cdiv(blocks, per_program) if blocks else 1
     part = torch.empty(slots, programs, flat.shape[1], device=g.device, dtype=torch.float32)
     i64 = max(g.shape[0] * g.stride(0), kept.numel()) >= 2**31 - 1
-    _seed_bwd_kernel[(groups, slots, programs)](
+    fast(_seed_bwd_kernel)[(groups, slots, programs)](
         kept, kept if diff is None else diff, g, flat, part, bounds, alpha, coef, n,
         flat.shape[1], g.stride(0), lane0, per_program, W=chunk,
         WP=triton.next_power_of_2(chunk), H=hidden, HG=group, BLOCK_N=BWD_ROWS,

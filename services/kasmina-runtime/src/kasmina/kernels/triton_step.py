@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast
+
 _BLOCK = 256
 
 
@@ -110,7 +112,7 @@ def seed_step(flat: torch.Tensor, grad: torch.Tensor | None, exp_avg: torch.Tens
         assert norm.is_contiguous() and drift.is_contiguous() and nonfinite.is_contiguous()
         finite, running = nonfinite.view(torch.uint8), running.view(torch.uint8)
     b1, b2 = betas
-    _seed_step_kernel[(slots,)](
+    fast(_seed_step_kernel)[(slots,)](
         flat, flat if grad is None else grad.contiguous(), exp_avg, exp_avg_sq, ema, opt_step,
         trainable.view(torch.uint8), flat if grad_scale is None else grad_scale.float(),
         norm, finite, drift, running, flat if slot_lr is None else slot_lr.contiguous(), size,

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast
+
 BLOCK_R = 64
 TILE = 4096  # elements of a correlation program's (rows, k, k) product tile, at most
 BLOCK_F = 1024
@@ -80,8 +82,8 @@ def add(stats: torch.Tensor | None, h2: torch.Tensor, corr_idx: torch.Tensor,
     f3 = 0 if stats is None else stats.numel()
     kp = triton.next_power_of_2(k)
     grid = (corr + max(1, triton.cdiv(f3, BLOCK_F)),)  # the first column program counts rows
-    _telemetry_kernel[grid](h2, h2.stride(0), corr_idx, corr_valid.view(torch.uint8),
-                            columns if stats is None else stats,
-                            columns, rows, corr_n, corr_sum, corr_prod, n,
-                            min(n, rows_sampled), corr, f3, K=k,
-                            KP=kp, BLOCK_R=max(1, min(BLOCK_R, TILE // (kp * kp))), BLOCK_F=BLOCK_F)
+    fast(_telemetry_kernel)[grid](
+        h2, h2.stride(0), corr_idx, corr_valid.view(torch.uint8),
+        columns if stats is None else stats, columns, rows, corr_n, corr_sum, corr_prod, n,
+        min(n, rows_sampled), corr, f3, K=k, KP=kp,
+        BLOCK_R=max(1, min(BLOCK_R, TILE // (kp * kp))), BLOCK_F=BLOCK_F)

@@ -1,0 +1,91 @@
+"""Launching the layer's Triton kernels without the JIT's per-call dispatch.
+
+`kernel[grid](...)` re-derives the kernel's specialisation from every argument, builds a cache
+key string, checks globals and options, and (for an autotuned kernel) goes through the
+autotuner's wrapper, on every call: about 40 us of host time a launch on the H200 machine's
+Xeon, 84 us through the autotuner (benchmarks/results/probe_column_stats_h200_2026-12-03_s9b.log:
+the same telemetry pass timed back to back, GPU idle between launches). A growing step makes
+9-12 such launches, and where the host CPU is the limit (1024 x 8192) that is the step.
+
+`fast(kernel)[grid](*args, **constexprs)` keeps the compiled kernel the first call made for
+each specialisation (the dtypes and 16-byte alignment of the tensors, and for integers
+whether they are 1, divisible by 16 and 32-bit: what Triton specialises on) and the
+constexprs and launch options, then calls it directly (the compiled kernel's own runner:
+current stream, launch hooks). An autotuned kernel is tuned by its autotuner once per key
+(its first call, as before); afterwards its best configuration is launched directly. Under
+the interpreter (CPU) every call goes through Triton as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from triton.runtime.autotuner import Autotuner
+
+from .ops import interpreting
+
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _spec(v: object) -> object:
+    """The part of an argument a compiled Triton kernel was specialised on."""
+    if isinstance(v, torch.Tensor):
+        return v.dtype, v.data_ptr() % 16 == 0
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v == 1, v % 16 == 0, -(2**31) <= v < 2**31, v >= 2**63
+    return type(v)
+
+
+class FastKernel:
+    def __init__(self, kernel: object) -> None:
+        self.kernel = kernel
+        self.tuned = isinstance(kernel, Autotuner)
+        self.jit = kernel.fn if self.tuned else kernel
+        self.names = list(self.jit.arg_names)
+        self.compiled: dict[tuple, tuple] = {}
+
+    def __getitem__(self, grid: tuple | Callable) -> Callable[..., None]:
+        return lambda *args, **meta: self.run(grid, args, meta)
+
+    def run(self, grid: tuple | Callable, args: tuple, meta: dict) -> None:
+        if interpreting():
+            self.kernel[grid](*args, **meta)
+            return
+        key = (torch.cuda.current_device(), tuple(map(_spec, args)), tuple(meta.items()))
+        hit = self.compiled.get(key)
+        if hit is None:
+            self.compiled[key] = self._first(grid, args, meta)
+            return
+        compiled, constexprs, config = hit
+        if callable(grid):
+            grid = grid({**meta, **config})
+        grid = (*grid, 1, 1)[:3]
+        compiled[grid](*args, *(meta.get(n, config.get(n)) for n in constexprs))
+
+    def _first(self, grid: tuple | Callable, args: tuple, meta: dict) -> tuple:
+        """Launch through Triton (compiling, tuning) and keep what it ran."""
+        compiled = self.kernel[grid](*args, **meta)
+        config = {}
+        if self.tuned:  # the autotuner returns nothing: compile its choice without running it
+            config = self.kernel.best_config.all_kwargs()
+            compiled = self.jit.warmup(*args, grid=grid, **meta, **config)
+        if hasattr(compiled, "result"):  # Triton's asynchronous compile mode
+            compiled = compiled.result()
+        constexprs = self.names[len(args):]
+        missing = [n for n in constexprs if n not in meta and n not in config]
+        assert not missing and not set(meta) - set(self.names) - set(_OPTIONS), (
+            f"{self.jit.__name__}: pass its tensors and scalars positionally and its "
+            f"constexprs by name (missing {missing})")
+        return compiled, constexprs, config
+
+
+_KERNELS: dict[int, FastKernel] = {}
+
+
+def fast(kernel: object) -> FastKernel:
+    """The launcher of a `triton.jit` (or autotuned) kernel, one per kernel."""
+    k = _KERNELS.get(id(kernel))
+    if k is None:
+        k = _KERNELS[id(kernel)] = FastKernel(kernel)
+    return k
