@@ -3,6 +3,7 @@
 #   probe: where the host CPU time of an eager growing step goes at 1024 x 8192 (cProfile),
 #          and the dormant step's kernels at 4096 x 32768;
 #   kernels: the seed kernels' and the telemetry pass's forms alone, then the bars' shapes;
+#   final1 / final2: the GPU tests and the bars' rows / the compile, fp32 and seed-count rows;
 #   tests: the GPU test files;  matrix: bench_step's whole matrix.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
@@ -29,6 +30,23 @@ kernels)
   timeout 200 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 1024 --dtypes bf16 \
     --modes bare,bare2,dormant,dormant10,training,graft10 --rounds 7 \
     --tag "_$TAG" --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|bar|missed|met|fail" | head -40 ;;
+final1)  # the GPU tests, then the bars' shapes (1,024 seeds, bf16, every mode but compile)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
+    $T/test_gpu.py $T/test_exactness.py "$T/test_kernels.py::test_the_launcher_reuses_a_kernel_only_for_its_own_specialisation" \
+    2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -8
+  timeout 330 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 1024 --dtypes bf16 \
+    --modes bare,bare2,bare_g,dormant,dormant10,training,graft10,training_g,graft10_g,training_gp,graft10_gp,graft100,loop \
+    --tag "_$TAG" --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|bar|missed|met|fail" | head -70 ;;
+final2)  # compile rows; fp32; 64 and 4,096 seeds
+  timeout 220 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 1024 --dtypes bf16 \
+    --modes bare,graft10,compile,compile_ro --rounds 7 --tag "_${TAG}compile" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}compile.log" | grep -E "x[0-9]|fail" | head -20
+  timeout 150 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 1024 --dtypes fp32 \
+    --modes bare,bare2,dormant10,training,graft10,loop --rounds 7 --tag "_${TAG}fp32" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}fp32.log" | grep -E "x[0-9]|fail" | head -20
+  timeout 170 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 64,4096 --dtypes bf16 \
+    --modes bare,bare2,dormant10,training,graft10,loop --rounds 5 --tag "_${TAG}seeds" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -30 ;;
 tests)
   timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
     $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;

@@ -33,7 +33,7 @@ from . import boundary
 from .blueprints import BlueprintSpec
 from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
-from .host import no_fused_fast_path
+from .host import hook_in_eval
 from .layer import KasminaLayer
 from .lifecycle import ACTIVE_STAGES, SeedStage
 from .telemetry import LayerHealthReport
@@ -55,7 +55,7 @@ class DualPathLayer(nn.Module):
         self._pending: str | None = None
         self._stepped = False  # a step was reported since the last boundary
         self.frozen._tracking_step = False
-        self.register_forward_pre_hook(no_fused_fast_path)
+        self.train(host.training)
         # after the paths' own load hooks (which restore their telemetry clocks)
         self.register_load_state_dict_post_hook(_freeze_after_load)
 
@@ -134,6 +134,11 @@ class DualPathLayer(nn.Module):
     def config(self, value: KasminaConfig) -> None:  # a controller sets its metric's mode
         for layer in (self.legacy, self.chunked):
             layer.config = dataclasses.replace(value, execution_path=layer.execution_path)
+
+    def train(self, mode: bool = True) -> DualPathLayer:
+        super().train(mode)
+        hook_in_eval(self, mode)
+        return self
 
     def set_telemetry_every(self, every: int) -> None:
         """Both paths' cadence; only the active one tracks (KasminaLayer.set_telemetry_every)."""

@@ -25,7 +25,7 @@ from .blueprints import BlueprintSpec, catalog, get_blueprint, with_headroom
 from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
 from .graphs import SeedGraphs
-from .host import AttachLoss, host_features, no_fused_fast_path, split_chunks
+from .host import AttachLoss, hook_in_eval, host_features, split_chunks
 from .lanes import LANE_TENSORS, LaneFlags, build_lanes
 from .lifecycle import FULL, LEGACY, RELEASING_STAGES, LifecycleError, SeedStage
 from .seed_table import STAGE, SeedTable
@@ -102,7 +102,7 @@ class KasminaLayer(nn.Module):
         self._loaded_extra: dict | None = None
         self._batching = False
         self._graphs = SeedGraphs() if cfg.cuda_graphs else None
-        self.register_forward_pre_hook(no_fused_fast_path)
+        self.train(host.training)  # (wrapping a model in eval mode: the hook's from the start)
         self.register_load_state_dict_post_hook(_after_load_hook)
         self._commit()
 
@@ -144,11 +144,19 @@ class KasminaLayer(nn.Module):
         """The stage a controller promotes a germinated seed to (TRAINING; GRAFTING in legacy)."""
         return self.table.lifecycle.promotion
 
+    def train(self, mode: bool = True) -> KasminaLayer:
+        super().train(mode)
+        hook_in_eval(self, mode)
+        return self
+
     # ---------------------------------------------------------------- hot path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (compiled: never; is_compiling first, so dynamo does not guard on `_flags`)
-        if not torch.compiler.is_compiling() and self._flags.live:
+        if not torch.compiler.is_compiling():
             tracking = self.training and self._tracking_step
+            if not self._flags.live:  # dormant: the host alone, or its telemetry
+                h = self.host(x)
+                return self._seed_forward_eager(h, False, True) if tracking and h.numel() else h
             if self._graphs is not None:
                 out = self._graphs.forward(self, x, tracking, True)
                 if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)
@@ -276,7 +284,8 @@ class KasminaLayer(nn.Module):
         grafting alphas move, step counters advance."""
         table = self.table
         table.step += 1
-        self._tracking_step = table.step % self.config.telemetry_every == 0
+        # (in __dict__: nn.Module's __setattr__ checks its parameters, buffers and modules)
+        self.__dict__["_tracking_step"] = table.step % self.config.telemetry_every == 0
         if self._flags.live:  # a dormant layer's step is these three lines: no grad-mode switch
             self._live_steps += 1
             self._train_mode_steps += self.training
