@@ -37,15 +37,15 @@ the epoch boundary). A wrong output is reported (exit status 1) and its mode sti
 
 Timing: warm-up (11 steps), then `rounds` rounds of one block of `reps` steps per mode (a
 multiple of 10: one telemetry step in 10 at every 10th; by default about BLOCK_S of the first
-mode's steps), in a new (seeded) order each round; inputs rotate over 2-8 tensors (past L2).
-Per mode: step time (median over blocks of the block mean, CUDA events), ratio to bare
-(median over rounds of the block's ratio to bare's block in the same round), forward time
-(events around the forward inside the step) and overhead over bare's, host CPU time per step
-(process CPU time while the steps are enqueued, before the final sync), kernels per step and GPU busy fraction (one torch.profiler pass per case;
-memcpy/memset add to busy time, not to kernels; busy: see `profile`). On the CPU (a test of
-the script, not a measurement) kernels = top-level aten ops, busy is blank. Writes
-benchmarks/results/step_<gpu>_<date>.csv after every case (the bars' seed count and larger
-layers first, so a run cut short keeps the bars' cases); prints the bars last.
+mode's steps), in a new (seeded) order each round; inputs rotate over 2-8 tensors (past L2). Per
+mode: step time (median over blocks of the block mean, CUDA events), ratio to bare (median over
+rounds of the block's ratio to bare's block in the same round), forward time (events around the
+forward inside the step) and overhead over bare's, host CPU time per step (process CPU time
+while the steps are enqueued, before the final sync), kernels per step and GPU busy fraction
+(one torch.profiler pass per case; memcpy/memset add to busy time, not to kernels; busy: see
+`profile`). On the CPU (a test of the script, not a measurement) kernels = top-level aten ops,
+busy is blank. Writes benchmarks/results/step_<gpu>_<date>.csv after every case (the bars' seed
+count and larger layers first, so a run cut short keeps the bars' cases); prints the bars last.
 
     python3 benchmarks/bench_step.py [--quick] [--check-only] [--shapes 4096x32768,...]
         [--seeds 64,1024] [--dtypes bf16,fp32] [--modes bare,graft10] [--device cpu]
