@@ -25,8 +25,9 @@ hooks (this node computes the host itself). A lane whose output is not finite th
 nowhere its output is not finite, is marked (`lane_nonfinite`) and blends nowhere from the next
 step, as on the general path (which blends none of it this step); its host gradient is g.
 
-Measured (H200, s8c, bf16, 1,024 seeds): the growing step at 4096 x 32768 is 1.145x (grafting)
-and 1.175x (training) the bare host's, the general path's 1.33-1.34x in the same run.
+Measured (H200, s9c, bf16, 1,024 seeds): the growing step at 4096 x 32768 is 1.120x (grafting)
+and 1.108x (training) the bare host's (grafting 1.191x in another run, s9d), the general
+path's 1.33x in the same run.
 """
 
 from __future__ import annotations
