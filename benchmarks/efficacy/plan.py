@@ -50,9 +50,11 @@ def candidate_changes() -> dict[str, object]:
 
 
 # --ablate changes: knobs the library lacks, emulated by the harness (methods.Growth), each
-# added to a configuration like a change: a zero-output blueprint init, and a plateau threshold
-# relative to the best validation loss instead of min_delta.
+# added to a configuration like a change: a zero-output blueprint init, a plateau threshold
+# relative to the best validation loss instead of min_delta, and random placement (the
+# lifecycle ablation's, on any configuration).
 EXTRAS = {"init=zero_output": {"init": "zero_output"},
+          "placement=random": {"placement": "random"},
           "min_delta_rel=0.01": {"min_delta_rel": 0.01},
           "min_delta_rel=0.03": {"min_delta_rel": 0.03}}
 

@@ -11,9 +11,9 @@ the same telemetry pass timed back to back, GPU idle between launches). A growin
 each specialisation (the dtypes and 16-byte alignment of the tensors, and for integers
 whether they are 1, divisible by 16 and 32-bit: what Triton specialises on) and the
 constexprs and launch options, then calls it directly (the compiled kernel's own runner:
-current stream, launch hooks). An autotuned kernel is tuned by its autotuner once per key
-(its first call, as before); afterwards its best configuration is launched directly. Under
-the interpreter (CPU) every call goes through Triton as before.
+current stream, launch hooks). An autotuned kernel is tuned by its autotuner at the first call
+of each of its tuning keys, as before; afterwards that key's best configuration is launched
+directly. Under the interpreter (CPU) every call goes through Triton as before.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class FastKernel:
         self.tuned = isinstance(kernel, Autotuner)
         self.jit = kernel.fn if self.tuned else kernel
         self.names = list(self.jit.arg_names)
+        # an autotuned kernel's tuning key: its arguments (positions) that the autotuner keys on
+        self.tuning = [self.names.index(k) for k in kernel.keys] if self.tuned else []
         self.compiled: dict[tuple, tuple] = {}
 
     def __getitem__(self, grid: tuple | Callable) -> Callable[..., None]:
@@ -52,7 +54,8 @@ class FastKernel:
         if interpreting():
             self.kernel[grid](*args, **meta)
             return
-        key = (torch.cuda.current_device(), tuple(map(_spec, args)), tuple(meta.items()))
+        key = (torch.cuda.current_device(), tuple(map(_spec, args)), tuple(meta.items()),
+               *(args[i] if i < len(args) else meta.get(self.names[i]) for i in self.tuning))
         hit = self.compiled.get(key)
         if hit is None:
             self.compiled[key] = self._first(grid, args, meta)
