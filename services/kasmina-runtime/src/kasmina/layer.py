@@ -282,13 +282,13 @@ class KasminaLayer(nn.Module):
         """Report one training step (call once, after the host optimizer's step; with AMP,
         pass the `GradScaler` and call before `scaler.update()`): the seeds' optimizer steps,
         grafting alphas move, step counters advance."""
-        table = self.table
+        table, state = self.table, self.__dict__
         table.step += 1
-        # (in __dict__: nn.Module's __setattr__ checks its parameters, buffers and modules)
-        self.__dict__["_tracking_step"] = table.step % self.config.telemetry_every == 0
+        # (through __dict__: nn.Module's __setattr__ checks parameters, buffers and modules)
+        state["_tracking_step"] = table.step % self.config.telemetry_every == 0
         if self._flags.live:  # a dormant layer's step is these three lines: no grad-mode switch
-            self._live_steps += 1
-            self._train_mode_steps += self.training
+            state["_live_steps"] += 1
+            state["_train_mode_steps"] += self.training
             if self._graphs is None or not self._graphs.step(self, loss, scaler):
                 self._step_seeds(loss, scaler)
 
@@ -306,19 +306,19 @@ class KasminaLayer(nn.Module):
         start = 0
         for key, bank in self.banks.items():
             end = start + bank.capacity
-            if key in keys:
+            if key in keys:  # (a bank of every lane takes the lane tensors themselves)
+                own = (lambda t: t) if bank.capacity == self.num_lanes else (
+                    lambda t, a=start, b=end: t[a:b])
                 bank.seed_step(
-                    self.lane_trainable[start:end], self.config,
-                    None if scale is None else scale[start:end], overflow_ok=scale is not None,
-                    triton=triton, into=(self.lane_grad_norm[start:end],
-                                         self.lane_drift[start:end],
-                                         self.lane_nonfinite[start:end],
-                                         self.lane_running[start:end]),
-                    lr=self.lane_lr[start:end])
+                    own(self.lane_trainable), self.config,
+                    None if scale is None else own(scale), overflow_ok=scale is not None,
+                    triton=triton, into=(own(self.lane_grad_norm), own(self.lane_drift),
+                                         own(self.lane_nonfinite), own(self.lane_running)),
+                    lr=own(self.lane_lr))
             else:  # compiled graphs run every bank: drop the (zero) gradient of idle ones
                 bank.flat.grad = None
             start = end
-        self.lane_steps += self.lane_running
+        self.lane_steps.add_(self.lane_running)
         if flags.grafting and isinstance(loss, torch.Tensor) and distributed.world_size() > 1:
             loss = loss.detach().float().reshape(()).clone()  # the strategies read every rank's
             distributed.all_reduce_mean_([loss])

@@ -28,6 +28,17 @@ from .ops import interpreting
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
+# Host-side grid arithmetic: `triton.cdiv` and `triton.next_power_of_2` are Triton
+# ConstexprFunctions, ~1.5 us a call on the host; a growing step makes a dozen such calls.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _spec(v: object) -> object:
     """The part of an argument a compiled Triton kernel was specialised on."""
     if isinstance(v, torch.Tensor):

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast
+from .launch import cdiv, fast, pow2
 
 # The best of a sweep on an H200 at 4096 x 32768 (benchmarks/probe_tiles.py, results in
 # benchmarks/results/probe_tiles_h200_2026-11-27.log): small row blocks, 4 warps, 32-128 row
@@ -192,8 +192,8 @@ def _grid(n: int, f: int):
     """Column tiles x row slabs. SLABS_PER_TILE row slabs per column tile, at most one per
     BLOCK_N rows: each column gets one atomic per slab, not per row block."""
     def grid(meta):
-        slabs = max(1, min(triton.cdiv(n, meta["BLOCK_N"]), meta["SLABS_PER_TILE"]))
-        return triton.cdiv(f, meta["BLOCK_F"]), slabs
+        slabs = max(1, min(cdiv(n, meta["BLOCK_N"]), meta["SLABS_PER_TILE"]))
+        return cdiv(f, meta["BLOCK_F"]), slabs
     return grid
 
 
@@ -252,9 +252,9 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
     fast(_host_pass_kernel)[_grid(n, f)](h, out, stats, n, f, h.stride(0), out.stride(0),
                                          dead_threshold, TRACK=track, COPY=True, I64=i64)
     if runs:
-        block_c = min(triton.next_power_of_2(c), 128)
+        block_c = min(pow2(c), 128)
         block_n = max(16, min(64, 4096 // block_c))  # at C = 32, 16-256 rows tied (v4 sweep)
-        fast(_seed_blend_kernel)[(runs, min(triton.cdiv(n, block_n), MAX_GRID_Y))](
+        fast(_seed_blend_kernel)[(runs, min(cdiv(n, block_n), MAX_GRID_Y))](
             h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=i64,
             BLOCK_N=block_n, BLOCK_C=block_c)
     return out, stats

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast
+from .launch import cdiv, fast, pow2
 
 _ELEMS = 2048  # (rows, hidden) tile elements per program (BLOCK_N = _ELEMS / H, 16..128)
 _PROGRAMS = 1024  # backward: about this many programs over all slots (several per SM)
@@ -116,7 +116,7 @@ def _mlp_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, part_ptr, N, P, BLOCKS_PER_PRO
 
 
 def _meta(chunk: int, hidden: int) -> tuple[int, int, int]:
-    wp, hp = triton.next_power_of_2(chunk), triton.next_power_of_2(hidden)
+    wp, hp = pow2(chunk), pow2(hidden)
     return wp, hp, max(16, min(128, _ELEMS // hp))
 
 
@@ -126,7 +126,7 @@ def forward(x: torch.Tensor, flat: torch.Tensor, hidden: int) -> torch.Tensor:
     wp, hp, block = _meta(chunk, hidden)
     y = torch.empty_like(x)
     if n:
-        fast(_mlp_fwd_kernel)[(slots, triton.cdiv(n, block))](
+        fast(_mlp_fwd_kernel)[(slots, cdiv(n, block))](
             x, flat, y, n, flat.shape[1], W=chunk, H=hidden, HP=hp, BLOCK_N=block, num_warps=4)
     return y
 
@@ -136,10 +136,10 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
     """(dx or None, dflat (A, P)) for y = forward(x, flat)."""
     slots, n, chunk = x.shape
     wp, hp, block = _meta(chunk, hidden)
-    blocks = triton.cdiv(n, block)
-    programs = max(1, min(blocks, triton.cdiv(_PROGRAMS, max(slots, 1))))
-    per_program = triton.cdiv(blocks, programs)
-    programs = triton.cdiv(blocks, per_program) if blocks else 1
+    blocks = cdiv(n, block)
+    programs = max(1, min(blocks, cdiv(_PROGRAMS, max(slots, 1))))
+    per_program = cdiv(blocks, programs)
+    programs = cdiv(blocks, per_program) if blocks else 1
     # every program writes all P columns of its row of partial sums
     part = torch.empty(slots, programs, flat.shape[1], device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else None
@@ -389,7 +389,7 @@ def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int, l
     width: the kernels' loads and stores of a row's chunk are then one vector each."""
     assert h.dim() == 2 and h.stride(1) == 1, "h must be (N, F) with contiguous rows"
     slots, n = flat.shape[0], h.shape[0]
-    blocks = max(1, triton.cdiv(n, FWD_ROWS))
+    blocks = max(1, cdiv(n, FWD_ROWS))
     part = torch.empty(slots, blocks, 3, device=h.device, dtype=torch.float32)
     kept = torch.empty(slots, n, chunk, device=h.device, dtype=h.dtype) if save else None
     diff = (torch.empty(slots, n, chunk, device=h.device, dtype=torch.float32)
@@ -399,7 +399,7 @@ def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int, l
     fast(_seed_fwd_kernel)[(slots, blocks)](
         h, kept if save else h, h if diff is None else diff, flat, part, lanes["bounds"],
         *alpha, n, flat.shape[1], h.stride(0), lane0, W=chunk, H=hidden,
-        WP=triton.next_power_of_2(chunk), BLOCK_N=FWD_ROWS, SAVE=save, DIFF=diff is not None,
+        WP=pow2(chunk), BLOCK_N=FWD_ROWS, SAVE=save, DIFF=diff is not None,
         I64=i64, ALIGN=align, num_warps=FWD_WARPS)
     fast(_seed_finish_kernel)[(slots,)](
         part, blocks, *alpha, lanes["lane_running"], lanes["lane_train"], lanes["lane_sizes"],
@@ -410,7 +410,7 @@ def seed_forward(h: torch.Tensor, flat: torch.Tensor, chunk: int, hidden: int, l
 def feature_scale(run_of: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     f = run_of.shape[0]
     out = torch.empty(f, device=used.device, dtype=torch.float32)
-    fast(_feature_scale_kernel)[(triton.cdiv(f, 1024),)](run_of, used, out, f, BLOCK=1024)
+    fast(_feature_scale_kernel)[(cdiv(f, 1024),)](run_of, used, out, f, BLOCK=1024)
     return out
 
 
@@ -446,7 +446,7 @@ def feature_mul(src: torch.Tensor, scale: torch.Tensor, rows: bool,
     dst = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
     r, c = src.shape
     br, bc = 16, 256
-    fast(_feature_mul_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
+    fast(_feature_mul_kernel)[(cdiv(r, br), cdiv(c, bc))](
         src, dst, scale, r, c, src.stride(0), dst.stride(0), ROWS=rows, SKIP=dst is src,
         BR=br, BC=bc, num_warps=4)
     return dst
@@ -460,17 +460,17 @@ def seed_backward(kept: torch.Tensor, diff: torch.Tensor | None, g: torch.Tensor
     there."""
     assert g.stride(1) == 1
     slots, n, chunk = kept.shape
-    blocks = triton.cdiv(n, BWD_ROWS)
+    blocks = cdiv(n, BWD_ROWS)
     group = max(d for d in range(1, BWD_GROUP + 1) if hidden % d == 0)
     groups = hidden // group
-    programs = max(1, min(blocks, triton.cdiv(BWD_PROGRAMS, max(slots * groups, 1))))
-    per_program = triton.cdiv(blocks, programs)
-    programs = triton.cdiv(blocks, per_program) if blocks else 1
+    programs = max(1, min(blocks, cdiv(BWD_PROGRAMS, max(slots * groups, 1))))
+    per_program = cdiv(blocks, programs)
+    programs = cdiv(blocks, per_program) if blocks else 1
     part = torch.empty(slots, programs, flat.shape[1], device=g.device, dtype=torch.float32)
     i64 = max(g.shape[0] * g.stride(0), kept.numel()) >= 2**31 - 1
     fast(_seed_bwd_kernel)[(groups, slots, programs)](
         kept, kept if diff is None else diff, g, flat, part, bounds, alpha, coef, n,
         flat.shape[1], g.stride(0), lane0, per_program, W=chunk,
-        WP=triton.next_power_of_2(chunk), H=hidden, HG=group, BLOCK_N=BWD_ROWS,
+        WP=pow2(chunk), H=hidden, HG=group, BLOCK_N=BWD_ROWS,
         RECON=recon, I64=i64, ALIGN=align, num_warps=BWD_WARPS)
     return part.sum(1)

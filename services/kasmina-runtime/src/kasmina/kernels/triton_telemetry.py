@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast
+from .launch import cdiv, fast, pow2
 
 BLOCK_R = 64
 TILE = 4096  # elements of a correlation program's (rows, k, k) product tile, at most
@@ -80,8 +80,8 @@ def add(stats: torch.Tensor | None, h2: torch.Tensor, corr_idx: torch.Tensor,
     seeds, k = corr_sum.shape
     corr = seeds if k > 1 else 0  # chunks of one feature have no pairs to correlate
     f3 = 0 if stats is None else stats.numel()
-    kp = triton.next_power_of_2(k)
-    grid = (corr + max(1, triton.cdiv(f3, BLOCK_F)),)  # the first column program counts rows
+    kp = pow2(k)
+    grid = (corr + max(1, cdiv(f3, BLOCK_F)),)  # the first column program counts rows
     fast(_telemetry_kernel)[grid](
         h2, h2.stride(0), corr_idx, corr_valid.view(torch.uint8),
         columns if stats is None else stats, columns, rows, corr_n, corr_sum, corr_prod, n,
