@@ -371,6 +371,13 @@ def test_torch_compile_traces_the_layer_without_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_the_launchers_grid_arithmetic_is_tritons():
+    import triton
+    from kasmina.kernels.launch import cdiv, pow2
+    assert all(pow2(n) == triton.next_power_of_2(n) for n in range(1, 2050))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 40))
+
+
 def test_the_launchers_key_holds_what_triton_specialises_on():
     """kernels.launch keeps one compiled kernel per key: two arguments Triton compiles apart
     must not share one (a 16-byte-aligned tensor and a view one element in, 1 and other
