@@ -87,6 +87,24 @@ def test_transformer_encoder_wraps_its_linears_and_skips_attention_out_proj(capl
                      "weight directly; seeds there would never run)"]  # one line, not one a module
 
 
+def test_the_fused_path_guard_is_on_exactly_in_eval_mode():
+    """The hook that keeps torch's fused encoder path off is there in eval mode only (it costs
+    every training call host time), also for a model wrapped while in eval mode."""
+    from kasmina.host import no_fused_fast_path
+    model = kasmina.wrap(encoder().eval(), seeds_per_layer=4)
+    layers = kasmina.seed_layers(model)
+
+    def guards() -> list[int]:
+        return [list(layer._forward_pre_hooks.values()).count(no_fused_fast_path)
+                for layer in layers]
+    assert guards() == [1] * len(layers)
+    model.train()
+    assert guards() == [0] * len(layers)
+    model.eval()
+    model.eval()
+    assert guards() == [1] * len(layers)
+
+
 def test_transformer_encoder_inference_runs_the_seeds():
     """eval + no_grad is where torch's fused encoder path would read linear1.weight itself (and
     the nested-tensor path with a padding mask): a grafting seed must change that output."""
