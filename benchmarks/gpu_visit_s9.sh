@@ -4,6 +4,7 @@
 #          and the dormant step's kernels at 4096 x 32768;
 #   kernels: the seed kernels' and the telemetry pass's forms alone, then the bars' shapes;
 #   final1 / final2: the GPU tests and the bars' rows / the compile, fp32 and seed-count rows;
+#   launch: the host time of one Triton launch by route (probe_launch.py);
 #   tests: the GPU test files;  matrix: bench_step's whole matrix.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
@@ -47,6 +48,8 @@ final2)  # compile rows; fp32; 64 and 4,096 seeds
   timeout 170 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 64,4096 --dtypes bf16 \
     --modes bare,bare2,dormant10,training,graft10,loop --rounds 5 --tag "_${TAG}seeds" --out "$OUT" 2>&1 \
     | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -30 ;;
+launch)  # host time a Triton launch costs, by route (for the next session)
+  timeout 120 python3 benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch_h200_${D}_$TAG.log" ;;
 tests)
   timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
     $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;
