@@ -103,6 +103,9 @@ def test_the_fused_path_guard_is_on_exactly_in_eval_mode():
     model.eval()
     model.eval()
     assert guards() == [1] * len(layers)
+    dual = kasmina.DualPathLayer(nn.Linear(8, 8).eval(), 2)  # (the migration's layer alike)
+    assert list(dual._forward_pre_hooks.values()) == [no_fused_fast_path]
+    assert not dual.train()._forward_pre_hooks
 
 
 def test_transformer_encoder_inference_runs_the_seeds():
