@@ -390,6 +390,14 @@ def test_the_launchers_key_holds_what_triton_specialises_on():
     assert _spec(32) == _spec(48) and _spec(3) == _spec(5)
 
 
+def test_the_launcher_keys_an_autotuned_kernel_on_its_tuning_arguments():
+    """An autotuned kernel is tuned per size (N, F) as Triton does: those arguments' values
+    are part of the launcher's key, not only their specialisation."""
+    from kasmina.kernels.launch import fast
+    k = fast(triton_blend._host_pass_kernel)
+    assert k.tuned and [k.names[i] for i in k.tuning] == ["N", "F", "TRACK", "COPY", "I64"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the launcher's cache (CUDA; the "
                     "interpreter goes through Triton)")
 def test_the_launcher_reuses_a_kernel_only_for_its_own_specialisation():
