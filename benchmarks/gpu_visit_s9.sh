@@ -4,6 +4,7 @@
 #          and the dormant step's kernels at 4096 x 32768;
 #   kernels: the seed kernels' and the telemetry pass's forms alone, then the bars' shapes;
 #   final1 / final2: the GPU tests and the bars' rows / the compile, fp32 and seed-count rows;
+#   next: the next session's first visit (launch routes, cProfile, test_kernels);
 #   launch: the host time of one Triton launch by route (probe_launch.py);
 #   tests: the GPU test files;  matrix: bench_step's whole matrix.
 # Results land in $OUT (copied to benchmarks/results/).
@@ -50,6 +51,13 @@ final2)  # compile rows; fp32; 64 and 4,096 seeds
     | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -30 ;;
 launch)  # host time a Triton launch costs, by route (for the next session)
   timeout 120 python3 benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch_h200_${D}_$TAG.log" ;;
+next)  # what session 9 left for the next visit: the launch's host time by route, the host time of an
+  # eager growing step after the launcher (cProfile), the rest of test_kernels, the 64-seed rows
+  timeout 100 python3 benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch_h200_${D}_$TAG.log"
+  timeout 150 python3 benchmarks/probe_step.py --shape 1024x8192 --modes bare,training,graft10 \
+    --cprofile 300 --top 32 > "$OUT/probe_cpu_h200_${D}_$TAG.log" 2>&1
+  timeout 330 python3 -m pytest -q -p no:cacheprovider -rs --tb=short "$T/test_kernels.py" \
+    2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -5 ;;
 tests)
   timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
     $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;
