@@ -396,6 +396,12 @@ def test_the_launcher_keys_an_autotuned_kernel_on_its_tuning_arguments():
     from kasmina.kernels.launch import fast
     k = fast(triton_blend._host_pass_kernel)
     assert k.tuned and [k.names[i] for i in k.tuning] == ["N", "F", "TRACK", "COPY", "I64"]
+    h, stats = torch.zeros(64, 32), torch.zeros(3, 32)
+    meta = {"TRACK": True, "COPY": False, "I64": False}
+    key = lambda n: k.key((h, h, stats, n, 32, 32, 32, 1e-6), meta)  # noqa: E731
+    assert key(64) != key(48) and key(64) == key(64)  # same specialisation, another size
+    plain = fast(triton_blend._seed_blend_kernel)  # not autotuned: sizes of one specialisation
+    assert not plain.tuned and plain.key((h, 64), {}) == plain.key((h, 48), {})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the launcher's cache (CUDA; the "

@@ -61,12 +61,17 @@ class FastKernel:
     def __getitem__(self, grid: tuple | Callable) -> Callable[..., None]:
         return lambda *args, **meta: self.run(grid, args, meta)
 
+    def key(self, args: tuple, meta: dict) -> tuple:
+        """What selects a compiled kernel (with the current device): the arguments'
+        specialisation, the constexprs and options, and an autotuned kernel's tuning values."""
+        return (tuple(map(_spec, args)), tuple(meta.items()),
+                *(args[i] if i < len(args) else meta.get(self.names[i]) for i in self.tuning))
+
     def run(self, grid: tuple | Callable, args: tuple, meta: dict) -> None:
         if interpreting():
             self.kernel[grid](*args, **meta)
             return
-        key = (torch.cuda.current_device(), tuple(map(_spec, args)), tuple(meta.items()),
-               *(args[i] if i < len(args) else meta.get(self.names[i]) for i in self.tuning))
+        key = (torch.cuda.current_device(), *self.key(args, meta))
         hit = self.compiled.get(key)
         if hit is None:
             self.compiled[key] = self._first(grid, args, meta)
