@@ -35,17 +35,17 @@ Checks, before each case is timed: dormant and training outputs bit-identical to
 passes (every blueprint poisoned: the output is exactly the host's, and the seeds roll back at
 the epoch boundary). A wrong output is reported (exit status 1) and its mode still timed.
 
-Timing: warm-up (11 steps), then `rounds` rounds of one block of `reps` steps per mode (a
-multiple of 10: one telemetry step in 10 at every 10th; by default about BLOCK_S of the first
-mode's steps), in a new (seeded) order each round; inputs rotate over 2-8 tensors (past L2). Per
-mode: step time (median over blocks of the block mean, CUDA events), ratio to bare (median over
-rounds of the block's ratio to bare's block in the same round), forward time (events around the
-forward inside the step) and overhead over bare's, host CPU time per step (process CPU time
-while the steps are enqueued, before the final sync), kernels per step and GPU busy fraction
-(one torch.profiler pass per case; memcpy/memset add to busy time, not to kernels; busy: see
-`profile`). On the CPU (a test of the script, not a measurement) kernels = top-level aten ops,
-busy is blank. Writes benchmarks/results/step_<gpu>_<date>.csv after every case (the bars' seed
-count and larger layers first, so a run cut short keeps the bars' cases); prints the bars last.
+Timing: warm-up (11 steps), then `rounds` rounds of one block of `reps` steps per mode (10: one
+telemetry step a block at every 10th), in a new (seeded) order each round; inputs rotate over
+2-8 tensors (past L2). Per mode: step time (median over blocks of the block mean, CUDA events),
+ratio to bare (median over rounds of the block's ratio to bare's block in the same round),
+forward time (events around the forward inside the step) and overhead over bare's, host CPU time
+per step (process CPU time while the steps are enqueued, before the final sync), kernels per
+step and GPU busy fraction (one torch.profiler pass per case; memcpy/memset add to busy time,
+not to kernels; busy: see `profile`). On the CPU (a test of the script, not a measurement)
+kernels = top-level aten ops, busy is blank. Writes benchmarks/results/step_<gpu>_<date>.csv
+after every case (the bars' seed count and larger layers first, so a run cut short keeps the
+bars' cases); prints the bars last.
 
     python3 benchmarks/bench_step.py [--quick] [--check-only] [--shapes 4096x32768,...]
         [--seeds 64,1024] [--dtypes bf16,fp32] [--modes bare,graft10] [--device cpu]
@@ -77,9 +77,6 @@ MODES = ("bare", "bare2", "bare_g", "dormant", "dormant10", "training", "graft10
          "graft10_g", "training_gp", "graft10_gp", "graft100", "loop", "compile", "compile_ro")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BP, RAMP, TAG, S = "residual_mlp", 12, "bench_step::", SeedStage
-# A block's length: at 1024 x 8192 (0.6-0.75 ms a bare step, bound by the host CPU) blocks of
-# 10 steps read bare2 at 0.84-1.09x bare (s8); timed blocks of ~20 ms there: see NOTES s9.
-BLOCK_S = 0.02
 
 
 def base(mode: str) -> str:
@@ -346,14 +343,12 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
     if args.check_only:
         return [], failures
     times, order, rng = {name: [] for name in modes}, list(modes.items()), random.Random(0)
-    first = order[0][1]  # bare, where it runs: a block of about BLOCK_S of it
-    reps = args.reps or 10 * max(1, round(BLOCK_S / (10 * block(first, xs, gs, 0, 10, cuda)[0])))
     for r in range(args.rounds):  # interleaved, in a new order each round: in a fixed order
         # (or one rotated a mode a round) bare2 always followed bare and read 1.068-1.074x it
         # at 4096 x 32768 (s7d, s8a), 0.73x at 1024 x 8192: the same module timed twice
         rng.shuffle(order)
         for name, m in order:
-            times[name].append(block(m, xs, gs, r * reps, reps, cuda))
+            times[name].append(block(m, xs, gs, r * args.reps, args.reps, cuda))
     prof = profile(modes, xs, gs, cuda)
     med = {n: [statistics.median(t[i] for t in ts) for i in range(3)] for n, ts in times.items()}
 
@@ -378,7 +373,7 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
             "fwd_overhead_us": round((fwd - bare[1]) * 1e6, 1) if bare else "",
             "kernels_per_step": round(kern, 1), "cpu_ms_per_step": round(cpu * 1e3, 3),
             "gpu_busy": round(busy, 3) if cuda else "",
-            "rounds": args.rounds, "reps": reps})
+            "rounds": args.rounds, "reps": args.reps})
         r = out[-1]
         print(f"{label} {name:<10}{r['step_ms']:>10.3f} ms  x{r['ratio_to_bare']:<7} fwd "
               f"+{r['fwd_overhead_us']:>8} us {r['kernels_per_step']:>7} kernels  cpu "
@@ -440,8 +435,8 @@ def main() -> int:
     p.add_argument("--dtypes", help="of bf16,fp32")
     p.add_argument("--modes", help=f"of {','.join(MODES)} (bare always runs)")
     p.add_argument("--rounds", type=int)
-    p.add_argument("--reps", type=int, default=0, help="steps per block (a multiple of 10; "
-                   f"default: at least 10 and about {BLOCK_S * 1e3:.0f} ms a block)")
+    # (blocks of 20-30 steps, ~20 ms, at 1024 x 8192 did not narrow bare2's spread there: s9)
+    p.add_argument("--reps", type=int, default=10, help="steps per block (a multiple of 10)")
     p.add_argument("--tag", default="", help="appended to the CSV's name")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
