@@ -152,10 +152,12 @@ def test_poisoned_seeds_never_reach_the_output_and_roll_back():
 
 
 @pytest.mark.parametrize("case", ["hook", "fossilized", "through", "torch kernels",
-                                  "subclass"])
+                                  "subclass", "training task share"])
 def test_the_general_path_where_the_node_does_not_apply(case):
     if case == "through":
         layer = make_layer(isolate_host_in_blend=False)
+    elif case == "training task share":  # seed 4 TRAINING: the node has no shadow gradient
+        layer = make_layer(training_task_share=0.25)
     elif case == "torch kernels":
         layer = make_layer(kernels="torch")
     else:
@@ -173,6 +175,12 @@ def test_the_general_path_where_the_node_does_not_apply(case):
     x = torch.randn(4, 6, device=DEVICE)
     assert not fused.applies(layer, x)
     assert layer(x).shape == (4, 19)
+
+
+def test_a_training_task_share_keeps_the_node_once_no_seed_trains():
+    layer = make_layer(training_task_share=0.25)
+    layer.transition(4, S.CANCELLED)
+    assert fused.applies(layer, torch.randn(4, 6, device=DEVICE))
 
 
 def test_a_layer_with_nothing_running_does_not_take_the_node():

@@ -14,11 +14,13 @@ from torch import nn
 S = SeedStage
 
 
-def growing(device: str, graphs: bool, dtype: torch.dtype = torch.float32, seeds: int = 12
-            ) -> KasminaLayer:
-    """Seeds of 8 features (the general path), or of 4 with seeds=24 (kasmina.fused's node)."""
+def growing(device: str, graphs: bool, dtype: torch.dtype = torch.float32, seeds: int = 12,
+            share: float = 0.0) -> KasminaLayer:
+    """Seeds of 8 features (the general path), or of 4 with seeds=24 (kasmina.fused's node);
+    `share`: KasminaConfig.training_task_share."""
     torch.manual_seed(0)
-    cfg = KasminaConfig(max_active_seeds=8, cuda_graphs=graphs, ramp_steps=6)
+    cfg = KasminaConfig(max_active_seeds=8, cuda_graphs=graphs, ramp_steps=6,
+                        training_task_share=share)
     layer = KasminaLayer(nn.Linear(64, 96), seeds, cfg)
     layer.germinate(1, "residual_mlp", "performance_linked")
     layer.germinate(4, "residual_mlp")
@@ -85,6 +87,31 @@ def test_graphed_training_equals_eager_on_cuda(dtype, seeds):
         else:
             assert torch.equal(a, b), name
     assert eager_layer.stage_of(1) == graphed_layer.stage_of(1) == S.GRAFTING
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seeds", [12, 24])
+def test_a_training_task_share_is_graphed_as_it_runs_eagerly(seeds):
+    """The shadow gradient is part of the eager forward the graphs capture (on the general
+    path: the fused node declines a TRAINING seed with a share)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    eager_layer, graphed_layer = (growing("cuda", g, seeds=seeds, share=0.5) for g in
+                                  (False, True))
+    plain = growing("cuda", False, seeds=seeds)
+    assert not eager_layer._flags.fused
+    eager = train(eager_layer, 10, "cuda", torch.float32)
+    graphed = train(graphed_layer, 10, "cuda", torch.float32)
+    without = train(plain, 10, "cuda", torch.float32)
+    assert graphed_layer._graphs.passes and graphed_layer._graphs.steps
+    for i, (a, b) in enumerate(zip(eager[:20], graphed[:20], strict=True)):
+        assert torch.equal(a, b), i
+    for a, b in zip(eager[20:-1], graphed[20:-1], strict=True):
+        assert torch.equal(a, b)
+    if seeds == 12:  # (24 without the share takes the fused node: other roundings)
+        # the first step's output and input gradient are those without the share
+        assert torch.equal(eager[0], without[0]) and torch.equal(eager[1], without[1])
+    assert not torch.equal(eager[22], without[22])  # residual_mlp's bank moved otherwise
 
 
 @pytest.mark.gpu

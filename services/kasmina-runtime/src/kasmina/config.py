@@ -39,6 +39,13 @@ class KasminaConfig:
     # Blend: by default the blueprint sees the host output detached, so the host's gradient is
     # exactly its (1 - alpha) share.
     isolate_host_in_blend: bool = True
+    # TRAINING: the blueprint's output also enters the layer's output with value 0 and gradient
+    # share s (out = h + s * (y - y.detach()) on its chunk; the forward returns h itself), so
+    # besides reconstructing it learns the task loss's first-order signal as if blended at
+    # alpha s. The output and the host's gradients stay exactly a run without the seed's.
+    # In [0, 1]; 0 (DESIGN's lifecycle): reconstruction alone. Not with a GradScaler (the task
+    # gradient would arrive scaled, the reconstruction's not).
+    training_task_share: float = 0.0
     # Safety triggers published as ROLLED_BACK readiness (non-finite values roll back at once).
     rollback_drift_limit: float = 1.0
     rollback_grad_norm_limit: float = 1e3
@@ -101,6 +108,9 @@ class KasminaConfig:
             raise ValueError(f"KasminaConfig.mode must be 'max' or 'min', got {self.mode!r}")
         if not 0.0 <= self.drift_ema < 1.0:
             raise ValueError("KasminaConfig.drift_ema must be in [0, 1)")
+        if not 0.0 <= self.training_task_share <= 1.0:
+            raise ValueError("KasminaConfig.training_task_share must be in [0, 1], got "
+                             f"{self.training_task_share}")
 
     @property
     def sign(self) -> float:

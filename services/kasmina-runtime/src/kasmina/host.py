@@ -1,5 +1,5 @@
-"""What a seed layer needs from its host: its chunks, its feature counts, and the two pieces
-that keep the host's own callers and gradients as they were."""
+"""What a seed layer needs from its host: its chunks, its feature counts, and the pieces that
+keep the host's own callers and gradients as they were."""
 
 from __future__ import annotations
 
@@ -72,3 +72,27 @@ class AttachLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
+
+
+class ShadowGradient(torch.autograd.Function):
+    """`out` itself in forward (no arithmetic touches it: bit for bit, -0.0 and all); in
+    backward the output's gradient g goes to `out` unchanged and, gathered onto the lanes and
+    scaled by each lane's share, to the blueprints' outputs y: out = h + share * (y - y.detach())
+    on each lane's chunk (KasminaConfig.training_task_share), the host's gradients untouched."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, y: torch.Tensor, share: torch.Tensor,  # noqa: ANN001
+                gather: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # y (L, N, W) float32; share (L,); gather (L * W,) host feature of each chunk position;
+        # valid (L, 1, W) 1 on a running lane's real features
+        ctx.save_for_backward(share, gather, valid)
+        ctx.lanes_shape = y.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        share, gather, valid = ctx.saved_tensors
+        lanes, n, width = ctx.lanes_shape
+        g = grad.reshape(-1, grad.shape[-1]).float()  # (N, F)
+        grad_y = g.index_select(1, gather).view(n, lanes, width).transpose(0, 1)  # (L, N, W)
+        return grad, grad_y * (valid * share.view(-1, 1, 1)), None, None, None

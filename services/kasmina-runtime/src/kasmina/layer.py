@@ -25,7 +25,7 @@ from .blueprints import BlueprintSpec, catalog, get_blueprint, with_headroom
 from .config import KasminaConfig
 from .events import LifecycleEvent, SeedOutcome
 from .graphs import SeedGraphs
-from .host import AttachLoss, hook_in_eval, host_features, split_chunks
+from .host import AttachLoss, ShadowGradient, hook_in_eval, host_features, split_chunks
 from .lanes import LANE_TENSORS, LaneFlags, build_lanes
 from .lifecycle import FULL, LEGACY, RELEASING_STAGES, LifecycleError, SeedStage
 from .seed_table import STAGE, SeedTable
@@ -193,11 +193,13 @@ class KasminaLayer(nn.Module):
         flags = None if compiling else self._flags
         live = compiling or flags.live
         h2 = h.reshape(-1, h.shape[-1])  # (N, F)
-        out, stats, loss = h, None, None
+        out, stats, loss, shadow = h, None, None, None
         if live:
             xs, y, ok = self._run_blueprints(h2, compiling)
             if self.training and torch.is_grad_enabled() and (compiling or flags.has_train):
                 loss = self._reconstruction_loss(xs, y, ok)
+                if self.config.training_task_share:  # (L,): the finite TRAINING lanes' share
+                    shadow = self.config.training_task_share * (self.lane_train & ok).float()
             if compiling or flags.has_blend:  # one fused pass: blend, telemetry when tracking
                 alpha = torch.where(ok, self.alpha.index_select(0, self.lane_index)
                                     * self.lane_blend, 0.0)
@@ -210,6 +212,8 @@ class KasminaLayer(nn.Module):
                 self.telemetry.observe(h2.detach(), self.config.dead_threshold, self._triton)
             else:
                 self.telemetry.add(stats, h2.detach(), self._triton)
+        if shadow is not None:
+            out = ShadowGradient.apply(out, y, shadow, self.lane_gather, self.lane_valid)
         if loss is not None:
             out = AttachLoss.apply(out, loss)
         return out
@@ -282,6 +286,10 @@ class KasminaLayer(nn.Module):
         """Report one training step (call once, after the host optimizer's step; with AMP,
         pass the `GradScaler` and call before `scaler.update()`): the seeds' optimizer steps,
         grafting alphas move, step counters advance."""
+        if (scaler is not None and scaler.is_enabled() and self.config.training_task_share
+                and self._flags.has_train):
+            raise ValueError("KasminaConfig.training_task_share with a GradScaler: the TRAINING "
+                             "seeds' task gradient is scaled and their reconstruction's is not")
         table, state = self.table, self.__dict__
         table.step += 1
         # (through __dict__: nn.Module's __setattr__ checks parameters, buffers and modules)
@@ -366,7 +374,9 @@ class KasminaLayer(nn.Module):
             self._graphs.clear()  # every graph reads the lanes as they were
         arrays, self._flags = build_lanes(table, self.chunk_width, self.config,
                                           self._bank_of_lane, list(self.banks), self.alpha.device)
-        self._flags.fused = self._flags.live and not self._flags.has_through and all(
+        # (the fused node has no shadow gradient: TRAINING lanes with one take the general path)
+        self._flags.fused = self._flags.live and not self._flags.has_through and not (
+            self.config.training_task_share and self._flags.has_train) and all(
             self.banks[k]._node for k in self._flags.banks)
         for name, value in arrays.items():
             buf = getattr(self, name)
