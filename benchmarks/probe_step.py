@@ -3,10 +3,13 @@ modes of bench_step.py at one shape: the evidence behind each step-speed change.
 
     python3 benchmarks/probe_step.py [--shape 4096x32768] [--seeds 1024] [--dtype bf16]
         [--modes dormant,graft10,training,graft10_g] [--steps 5] [--sort self_cpu_time_total]
-        [--cprofile 200]
+        [--cprofile 200] [--split 300]
 
 --cprofile N: instead of torch.profiler, N steps a mode under cProfile (the host's Python time
 per function, by own time), for shapes where the CPU is the limit.
+--split N: the host's wall time of each part of a step (zero_grad, forward, backward, the host
+optimizer, layer.step), mean over N steps, no synchronisation inside (the GPU keeps up where
+the CPU is the limit, so this is where the step's time goes there).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import time
 
 import torch
 from bench_step import DTYPES, S, base, build_layer, train_step
@@ -30,6 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=22)
     ap.add_argument("--cprofile", type=int, default=0, metavar="N")
+    ap.add_argument("--split", type=int, default=0, metavar="N")
     ap.add_argument("--sort", default="self_cuda_time_total",
                     help="a key_averages column, e.g. self_cpu_time_total (host-bound shapes)")
     args = ap.parse_args()
@@ -60,6 +65,9 @@ def main() -> None:
         for _ in range(8):
             train_step(mode, x, g)
         torch.cuda.synchronize()
+        if args.split:
+            split(name, mode, x, g, args.split)
+            continue
         if args.cprofile:
             prof = cProfile.Profile()
             prof.enable()
@@ -79,6 +87,32 @@ def main() -> None:
         print(f"==== {name} {args.shape} {args.dtype} seeds {args.seeds}: per {args.steps} steps")
         print(prof.key_averages().table(sort_by=args.sort, row_limit=args.top,
                                         max_name_column_width=60))
+
+
+def split(name: str, m: object, x: torch.Tensor, g: torch.Tensor, n: int) -> None:
+    """bench_step.train_step's parts, each timed on the host."""
+    parts = ["zero_grad", "forward", "backward", "host opt", "layer.step"]
+    tot = [0.0] * len(parts)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for opt in m.opts:
+            opt.zero_grad(set_to_none=True)
+        x.grad = None
+        t1 = time.perf_counter()
+        out = m.model(x)
+        t2 = time.perf_counter()
+        out.backward(g)
+        t3 = time.perf_counter()
+        for opt in m.opts:
+            opt.step()
+        t4 = time.perf_counter()
+        m.after()
+        t5 = time.perf_counter()
+        for i, (a, b) in enumerate(zip((t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5))):
+            tot[i] += b - a
+    torch.cuda.synchronize()
+    row = "  ".join(f"{p} {t / n * 1e6:7.1f}" for p, t in zip(parts, tot))
+    print(f"split {name:<10} host us a step: {row}  total {sum(tot) / n * 1e6:7.1f}")
 
 
 if __name__ == "__main__":

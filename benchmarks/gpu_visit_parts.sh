@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Session 9's GPU visits (device tool), one script, PART picks the visit's work:
+# The GPU visits of the step work (device tool, issue #12), one script, PART picks the visit's work:
 #   probe: where the host CPU time of an eager growing step goes at 1024 x 8192 (cProfile),
 #          and the dormant step's kernels at 4096 x 32768;
 #   kernels: the seed kernels' and the telemetry pass's forms alone, then the bars' shapes;
 #   final1 / final2: the GPU tests and the bars' rows / the compile, fp32 and seed-count rows;
-#   next: the next session's first visit (launch routes, cProfile, test_kernels);
+#   first: the launch's host time by route, the eager growing step's host time (cProfile),
+#          where the large growing step's forward goes, the small shape's rows;
 #   launch: the host time of one Triton launch by route (probe_launch.py);
+#   split: the launch by route, the host's time of each part of a step (probe_step --split);
+#   mid: the GPU tests of the launcher; eager against graphed steps between the bars' shapes;
 #   tests: the GPU test files;  matrix: bench_step's whole matrix.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/services/kasmina-runtime/src:$PWD/benchmarks PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; TAG=${TAG:-s9a}; D=$(date +%F); PART=${PART:-probe}
+OUT=${OUT:-/tmp/out}; TAG=${TAG:-s10a}; D=$(date +%F); PART=${PART:-probe}
 T=services/kasmina-runtime/tests
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.draw,temperature.gpu --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
@@ -51,13 +54,34 @@ final2)  # compile rows; fp32; 64 and 4,096 seeds
     | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -30 ;;
 launch)  # host time a Triton launch costs, by route (for the next session)
   timeout 120 python3 benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch_h200_${D}_$TAG.log" ;;
-next)  # what session 9 left for the next visit: the launch's host time by route, the host time of an
-  # eager growing step after the launcher (cProfile), the rest of test_kernels, the 64-seed rows
+first)
   timeout 100 python3 benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch_h200_${D}_$TAG.log"
   timeout 150 python3 benchmarks/probe_step.py --shape 1024x8192 --modes bare,training,graft10 \
     --cprofile 300 --top 32 > "$OUT/probe_cpu_h200_${D}_$TAG.log" 2>&1
-  timeout 330 python3 -m pytest -q -p no:cacheprovider -rs --tb=short "$T/test_kernels.py" \
-    2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -5 ;;
+  grep -E "^====|function calls" "$OUT/probe_cpu_h200_${D}_$TAG.log"
+  timeout 100 python3 benchmarks/probe_step.py --shape 4096x32768 --modes bare,training,graft10 --top 16 \
+    > "$OUT/probe_step_h200_${D}_$TAG.log" 2>&1
+  grep -E "^=|kernel|mm|sum" "$OUT/probe_step_h200_${D}_$TAG.log" | head -60
+  timeout 140 python3 benchmarks/bench_step.py --shapes 1024x8192,4096x32768 --seeds 1024 --dtypes bf16 \
+    --modes bare,bare2,dormant10,training,graft10 --rounds 7 --tag "_$TAG" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|bar|missed|met|fail" | head -40 ;;
+split)  # the launch's host time by route after the launcher's trim; each part of a step on the host
+  timeout 100 python3 benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch_h200_${D}_$TAG.log"
+  for shape in 1024x8192 4096x32768; do
+    timeout 100 python3 benchmarks/probe_step.py --shape $shape --modes bare,dormant10,training,graft10,training_g \
+      --split 300 2>&1 | grep split; done | tee "$OUT/probe_split_h200_${D}_$TAG.log"
+  timeout 100 python3 benchmarks/probe_step.py --shape 1024x8192 --modes training,graft10 --top 40 \
+    --sort self_cpu_time_total > "$OUT/probe_step_small_h200_${D}_$TAG.log" 2>&1 ;;
+mid)  # the GPU tests the launcher touches; eager against graphed growing steps between the bars' shapes
+  timeout 230 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
+    "$T/test_kernels.py::test_the_launcher_reuses_a_kernel_only_for_its_own_specialisation" \
+    2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -6
+  timeout 300 python3 benchmarks/bench_step.py --shapes 2048x8192,2048x16384,4096x8192,4096x16384 \
+    --seeds 1024 --dtypes bf16 --modes bare,training,graft10,training_g,graft10_g --rounds 5 \
+    --tag "_$TAG" --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|fail" | head -40
+  timeout 60 python3 benchmarks/bench_step.py --shapes 2048x16384 --seeds 1024 --dtypes fp32 \
+    --modes bare,graft10,graft10_g --rounds 5 --tag "_${TAG}fp32" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}fp32.log" | grep -E "x[0-9]|fail" | head -10 ;;
 tests)
   timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
     $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;
