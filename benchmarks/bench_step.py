@@ -12,9 +12,11 @@ step except in dormant10):
   of the graphed modes (column ratio_to_bare_g). dormant / dormant10: every seed dormant,
   telemetry every step / every 10th step.
 - training, graft10 ("10 %"): n seeds TRAINING / GRAFTING (fixed_ramp); max_active_seeds =
-  bank_slots = n, so every slot of the bank is in use.
-- training_g, graft10_g: the same layers with `KasminaConfig.cuda_graphs` (the seeds' forward,
-  backward and step replayed as CUDA graphs: kasmina/graphs.py).
+  bank_slots = n, so every slot of the bank is in use; the default KasminaConfig, so
+  cuda_graphs="auto" (graphed where the host's GEMM is small: kasmina/graphs.py AUTO_MACS).
+- training_e, graft10_e: the same layers eager (cuda_graphs=False).
+- training_g, graft10_g: the same layers with cuda_graphs=True (the layer's forward,
+  backward and step replayed as CUDA graphs at every shape).
 - training_gp, graft10_gp: the same layers on the general path (a no-op forward hook on the
   host rules out kasmina.fused, the one-node Linear path): what that node saves.
 - graft100 ("100 %"): every seed GRAFTING, max_active_seeds = bank_slots = seeds (the kernel
@@ -73,15 +75,15 @@ from kasmina import KasminaConfig, KasminaLayer, SeedStage, get_blueprint, split
 from torch import nn
 from torch.autograd import DeviceType
 
-MODES = ("bare", "bare2", "bare_g", "dormant", "dormant10", "training", "graft10", "training_g",
-         "graft10_g", "training_gp", "graft10_gp", "graft100", "loop", "compile", "compile_ro")
+MODES = ("bare", "bare2", "bare_g", "dormant", "dormant10", "training", "graft10", "training_e",
+         "graft10_e", "training_g", "graft10_g", "training_gp", "graft10_gp", "graft100", "loop", "compile", "compile_ro")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BP, RAMP, TAG, S = "residual_mlp", 12, "bench_step::", SeedStage
 
 
 def base(mode: str) -> str:
-    """The layer a mode times: graft10_g and graft10_gp are graft10's."""
-    return mode.removesuffix("_gp").removesuffix("_g")
+    """The layer a mode times: graft10_e, graft10_g and graft10_gp are graft10's."""
+    return mode.removesuffix("_gp").removesuffix("_g").removesuffix("_e")
 
 
 def machine_name() -> str:
@@ -173,8 +175,8 @@ def make_modes(tpl: dict, seeds: int, dtype: torch.dtype, dev: str, want: set) -
         else:
             layer, ids = tpl["graft10" if name.startswith("compile") else base(name)]
             layer = to(layer)
-            if name.endswith("_g"):
-                layer.set_cuda_graphs(True)
+            if name.endswith(("_g", "_e")):
+                layer.set_cuda_graphs(name.endswith("_g"))
             if name.endswith("_gp"):  # a forward hook on the host rules out kasmina.fused
                 layer.host.register_forward_hook(lambda *_: None)
             model = (torch.compile(layer) if name == "compile" else torch.compile(
@@ -391,11 +393,18 @@ def bars(rows: list, big: str, small: str, bs: int) -> None:
     def graphed(r: dict) -> bool:
         return growing(r, ("training_g", "graft10_g"))
 
+    def eager(r: dict) -> bool:
+        return growing(r, ("training_e", "graft10_e"))
+
     table = [  # (what, op, limit, column, which rows)
         (f"growing step / bare, {big} bf16, {bs} seeds", "<=", 1.15, "ratio_to_bare",
          lambda r: growing(r) and shape(r) == big and r["dtype"] == "bfloat16"),
         (f"growing step / bare, {small} bf16, {bs} seeds", "<=", 1.5, "ratio_to_bare",
          lambda r: growing(r) and shape(r) == small and r["dtype"] == "bfloat16"),
+        (f"growing step / bare, {big} bf16, eager", "<=", 1.15, "ratio_to_bare",
+         lambda r: eager(r) and shape(r) == big and r["dtype"] == "bfloat16"),
+        (f"growing step / bare, {small} bf16, eager", "<=", 1.5, "ratio_to_bare",
+         lambda r: eager(r) and shape(r) == small and r["dtype"] == "bfloat16"),
         (f"growing step / bare, {big} bf16, cuda_graphs", "<=", 1.15, "ratio_to_bare",
          lambda r: graphed(r) and shape(r) == big and r["dtype"] == "bfloat16"),
         (f"growing step / bare, {small} bf16, cuda_graphs", "<=", 1.5, "ratio_to_bare",
@@ -407,6 +416,7 @@ def bars(rows: list, big: str, small: str, bs: int) -> None:
         (f"forward overhead (us), {big}, dormant and growing", "<", 100, "fwd_overhead_us",
          lambda r: shape(r) == big and (r["mode"] in ("dormant", "dormant10") or growing(r))),
         ("GPU busy fraction, growing step, every shape", ">=", 0.8, "gpu_busy", growing),
+        ("GPU busy fraction, growing step, eager", ">=", 0.8, "gpu_busy", eager),
         ("GPU busy fraction, growing step, cuda_graphs", ">=", 0.8, "gpu_busy", graphed),
         (f"per-seed loop / ours (graft10), every shape, {bs} seeds", ">=", 10, "over_ours",
          lambda r: r["mode"] == "loop" and r["seeds"] == bs),

@@ -9,6 +9,7 @@
 #   launch: the host time of one Triton launch by route (probe_launch.py);
 #   split: the launch by route, the host's time of each part of a step (probe_step --split);
 #   mid: the GPU tests of the launcher; eager against graphed steps between the bars' shapes;
+#   auto: cuda_graphs="auto"'s tests and rows, the launch without Triton's empty hook chains;
 #   tests: the GPU test files;  matrix: bench_step's whole matrix.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
@@ -82,6 +83,17 @@ mid)  # the GPU tests the launcher touches; eager against graphed growing steps 
   timeout 60 python3 benchmarks/bench_step.py --shapes 2048x16384 --seeds 1024 --dtypes fp32 \
     --modes bare,graft10,graft10_g --rounds 5 --tag "_${TAG}fp32" --out "$OUT" 2>&1 \
     | tee "$OUT/step_h200_${D}_${TAG}fp32.log" | grep -E "x[0-9]|fail" | head -10 ;;
+auto)  # cuda_graphs="auto" (the default): its tests, the launch without Triton's empty hook chains, the bars' shapes
+  timeout 60 python3 benchmarks/probe_launch.py 2>&1 | tee "$OUT/probe_launch_h200_${D}_$TAG.log"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_graphs.py $T/test_fused.py \
+    "$T/test_kernels.py::test_the_launcher_reuses_a_kernel_only_for_its_own_specialisation" \
+    2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -6
+  timeout 260 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 1024 --dtypes bf16 \
+    --modes bare,bare2,dormant10,training,graft10,training_e,graft10_e,training_g,graft10_g --rounds 7 \
+    --tag "_$TAG" --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|bar|missed|met|fail" | head -60
+  timeout 90 python3 benchmarks/bench_step.py --shapes 1024x8192 --seeds 64 --dtypes bf16 \
+    --modes bare,graft10,graft10_e --rounds 5 --tag "_${TAG}seeds" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -10 ;;
 tests)
   timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
     $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;

@@ -61,6 +61,8 @@ def main() -> None:
     hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
     direct = lambda: run(1, 1, 1, stream, fn, md, None, *hooks, *args, *consts)  # noqa: E731
     print(f"  compiled.run (C launcher)    {per_launch(direct, n):6.1f}")
+    bare = lambda: run(1, 1, 1, stream, fn, md, None, None, None, *args, *consts)  # noqa: E731
+    print(f"  compiled.run, no hook chains {per_launch(bare, n):6.1f}")
     stats = torch.zeros(3, 64, dtype=torch.float64, device=dev)
     col = lambda: tb.column_stats(h, 1e-6, into=stats)  # noqa: E731
     print(f"  column_stats (autotuned, via fast)        {per_launch(col, n):6.1f}")

@@ -55,8 +55,8 @@ def main() -> None:
             model = build_layer(host.cpu().float(), args.seeds,
                                 *stages[base(name)])[0]
             model = model.to(device=dev, dtype=dtype)
-            if name.endswith("_g"):  # bench_step's graphed modes
-                model.set_cuda_graphs(True)
+            if name.endswith(("_g", "_e")):  # bench_step's graphed and eager modes
+                model.set_cuda_graphs(name.endswith("_g"))
             if name.endswith("_gp"):  # and its general-path ones
                 model.host.register_forward_hook(lambda *_: None)
             after = lambda model=model: model.step(loss)  # noqa: E731

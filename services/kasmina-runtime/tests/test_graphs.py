@@ -14,7 +14,7 @@ from torch import nn
 S = SeedStage
 
 
-def growing(device: str, graphs: bool, dtype: torch.dtype = torch.float32, seeds: int = 12,
+def growing(device: str, graphs: bool | str, dtype: torch.dtype = torch.float32, seeds: int = 12,
             share: float = 0.0) -> KasminaLayer:
     """Seeds of 8 features (the general path), or of 4 with seeds=24 (kasmina.fused's node);
     `share`: KasminaConfig.training_task_share."""
@@ -65,6 +65,51 @@ def test_graphs_are_not_copied():
     layer = growing("cpu", True)
     assert copy.deepcopy(layer)._graphs.passes == {}
     assert pickle.loads(pickle.dumps(layer))._graphs is not layer._graphs
+
+
+def test_graphs_default_to_auto():
+    """cuda_graphs is "auto" unless set; another value is refused; copies keep the setting."""
+    assert KasminaConfig().cuda_graphs == "auto"
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        KasminaConfig(cuda_graphs="on")
+    layer = growing("cpu", "auto")
+    assert layer._graphs.auto and copy.deepcopy(layer)._graphs.auto
+    assert pickle.loads(pickle.dumps(layer))._graphs.auto
+    layer.set_cuda_graphs(True)
+    assert not layer._graphs.auto
+    layer.set_cuda_graphs(False)
+    assert layer._graphs is None and not layer.config.cuda_graphs
+
+
+def same(eager: list[torch.Tensor], graphed: list[torch.Tensor]) -> None:
+    """`train`'s results: bit-equal, but the telemetry's float64 atomics (any order)."""
+    for a, b in zip(eager[:-1], graphed[:-1], strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(eager[-1], graphed[-1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seeds", [12, 24])
+def test_auto_graphs_a_small_plain_linear_only(monkeypatch, seeds):
+    """"auto" graphs a host that is a plain nn.Linear with a GEMM under AUTO_MACS, on either
+    path: not a host with a forward hook (a graph would run it at capture only), not a larger
+    GEMM."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kasmina import graphs
+    eager = train(growing("cuda", False, seeds=seeds), 10, "cuda", torch.float32)
+    small = growing("cuda", "auto", seeds=seeds)
+    same(eager, train(small, 10, "cuda", torch.float32))
+    assert small._graphs.passes and small._graphs.steps
+    hooked = growing("cuda", "auto", seeds=seeds)
+    calls = []
+    hooked.host.register_forward_hook(lambda *_: calls.append(1))
+    train(hooked, 10, "cuda", torch.float32)
+    assert not hooked._graphs.passes and len(calls) == 10
+    monkeypatch.setattr(graphs, "AUTO_MACS", 16 * 64 * 96)  # train's GEMM: not under it
+    large = growing("cuda", "auto", seeds=seeds)
+    same(eager, train(large, 10, "cuda", torch.float32))
+    assert not large._graphs.passes
 
 
 @pytest.mark.gpu

@@ -390,6 +390,22 @@ def test_the_launchers_key_holds_what_triton_specialises_on():
     assert _spec(32) == _spec(48) and _spec(3) == _spec(5)
 
 
+def test_the_launcher_sees_a_launch_hook():
+    """A profiler's launch hook (Triton 3.6: a chain, empty by default) sends launches through
+    Triton's runner, which calls it; with none set the launcher skips the empty chains."""
+    from kasmina.kernels.launch import _hooked
+    from triton import knobs
+    chain = knobs.runtime.launch_enter_hook
+    assert not _hooked(None) and _hooked(print)
+    if hasattr(chain, "calls"):
+        assert not _hooked(chain)
+        chain.add(print)
+        try:
+            assert _hooked(chain)
+        finally:
+            chain.remove(print)
+
+
 def test_the_launcher_keys_an_autotuned_kernel_on_its_tuning_arguments():
     """An autotuned kernel is tuned per size (N, F) as Triton does: those arguments' values
     are part of the launcher's key, not only their specialisation."""

@@ -80,10 +80,12 @@ class KasminaConfig:
     # "torch" forces one (the two agree to kasmina.kernels.tolerances.TOLERANCES).
     kernels: str = "auto"
     # Replay a growing layer's forward (host and seeds), backward and seed step as CUDA graphs
-    # (kasmina.graphs): for layers whose step is bound by the host CPU (1.04-1.19x bare, not
-    # 2.25-2.96x, at 1024 x 8192 on an H200; slower where the GPU is busy). Eager on the CPU, under
-    # torch.distributed, in eval mode and with a GradScaler's step whatever this says.
-    cuda_graphs: bool = False
+    # (kasmina.graphs), for layers whose step is bound by the host CPU. "auto": a host that is
+    # exactly nn.Linear or Conv1D with no hooks and a small GEMM (graphs.AUTO_MACS); True:
+    # wherever the rules of kasmina.graphs hold (the host's forward hooks then run at capture
+    # only); False: never. Eager on the CPU, under torch.distributed,
+    # in eval mode and with a GradScaler's step whatever this says.
+    cuda_graphs: bool | str = "auto"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -104,6 +106,9 @@ class KasminaConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("KasminaConfig.kernels must be auto, triton or torch: "
                              f"{self.kernels!r}")
+        if self.cuda_graphs not in ("auto", True, False):
+            raise ValueError("KasminaConfig.cuda_graphs must be 'auto', True or False: "
+                             f"{self.cuda_graphs!r}")
         if self.mode not in ("max", "min"):
             raise ValueError(f"KasminaConfig.mode must be 'max' or 'min', got {self.mode!r}")
         if not 0.0 <= self.drift_ema < 1.0:

@@ -9,6 +9,9 @@ the seeds' optimizer step a third: a handful of launches a step whatever the num
 The layer's fixed parameter sets and lane tensors (DESIGN §3.1) are what make this possible:
 every address a graph reads stays put until the next commit, which drops the graphs.
 
+On by default ("auto") where it pays and skips nothing: a host that is exactly nn.Linear or
+Conv1D with no hooks (`fused.host_ok`) whose GEMM is small (AUTO_MACS), on either path.
+
 The rules (each is checked; where one does not hold the step runs eagerly, never wrongly):
 - Only training-mode CUDA forwards with grad enabled while some blueprint runs, in one process
   (under torch.distributed the seeds' all-reduce and DDP's hooks stay eager), without a
@@ -17,7 +20,8 @@ The rules (each is checked; where one does not hold the step runs eagerly, never
   dtype, autocast) after a commit; the first runs eagerly and warms up the kernels. A host
   parameter whose storage was replaced (`p.data = ...`) is seen and the pass captured anew.
 - One forward per backward: a second forward before the first one's backward runs eagerly
-  (the graph's saved activations are live until the backward replays).
+  (the graph's saved activations are live until the backward replays). A forward inside a
+  graph the caller is capturing runs eagerly (into the caller's graph).
 - The host's forward is captured: its forward hooks run at capture only (they are replayed
   as the kernels they launched, not as Python).
 - The seeds' gradients of a graphed backward go to buffers the layer owns (not `.grad`); `step`
@@ -40,6 +44,15 @@ if TYPE_CHECKING:
     from .layer import KasminaLayer
 
 _MAX_KINDS = 4  # forward kinds kept per commit (telemetry on/off x a couple of input shapes)
+# KasminaConfig.cuda_graphs="auto" graphs a layer whose host GEMM is under this many
+# multiply-adds (rows x in x out; float32 counts twice: its GEMM is half bf16's speed). H200,
+# bf16, 1,024 seeds, 10 % growing (benchmarks/NOTES.md, s10c), eager / graphed step over the
+# bare one, training and grafting: 1024 x 8192 rows (8.6e9) 3.0-4.2 / 1.26-1.34; 2048 x 8192
+# (3.4e10) 2.43-3.25 / 0.96-1.09; 2048 x 16384 (6.9e10) 2.40-3.19 / 1.23-1.30; 4096 x 8192
+# (1.4e11) 1.54-2.03 / 1.30-1.34; 4096 x 16384 (2.7e11) 1.16-1.27 / 1.26-1.29; 4096 x 32768
+# (5.5e11) 1.11-1.12 / 1.19-1.22. Above ~2e11 the GPU is busy and the graphs' copies of the
+# input, output and gradients cost more than the launches they save.
+AUTO_MACS = 2 * 10**11
 
 
 @dataclass
@@ -72,15 +85,16 @@ class SeedGraphs:
     warm: set = field(default_factory=set)  # kinds run eagerly once since the last commit
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # bank key -> its gradient
     dirty: bool = False  # a graphed backward wrote `grads` since the last step
+    auto: bool = False  # KasminaConfig.cuda_graphs="auto": only where `worth_it`
 
     def __deepcopy__(self, memo: dict) -> SeedGraphs:
-        return SeedGraphs()
+        return SeedGraphs(auto=self.auto)
 
     def __getstate__(self) -> dict:
-        return {}
+        return {"auto": self.auto}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__(auto=state.get("auto", False))
 
     def clear(self) -> None:
         """At a commit: the lanes change, so every graph is stale."""
@@ -94,9 +108,11 @@ class SeedGraphs:
         """The graphed forward of `inp` (x through host and seeds with `with_host`, else the
         host's output h through the seeds), or None where the layer runs eagerly."""
         if not (inp.is_cuda and layer.training and torch.is_grad_enabled() and inp.numel()
-                and distributed.world_size() == 1):
-            return None
+                and distributed.world_size() == 1) or torch.cuda.is_current_stream_capturing():
+            return None  # (a graph the caller is capturing holds this forward eagerly)
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        if self.auto and not (with_host and worth_it(layer, inp, autocast)):
+            return None
         kind = (with_host, tracking, tuple(inp.shape), inp.dtype, inp.requires_grad, autocast)
         entry = self.passes.get(kind)
         if entry is not None and entry.pointers != [p.data_ptr() for p in entry.host]:
@@ -185,6 +201,17 @@ class SeedGraphs:
                 bank.flat.grad = None
                 self.grads[key].zero_()
         return _Step(graph, static_loss)
+
+
+def worth_it(layer: KasminaLayer, x: torch.Tensor, autocast: torch.dtype | None) -> bool:
+    """cuda_graphs="auto": the host is exactly nn.Linear or Conv1D with no hooks (so no hook is
+    skipped, and its forward has no data-dependent Python a graph would freeze) and its GEMM
+    is under AUTO_MACS."""
+    from . import fused
+    if not fused.host_ok(layer.host):
+        return False
+    macs = x.numel() * layer.host.weight.numel() // x.shape[-1]  # rows x in x out
+    return macs * (2 if (autocast or x.dtype) == torch.float32 else 1) < AUTO_MACS
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ class KasminaLayer(nn.Module):
         self._last_report: LayerHealthReport | None = None
         self._loaded_extra: dict | None = None
         self._batching = False
-        self._graphs = SeedGraphs() if cfg.cuda_graphs else None
+        self._graphs = SeedGraphs(auto=cfg.cuda_graphs == "auto") if cfg.cuda_graphs else None
         self.train(host.training)  # (wrapping a model in eval mode: the hook's from the start)
         self.register_load_state_dict_post_hook(_after_load_hook)
         self._commit()
@@ -276,10 +276,10 @@ class KasminaLayer(nn.Module):
             self._graphs.clear()
         self._tracking_step = self.table.step % every == 0
 
-    def set_cuda_graphs(self, on: bool = True) -> None:
-        """Turn KasminaConfig.cuda_graphs on or off now (see kasmina.graphs)."""
+    def set_cuda_graphs(self, on: bool | str = True) -> None:
+        """Set KasminaConfig.cuda_graphs now: True, False or "auto" (see kasmina.graphs)."""
         self.config = self.config.replace(cuda_graphs=on)
-        self._graphs = SeedGraphs() if on else None
+        self._graphs = SeedGraphs(auto=on == "auto") if on else None
 
     def step(self, loss: torch.Tensor | float | None = None,
              scaler: torch.amp.GradScaler | None = None) -> None:
