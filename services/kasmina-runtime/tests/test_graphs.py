@@ -81,6 +81,20 @@ def test_graphs_default_to_auto():
     assert layer._graphs is None and not layer.config.cuda_graphs
 
 
+def test_moving_a_layer_drops_its_graphs():
+    """A graph reads the addresses it was captured with: `.to()` (a device round trip moves
+    the blueprints' weights) drops every graph, whatever the stages."""
+    for grafting in (False, True):
+        layer = KasminaLayer(nn.Linear(8, 8), 2, KasminaConfig(cuda_graphs=True))
+        layer.germinate(0, "residual_mlp")
+        layer.transition(0, S.TRAINING, force=True)
+        if grafting:
+            layer.transition(0, S.GRAFTING, force=True)
+        layer._graphs.passes["kind"] = layer._graphs.steps[True] = object()
+        layer.to("cpu")
+        assert not layer._graphs.passes and not layer._graphs.steps
+
+
 def same(eager: list[torch.Tensor], graphed: list[torch.Tensor]) -> None:
     """`train`'s results: bit-equal, but the telemetry's float64 atomics (any order)."""
     for a, b in zip(eager[:-1], graphed[:-1], strict=True):

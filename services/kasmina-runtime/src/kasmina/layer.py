@@ -535,6 +535,8 @@ class KasminaLayer(nn.Module):
         super()._apply(move, recurse=False)
         if hasattr(self, "_flags") and self._flags.grafting:
             self._commit()  # the grafting index tensors live on the device too
+        elif getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()  # a graph reads the addresses of before
         return self
 
 
