@@ -171,3 +171,20 @@ def test_config_refuses_shares_outside_zero_one(value):
 def test_config_takes_shares_in_zero_one(value):
     assert KasminaConfig(training_task_share=value).training_task_share == value
     assert KasminaConfig().training_task_share == 0.0
+
+
+# Dynamo itself instantiates autograd.Function classes while tracing and warns about it.
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method. is deprecated:DeprecationWarning")
+def test_torch_compile_traces_the_share_and_gives_the_eager_gradients(make_layer, drive):
+    layer = training_layer(make_layer, drive, 0.25, blending=True)
+    compiled = copy.deepcopy(layer)
+    x, g = torch.randn(8, 12), torch.randn(8, 23)
+    explanation = torch._dynamo.explain(compiled)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out0, gx0 = run(layer, x, g)
+    out1, gx1 = run(torch.compile(compiled, backend="aot_eager", fullgraph=True), x, g)
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    torch.testing.assert_close(gx1, gx0)
+    for key in ("1", "3"):
+        torch.testing.assert_close(compiled.banks[key].flat.grad, layer.banks[key].flat.grad)
