@@ -66,7 +66,7 @@ def main() -> None:
             train_step(mode, x, g)
         torch.cuda.synchronize()
         if args.split:
-            split(name, mode, x, g, args.split)
+            split(f"{args.shape} {name}", mode, x, g, args.split)
             continue
         if args.cprofile:
             prof = cProfile.Profile()
@@ -112,7 +112,7 @@ def split(name: str, m: object, x: torch.Tensor, g: torch.Tensor, n: int) -> Non
             tot[i] += b - a
     torch.cuda.synchronize()
     row = "  ".join(f"{p} {t / n * 1e6:7.1f}" for p, t in zip(parts, tot))
-    print(f"split {name:<10} host us a step: {row}  total {sum(tot) / n * 1e6:7.1f}")
+    print(f"split {name:<20} host us a step: {row}  total {sum(tot) / n * 1e6:7.1f}")
 
 
 if __name__ == "__main__":
