@@ -76,7 +76,8 @@ from torch import nn
 from torch.autograd import DeviceType
 
 MODES = ("bare", "bare2", "bare_g", "dormant", "dormant10", "training", "graft10", "training_e",
-         "graft10_e", "training_g", "graft10_g", "training_gp", "graft10_gp", "graft100", "loop", "compile", "compile_ro")
+         "graft10_e", "training_g", "graft10_g", "training_gp", "graft10_gp", "graft100", "loop",
+         "compile", "compile_ro")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BP, RAMP, TAG, S = "residual_mlp", 12, "bench_step::", SeedStage
 

@@ -108,10 +108,10 @@ def split(name: str, m: object, x: torch.Tensor, g: torch.Tensor, n: int) -> Non
         t4 = time.perf_counter()
         m.after()
         t5 = time.perf_counter()
-        for i, (a, b) in enumerate(zip((t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5))):
+        for i, (a, b) in enumerate(zip((t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5), strict=True)):
             tot[i] += b - a
     torch.cuda.synchronize()
-    row = "  ".join(f"{p} {t / n * 1e6:7.1f}" for p, t in zip(parts, tot))
+    row = "  ".join(f"{p} {t / n * 1e6:7.1f}" for p, t in zip(parts, tot, strict=True))
     print(f"split {name:<20} host us a step: {row}  total {sum(tot) / n * 1e6:7.1f}")
 
 
