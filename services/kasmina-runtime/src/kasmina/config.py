@@ -83,8 +83,8 @@ class KasminaConfig:
     # (kasmina.graphs), for layers whose step is bound by the host CPU. "auto": a host that is
     # exactly nn.Linear or Conv1D with no hooks and a small GEMM (graphs.AUTO_MACS); True:
     # wherever the rules of kasmina.graphs hold (the host's forward hooks then run at capture
-    # only); False: never. Eager on the CPU, under torch.distributed,
-    # in eval mode and with a GradScaler's step whatever this says.
+    # only); False: never. Eager on the CPU, under torch.distributed, in eval mode and with a
+    # GradScaler's step whatever this says.
     cuda_graphs: bool | str = "auto"
 
     def __post_init__(self) -> None:
