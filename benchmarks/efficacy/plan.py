@@ -51,10 +51,13 @@ def candidate_changes() -> dict[str, object]:
 
 # --ablate changes: knobs the library lacks, emulated by the harness (methods.Growth), each
 # added to a configuration like a change: a zero-output blueprint init, a plateau threshold
-# relative to the best validation loss instead of min_delta, and random placement (the
-# lifecycle ablation's, on any configuration).
+# relative to the best validation loss instead of min_delta, random placement (the
+# lifecycle ablation's, on any configuration) and placement by the task loss's gradient at
+# each seed's chunk (methods.GradientPlacement: mean g^2, or |g * out| for saliency).
 EXTRAS = {"init=zero_output": {"init": "zero_output"},
           "placement=random": {"placement": "random"},
+          "placement=gradient": {"placement": "gradient"},
+          "placement=saliency": {"placement": "saliency"},
           "min_delta_rel=0.01": {"min_delta_rel": 0.01},
           "min_delta_rel=0.03": {"min_delta_rel": 0.03}}
 
