@@ -10,6 +10,7 @@
 #   split: the launch by route, the host's time of each part of a step (probe_step --split);
 #   mid: the GPU tests of the launcher; eager against graphed steps between the bars' shapes;
 #   auto: cuda_graphs="auto"'s tests and rows, the launch without Triton's empty hook chains;
+#   large: the 4096 x 32768 rows again, 15 rounds;
 #   tests: the GPU test files;  matrix: bench_step's whole matrix.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
@@ -94,6 +95,10 @@ auto)  # cuda_graphs="auto" (the default): its tests, the launch without Triton'
   timeout 90 python3 benchmarks/bench_step.py --shapes 1024x8192 --seeds 64 --dtypes bf16 \
     --modes bare,graft10,graft10_e --rounds 5 --tag "_${TAG}seeds" --out "$OUT" 2>&1 \
     | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -10 ;;
+large)  # the 4096 x 32768 rows again, 15 rounds: the run-to-run spread of the growing bar
+  timeout 280 python3 benchmarks/bench_step.py --shapes 4096x32768 --seeds 1024 --dtypes bf16 \
+    --modes bare,bare2,dormant,dormant10,training,graft10 --rounds 15 --tag "_$TAG" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|bar|missed|met|fail" | head -30 ;;
 tests)
   timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
     $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;
