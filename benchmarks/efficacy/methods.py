@@ -40,6 +40,9 @@ class Growth:
     # (0: min_delta is absolute, as in the controller).
     init: str = ""
     min_delta_rel: float = 0.0
+    # Seeds per seed layer (0: the task's, wrap's default 8 on the MLP tasks); more seeds than
+    # the run grows make a tight budget (plan.change_set's term seeds_per_layer=N).
+    seeds_per_layer: int = 0
 
 
 class RandomPlacement(LocalController):
@@ -159,7 +162,7 @@ def run_seeded(task, data, seed: int, method: str, growth: Growth) -> RunRecord:
     if growth.init:  # only the catalogued blueprint's bank, which the variant's seeds use
         blueprint, cfg = variant(task.blueprint, growth.init), cfg.replace(
             blueprints=(task.blueprint,))
-    wrap(model, seeds_per_layer=task.seeds_per_layer, config=cfg,
+    wrap(model, seeds_per_layer=growth.seeds_per_layer or task.seeds_per_layer, config=cfg,
          target_modules=list(task.seed_sites))
     ctl_cfg = dataclasses.replace(growth.controller, mode="min", blueprints=(blueprint,))
     if growth.placement not in ("health", "random", "gradient", "saliency"):
@@ -186,7 +189,11 @@ def run_seeded(task, data, seed: int, method: str, growth: Growth) -> RunRecord:
     ends = {}
     for e in ctl.events:
         ends[e.to_stage.name] = ends.get(e.to_stage.name, 0) + 1
-    rec.info.update(branches=branches, transitions=ends, seed_lr=cfg.seed_lr)
+    # The budget: distinct seed slots ever germinated, of all the seed layers' slots.
+    slots_germinated = len({(e.layer_id, e.seed_id) for e in ctl.events
+                            if e.to_stage is SeedStage.GERMINATED})
+    rec.info.update(branches=branches, transitions=ends, seed_lr=cfg.seed_lr,
+                    slots=sum(la.num_seeds for la in layers), slots_germinated=slots_germinated)
     return rec
 
 

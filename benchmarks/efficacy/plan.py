@@ -62,6 +62,11 @@ EXTRAS = {"init=zero_output": {"init": "zero_output"},
           "min_delta_rel=0.03": {"min_delta_rel": 0.03}}
 
 
+# Growth's own fields a term "f=v" may set to a literal, like a config field's: the seeds per
+# seed layer (shipped+seeds_per_layer=32: a budget of a few of many chunks).
+GROWTH_VALUES = {"seeds_per_layer"}
+
+
 def with_fields(growth: Growth, fields: dict[str, object]) -> Growth:
     k = {f: v for f, v in fields.items() if f in KasminaConfig.__dataclass_fields__}
     c = {f: v for f, v in fields.items() if f in ControllerConfig.__dataclass_fields__}
@@ -75,7 +80,8 @@ def change_set(name: str) -> Growth:
     candidate's values of fields f and g (or an EXTRAS entry), "candidate-f" the candidate with
     the former default value of f; "default" and "candidate" alone are the two themselves;
     "shipped" is the library's defaults as they are (Growth()); a term "f=v" sets a field of
-    KasminaConfig or ControllerConfig to the literal v (e.g. shipped+fine_tuning_epochs=1)."""
+    KasminaConfig or ControllerConfig, or one of GROWTH_VALUES, to the literal v (e.g.
+    shipped+fine_tuning_epochs=1, shipped+seeds_per_layer=32)."""
     changes, shipped = candidate_changes(), FORMER_DEFAULTS
     base, *terms = _terms(name)
     fields = dict(changes) if base == "candidate" else {}
@@ -87,8 +93,10 @@ def change_set(name: str) -> Growth:
         f = term.lstrip("-")
         if "=" in term and not term.startswith("-") and term not in EXTRAS:
             f, value = term.split("=", 1)
-            if f not in KasminaConfig.__dataclass_fields__ | ControllerConfig.__dataclass_fields__:
-                raise ValueError(f"{name!r}: {f!r} is a field of neither config")
+            if f not in (KasminaConfig.__dataclass_fields__.keys()
+                         | ControllerConfig.__dataclass_fields__.keys() | GROWTH_VALUES):
+                raise ValueError(f"{name!r}: {f!r} is a field of neither config nor of "
+                                 f"methods.Growth's {sorted(GROWTH_VALUES)}")
             fields[f] = ast.literal_eval(value)
         elif term.startswith("-") and f in changes:
             fields[f] = getattr(shipped.kasmina if f in KasminaConfig.__dataclass_fields__
