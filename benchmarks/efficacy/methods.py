@@ -193,8 +193,21 @@ def run_seeded(task, data, seed: int, method: str, growth: Growth) -> RunRecord:
     slots_germinated = len({(e.layer_id, e.seed_id) for e in ctl.events
                             if e.to_stage is SeedStage.GERMINATED})
     rec.info.update(branches=branches, transitions=ends, seed_lr=cfg.seed_lr,
-                    slots=sum(la.num_seeds for la in layers), slots_germinated=slots_germinated)
+                    slots=sum(la.num_seeds for la in layers), slots_germinated=slots_germinated,
+                    germinated_branches=germinated_branches(layers, ctl, blueprint))
     return rec
+
+
+def germinated_branches(layers, ctl: LocalController, blueprint: str) -> list[Branch]:
+    """Every chunk the run ever germinated, culled or not, at its first germination epoch:
+    insertion without the lifecycle's selection (`insertion_all`)."""
+    first = {}
+    for e in ctl.events:
+        if e.to_stage is SeedStage.GERMINATED:
+            first.setdefault((e.layer_id, e.seed_id), e.epoch)
+    return [Branch(layer.layer_id, *layer.chunks[s], blueprint, first[(layer.layer_id, s)],
+                   layer.stage_of(s).name)
+            for layer in layers for s in range(layer.num_seeds) if (layer.layer_id, s) in first]
 
 
 def grown_branches(layers, ctl: LocalController) -> list[Branch]:

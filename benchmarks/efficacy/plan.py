@@ -177,6 +177,10 @@ DESCRIPTIONS = {
     "insertion": "the same branches as `static_final`, each switched in (identity-"
                  "initialised, alpha 1) at the epoch its seed germinated in `seeds_default`; "
                  "no reconstruction, ramp or gates.",
+    "insertion_all": "every chunk `seeds_default` germinated, culled ones too, each switched in "
+                     "(identity-initialised, alpha 1) at its first germination epoch and kept: "
+                     "insertion without the lifecycle's selection.",
+    "insertion_all@candidate": "as `insertion_all`, for `seeds_candidate`'s germinations.",
     "static_final@candidate": "as `static_final`, for `seeds_candidate`'s architecture.",
     "insertion@candidate": "as `insertion`, for `seeds_candidate`'s branches and epochs.",
     "plain_matched": "the host family with every hidden width scaled to the parameter count "
@@ -312,10 +316,13 @@ def runs_for_seed(task, data, seed: int, ablate: str = "default",
 
 def _controls(task, data, seed: int, host: RunRecord, mirror: RunRecord, tag: str
               ) -> list[RunRecord]:
-    """static-final and insertion of `mirror`'s grown architecture."""
+    """static-final and insertion of `mirror`'s grown architecture, and insertion of every
+    chunk it germinated (insertion_all: no selection by the lifecycle's gates)."""
     recs = []
-    branches = mirror.info["branches"]
-    for method, from_start in ((f"static_final{tag}", True), (f"insertion{tag}", False)):
+    for method, from_start, key in ((f"static_final{tag}", True, "branches"),
+                                     (f"insertion{tag}", False, "branches"),
+                                     (f"insertion_all{tag}", False, "germinated_branches")):
+        branches = mirror.info[key]
         if not branches:
             recs.append(_same_as(host, method, "(nothing grown on some seeds: on those the "
                                                "control is the host's run)"))

@@ -89,7 +89,8 @@ def test_quick_run_reports_every_method_and_agrees_with_its_csv(tmp_path: Path) 
     with (tmp_path / "efficacy_digits_cpu_test_quick.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     methods = ["host", "seeds_default", "seeds_candidate", "static_final", "insertion",
-               "static_final@candidate", "insertion@candidate", "plain_matched",
+               "insertion_all", "static_final@candidate", "insertion@candidate",
+               "insertion_all@candidate", "plain_matched",
                "abl_random_placement", "abl_no_reconstruction", "abl_no_ramp",
                "abl_fixed_schedule"]
     for m in methods:
