@@ -33,7 +33,8 @@ class Growth:
 
     kasmina: KasminaConfig = field(default_factory=KasminaConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
-    # "health" (the controller's score), "random", "gradient" or "saliency" (GradientPlacement)
+    # "health" (the controller's score), "random", "gradient" (ControllerConfig.placement) or
+    # "saliency" (SaliencyPlacement)
     placement: str = "health"
     # Two knobs the library lacks, emulated here (plan.EXTRAS): the blueprint's init
     # ("": as catalogued, fan_in_uniform) and a plateau threshold relative to the best metric
@@ -61,61 +62,26 @@ class RandomPlacement(LocalController):
         return [sites[i] for i in self.rng.permutation(len(sites))]
 
 
-class GradientPlacement(LocalController):
-    """The LocalController with its germination sites ordered by the task loss's gradient at
-    each seed's chunk of the layer's output, largest first (GradMax / TINY pick new neurons by
-    the gradient): a forward hook on every seed layer puts a tensor hook on its output in
-    training mode, which sums per output feature, over the epoch's training steps, g^2 (score
-    "gradient": the mean squared dL/dout) or |g * out| (score "saliency": the first-order loss
-    change were the feature's output moved to 0), in float64 on the output's device. A chunk's
-    score is the mean over its features; the sums are consumed (and reset) at each epoch
-    boundary. Sites with no gradient seen keep the parent's order (least healthy first), after
-    the scored ones. The hook only reads the gradient: training is that of LocalController."""
+class SaliencyPlacement(LocalController):
+    """ControllerConfig(placement="gradient") with another score: each output feature's
+    |g * out| summed over the epoch's training steps (the first-order loss change were the
+    feature's output moved to 0) instead of g^2. The library's placement is the g^2 one."""
 
-    def __init__(self, model: nn.Module, config: ControllerConfig, score: str = "gradient"
-                 ) -> None:
-        super().__init__(model, config)
-        if score not in ("gradient", "saliency"):
-            raise ValueError(f"score must be 'gradient' or 'saliency', got {score!r}")
-        self.score = score
-        self.sums: dict[int, torch.Tensor] = {}  # id(layer) -> (F,) this epoch's sums
-        self.seen: dict[int, torch.Tensor] = {}  # the sums the last boundary consumed
-        self.handles = [layer.register_forward_hook(self._watch) for layer in self.layers]
+    def __init__(self, model: nn.Module, config: ControllerConfig) -> None:
+        super().__init__(model, dataclasses.replace(config, placement="gradient"))
 
-    def _watch(self, layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    def _watch_gradient(self, layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if not (layer.training and torch.is_grad_enabled() and out.requires_grad):
             return
-        act = out.detach() if self.score == "saliency" else None
+        act = out.detach()
 
         def accumulate(grad: torch.Tensor) -> None:
             g = grad.detach().reshape(-1, grad.shape[-1]).double()
-            v = (g.square() if act is None
-                 else (g * act.reshape(-1, act.shape[-1]).double()).abs()).sum(0)
-            key = id(layer)
-            self.sums[key] = v if key not in self.sums else self.sums[key] + v
+            v = (g * act.reshape(-1, act.shape[-1]).double()).abs().sum(0)
+            old = self._grad_sums.get(id(layer))
+            self._grad_sums[id(layer)] = v if old is None else old + v
 
         out.register_hook(accumulate)
-
-    def end_epoch(self, val_metric, evaluate=None):  # noqa: ANN001, ANN201
-        self.seen, self.sums = self.sums, {}
-        return super().end_epoch(val_metric, evaluate)
-
-    def chunk_scores(self, layer) -> list[float] | None:  # noqa: ANN001
-        """Each seed's chunk mean of the consumed sums, or None where none were seen."""
-        v = self.seen.get(id(layer))
-        if v is None:
-            return None
-        return [float(v[start:end].mean()) for start, end in layer.chunks]
-
-    def _germination_sites(self) -> list:
-        sites = super()._germination_sites()  # least healthy first: the fallback order
-        scores = {id(layer): self.chunk_scores(layer) for layer in self.layers}
-
-        def key(site: tuple) -> tuple[int, float]:
-            s = scores[id(site[0])]
-            return (1, 0.0) if s is None else (0, -s[site[1]])
-
-        return sorted(sites, key=key)  # stable: ties and unscored sites keep the parent's order
 
 
 class RelativePlateau(LocalController):
@@ -171,8 +137,9 @@ def run_seeded(task, data, seed: int, method: str, growth: Growth) -> RunRecord:
         raise ValueError(f"{growth.placement} placement with a relative min_delta is not "
                          "implemented")
     ctl = (RandomPlacement(model, ctl_cfg, seed) if growth.placement == "random"
-           else GradientPlacement(model, ctl_cfg, growth.placement)
-           if growth.placement in ("gradient", "saliency")
+           else SaliencyPlacement(model, ctl_cfg) if growth.placement == "saliency"
+           else LocalController(model, dataclasses.replace(ctl_cfg, placement="gradient"))
+           if growth.placement == "gradient"
            else RelativePlateau(model, ctl_cfg, growth.min_delta_rel) if growth.min_delta_rel
            else LocalController(model, ctl_cfg))
     layers = seed_layers(model)

@@ -53,7 +53,8 @@ def candidate_changes() -> dict[str, object]:
 # added to a configuration like a change: a zero-output blueprint init, a plateau threshold
 # relative to the best validation loss instead of min_delta, random placement (the
 # lifecycle ablation's, on any configuration) and placement by the task loss's gradient at
-# each seed's chunk (methods.GradientPlacement: mean g^2, or |g * out| for saliency).
+# each seed's chunk (ControllerConfig.placement="gradient": mean g^2; or |g * out|,
+# methods.SaliencyPlacement).
 EXTRAS = {"init=zero_output": {"init": "zero_output"},
           "placement=random": {"placement": "random"},
           "placement=gradient": {"placement": "gradient"},

@@ -79,6 +79,32 @@ def test_plateau_detection_and_worst_health_seed_choice():
     assert ctl2.state_dict() == ctl.state_dict()
 
 
+@pytest.mark.parametrize("placement", ["health", "gradient"])
+def test_gradient_placement_germinates_where_the_loss_gradient_is(placement):
+    """placement="gradient": the dormant seed whose chunk carried the largest mean squared
+    loss gradient over the epoch germinates first; "health" still picks the least healthy
+    (seed 1's dead chunk), and a loss that reads only seed 3's features changes nothing there."""
+    model = kasmina.wrap(nn.Sequential(nn.Linear(4, 8)), seeds_per_layer=4)
+    layer = kasmina.seed_layers(model)[0]
+    with torch.no_grad():
+        layer.host.weight[2:4] = 0  # seed 1's chunk: dead, zero variance
+        layer.host.bias[2:4] = 0
+    ctl = LocalController(model, ControllerConfig(plateau_epochs=1, min_delta=0.1,
+                                                  germinations_per_plateau=1,
+                                                  placement=placement))
+    model.train()
+    for metric in (0.5, 0.5):
+        for _ in range(3):
+            out = model(torch.randn(32, 4))
+            # some gradient on seed 2's chunk, the most on seed 3's
+            ((out[:, 4:6] * 0.01).sum() + (out[:, 6:8] ** 2).sum()).backward()
+        events = ctl.end_epoch(metric)
+    germinated = [e.seed_id for e in events if e.to_stage is SeedStage.GERMINATED]
+    assert germinated == ([3] if placement == "gradient" else [1])
+    with pytest.raises(ValueError, match="placement"):
+        ControllerConfig(placement="random")
+
+
 def test_controller_needs_seed_layers():
     with pytest.raises(ValueError, match="wrap"):
         LocalController(nn.Linear(2, 2))
