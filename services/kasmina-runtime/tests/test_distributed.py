@@ -5,6 +5,8 @@ bit-identical, and close to one process training on the concatenated batch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import socket
 import time
@@ -46,12 +48,13 @@ def snapshot(model: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
     return snap
 
 
-def train(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
+def train(rank: int, world: int, control: ControllerConfig = CONTROL
+          ) -> list[dict[str, torch.Tensor]]:
     """The user's loop; under DDP each rank sees its half of every global batch."""
     model = build()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(kasmina.host_parameters(model), lr=0.05)
-    ctl = kasmina.LocalController(net, CONTROL)
+    ctl = kasmina.LocalController(net, control)
     rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
     x_val, y_val = data(99, 0)
     history = []
@@ -145,6 +148,24 @@ def test_two_ranks_match_one_process_on_the_whole_batch(runs):
 
 
 # ---------------------------------------------------------------- the fleet bridge on two ranks
+def test_gradient_placement_germinates_alike_on_every_rank(tmp_path):
+    """ControllerConfig(placement="gradient") reads each rank's own output gradients (its half
+    of the batch): the sums are averaged over the ranks first, so every rank germinates the
+    same seeds and the ranks stay bit-identical."""
+    out = str(tmp_path / "history")
+    control = dataclasses.replace(CONTROL, placement="gradient")
+    mp.start_processes(_worker, args=(2, free_port(), out, train, control), nprocs=2,
+                       start_method="spawn")
+    rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=False) for r in range(2))
+    assert rank0[-1]["events"] == rank1[-1]["events"]
+    assert any(e[2] == int(SeedStage.GERMINATED) for e in rank0[-1]["events"])
+    for a, b in zip(rank0[:-1], rank1[:-1], strict=True):
+        for key in a:  # (NaN where a lane has no reconstruction yet)
+            assert torch.equal(a[key].nan_to_num(), b[key].nan_to_num()), key
+            assert not a[key].is_floating_point() or torch.equal(a[key].isnan(),
+                                                                 b[key].isnan()), key
+
+
 def fleet_commands(job: str) -> list:
     from oona.contracts import Advance, Cull, Germinate, LifecycleCommand, Rollback, stage_to_wire
 
