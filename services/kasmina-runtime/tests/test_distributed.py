@@ -6,7 +6,6 @@ bit-identical, and close to one process training on the concatenated batch."""
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import socket
 import time
