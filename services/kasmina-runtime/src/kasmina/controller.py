@@ -256,6 +256,7 @@ class LocalController:
                 continue
             scores = health_scores(report, self.config)
             grads = self._grad_seen.get(id(layer))
+            grads = None if grads is None else grads.cpu()  # (one copy a layer, not a seed)
             for seed_id in layer.seeds_in(SeedStage.DORMANT):
                 start, end = layer.chunks[seed_id]
                 g = None if grads is None else float(grads[start:end].mean())
