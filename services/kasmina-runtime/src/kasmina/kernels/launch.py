@@ -71,9 +71,11 @@ class FastKernel:
     def key(self, args: tuple, meta: dict) -> tuple:
         """What selects a compiled kernel (with the current device): the arguments'
         specialisation, the constexprs and options, and an autotuned kernel's tuning values."""
-        # (a list comprehension, not map(_spec): ~2 us a launch less on the host)
-        spec = tuple([(a.dtype, not a.data_ptr() & 15) if type(a) is torch.Tensor else _spec(a)
-                      for a in args])
+        # (_spec inlined for tensors and ints: the key of the seed forward's 14 arguments took
+        # 3.5 -> 3.1 us on the project's 2-core CPU; 2.4 of it is torch's data_ptr and dtype)
+        spec = tuple([(a.dtype, not a.data_ptr() & 15) if type(a) is torch.Tensor else
+                      (a == 1, not a & 15, -(2**31) <= a < 2**31, a < 2**63) if type(a) is int
+                      else _spec(a) for a in args])
         return (spec, tuple(meta.items()),
                 *(args[i] if i < len(args) else meta.get(self.names[i]) for i in self.tuning))
 
