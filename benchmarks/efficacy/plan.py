@@ -250,20 +250,25 @@ def _start_worker(name: str, quick: bool) -> None:
 
 
 def _job(args: tuple) -> list[RunRecord]:
-    seed, ablate, sets = args
+    seed, ablate, sets, controls = args
     task, data = _WORKER["task"], _WORKER["data"]
     if ablate == "changes":  # the host is a configuration of its own here
-        return [run_one(task, data, seed, s) for s in sets]
+        recs = []
+        for s in sets:
+            recs.append(run_one(task, data, seed, s))
+            if controls and s != "host":  # --controls: static-final, insertion, insertion_all
+                recs += _controls(task, data, seed, None, recs[-1], f"@{s}")
+        return recs
     return runs_for_seed(task, data, seed, ablate, sets)
 
 
 def run_all(name: str, task, data, seeds: int, quick: bool, ablate: str, sets: list[str],
-            jobs: int) -> list[RunRecord]:
+            jobs: int, controls: bool = False) -> list[RunRecord]:
     """Every seed's runs, in `jobs` one-thread processes (forked) when jobs > 1: one job per
     (seed, configuration) with --ablate changes, else one per seed (its controls need its grown
     runs). The records come back in the order one process would make them."""
-    work = ([(seed, ablate, [s]) for seed in range(seeds) for s in ("host", *sets)]
-            if ablate == "changes" else [(seed, ablate, sets) for seed in range(seeds)])
+    work = ([(seed, ablate, [s], controls) for seed in range(seeds) for s in ("host", *sets)]
+            if ablate == "changes" else [(seed, ablate, sets, False) for seed in range(seeds)])
     if jobs <= 1:
         _WORKER.update(task=task, data=data)
         pool, results = None, map(_job, work)
@@ -274,7 +279,7 @@ def run_all(name: str, task, data, seeds: int, quick: bool, ablate: str, sets: l
         results = pool.map(_job, work)
     records: list[RunRecord] = []
     start = time.perf_counter()
-    for (seed, _, _), recs in zip(work, results, strict=True):
+    for (seed, *_), recs in zip(work, results, strict=True):
         records += recs
         print(f"{name}: seed {seed}, {recs[-1].method} done "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -315,7 +320,7 @@ def runs_for_seed(task, data, seed: int, ablate: str = "default",
     return recs
 
 
-def _controls(task, data, seed: int, host: RunRecord, mirror: RunRecord, tag: str
+def _controls(task, data, seed: int, host: RunRecord | None, mirror: RunRecord, tag: str
               ) -> list[RunRecord]:
     """static-final and insertion of `mirror`'s grown architecture, and insertion of every
     chunk it germinated (insertion_all: no selection by the lifecycle's gates)."""
@@ -325,6 +330,7 @@ def _controls(task, data, seed: int, host: RunRecord, mirror: RunRecord, tag: st
                                      (f"insertion_all{tag}", False, "germinated_branches")):
         branches = mirror.info[key]
         if not branches:
+            host = host or run_host(task, data, seed)
             recs.append(_same_as(host, method, "(nothing grown on some seeds: on those the "
                                                "control is the host's run)"))
             continue
@@ -375,9 +381,10 @@ def _children_cpu() -> float:
 
 def run_task(name: str, seeds: int, quick: bool, out: Path, date: str,
              ablate: str = "default", sets: Sequence[str] | None = None, jobs: int = 1,
-             tag: str = "") -> list[Path]:
+             tag: str = "", controls: bool = False) -> list[Path]:
     """`sets`: ablate="changes"' configurations (None: change_sets(); a list given names the
-    files ..._ablate-subsets)."""
+    files ..._ablate-subsets); `controls`: each of them with its static-final, insertion and
+    insertion_all (methods `static_final@<set>` ...)."""
     task = task_of(name, quick)
     data = task.load()
     chosen = ([] if ablate != "changes" else list(sets) if sets is not None else
@@ -385,8 +392,11 @@ def run_task(name: str, seeds: int, quick: bool, out: Path, date: str,
     for s in chosen:
         change_set(s)  # a bad name fails before anything runs
     descriptions = {**DESCRIPTIONS, **{method_of(s): describe_change_set(s) for s in chosen}}
+    for s in chosen if controls else ():
+        descriptions.update({f"{c}@{s}": f"as `{c}`, for `{method_of(s)}`."
+                             for c in ("static_final", "insertion", "insertion_all")})
     start, cpu0 = time.perf_counter(), time.process_time() + _children_cpu()
-    records = run_all(name, task, data, seeds, quick, ablate, chosen, jobs)
+    records = run_all(name, task, data, seeds, quick, ablate, chosen, jobs, controls)
     wall = time.perf_counter() - start
     cpu = time.process_time() + _children_cpu() - cpu0
     mode = ("" if ablate == "default" else
@@ -399,6 +409,7 @@ def run_task(name: str, seeds: int, quick: bool, out: Path, date: str,
               f"{' --quick' if quick else ''}"
               f"{'' if ablate == 'default' else f' --ablate {ablate}'}"
               f"{'' if sets is None else ' --subsets ' + ','.join(sets)}"
+              f"{' --controls' if controls else ''}"
               f"{'' if jobs == 1 else f' --jobs {jobs}'}{f' --tag {tag}' if tag else ''}`, "
               f"{date}, "
               f"process CPU time {cpu:.0f} s (wall {wall:.0f} s"

@@ -40,6 +40,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subsets", default=None,
                    help="with --ablate changes: comma-separated configurations to run instead, "
                         "e.g. default+min_delta+seed_lr,candidate-ramp_steps (plan.change_set)")
+    p.add_argument("--controls", action="store_true",
+                   help="with --ablate changes: each configuration also with its static-final, "
+                        "insertion and insertion_all controls")
     p.add_argument("--tag", default="", help="a suffix of the report's file names (another "
                                               "--subsets run of the same date, say)")
     p.add_argument("--jobs", type=int, default=1,
@@ -54,6 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--seeds must be at least 2 (a paired interval needs two pairs)")
     if args.subsets is not None and args.ablate != "changes":
         p.error("--subsets needs --ablate changes")
+    if args.controls and args.ablate != "changes":
+        p.error("--controls needs --ablate changes (the main run has its controls)")
     return args
 
 
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         written = plan.run_task(name, args.seeds, args.quick, out, args.date, args.ablate,
                                 None if args.subsets is None else args.subsets.split(","),
-                                args.jobs, args.tag)
+                                args.jobs, args.tag, args.controls)
         for path in written:
             print(f"wrote {path}")
     return 0

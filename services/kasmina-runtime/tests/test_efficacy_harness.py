@@ -75,6 +75,22 @@ def test_help_needs_no_environment() -> None:
     assert "--quick" in out.stdout and "--seeds" in out.stdout
 
 
+def test_a_subset_run_with_its_controls(tmp_path: Path) -> None:
+    """--controls: each --subsets configuration with its static-final, insertion and
+    insertion_all; refused without --ablate changes."""
+    out = subprocess.run([sys.executable, str(HARNESS / "run.py"), "--controls"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--controls needs --ablate changes" in out.stderr
+    subprocess.run([sys.executable, str(HARNESS / "run.py"), "--task", "digits", "--quick",
+                    "--ablate", "changes", "--subsets", "shipped", "--controls", "--out",
+                    str(tmp_path), "--date", "test"], check=True, timeout=240,
+                   capture_output=True, text=True)
+    with (tmp_path / "efficacy_digits_cpu_test_quick_ablate-subsets.csv").open() as fh:
+        methods = {r["method"] for r in csv.DictReader(fh)}
+    assert methods == {"host", "shipped", "static_final@shipped", "insertion@shipped",
+                       "insertion_all@shipped"}
+
+
 def test_one_seed_is_refused() -> None:
     out = subprocess.run([sys.executable, "-S", str(HARNESS / "run.py"), "--seeds", "1"],
                          capture_output=True, text=True, timeout=60)
