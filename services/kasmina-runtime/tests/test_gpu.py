@@ -12,9 +12,10 @@ from torch import nn
 pytestmark = pytest.mark.gpu
 
 
-def busy_layer(dtype: torch.dtype) -> KasminaLayer:
+def busy_layer(dtype: torch.dtype, graphs: bool | str = "auto") -> KasminaLayer:
     torch.manual_seed(0)
-    layer = KasminaLayer(nn.Linear(256, 1000), 37, KasminaConfig(max_active_seeds=8))
+    layer = KasminaLayer(nn.Linear(256, 1000), 37, KasminaConfig(max_active_seeds=8,
+                                                                 cuda_graphs=graphs))
     for seed, stage in ((1, SeedStage.TRAINING), (5, SeedStage.GRAFTING),
                         (9, SeedStage.FINE_TUNING)):
         layer.germinate(seed, "residual_mlp", "performance_linked")
@@ -27,19 +28,23 @@ def busy_layer(dtype: torch.dtype) -> KasminaLayer:
 
 
 @pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
+@pytest.mark.parametrize("graphs", [False, "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_step_never_synchronises(dtype):
-    layer = busy_layer(dtype).train()
+def test_training_step_never_synchronises(dtype, graphs):
+    """Eager, or graphed by "auto" once its graphs are captured (a capture synchronises: the
+    second step's forward and backward, the third's seed step, after each commit)."""
+    layer = busy_layer(dtype, graphs).train()
     x = torch.randn(64, 256, device="cuda", dtype=dtype)
-    loss = None
-    for _ in range(2):  # first step outside the check: lazy CUDA initialisation
-        torch.cuda.set_sync_debug_mode("error" if loss is not None else "default")
+    warm = 1 if graphs is False else 3  # the first: lazy CUDA initialisation
+    for i in range(warm + 2):
+        torch.cuda.set_sync_debug_mode("error" if i >= warm else "default")
         try:
             loss = layer(x).float().pow(2).mean()
             loss.backward()
             layer.step(loss.detach())
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    assert bool(layer._graphs and layer._graphs.passes and layer._graphs.steps) == bool(graphs)
     report = layer.end_epoch(0.5)  # the epoch boundary may synchronise
     assert report.stage[5] == SeedStage.GRAFTING and report.alpha[5] > 0
 
