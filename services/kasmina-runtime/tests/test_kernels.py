@@ -418,6 +418,9 @@ def test_the_launcher_keys_an_autotuned_kernel_on_its_tuning_arguments():
     assert key(64) != key(48) and key(64) == key(64)  # same specialisation, another size
     plain = fast(triton_blend._seed_blend_kernel)  # not autotuned: sizes of one specialisation
     assert not plain.tuned and plain.key((h, 64), {}) == plain.key((h, 48), {})
+    # ... but not what Triton compiles apart: 1, an unaligned size, a view one element in
+    assert plain.key((h, 1), {}) != plain.key((h, 48), {}) != plain.key((h, 47), {})
+    assert plain.key((h.view(-1)[1:], 48), {}) != plain.key((h.view(-1), 48), {})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the launcher's cache (CUDA; the "

@@ -47,7 +47,7 @@ def pow2(n: int) -> int:
 
 def _spec(v: object) -> object:
     """The part of an argument a compiled Triton kernel was specialised on."""
-    if isinstance(v, torch.Tensor):
+    if type(v) is torch.Tensor or isinstance(v, torch.Tensor):  # (the common case first)
         return v.dtype, not v.data_ptr() & 15
     if type(v) is int:  # (not a bool)
         return v == 1, not v & 15, -(2**31) <= v < 2**31, v < 2**63
@@ -71,12 +71,9 @@ class FastKernel:
     def key(self, args: tuple, meta: dict) -> tuple:
         """What selects a compiled kernel (with the current device): the arguments'
         specialisation, the constexprs and options, and an autotuned kernel's tuning values."""
-        # (_spec inlined for tensors and ints: the key of the seed forward's 14 arguments took
-        # 3.5 -> 3.1 us on the project's 2-core CPU; 2.4 of it is torch's data_ptr and dtype)
-        spec = tuple([(a.dtype, not a.data_ptr() & 15) if type(a) is torch.Tensor else
-                      (a == 1, not a & 15, -(2**31) <= a < 2**31, a < 2**63) if type(a) is int
-                      else _spec(a) for a in args])
-        return (spec, tuple(meta.items()),
+        # (~4 us for the seed forward's 14 arguments on the project's 2-core CPU, 2.4 of it
+        # torch's data_ptr and dtype; _spec inlined here took ~1 us less: one definition kept)
+        return (tuple([_spec(a) for a in args]), tuple(meta.items()),
                 *(args[i] if i < len(args) else meta.get(self.names[i]) for i in self.tuning))
 
     def run(self, grid: tuple | Callable, args: tuple, meta: dict) -> None:
