@@ -50,7 +50,7 @@ _MAX_KINDS = 4  # forward kinds kept per commit (telemetry on/off x a couple of 
 # bare one, training and grafting: 1024 x 8192 rows (8.6e9) 3.0-4.2 / 1.26-1.34; 2048 x 8192
 # (3.4e10) 2.43-3.25 / 0.96-1.09; 2048 x 16384 (6.9e10) 2.40-3.19 / 1.23-1.30; 4096 x 8192
 # (1.4e11) 1.54-2.03 / 1.30-1.34; 4096 x 16384 (2.7e11) 1.16-1.27 / 1.26-1.29; 4096 x 32768
-# (5.5e11) 1.11-1.12 / 1.19-1.22. Above ~2e11 the GPU is busy and the graphs' copies of the
+# (5.5e11) 1.10-1.12 / 1.19-1.24. Above ~2e11 the GPU is busy and the graphs' copies of the
 # input, output and gradients cost more than the launches they save.
 AUTO_MACS = 2 * 10**11
 
@@ -168,9 +168,10 @@ class SeedGraphs:
         """The seeds' step as a graph replay; False where it must run eagerly (after `fold`)."""
         for entry in self.passes.values():
             entry.pending = False
+        if not self.dirty:  # no graphed backward since the last step (fold has nothing to do):
+            return False  # the common case of a layer "auto" leaves eager, on any device
         eager_grads = any(bank.flat.grad is not None for bank in layer.banks.values())
-        if (not self.dirty or eager_grads or scaler is not None
-                or distributed.world_size() > 1):
+        if eager_grads or scaler is not None or distributed.world_size() > 1:
             self.fold(layer)
             return False
         kind = loss is not None
@@ -201,6 +202,11 @@ class SeedGraphs:
                 bank.flat.grad = None
                 self.grads[key].zero_()
         return _Step(graph, static_loss)
+
+
+def for_setting(setting: bool | str) -> SeedGraphs | None:
+    """A layer's graphs for KasminaConfig.cuda_graphs (None: off)."""
+    return SeedGraphs(auto=setting == "auto") if setting else None
 
 
 def worth_it(layer: KasminaLayer, x: torch.Tensor, autocast: torch.dtype | None) -> bool:

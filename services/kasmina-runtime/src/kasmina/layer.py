@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import boundary, distributed, fused, kernels
+from . import boundary, distributed, fused, graphs, kernels
 from .bank import BlueprintBank
 from .blueprints import BlueprintSpec, catalog, get_blueprint, with_headroom
 from .config import KasminaConfig
@@ -101,7 +101,7 @@ class KasminaLayer(nn.Module):
         self._last_report: LayerHealthReport | None = None
         self._loaded_extra: dict | None = None
         self._batching = False
-        self._graphs = SeedGraphs(auto=cfg.cuda_graphs == "auto") if cfg.cuda_graphs else None
+        self._graphs = graphs.for_setting(cfg.cuda_graphs)
         self.train(host.training)  # (wrapping a model in eval mode: the hook's from the start)
         self.register_load_state_dict_post_hook(_after_load_hook)
         self._commit()
@@ -279,7 +279,7 @@ class KasminaLayer(nn.Module):
     def set_cuda_graphs(self, on: bool | str = True) -> None:
         """Set KasminaConfig.cuda_graphs now: True, False or "auto" (see kasmina.graphs)."""
         self.config = self.config.replace(cuda_graphs=on)
-        self._graphs = SeedGraphs(auto=on == "auto") if on else None
+        self._graphs = graphs.for_setting(on)
 
     def step(self, loss: torch.Tensor | float | None = None,
              scaler: torch.amp.GradScaler | None = None) -> None:
