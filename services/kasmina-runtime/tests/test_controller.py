@@ -55,12 +55,18 @@ def test_local_controller_grows_seeds_through_the_whole_lifecycle():
     assert ctl.state_dict()["best"] is not None
 
 
-def test_plateau_detection_and_worst_health_seed_choice():
+def dead_chunk_model() -> nn.Module:
+    """One seed layer of 4 seeds of 2 features; seed 1's chunk dead (zero variance)."""
     model = kasmina.wrap(nn.Sequential(nn.Linear(4, 8)), seeds_per_layer=4)
     layer = kasmina.seed_layers(model)[0]
     with torch.no_grad():
-        layer.host.weight[2:4] = 0  # seed 1's chunk: dead, zero variance
+        layer.host.weight[2:4] = 0
         layer.host.bias[2:4] = 0
+    return model
+
+
+def test_plateau_detection_and_worst_health_seed_choice():
+    model = dead_chunk_model()
     ctl = LocalController(model, ControllerConfig(plateau_epochs=2, min_delta=0.1,
                                                   germinations_per_plateau=1))
     model.train()
@@ -84,11 +90,7 @@ def test_gradient_placement_germinates_where_the_loss_gradient_is(placement):
     """placement="gradient": the dormant seed whose chunk carried the largest mean squared
     loss gradient over the epoch germinates first; "health" still picks the least healthy
     (seed 1's dead chunk), and a loss that reads only seed 3's features changes nothing there."""
-    model = kasmina.wrap(nn.Sequential(nn.Linear(4, 8)), seeds_per_layer=4)
-    layer = kasmina.seed_layers(model)[0]
-    with torch.no_grad():
-        layer.host.weight[2:4] = 0  # seed 1's chunk: dead, zero variance
-        layer.host.bias[2:4] = 0
+    model = dead_chunk_model()
     ctl = LocalController(model, ControllerConfig(plateau_epochs=1, min_delta=0.1,
                                                   germinations_per_plateau=1,
                                                   placement=placement))
