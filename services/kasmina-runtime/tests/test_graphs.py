@@ -174,6 +174,24 @@ def test_a_training_task_share_is_graphed_as_it_runs_eagerly(seeds):
 
 
 @pytest.mark.gpu
+def test_a_forward_inside_the_callers_capture_runs_eagerly():
+    """A caller capturing its own CUDA graph around the layer: the layer captures none of its
+    own in it (a nested capture fails) and the caller's graph replays the eager forward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    layer = growing("cuda", True, seeds=24)
+    x = torch.randn(16, 64, device="cuda")
+    expected = layer(x).detach()  # eager: this kind is warm, the next would be captured
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not layer._graphs.passes
+    assert torch.equal(out.detach(), expected)
+
+
+@pytest.mark.gpu
 def test_a_second_forward_before_backward_runs_eagerly():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
