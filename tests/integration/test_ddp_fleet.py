@@ -11,6 +11,7 @@ per layer per boundary."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -122,7 +123,9 @@ def _worker(rank: int, world: int, port: int, out: str, url: str, job: str) -> N
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(train(rank, world, url, job), f"{out}.{rank}")
+        dist.barrier()  # both ranks done: neither tears gloo down under the other
     finally:
+        gc.collect()  # DDP's reducer (reference cycles) freed before the group, not at exit
         dist.destroy_process_group()
 
 

@@ -6,6 +6,7 @@ bit-identical, and close to one process training on the concatenated batch."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import socket
 import time
@@ -94,7 +95,12 @@ def _worker(rank: int, world: int, port: int, out: str, run, *args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(run(rank, world, *args), f"{out}.{rank}")
+        dist.barrier()  # both ranks done: neither tears gloo down under the other
     finally:
+        # DDP's reducer sits in reference cycles: freed now, not by the interpreter's exit
+        # after the group is gone (rank 1 once died there, SIGABRT, "terminate called without
+        # an active exception", in CI).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ lifecycle. On the CPU the kernels run under the Triton interpreter (tiny shapes)
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import pytest
@@ -329,7 +330,9 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
             layer.step(loss.detach())
         layer.end_epoch(None)  # the boundary all-reduces what each rank measured on its rows
         torch.save((applied, layer.state_dict()), f"{out}.{rank}")
+        dist.barrier()  # both ranks done: neither tears gloo down under the other
     finally:
+        gc.collect()  # DDP's reducer (reference cycles) freed before the group, not at exit
         dist.destroy_process_group()
 
 
