@@ -128,7 +128,7 @@ class BlueprintBank(nn.Module):
         sq = g.square().sum(1)
         finite = torch.isfinite(sq)
         update = trainable & finite  # (capacity,)
-        self.opt_step += update
+        self.opt_step.add_(update)  # (not +=: a Module.__setattr__ a step)
         b1, b2 = cfg.seed_betas
         step = self.opt_step.clamp(min=1.0)[:, None]
         u = update[:, None]

@@ -78,15 +78,17 @@ class SeedTelemetry(nn.Module):
                                  self.rows, self.corr_sum, self.corr_prod, self.corr_n,
                                  self.rows_sampled)
             return
-        self.columns += stats
-        self.rows += h2.shape[0]
+        # add_, not +=: `+=` on a module's buffer is a Module.__setattr__ (register_buffer's
+        # checks), 53 us of a 279 us tracking step on a 2-core EPYC
+        self.columns.add_(stats)
+        self.rows.add_(h2.shape[0])
         if self.k == 1:  # chunks of one feature have no pairs to correlate
             return
         sample = h2[: self.rows_sampled].index_select(1, self.corr_idx).float()  # (R, S*k)
         sample = sample.view(sample.shape[0], -1, self.k) * self.corr_valid  # (R, S, k)
-        self.corr_sum += sample.sum(0).double()
-        self.corr_prod += torch.einsum("rsi,rsj->sij", sample, sample).double()
-        self.corr_n += sample.shape[0]
+        self.corr_sum.add_(sample.sum(0).double())
+        self.corr_prod.add_(torch.einsum("rsi,rsj->sij", sample, sample).double())
+        self.corr_n.add_(sample.shape[0])
 
     @torch.no_grad()
     def summarize(self) -> dict[str, torch.Tensor]:
