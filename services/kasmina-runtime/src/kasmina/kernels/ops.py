@@ -243,9 +243,18 @@ class _ResidualMLP(torch.autograd.Function):
 
 
 def fused_mlp_fits(chunk: int, hidden: int) -> bool:
-    """Whether the fused residual_mlp takes chunks this wide (its chunk columns are unrolled;
-    above a padded chunk x hidden of 1,024 the batched GEMMs are kept)."""
-    return _pow2(chunk) * _pow2(hidden) <= 1024
+    """Whether the fused residual_mlp takes chunks this wide: a padded chunk x hidden of at
+    most 1,024 (its chunk columns are unrolled) and chunk^2 x hidden of at most 4,096 (chunks
+    up to 16 features at the catalog's hidden 16); wider banks keep the batched GEMMs.
+
+    The second bound is the compile: the backward unrolls a (chunk, hidden) accumulator
+    update per chunk column. Compiled for sm_90 by Triton 3.6 on a 2-core EPYC, backward /
+    forward: 4 features 0.8 / 0.7 s, 16 6.4 / 1.3, 32 37.8 / 5.0, 64 293 / 28.6 s
+    (the GPU test of 64 features ran past 320 s on the H200 machine,
+    benchmarks/results/pytest_gpu_h200_2026-12-03_s12c_kernels.log): a user's first growing
+    step would wait minutes."""
+    c, h = _pow2(chunk), _pow2(hidden)
+    return c * h <= 1024 and c * c * h <= 4096
 
 
 def seed_node_fits(chunk: int, hidden: int) -> bool:

@@ -14,9 +14,9 @@ GEMMs; benchmarks/NOTES.md, "The training step as users pay it"). Here a row's c
   written as per-program partial sums (A, programs, P) and summed by one `sum` in a fixed
   order: deterministic, no atomics.
 
-Products are float32 FMAs (no TF32), GELU is the exact (erf) form of `F.gelu`. Used where the
-padded C * H is at most 1,024 (`ops.fused_mlp_fits`; the C columns are unrolled): chunks up to
-64 features at the catalog's hidden width of 16. Wider chunks keep the batched GEMMs.
+Products are float32 FMAs (no TF32), GELU is the exact (erf) form of `F.gelu`. Used where
+`ops.fused_mlp_fits` says (the C columns are unrolled, and the compile grows with C^2 H): chunks
+up to 16 features at the catalog's hidden width of 16. Wider chunks keep the batched GEMMs.
 """
 
 from __future__ import annotations
