@@ -107,6 +107,26 @@ def test_gradient_placement_germinates_where_the_loss_gradient_is(placement):
         ControllerConfig(placement="random")
 
 
+def test_gradient_placement_leaves_no_hook_behind():
+    """close(), or the controller's collection, removes placement="gradient"'s forward hooks:
+    a model outlives its controllers."""
+    import gc
+
+    model = dead_chunk_model()
+    layer = kasmina.seed_layers(model)[0]
+    ctl = LocalController(model, ControllerConfig(placement="gradient"))
+    assert len(layer._forward_hooks) == 1
+    ctl.close()
+    assert not layer._forward_hooks
+    ctl = LocalController(model, ControllerConfig(placement="gradient"))
+    model(torch.randn(4, 4)).sum().backward()  # the hook ran: the controller saw a gradient
+    assert ctl._grad_sums
+    del ctl
+    gc.collect()
+    assert not layer._forward_hooks
+    model(torch.randn(4, 4)).sum().backward()
+
+
 def test_controller_needs_seed_layers():
     with pytest.raises(ValueError, match="wrap"):
         LocalController(nn.Linear(2, 2))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -135,6 +136,12 @@ def health_scores(report: LayerHealthReport, cfg: ControllerConfig) -> np.ndarra
             - cfg.w_correlation * np.nan_to_num(report.mean_abs_correlation))
 
 
+def _remove_hooks(hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for hook in hooks:
+        hook.remove()
+    hooks.clear()
+
+
 class LocalController:
     def __init__(self, model: nn.Module, config: ControllerConfig | None = None) -> None:
         self.model = model
@@ -164,9 +171,18 @@ class LocalController:
         # placement="gradient": per layer (id), this epoch's sums of the output gradient squared
         self._grad_sums: dict[int, torch.Tensor] = {}
         self._grad_seen: dict[int, torch.Tensor] = {}  # the sums the last boundary consumed
+        # Its forward hooks hold the controller weakly and go with it (or with close()).
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         if self.config.placement == "gradient":
-            for layer in self.layers:
-                layer.register_forward_hook(self._watch_gradient)
+            watch = weakref.WeakMethod(self._watch_gradient)
+            self._hooks = [layer.register_forward_hook(
+                lambda *args, watch=watch: None if watch() is None else watch()(*args))
+                for layer in self.layers]
+            weakref.finalize(self, _remove_hooks, self._hooks)
+
+    def close(self) -> None:
+        """Remove what this controller added to the model (placement="gradient"'s hooks)."""
+        _remove_hooks(self._hooks)
 
     def step(self, loss: torch.Tensor | float | None = None,
              scaler: torch.amp.GradScaler | None = None) -> None:
