@@ -11,7 +11,8 @@
 #   mid: the GPU tests of the launcher; eager against graphed steps between the bars' shapes;
 #   auto: cuda_graphs="auto"'s tests and rows, the launch without Triton's empty hook chains;
 #   large: the 4096 x 32768 rows again, 15 rounds;
-#   tests: the GPU test files;  matrix: bench_step's whole matrix.
+#   tests: the GPU test files;  rows: the bars' shapes, every mode, bf16 and fp32;
+#   matrix: bench_step's whole matrix.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +100,13 @@ large)  # the 4096 x 32768 rows again, 15 rounds: the run-to-run spread of the g
   timeout 280 python3 benchmarks/bench_step.py --shapes 4096x32768 --seeds 1024 --dtypes bf16 \
     --modes bare,bare2,dormant,dormant10,training,graft10 --rounds 15 --tag "_$TAG" --out "$OUT" 2>&1 \
     | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|bar|missed|met|fail" | head -30 ;;
+rows)  # final1's and final2's bench rows without their tests: the bars' shapes, every mode; fp32
+  timeout 330 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 1024 --dtypes bf16 \
+    --modes bare,bare2,bare_g,dormant,dormant10,training,graft10,training_e,graft10_e,training_g,graft10_g,graft100,loop \
+    --tag "_$TAG" --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|bar|missed|met|fail" | head -70
+  timeout 200 python3 benchmarks/bench_step.py --shapes 4096x32768,1024x8192 --seeds 1024 --dtypes fp32 \
+    --modes bare,bare2,dormant10,training,graft10,loop --rounds 7 --tag "_${TAG}fp32" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}fp32.log" | grep -E "x[0-9]|fail" | head -20 ;;
 tests)
   timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
     $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;
