@@ -97,9 +97,10 @@ def _worker(rank: int, world: int, port: int, out: str, run, *args) -> None:
         torch.save(run(rank, world, *args), f"{out}.{rank}")
         dist.barrier()  # both ranks done: neither tears gloo down under the other
     finally:
-        # DDP's reducer sits in reference cycles: freed now, not by the interpreter's exit
-        # after the group is gone (rank 1 once died there, SIGABRT, "terminate called without
-        # an active exception", in CI).
+        # Rank 1 once died in CI at its exit (SIGABRT, "terminate called without an active
+        # exception"), not reproduced here (9 runs, 2 under CPU load). Suspected: gloo work
+        # still held in reference cycles (DDP's reducer) when the group is destroyed; they
+        # are freed first now.
         gc.collect()
         dist.destroy_process_group()
 
