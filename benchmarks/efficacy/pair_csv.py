@@ -7,6 +7,7 @@ runs' insertion, say: a method's rows repeat bit for bit for the same seeds, NOT
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -30,7 +31,12 @@ def task_in(path: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    path, method, base_path, base_method = argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name in ("result", "method", "baseline", "baseline_method"):
+        ap.add_argument(name)
+    args = ap.parse_args(argv)
+    path, method, base_path, base_method = (args.result, args.method, args.baseline,
+                                            args.baseline_method)
     task = task_in(path)
     got, base = finals(path, method), finals(base_path, base_method)
     seeds = sorted(got.keys() & base.keys())

@@ -79,7 +79,7 @@ class SeedTelemetry(nn.Module):
                                  self.rows_sampled)
             return
         # add_, not +=: `+=` on a module's buffer is a Module.__setattr__ (register_buffer's
-        # checks), 53 us of a 279 us tracking step on a 2-core EPYC
+        # checks), 53 us of a 279 us tracking step on a 2-core Xeon
         self.columns.add_(stats)
         self.rows.add_(h2.shape[0])
         if self.k == 1:  # chunks of one feature have no pairs to correlate

@@ -248,7 +248,7 @@ def fused_mlp_fits(chunk: int, hidden: int) -> bool:
     up to 16 features at the catalog's hidden 16); wider banks keep the batched GEMMs.
 
     The second bound is the compile: the backward unrolls a (chunk, hidden) accumulator
-    update per chunk column. Compiled for sm_90 by Triton 3.6 on a 2-core EPYC, backward /
+    update per chunk column. Compiled for sm_90 by Triton 3.6 on a 2-core Xeon, backward /
     forward: 4 features 0.8 / 0.7 s, 16 6.4 / 1.3, 32 37.8 / 5.0, 64 293 / 28.6 s
     (the GPU test of 64 features ran past 320 s on the H200 machine,
     benchmarks/results/pytest_gpu_h200_2026-12-03_s12c_kernels.log): a user's first growing
