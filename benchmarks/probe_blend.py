@@ -95,5 +95,7 @@ def profile_once() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-    profile_once() if "--ncu" in sys.argv else main()
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ncu", action="store_true", help="one profiled pass (for Nsight Compute)")
+    profile_once() if ap.parse_args().ncu else main()

@@ -9,6 +9,7 @@ precision, rows a block, warps, backward programs), since replaced (see triton_m
 
 from __future__ import annotations
 
+import argparse
 import statistics
 
 import torch
@@ -59,4 +60,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     main()

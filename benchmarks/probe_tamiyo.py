@@ -7,6 +7,7 @@ end, for 8 layers of 16 and of 1,024 seeds; no bus (the bus's own cost is `bench
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 
@@ -56,4 +57,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     main()
