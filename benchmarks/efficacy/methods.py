@@ -63,14 +63,18 @@ class RandomPlacement(LocalController):
 
 
 class SaliencyPlacement(LocalController):
-    """ControllerConfig(placement="gradient") with another score: each output feature's
-    |g * out| summed over the epoch's training steps (the first-order loss change were the
-    feature's output moved to 0) instead of g^2. The library's placement is the g^2 one."""
+    """placement="gradient" with another score: each output feature's |g * out| summed over
+    the epoch's training steps (the first-order loss change were the feature's output moved
+    to 0) instead of the layer's g^2 (KasminaConfig.track_output_gradient, the library's)."""
 
     def __init__(self, model: nn.Module, config: ControllerConfig) -> None:
-        super().__init__(model, dataclasses.replace(config, placement="gradient"))
+        super().__init__(model, config)
+        self._sums: dict[int, torch.Tensor] = {}  # this epoch's, per layer (id)
+        self._seen: dict[int, torch.Tensor] = {}  # the epoch's before the boundary
+        for layer in self.layers:
+            layer.register_forward_hook(self._watch)
 
-    def _watch_gradient(self, layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    def _watch(self, layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if not (layer.training and torch.is_grad_enabled() and out.requires_grad):
             return
         act = out.detach()
@@ -78,10 +82,22 @@ class SaliencyPlacement(LocalController):
         def accumulate(grad: torch.Tensor) -> None:
             g = grad.detach().reshape(-1, grad.shape[-1]).double()
             v = (g * act.reshape(-1, act.shape[-1]).double()).abs().sum(0)
-            old = self._grad_sums.get(id(layer))
-            self._grad_sums[id(layer)] = v if old is None else old + v
+            old = self._sums.get(id(layer))
+            self._sums[id(layer)] = v if old is None else old + v
 
         out.register_hook(accumulate)
+
+    def end_epoch(self, val_metric: float | None, evaluate=None) -> list:  # noqa: ANN001
+        self._seen, self._sums = self._sums, {}
+        return super().end_epoch(val_metric, evaluate)
+
+    def _germination_sites(self) -> list:
+        def key(site: tuple) -> tuple[int, float]:  # measured first, largest first
+            layer, seed = site
+            sums = self._seen.get(id(layer))
+            start, end = layer.chunks[seed]
+            return (1, 0.0) if sums is None else (0, -float(sums[start:end].mean()))
+        return sorted(super()._germination_sites(), key=key)  # stable: health order in ties
 
 
 class RelativePlateau(LocalController):

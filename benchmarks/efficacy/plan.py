@@ -69,9 +69,12 @@ GROWTH_VALUES = {"seeds_per_layer"}
 
 
 def with_fields(growth: Growth, fields: dict[str, object]) -> Growth:
-    k = {f: v for f, v in fields.items() if f in KasminaConfig.__dataclass_fields__}
-    c = {f: v for f, v in fields.items() if f in ControllerConfig.__dataclass_fields__}
-    g = {f: v for f, v in fields.items() if f not in k and f not in c}
+    # Growth's own first: its placement picks the controller (ControllerConfig.placement
+    # knows only the library's "health" and "gradient"; "random", "saliency" are the harness's)
+    g = {f: v for f, v in fields.items() if f in Growth.__dataclass_fields__}
+    k = {f: v for f, v in fields.items() if f in KasminaConfig.__dataclass_fields__ and f not in g}
+    c = {f: v for f, v in fields.items()
+         if f in ControllerConfig.__dataclass_fields__ and f not in g}
     return dataclasses.replace(growth, kasmina=growth.kasmina.replace(**k),
                                controller=dataclasses.replace(growth.controller, **c), **g)
 

@@ -52,7 +52,7 @@ TAIL_EPOCHS = 2
 CONFIG = KasminaConfig(max_active_seeds=3, min_training_steps=2, reconstruction_threshold=1.0,
                        ramp_steps=4, stabilization_epochs=1, evaluation_epochs=1,
                        fine_tuning_epochs=1, embargo_epochs=1, fossilize_min_gain=-1.0,
-                       seed_lr=1e-2, mode="min")
+                       seed_lr=1e-2, mode="min", track_output_gradient=True)
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
 
@@ -108,9 +108,11 @@ def train(rank: int, world: int, url: str, job: str) -> dict:
             out["lags"] += runtime.take_command_lags()
             time.sleep(PAUSE_S)
         if rank == 0:  # the job's command stream is deleted when the runtime closes it
+            sent = _collect(url, job, streams.commands(job), LifecycleCommand)
             out["commands"] = {c.command_id: (c.WhichOneof("action"), c.apply_at_epoch)
-                               for c in _collect(url, job, streams.commands(job),
-                                                 LifecycleCommand)}
+                               for c in sent}
+            out["germinations"] = [c.rationale for c in sent
+                                   if c.WhichOneof("action") == "germinate"]
     finally:
         runtime.close()
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -147,7 +149,7 @@ def _start_tamiyo(url: str, job: str, log: Path) -> subprocess.Popen[bytes]:
                TAMIYO_CONSUMER_NAME=f"tamiyo-{job}",
                # Karn is down: every germination is the fallback, which the list allows
                TAMIYO_KARN_ADDRESS=f"127.0.0.1:{free_port()}", TAMIYO_KARN_TIMEOUT_S="0.5",
-               TAMIYO_BLUEPRINTS="residual_mlp",
+               TAMIYO_BLUEPRINTS="residual_mlp", TAMIYO_PLACEMENT="gradient",
                # every epoch is a plateau; no cooldown: it germinates again at the very next epoch
                TAMIYO_PLATEAU_EPOCHS="1", TAMIYO_MIN_DELTA="100", TAMIYO_COOLDOWN_EPOCHS="0",
                TAMIYO_TICK_S="0.1", TAMIYO_REPORT_GRACE_S="0.2", TAMIYO_ACK_TIMEOUT_S="30")
@@ -249,6 +251,12 @@ def test_a_job_on_two_ranks_grows_under_a_real_tamiyo(oona_redis_url, tmp_path):
     reports = _collect(oona_redis_url, job, streams.TELEMETRY_SEED_HEALTH, LayerHealthReport)
     assert sorted((r.layer_id, r.epoch) for r in reports) == [
         (layer, epoch) for layer in LAYERS for epoch in range(1, EPOCHS + 1)]
+    # Placement by the output gradient: both ranks' sums in every report, and Tamiyo germinated
+    # by them (TAMIYO_PLACEMENT=gradient, KasminaConfig.track_output_gradient).
+    assert all(len(r.output_grad_sq) == r.num_seeds and min(r.output_grad_sq) > 0
+               for r in reports)
+    assert rank0["germinations"] and all("largest output gradient" in why
+                                         for why in rank0["germinations"])
     events = _collect(oona_redis_url, job, streams.EPOCH_EVENTS, EpochEvent)
     ended = [e.epoch for e in events if e.kind == EpochEventKind.EPOCH_EVENT_KIND_EPOCH_ENDED]
     assert ended == list(range(1, EPOCHS + 1))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 
 import kasmina
+import numpy as np
 import pytest
 import torch
 from kasmina import ControllerConfig, KasminaConfig, LocalController, SeedStage
@@ -107,24 +108,34 @@ def test_gradient_placement_germinates_where_the_loss_gradient_is(placement):
         ControllerConfig(placement="random")
 
 
-def test_gradient_placement_leaves_no_hook_behind():
-    """close(), or the controller's collection, removes placement="gradient"'s forward hooks:
-    a model outlives its controllers."""
-    import gc
-
+def test_the_output_gradient_is_measured_by_the_layer_and_reported():
+    """KasminaConfig.track_output_gradient: the report's output_grad_sq is each chunk's mean
+    squared output gradient over the epoch's training steps (NaN when off, in eval mode and
+    for a forward with no backward); placement="gradient" turns it on."""
     model = dead_chunk_model()
     layer = kasmina.seed_layers(model)[0]
-    ctl = LocalController(model, ControllerConfig(placement="gradient"))
-    assert len(layer._forward_hooks) == 1
-    ctl.close()
-    assert not layer._forward_hooks
-    ctl = LocalController(model, ControllerConfig(placement="gradient"))
-    model(torch.randn(4, 4)).sum().backward()  # the hook ran: the controller saw a gradient
-    assert ctl._grad_sums
-    del ctl
-    gc.collect()
-    assert not layer._forward_hooks
+    model.train()
     model(torch.randn(4, 4)).sum().backward()
+    assert np.isnan(layer.end_epoch(0.5).output_grad_sq).all()  # off by default
+    LocalController(model, ControllerConfig(placement="gradient"))
+    assert layer.config.track_output_gradient
+    xs = [torch.randn(5, 4), torch.randn(3, 4)]
+    weights = torch.arange(1.0, 9.0)
+    want = torch.zeros(8, dtype=torch.float64)
+    for x in xs:
+        out = model(x)
+        (out * weights).sum().backward()  # d loss / d out = weights on every row
+        want += (weights.double() ** 2) * x.shape[0]
+    with torch.no_grad():
+        model(torch.randn(2, 4))  # no gradient: nothing added
+    model.eval()
+    model(torch.randn(2, 4, requires_grad=True)).sum().backward()  # eval mode: nothing added
+    model.train()
+    got = layer.end_epoch(0.5).output_grad_sq
+    rows = sum(x.shape[0] for x in xs)
+    expect = (want / rows).view(4, 2).mean(1).numpy()  # 4 seeds of 2 features
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+    assert np.isnan(layer.end_epoch(0.5).output_grad_sq).all()  # reset at the boundary
 
 
 def test_controller_needs_seed_layers():

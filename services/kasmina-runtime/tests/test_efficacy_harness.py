@@ -138,6 +138,9 @@ def test_change_sets_name_the_configurations_they_run(monkeypatch) -> None:
     out = plan.change_set("candidate-isolate_host_in_blend")
     assert out.kasmina.isolate_host_in_blend and out.kasmina.seed_lr == 3e-3
     assert plan.change_set("candidate+min_delta_rel=0.01").min_delta_rel == 0.01
+    for placement in ("random", "saliency", "gradient"):  # the harness's field, not the config's
+        growth = plan.change_set(f"shipped+placement={placement}")
+        assert (growth.placement, growth.controller.placement) == (placement, "health")
     assert len(plan.change_sets()) == 2 * len(changes)
     for bad in ("default+nothing", "host+seed_lr", "default-min_delta_rel=0.01"):
         with pytest.raises(ValueError):

@@ -92,6 +92,13 @@ def test_health_report_to_the_wire():
     assert wire.num_seeds == 4 and wire.features == 12 and len(wire.chunk_variance) == 4
     assert [stage_from_wire(s) for s in wire.stage] == [0, 0, S.GERMINATED, 0]
     assert list(wire.blueprint_id) == [-1, -1, 3, -1] and wire.epoch == 1
+    assert not wire.output_grad_sq  # not measured: nothing on the wire
+    layer.config = layer.config.replace(track_output_gradient=True)
+    m(torch.randn(5, 4)).square().sum().backward()
+    report = layer.end_epoch(0.5)
+    wire = health_to_proto(report, "j")
+    assert list(wire.output_grad_sq) == pytest.approx(report.output_grad_sq.tolist())
+    assert len(wire.output_grad_sq) == 4 and min(wire.output_grad_sq) > 0
 
 
 

@@ -56,7 +56,7 @@ def test_health_columns_are_packed_so_thousands_of_seeds_stay_compact():
     proto = d.DescriptorProto()
     LayerHealthReport.DESCRIPTOR.CopyToProto(proto)
     columns = [f for f in proto.field if f.label == d.FieldDescriptorProto.LABEL_REPEATED]
-    assert len(columns) == 13
+    assert len(columns) == 14  # output_grad_sq (20) included
 
 
 def test_schema_names_type_and_major_version():

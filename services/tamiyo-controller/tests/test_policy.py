@@ -80,6 +80,28 @@ def test_germinates_the_seed_of_worst_health_across_layers(controller, report, e
     assert (command.layer_id, command.seed_index) == ("b", 2)
 
 
+@pytest.mark.parametrize("placement", ["health", "gradient"])
+def test_gradient_placement_germinates_where_the_output_gradient_is(advisor, report,
+                                                                    epoch_ended, placement):
+    """placement="gradient": the dormant seed with the largest output_grad_sq across layers;
+    a layer whose reports carry none (a runtime that does not measure it) ranks after the
+    measured ones, by health; placement="health" ignores the column."""
+    measured = report(layer="a")
+    measured.output_grad_sq[:] = [0.1, 0.0, 3.0, 0.2]
+    sick = report(layer="b", variance=[1.0, 1.0, 0.25, 1.0], dead=[0.0, 0.0, 0.5, 0.0])
+    config = PolicyConfig(plateau_epochs=1, min_delta=0.01, placement=placement)
+    controller = Controller(HeuristicPolicy(config, advisor), DeliveryConfig())
+    decided = _run_epochs(controller, JobView("job-1"), report, epoch_ended, [0.5, 0.5],
+                          reports=[measured, sick])
+    (command,) = decided[1]
+    assert (command.layer_id, command.seed_index) == (("a", 2) if placement == "gradient"
+                                                       else ("b", 2))
+    if placement == "gradient":
+        assert "largest output gradient 3" in command.rationale
+    with pytest.raises(ValueError, match="placement"):
+        PolicyConfig(placement="random")
+
+
 def test_health_weights_decide_which_symptom_matters(advisor, report, epoch_ended):
     # Seed 0 is highly correlated; seed 1 has low variance.
     layer = report(variance=[1.0, 0.6, 1.2, 1.2], correlation=[0.9, 0.1, 0.1, 0.1])

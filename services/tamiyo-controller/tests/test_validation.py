@@ -51,6 +51,8 @@ def test_a_report_as_the_runtime_publishes_it_passes(report):
                    variance=[0.0, NAN, INF, 3.5], dead=[0.0, 1.0, NAN, 0.5])
     layer.grad_norm[0] = INF  # a diverging seed: what the runtime's safety rules look at
     layer.features = 4
+    check_report(layer)  # output_grad_sq empty: a runtime that does not measure it
+    layer.output_grad_sq.extend([0.0, 2.5, NAN, INF])
     check_report(layer)
 
 
@@ -92,6 +94,10 @@ def _attr(name, value):
     (_set("grad_norm", 0, -0.5), r"grad_norm\[0\] = -0.5"),
     (_set("blueprint_id", 0, -7), "blueprint_id has -7"),
     (_attr("features", 3), "features 3 < num_seeds 4"),
+    (lambda layer: layer.output_grad_sq.extend([1.0, 2.0]),
+     r"output_grad_sq has 2 elements, num_seeds is 4 \(or 0\)"),
+    (lambda layer: layer.output_grad_sq.extend([1.0, -2.0, 0.0, 0.0]),
+     r"output_grad_sq\[1\] = -2.0 is outside"),
 ])
 def test_malformed_reports_are_refused_with_the_field_named(report, change, reason):
     with pytest.raises(InvalidContent, match=reason) as refused:

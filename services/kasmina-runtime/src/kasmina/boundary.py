@@ -32,13 +32,13 @@ def end_epoch(layer: KasminaLayer, val_metric: float | None) -> LayerHealthRepor
     distributed.all_reduce_([flags], op="max")
     tel = layer.telemetry.summarize()
     cols = torch.cat([tel["chunk_variance"], tel["dead_ratio"], tel["mean_abs_correlation"],
-                      layer.alpha.double(), layer.lane_recon.double(),
+                      tel["output_grad_sq"], layer.alpha.double(), layer.lane_recon.double(),
                       layer.lane_grad_norm.double(), layer.lane_drift.double(),
                       layer.lane_steps.double(), flags.double()]).cpu().numpy()
     layer.telemetry.reset()
     layer.lane_nonfinite.zero_()
-    var, dead, corr, alpha = cols[:4 * num].reshape(4, num)
-    per_lane = cols[4 * num:].reshape(5, lanes)
+    var, dead, corr, grad_sq, alpha = cols[:5 * num].reshape(5, num)
+    per_lane = cols[5 * num:].reshape(5, lanes)
     held = table.slot >= 0
     recon, gnorm, drift, steps, nonfinite = np.full((5, num), np.nan)
     for row, values in zip((recon, gnorm, drift, steps, nonfinite), per_lane, strict=True):
@@ -50,7 +50,8 @@ def end_epoch(layer: KasminaLayer, val_metric: float | None) -> LayerHealthRepor
         recon, alpha, np.nan_to_num(drift), np.nan_to_num(gnorm), contribution, gain,
         layer.config))
     layer._commit()
-    return _report(layer, val_metric, var, dead, corr, alpha, recon, gnorm, drift, contribution)
+    return _report(layer, val_metric, var, dead, corr, alpha, recon, gnorm, drift, contribution,
+                   grad_sq)
 
 
 @torch.no_grad()
@@ -67,12 +68,13 @@ def snapshot(layer: KasminaLayer, val_metric: float | None) -> LayerHealthReport
         row[held] = values[table.slot[held]]
     unmeasured = np.full(num, np.nan)
     return _report(layer, val_metric, unmeasured, unmeasured, unmeasured, alpha, recon, gnorm,
-                   drift, unmeasured)
+                   drift, unmeasured, unmeasured)
 
 
 def _report(layer: KasminaLayer, val_metric: float | None, var: np.ndarray, dead: np.ndarray,
             corr: np.ndarray, alpha: np.ndarray, recon: np.ndarray, gnorm: np.ndarray,
-            drift: np.ndarray, contribution: np.ndarray) -> LayerHealthReport:
+            drift: np.ndarray, contribution: np.ndarray, grad_sq: np.ndarray
+            ) -> LayerHealthReport:
     table = layer.table
     ready = np.full(layer.num_seeds, -1, dtype=np.int32)
     for seed_id, target in table.readiness.items():
@@ -87,5 +89,6 @@ def _report(layer: KasminaLayer, val_metric: float | None, var: np.ndarray, dead
         reconstruction_ratio=recon.astype(np.float32),
         grad_norm=np.nan_to_num(gnorm).astype(np.float32),
         drift=np.nan_to_num(drift).astype(np.float32),
-        contribution=contribution.astype(np.float32), ready_for=ready,
+        contribution=contribution.astype(np.float32), output_grad_sq=grad_sq.astype(np.float32),
+        ready_for=ready,
         chunks=list(layer.chunks))

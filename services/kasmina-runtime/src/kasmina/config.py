@@ -73,6 +73,11 @@ class KasminaConfig:
     # Telemetry: accumulate every k-th training step; correlation is sampled on at most
     # correlation_features features per chunk and correlation_rows rows per step.
     telemetry_every: int = 1
+    # Also accumulate, every training step, the task loss's gradient at the layer's output,
+    # squared, per feature (float64): reports carry its mean per seed (output_grad_sq), the
+    # signal of placement="gradient" (ControllerConfig, Tamiyo's TAMIYO_PLACEMENT). One pass
+    # over the output gradient a step; off by default.
+    track_output_gradient: bool = False
     dead_threshold: float = 1e-6
     correlation_features: int = 16
     correlation_rows: int = 256

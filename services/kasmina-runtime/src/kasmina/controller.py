@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -75,12 +75,14 @@ class ControllerConfig:
     stability: StabilityConfig | None = field(default_factory=StabilityConfig)
     # Where to germinate: "health" (DESIGN §5: least healthy first, the weights above) or
     # "gradient": the dormant seeds whose chunk of the layer's output carried the largest mean
-    # squared task-loss gradient over the epoch first (health order among the unscored). It
-    # costs a float64 pass over each seed layer's output gradient every training step. Measured
+    # squared task-loss gradient over the epoch first (health order among the unscored): the
+    # reports' output_grad_sq, which the controller turns on in its layers
+    # (KasminaConfig.track_output_gradient: a float64 pass over each seed layer's output
+    # gradient every training step; Tamiyo reads it with TAMIYO_PLACEMENT=gradient). Measured
     # (benchmarks/NOTES.md, session 10): with a tight budget (32-64 seeds a layer, one
     # germination a plateau) it beats random placement and the health score on a regression
     # (-0.011 MSE, 18 of 20 seeds) and ties on digits; with 8 seeds a layer, where every seed
-    # grows, it ties both. In-process only (Tamiyo's reports carry no gradient).
+    # grows, it ties both.
     placement: str = "health"
 
     def __post_init__(self) -> None:
@@ -136,12 +138,6 @@ def health_scores(report: LayerHealthReport, cfg: ControllerConfig) -> np.ndarra
             - cfg.w_correlation * np.nan_to_num(report.mean_abs_correlation))
 
 
-def _remove_hooks(hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
-    for hook in hooks:
-        hook.remove()
-    hooks.clear()
-
-
 class LocalController:
     def __init__(self, model: nn.Module, config: ControllerConfig | None = None) -> None:
         self.model = model
@@ -153,8 +149,11 @@ class LocalController:
         if self.config.mode not in ("max", "min"):
             raise ValueError(f"ControllerConfig.mode must be 'max' or 'min', got "
                              f"{self.config.mode!r}")
+        gradient = self.config.placement == "gradient"
         for layer in self.layers:  # one metric direction, set here, read by every gate
-            layer.config = layer.config.replace(mode=self.config.mode)
+            layer.config = layer.config.replace(
+                mode=self.config.mode,
+                track_output_gradient=layer.config.track_output_gradient or gradient)
         self.best: float | None = None
         self.epochs_without_progress = 0
         self.events: list[LifecycleEvent] = []  # everything that happened, in order
@@ -168,21 +167,6 @@ class LocalController:
         self._rollbacks: list[int] = []
         self._instability: Instability | None = None
         self._trained = False  # the model was in train mode at the last step()
-        # placement="gradient": per layer (id), this epoch's sums of the output gradient squared
-        self._grad_sums: dict[int, torch.Tensor] = {}
-        self._grad_seen: dict[int, torch.Tensor] = {}  # the sums the last boundary consumed
-        # Its forward hooks hold the controller weakly and go with it (or with close()).
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        if self.config.placement == "gradient":
-            watch = weakref.WeakMethod(self._watch_gradient)
-            self._hooks = [layer.register_forward_hook(
-                lambda *args, watch=watch: None if watch() is None else watch()(*args))
-                for layer in self.layers]
-            weakref.finalize(self, _remove_hooks, self._hooks)
-
-    def close(self) -> None:
-        """Remove what this controller added to the model (placement="gradient"'s hooks)."""
-        _remove_hooks(self._hooks)
 
     def step(self, loss: torch.Tensor | float | None = None,
              scaler: torch.amp.GradScaler | None = None) -> None:
@@ -199,8 +183,6 @@ class LocalController:
         contribution); modes are restored after it, and a model trained in train mode is put back
         in train mode for the next epoch. Returns the lifecycle events of this boundary."""
         val_metric = measure_contributions(self.model, self.layers, val_metric, evaluate)
-        if self.config.placement == "gradient":
-            self._consume_gradients()
         self.reports = [layer.end_epoch(val_metric) for layer in self.layers]
         for layer in self.layers:
             for seed_id, target in sorted(layer.readiness().items()):
@@ -265,46 +247,19 @@ class LocalController:
 
     def _germination_sites(self) -> list[tuple[SeedLayer, int]]:
         """Dormant seeds of layers with spare capacity, least healthy first (with placement
-        "gradient": largest gradient first, then the unscored least healthy first)."""
-        candidates = []
+        "gradient": largest output_grad_sq first, then the unmeasured least healthy first)."""
+        candidates, gradient = [], self.config.placement == "gradient"
         for layer, report in zip(self.layers, self.reports, strict=True):
             if len(layer.seeds_in(*ACTIVE_STAGES)) >= layer.config.max_active_seeds:
                 continue
             scores = health_scores(report, self.config)
-            grads = self._grad_seen.get(id(layer))
-            grads = None if grads is None else grads.cpu()  # (one copy a layer, not a seed)
             for seed_id in layer.seeds_in(SeedStage.DORMANT):
-                start, end = layer.chunks[seed_id]
-                g = None if grads is None else float(grads[start:end].mean())
-                candidates.append(((1, 0.0) if g is None else (0, -g), float(scores[seed_id]),
-                                   layer, int(seed_id)))
+                g = float(report.output_grad_sq[seed_id]) if gradient else math.nan
+                candidates.append(((1, 0.0) if math.isnan(g) else (0, -g),
+                                   float(scores[seed_id]), layer, int(seed_id)))
         candidates.sort(key=lambda c: c[1])  # least healthy first, then (stable) by gradient
         candidates.sort(key=lambda c: c[0])
         return [(layer, seed_id) for *_, layer, seed_id in candidates]
-
-    def _watch_gradient(self, layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        """A training forward's output gradient, squared and summed per feature."""
-        if not (layer.training and torch.is_grad_enabled() and out.requires_grad):
-            return
-
-        def accumulate(grad: torch.Tensor) -> None:
-            v = grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(0)
-            old = self._grad_sums.get(id(layer))
-            self._grad_sums[id(layer)] = v if old is None else old + v
-
-        out.register_hook(accumulate)
-
-    def _consume_gradients(self) -> None:
-        """This epoch's sums become the placement's, the same on every rank (averaged)."""
-        sums = {id(layer): self._grad_sums.get(id(layer)) for layer in self.layers}
-        if distributed.world_size() > 1:  # every rank's every layer, zeros where none was seen
-            for layer in self.layers:
-                if sums[id(layer)] is None:
-                    sums[id(layer)] = torch.zeros(layer.chunks[-1][1], dtype=torch.float64,
-                                                  device=next(layer.buffers()).device)
-            distributed.all_reduce_mean_(list(sums.values()))
-        self._grad_seen = {k: v for k, v in sums.items() if v is not None}
-        self._grad_sums = {}
 
     def _germinate(self) -> int:
         """Germinate in the first `germinations_per_plateau` sites that take a blueprint."""

@@ -151,6 +151,13 @@ class KasminaLayer(nn.Module):
 
     # ---------------------------------------------------------------- hot path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._forward(x)
+        if (self.config.track_output_gradient and self.training and out.requires_grad
+                and not torch.compiler.is_compiling()):
+            out.register_hook(self.telemetry.observe_gradient)
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # (compiled: never; is_compiling first, so dynamo does not guard on `_flags`)
         if not torch.compiler.is_compiling():
             tracking = self.training and self._tracking_step

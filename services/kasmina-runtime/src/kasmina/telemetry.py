@@ -51,6 +51,11 @@ class SeedTelemetry(nn.Module):
         self.register_buffer("corr_sum", torch.zeros(num_seeds, k, **f64))
         self.register_buffer("corr_prod", torch.zeros(num_seeds, k, k, **f64))
         self.register_buffer("corr_n", torch.zeros((), **f64))
+        # KasminaConfig.track_output_gradient: per feature, the sum of the squared output
+        # gradient, and the rows it summed over (not in checkpoints: those of earlier
+        # releases load as they are; a resumed epoch reports what it measured since)
+        self.register_buffer("grad_sq", torch.zeros(features, **f64), persistent=False)
+        self.register_buffer("grad_rows", torch.zeros((), **f64), persistent=False)
 
     @torch.no_grad()
     def observe(self, h2: torch.Tensor, dead_threshold: float, triton: bool) -> None:
@@ -91,12 +96,20 @@ class SeedTelemetry(nn.Module):
         self.corr_n.add_(sample.shape[0])
 
     @torch.no_grad()
+    def observe_gradient(self, grad: torch.Tensor) -> None:
+        """One backward's gradient at the layer's output (..., F)."""
+        g2 = grad.detach().reshape(-1, grad.shape[-1])
+        self.grad_sq.add_(g2.double().square().sum(0))
+        self.grad_rows.add_(g2.shape[0])
+
+    @torch.no_grad()
     def summarize(self) -> dict[str, torch.Tensor]:
-        """Per-seed (S,) float64 device tensors: chunk_variance, dead_ratio, mean_abs_correlation.
+        """Per-seed (S,) float64 device tensors: chunk_variance, dead_ratio,
+        mean_abs_correlation, output_grad_sq (the mean squared output gradient of the chunk).
         NaN where nothing was accumulated."""
-        per_seed = self.columns.new_zeros(3, len(self.sizes)).index_add_(1, self.seed_of,
-                                                                         self.columns)
-        total, squares, dead = per_seed
+        per_seed = self.columns.new_zeros(4, len(self.sizes)).index_add_(
+            1, self.seed_of, torch.cat([self.columns, self.grad_sq[None]]))
+        total, squares, dead, grad_sq = per_seed
         count = (self.rows * self.sizes).clamp(min=1)
         mean = total / count
         var = (squares / count - mean.square()).clamp(min=0)
@@ -114,17 +127,20 @@ class SeedTelemetry(nn.Module):
         empty = self.rows == 0
         return {"chunk_variance": torch.where(empty, nan, var),
                 "dead_ratio": torch.where(empty, nan, dead / count),
-                "mean_abs_correlation": torch.where(empty, nan, mean_abs_corr)}
+                "mean_abs_correlation": torch.where(empty, nan, mean_abs_corr),
+                "output_grad_sq": torch.where(
+                    self.grad_rows == 0, nan, grad_sq / (self.grad_rows * self.sizes).clamp(min=1))}
 
     @torch.no_grad()
     def reduce_across_ranks(self) -> None:
         """Sum every rank's accumulators (all additive), so every rank summarises the same."""
         distributed.all_reduce_([self.columns, self.rows, self.corr_sum, self.corr_prod,
-                                 self.corr_n])
+                                 self.corr_n, self.grad_sq, self.grad_rows])
 
     @torch.no_grad()
     def reset(self) -> None:
-        for t in (self.columns, self.rows, self.corr_sum, self.corr_prod, self.corr_n):
+        for t in (self.columns, self.rows, self.corr_sum, self.corr_prod, self.corr_n,
+                  self.grad_sq, self.grad_rows):
             t.zero_()
 
 
@@ -167,6 +183,9 @@ class LayerHealthReport:
     grad_norm: np.ndarray
     drift: np.ndarray
     contribution: np.ndarray
+    # the mean squared task-loss gradient at the seed's chunk of the output over the epoch
+    # (KasminaConfig.track_output_gradient; NaN when off)
+    output_grad_sq: np.ndarray
     ready_for: np.ndarray  # int32 target stage, -1 when none
     chunks: list[tuple[int, int]] = field(repr=False, default_factory=list)
 

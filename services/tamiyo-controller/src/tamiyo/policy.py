@@ -8,7 +8,8 @@ a learned policy only has to implement `decide`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,6 +66,11 @@ class PolicyConfig:
     # The stability guard (tamiyo.stability): no germination while the job looks unstable.
     # None: no guard.
     stability: StabilityConfig | None = field(default_factory=StabilityConfig)
+    # Where to germinate: "health" (the weights above: least healthy first) or "gradient":
+    # the largest output_grad_sq first (the runtime's KasminaConfig.track_output_gradient;
+    # health order where a report carries none). kasmina's ControllerConfig.placement, measured
+    # there (benchmarks/NOTES.md, session 10).
+    placement: str = "health"
 
     def __post_init__(self) -> None:
         if self.plateau_epochs < 1 or self.cooldown_epochs < 0 or self.max_active_seeds < 1:
@@ -75,6 +81,8 @@ class PolicyConfig:
                              "metrics a job's view keeps")
         if self.min_delta < 0 or self.fallback_chunk_size < 1:
             raise ValueError("need min_delta >= 0 and fallback_chunk_size >= 1")
+        if self.placement not in ("health", "gradient"):
+            raise ValueError(f"placement must be 'health' or 'gradient', got {self.placement!r}")
 
 
 # A gate's readiness -> the command that moves the seed there. DORMANT is missing on purpose:
@@ -86,6 +94,13 @@ _READY_ACTIONS = {
     **{stage: "advance" for stage in range(Stage.SEED_STAGE_TRAINING,
                                            Stage.SEED_STAGE_FOSSILIZED + 1)},
 }
+
+
+def _gradient_key(grads: Sequence[float], index: int) -> tuple[int, float]:
+    """placement "gradient"'s order: a measured seed, largest output_grad_sq first, before an
+    unmeasured one; (1, 0.0) for every seed under "health" or of a report that carries none."""
+    g = grads[index] if index < len(grads) else math.nan
+    return (1, 0.0) if math.isnan(g) else (0, -g)
 
 
 class HeuristicPolicy:
@@ -101,7 +116,7 @@ class HeuristicPolicy:
 
     def decide(self, view: JobView) -> list[LifecycleCommand]:
         commands: list[LifecycleCommand] = []
-        candidates: list[tuple[float, str, int]] = []
+        candidates: list[tuple[tuple[int, float], float, str, int]] = []
         for layer_id in sorted(view.reports):
             seeds = list(view.seeds(layer_id))
             for seed in seeds:
@@ -112,8 +127,11 @@ class HeuristicPolicy:
                 report = view.reports[layer_id]
                 scores = health_scores(report.chunk_variance, report.dead_ratio,
                                        report.mean_abs_correlation, self.config.weights)
+                grads = (report.output_grad_sq if self.config.placement == "gradient"
+                         else ())
                 # Only DORMANT seeds may germinate: CULLED ones (embargo) and terminal ones not.
-                candidates += [(scores[s.index], layer_id, s.index) for s in seeds
+                candidates += [(_gradient_key(grads, s.index), scores[s.index], layer_id, s.index)
+                               for s in seeds
                                if s.stage == Stage.SEED_STAGE_DORMANT and not s.busy]
         pause = self.growth_pause(view)
         reason = self._growth_reason(view) if candidates else None
@@ -183,9 +201,11 @@ class HeuristicPolicy:
             return None
         return f"plateau: no gain > {self.config.min_delta:g} for {stalled} epochs"
 
-    def _germinate(self, view: JobView, candidate: tuple[float, str, int],
+    def _germinate(self, view: JobView, candidate: tuple[tuple[int, float], float, str, int],
                    reason: str) -> LifecycleCommand | None:
-        score, layer_id, index = candidate
+        (unmeasured, grad), score, layer_id, index = candidate
+        where = (f"worst health {score:.3f}" if unmeasured
+                 else f"largest output gradient {-grad:.3g}")
         report = view.reports[layer_id]
         # Reports from runtimes older than the `features` field carry 0: fall back.
         size = (chunk_size(report.features, report.num_seeds, index) if report.features
@@ -194,7 +214,7 @@ class HeuristicPolicy:
         if choice is None:
             return None
         return _command(
-            layer_id, index, f"{reason}; worst health {score:.3f}; {choice.blueprint_name} "
+            layer_id, index, f"{reason}; {where}; {choice.blueprint_name} "
                   f"({choice.source}) with {choice.strategy_name}",
             germinate=choice.germinate())
 

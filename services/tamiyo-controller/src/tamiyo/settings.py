@@ -58,6 +58,9 @@ class TamiyoSettings:
     dead_ratio_weight: float = 1.0
     correlation_weight: float = 1.0
     fallback_chunk_size: int = 16
+    # Where to germinate: "health" or "gradient" (PolicyConfig.placement; the jobs' layers then
+    # need KasminaConfig(track_output_gradient=True), else health order stands).
+    placement: str = "health"
     # The stability guard (tamiyo.stability, README "Stability guard"): 0 turns it off.
     stability_guard: int = 1
     spike_mads: float = StabilityConfig.spike_mads
@@ -113,7 +116,7 @@ class TamiyoSettings:
             max_active_seeds=self.max_active_seeds, cooldown_epochs=self.cooldown_epochs,
             weights=HealthWeights(self.variance_weight, self.dead_ratio_weight,
                                   self.correlation_weight),
-            fallback_chunk_size=self.fallback_chunk_size,
+            fallback_chunk_size=self.fallback_chunk_size, placement=self.placement,
             stability=StabilityConfig(
                 spike_mads=self.spike_mads, baseline_epochs=self.spike_baseline_epochs,
                 min_baseline_epochs=self.spike_min_baseline_epochs,

@@ -53,6 +53,8 @@ _FLOAT_COLUMNS = {
     "drift": (0.0, _INF),
     "contribution": (-_INF, _INF),
 }
+# The same, for columns a runtime may leave empty (it does not measure them).
+_OPTIONAL_FLOAT_COLUMNS = {"output_grad_sq": (0.0, _INF)}
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,15 @@ def check_layer_report(report: LayerHealthReport) -> None:
         length = len(getattr(report, column))
         if length != n:
             raise InvalidContent(f"{column} has {length} elements, num_seeds is {n}")
+    for column in _OPTIONAL_FLOAT_COLUMNS:
+        if (length := len(getattr(report, column))) not in (0, n):
+            raise InvalidContent(f"{column} has {length} elements, num_seeds is {n} (or 0)")
     _check_stages("stage", report.stage, allow_unspecified=False)
     _check_stages("ready_for", report.ready_for, allow_unspecified=True)
     for column in ("blueprint_id", "strategy_id"):
         if (low := min(getattr(report, column))) < -1:
             raise InvalidContent(f"{column} has {low}; ids are >= 0, or -1 for none")
-    for column, (low, high) in _FLOAT_COLUMNS.items():
+    for column, (low, high) in (_FLOAT_COLUMNS | _OPTIONAL_FLOAT_COLUMNS).items():
         values = getattr(report, column)
         # One comprehension per column (NaN fails every comparison, so it lands in `outside`
         # and is let through below): 47 ms for a 65,536-seed report with 4 NaN columns.

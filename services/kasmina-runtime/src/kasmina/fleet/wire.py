@@ -55,7 +55,9 @@ def health_to_proto(report: Report, job_id: str) -> LayerHealthReport:
         mean_abs_correlation=report.mean_abs_correlation.tolist(),
         reconstruction_ratio=report.reconstruction_ratio.tolist(),
         grad_norm=report.grad_norm.tolist(), drift=report.drift.tolist(),
-        contribution=report.contribution.tolist(), ready_for=ready.tolist())
+        contribution=report.contribution.tolist(), ready_for=ready.tolist(),
+        output_grad_sq=([] if np.isnan(report.output_grad_sq).all()
+                        else report.output_grad_sq.tolist()))
 
 
 def outcome_to_field_report(outcome: SeedOutcome, job_id: str, chunk_size: int,

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LayerHealthReport(_message.Message):
-    __slots__ = ("job_id", "layer_id", "epoch", "step", "num_seeds", "stage", "blueprint_id", "epochs_in_stage", "strategy_id", "alpha", "chunk_variance", "dead_ratio", "mean_abs_correlation", "reconstruction_ratio", "grad_norm", "drift", "contribution", "ready_for", "features")
+    __slots__ = ("job_id", "layer_id", "epoch", "step", "num_seeds", "stage", "blueprint_id", "epochs_in_stage", "strategy_id", "alpha", "chunk_variance", "dead_ratio", "mean_abs_correlation", "reconstruction_ratio", "grad_norm", "drift", "contribution", "ready_for", "features", "output_grad_sq")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class LayerHealthReport(_message.Message):
     CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     READY_FOR_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_GRAD_SQ_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     layer_id: str
     epoch: int
@@ -47,4 +48,5 @@ class LayerHealthReport(_message.Message):
     contribution: _containers.RepeatedScalarFieldContainer[float]
     ready_for: _containers.RepeatedScalarFieldContainer[_stage_pb2.SeedStage]
     features: int
-    def __init__(self, job_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., num_seeds: _Optional[int] = ..., stage: _Optional[_Iterable[_Union[_stage_pb2.SeedStage, str]]] = ..., blueprint_id: _Optional[_Iterable[int]] = ..., epochs_in_stage: _Optional[_Iterable[int]] = ..., strategy_id: _Optional[_Iterable[int]] = ..., alpha: _Optional[_Iterable[float]] = ..., chunk_variance: _Optional[_Iterable[float]] = ..., dead_ratio: _Optional[_Iterable[float]] = ..., mean_abs_correlation: _Optional[_Iterable[float]] = ..., reconstruction_ratio: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[_Iterable[float]] = ..., drift: _Optional[_Iterable[float]] = ..., contribution: _Optional[_Iterable[float]] = ..., ready_for: _Optional[_Iterable[_Union[_stage_pb2.SeedStage, str]]] = ..., features: _Optional[int] = ...) -> None: ...
+    output_grad_sq: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, job_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., num_seeds: _Optional[int] = ..., stage: _Optional[_Iterable[_Union[_stage_pb2.SeedStage, str]]] = ..., blueprint_id: _Optional[_Iterable[int]] = ..., epochs_in_stage: _Optional[_Iterable[int]] = ..., strategy_id: _Optional[_Iterable[int]] = ..., alpha: _Optional[_Iterable[float]] = ..., chunk_variance: _Optional[_Iterable[float]] = ..., dead_ratio: _Optional[_Iterable[float]] = ..., mean_abs_correlation: _Optional[_Iterable[float]] = ..., reconstruction_ratio: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[_Iterable[float]] = ..., drift: _Optional[_Iterable[float]] = ..., contribution: _Optional[_Iterable[float]] = ..., ready_for: _Optional[_Iterable[_Union[_stage_pb2.SeedStage, str]]] = ..., features: _Optional[int] = ..., output_grad_sq: _Optional[_Iterable[float]] = ...) -> None: ...
