@@ -76,7 +76,8 @@ class KasminaConfig:
     # Also accumulate, every training step, the task loss's gradient at the layer's output,
     # squared, per feature (float64): reports carry its mean per seed (output_grad_sq), the
     # signal of placement="gradient" (ControllerConfig, Tamiyo's TAMIYO_PLACEMENT). One pass
-    # over the output gradient a step; off by default.
+    # over the output gradient a step; off by default; eager only (a compiled layer's forward
+    # adds nothing: its reports say NaN, and placement falls back to health).
     track_output_gradient: bool = False
     dead_threshold: float = 1e-6
     correlation_features: int = 16
