@@ -156,8 +156,8 @@ def test_two_ranks_match_one_process_on_the_whole_batch(runs):
 # ---------------------------------------------------------------- the fleet bridge on two ranks
 def test_gradient_placement_germinates_alike_on_every_rank(tmp_path):
     """ControllerConfig(placement="gradient") reads each rank's own output gradients (its half
-    of the batch): the sums are averaged over the ranks first, so every rank germinates the
-    same seeds and the ranks stay bit-identical."""
+    of the batch): the layers' sums are summed over the ranks at the boundary (the telemetry's
+    reduction), so every rank germinates the same seeds and the ranks stay bit-identical."""
     out = str(tmp_path / "history")
     control = dataclasses.replace(CONTROL, placement="gradient")
     mp.start_processes(_worker, args=(2, free_port(), out, train, control), nprocs=2,
