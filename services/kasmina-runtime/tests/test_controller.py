@@ -136,6 +136,7 @@ def test_the_output_gradient_is_measured_by_the_layer_and_reported():
     expect = (want / rows).view(4, 2).mean(1).numpy()  # 4 seeds of 2 features
     np.testing.assert_allclose(got, expect, rtol=1e-6)
     assert np.isnan(layer.end_epoch(0.5).output_grad_sq).all()  # reset at the boundary
+    assert not any("grad_sq" in k or "grad_rows" in k for k in model.state_dict())  # not saved
 
 
 def test_controller_needs_seed_layers():
