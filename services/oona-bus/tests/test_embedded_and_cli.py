@@ -47,6 +47,23 @@ def test_restart_keeps_the_streams(tmp_path):
         assert asyncio.run(count(broker.url)) == 1
 
 
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    # The kernel may give the same ephemeral port to two binds in a row: draw again.
+    import oona.embedded as embedded
+
+    drawn = iter([40001, 40001, 40002])
+
+    class FakeSocket:
+        def __enter__(self): return self
+        def __exit__(self, *exc): return None
+        def bind(self, address): self.port = next(drawn)
+        def getsockname(self): return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(embedded, "_handed_out", set())
+    monkeypatch.setattr(embedded.socket, "socket", FakeSocket)
+    assert [free_port(), free_port()] == [40001, 40002]
+
+
 def test_connect_gives_up_after_bounded_attempts_and_logs_the_version(redis_url, caplog):
     caplog.set_level(logging.INFO, logger="oona.connection")
     unreachable = BusSettings.from_dsn(f"redis://127.0.0.1:{free_port()}/0",

@@ -25,11 +25,20 @@ _STARTUP_TIMEOUT_S = 10.0
 _SHUTDOWN_TIMEOUT_S = 10.0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free local TCP port, never one this process was handed before: two calls in a row
+    can get the same port from the kernel (a fault-test fixture once got 33603 for both a
+    service's HTTP and gRPC ports, so it could not bind the second)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
