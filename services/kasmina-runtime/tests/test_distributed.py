@@ -8,15 +8,16 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import socket
 import time
 
 import kasmina
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from kasmina import ControllerConfig, KasminaConfig, SeedStage
+from oona.embedded import free_port
 from torch import nn
 
 EPOCHS, STEPS, ROWS = 8, 6, 32  # ROWS: the global batch; each of two ranks gets half
@@ -105,12 +106,6 @@ def _worker(rank: int, world: int, port: int, out: str, run, *args) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[list, list, list]:
     out = str(tmp_path_factory.mktemp("ddp") / "history")
@@ -170,6 +165,43 @@ def test_gradient_placement_germinates_alike_on_every_rank(tmp_path):
             assert torch.equal(a[key].nan_to_num(), b[key].nan_to_num()), key
             assert not a[key].is_floating_point() or torch.equal(a[key].isnan(),
                                                                  b[key].isnan()), key
+
+
+def measure_output_gradients(rank: int, world: int) -> list:
+    """One epoch of the user's loop with the output gradients measured: each layer's reported
+    output_grad_sq after the boundary (all seeds dormant, so no rank's path differs)."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(CONFIG, track_output_gradient=True)
+    model = kasmina.wrap(nn.Sequential(nn.Linear(6, 20), nn.GELU(), nn.Linear(20, 20),
+                                       nn.GELU(), nn.Linear(20, 2)),
+                         seeds_per_layer=5, config=config, exclude=["4"])
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(kasmina.host_parameters(model), lr=0.05)
+    rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
+    for step in range(STEPS):
+        x, y = data(0, step)
+        loss = nn.functional.mse_loss(net(x[rows]), y[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [layer.end_epoch(0.0).output_grad_sq for layer in kasmina.seed_layers(model)]
+
+
+def test_output_gradients_on_two_ranks_read_as_one_process_on_the_whole_batch(tmp_path):
+    out = str(tmp_path / "grads")
+    mp.start_processes(_worker, args=(2, free_port(), out, measure_output_gradients), nprocs=2,
+                       start_method="spawn")
+    rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=False) for r in range(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = measure_output_gradients(0, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(single) == 2 and all(np.isfinite(g).all() and (g > 0).all() for g in single)
+    for a, b, c in zip(rank0, rank1, single, strict=True):
+        np.testing.assert_array_equal(a, b)  # every rank reports the same sums
+        np.testing.assert_allclose(a, c, rtol=1e-4)  # and one process's on the whole batch
 
 
 def fleet_commands(job: str) -> list:
