@@ -45,3 +45,19 @@ def test_fleet_run_end_to_end(tmp_path):
     for service in ("karn", "tamiyo", "kasmina"):
         log = (tmp_path / "runs" / "smoke" / f"{service}.log").read_text()
         assert "Traceback" not in log, (service, log[-2000:])
+
+
+def test_fleet_run_places_by_the_output_gradient_when_asked(tmp_path):
+    """`make run ARGS="--placement gradient"`: the seeded jobs' layers measure the output
+    gradient, every health report carries it, and Tamiyo germinates by it (its log says why)."""
+    done = subprocess.run([sys.executable, "-m", "kasmina", "fleet", "--epochs", "6", "--runs",
+                           "1", "--name", "grad", "--plateau-epochs", "1", "--min-delta", "10",
+                           "--placement", "gradient"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    counts = re.search(r"seeded jobs' health reports (\d+), with the output gradients "
+                       r"Tamiyo's gradient placement reads (\d+)", done.stdout)
+    assert counts and int(counts.group(1)) >= 6 and counts.group(1) == counts.group(2), (
+        done.stdout)
+    log = (tmp_path / "runs" / "grad" / "tamiyo.log").read_text()
+    assert "largest output gradient" in log, log[-3000:]

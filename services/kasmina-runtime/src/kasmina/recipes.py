@@ -50,6 +50,9 @@ class DigitsParams:
     weight_decay: float = 1.0  # AdamW's, on the host only
     batch_size: int = 64
     seeded: bool = True
+    # The layers measure the task loss's gradient at their outputs (KasminaConfig.
+    # track_output_gradient): what Tamiyo's TAMIYO_PLACEMENT=gradient places by.
+    track_output_gradient: bool = False
     resume_from: str = ""  # a checkpoint written by CheckpointJob: carry on from its epoch
 
     @classmethod
@@ -113,7 +116,8 @@ def build_model(p: DigitsParams) -> nn.Module:
         # are culled at evaluation, having trained on the task for two epochs; a 150-step
         # (~9 epoch) ramp that lets the host's gradient through the blueprint fossilizes them.
         cfg = KasminaConfig(mode="min", seed_lr=p.seed_lr, ramp_steps=150,
-                            isolate_host_in_blend=False)
+                            isolate_host_in_blend=False,
+                            track_output_gradient=p.track_output_gradient)
         wrap(model, seeds_per_layer=p.seeds_per_layer, config=cfg, exclude=("1", "2"))
     return model
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="more recipe parameters (hidden, bottleneck, seeds_per_layer, seed, "
-                        "seeded, lr, weight_decay, resume_from, ...)")
+                        "seeded, lr, weight_decay, track_output_gradient, resume_from, ...)")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     args = p.parse_args(argv)
     malformed = [kv for kv in args.param if "=" not in kv or not kv.split("=", 1)[0]]
