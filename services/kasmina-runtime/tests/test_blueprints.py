@@ -353,3 +353,39 @@ def test_a_germinate_carrying_a_spec_is_built_from_the_spec():
     assert germinate(1, bad).reason == AckReason.ACK_REASON_INVALID
     alien = wire.BlueprintSpec(name="fleet_alien", kind=42, blueprint_id=853)
     assert germinate(1, alien).reason == AckReason.ACK_REASON_UNKNOWN_BLUEPRINT
+
+
+@pytest.mark.parametrize("rows", [4096, 1000, 97])  # split in 16, in 2, not split
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_cuda_matmul_of_blueprints_has_bmms_gradients(rows, bias):
+    # _RowsMatmul (the blueprints' matmul on CUDA, run here on the CPU) splits the weight
+    # gradient's reduction over row blocks; its gradients are torch.baddbmm's. x is a
+    # transposed layout, as the layer's gathered chunks are.
+    g0 = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 3, 5, generator=g0, dtype=torch.float64).transpose(0, 1)
+    x.requires_grad_()
+    w = torch.randn(3, 5, 4, generator=g0, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, generator=g0, dtype=torch.float64, requires_grad=True) if bias else None
+    y = bp._RowsMatmul.apply(x, w, b)
+    want = torch.baddbmm(b.unsqueeze(1), x, w) if bias else torch.bmm(x, w)
+    assert torch.equal(y, want)
+    g = torch.randn(y.shape, generator=g0, dtype=torch.float64)
+    inputs = (x, w, b) if bias else (x, w)
+    for got, ref in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(want, inputs, g),
+                        strict=True):
+        torch.testing.assert_close(got, ref)
+    assert bp._row_splits(rows, 3) == {4096: 16, 1000: 2, 97: 1}[rows]
+
+
+def test_the_cuda_matmul_of_blueprints_under_autocast_gives_gradients_in_the_inputs_dtypes():
+    x = torch.randn(2, 512, 4, requires_grad=True)
+    w = torch.randn(2, 4, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bp._RowsMatmul.apply(x, w, None)
+        want = torch.bmm(x, w)
+    assert y.dtype == want.dtype == torch.bfloat16 and torch.equal(y, want)
+    gx, gw = torch.autograd.grad(y.float().square().sum(), (x, w))
+    rx, rw = torch.autograd.grad(want.float().square().sum(), (x, w))
+    assert gx.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(gx, rx, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-2)

@@ -63,3 +63,30 @@ def test_dormant_and_training_chunks_are_exact_on_cuda(dtype):
     ref.backward(g)
     assert torch.equal(out, ref)
     assert torch.equal(layer.host.weight.grad, host.weight.grad)
+
+
+def test_wide_chunks_blueprint_gradients_on_cuda_match_the_cpus():
+    """64-feature chunks run on the batched GEMMs; on CUDA their weight gradients are split
+    over row blocks (blueprints._RowsMatmul), on the CPU torch's bmm: the same gradients."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(256, 512), 8, KasminaConfig(max_active_seeds=3,
+                                                               cuda_graphs=False))
+    for seed, stage in ((1, SeedStage.TRAINING), (6, SeedStage.GRAFTING)):
+        layer.germinate(seed, "residual_mlp", "fixed_ramp")
+        layer.transition(seed, SeedStage.TRAINING, force=True)
+        if stage is SeedStage.GRAFTING:
+            layer.transition(seed, stage, force=True)
+    for _ in range(5):  # alpha > 0 on the grafting seed
+        layer.step(torch.zeros(()))
+    gpu = copy.deepcopy(layer).to("cuda").train()
+    x = torch.randn(4096, 256)
+    g = torch.randn(4096, 512)
+    grads = []
+    for model, dev in ((layer.train(), "cpu"), (gpu, "cuda")):
+        model(x.to(dev)).backward(g.to(dev))
+        grads.append({n: p.grad.cpu() for n, p in model.named_parameters()
+                      if p.grad is not None and not n.startswith("host.")})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5,
+                                   msg=name)

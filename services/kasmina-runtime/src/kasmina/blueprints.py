@@ -38,17 +38,67 @@ DEFAULT_ACTIVATION = "gelu"
 INITS = ("fan_in_uniform", "zero_output")  # the wire's BlueprintInit values ("": fan_in_uniform)
 
 
+def _row_splits(n: int, seeds: int) -> int:
+    """How many row blocks a weight gradient's reduction over n rows is split into: enough
+    (seeds x splits) GEMMs to fill a GPU (~1,024), blocks of at least 256 rows, a divisor of
+    n (so the blocks are views)."""
+    for s in range(max(1, min(n // 256, -(-1024 // max(seeds, 1)))), 1, -1):
+        if n % s == 0:
+            return s
+    return 1
+
+
+class _RowsMatmul(torch.autograd.Function):
+    """x @ w (+ b) for x (A, N, K), w (A, K, M), b (A, M) or None, N rows far more than K and
+    M: torch.bmm / baddbmm forward; in the backward w's gradient x^T g, a reduction over the N
+    rows into a (K, M) output a seed, runs as (A x splits) GEMMs over row blocks, summed.
+    cuBLAS ran it as one GEMM a seed (fp32, 32 x 32 tiles: a few thread blocks on the whole
+    GPU): 1.05 ms each, half the GPU time of a growing step at 2048 x 32768 with 6 seeds of 32
+    features on an H200 (benchmarks/NOTES.md, s13). The GEMMs run in g's dtype (bf16 under
+    autocast, as autocast's own bmm backward would); the blocks' partials add in float32."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, w)
+        ctx.bias = b is not None
+        return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, w = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        x, w, g = x.to(g.dtype), w.to(g.dtype), g.contiguous()
+        gx = g.bmm(w.transpose(1, 2)) if needs[0] else None
+        gw = None
+        if needs[1]:
+            (a, n, k), m = x.shape, g.shape[2]
+            s = _row_splits(n, a)
+            xs = x.reshape(a * s, n // s, k)  # (a copy where x's layout has no such view)
+            gw = xs.transpose(1, 2).bmm(g.reshape(a * s, n // s, m)).view(a, s, k, m).sum(
+                1, dtype=torch.promote_types(g.dtype, torch.float32))  # (bf16 partials: fp32)
+        gb = g.sum(1) if ctx.bias and needs[2] else None
+        return gx, gw, gb
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """The blueprints' batched matmul: `_RowsMatmul` on CUDA, torch's own elsewhere (the CPU's
+    results stay those of earlier releases, bit for bit)."""
+    if x.is_cuda:
+        return _RowsMatmul.apply(x, w, b)
+    return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+
+
 def _residual_mlp(p: Params, x: torch.Tensor, act: Activation) -> torch.Tensor:
-    z = act(torch.baddbmm(p["b1"].unsqueeze(1), x, p["w1"]))  # (A, N, H)
-    return x + torch.baddbmm(p["b2"].unsqueeze(1), z, p["w2"])  # (A, N, C)
+    z = act(_mm(x, p["w1"], p["b1"]))  # (A, N, H)
+    return x + _mm(z, p["w2"], p["b2"])  # (A, N, C)
 
 
 def _low_rank(p: Params, x: torch.Tensor, act: Activation) -> torch.Tensor:
-    return x + torch.bmm(torch.bmm(x, p["a"]), p["b"])  # (A, N, R) -> (A, N, C)
+    return x + _mm(_mm(x, p["a"]), p["b"])  # (A, N, R) -> (A, N, C)
 
 
 def _linear(p: Params, x: torch.Tensor, act: Activation) -> torch.Tensor:
-    return torch.baddbmm(p["b"].unsqueeze(1), x, p["w"])  # (A, N, C)
+    return _mm(x, p["w"], p["b"])  # (A, N, C)
 
 
 # The maths of each kind, by the catalog's kind name; its parameter names are the catalog's.
