@@ -12,7 +12,17 @@
 #   auto: cuda_graphs="auto"'s tests and rows, the launch without Triton's empty hook chains;
 #   large: the 4096 x 32768 rows again, 15 rounds;
 #   tests: the GPU test files;  rows: the bars' shapes, every mode, bf16 and fp32;
-#   matrix: bench_step's whole matrix.
+#   matrix: bench_step's whole matrix;
+#   s13a: test_kernels' tests after the launcher's (never GPU-run since s9; the first is the fused
+#         MLP's, first in a fresh process: the cuBLAS-notice filter), then probe_compile.py;
+#   s13b: the small shape's dormant rows, 15 rounds, bf16 and fp32; the large rows (the
+#         profiler's warm-up); where a dormant tracking step's host time goes (cProfile); the
+#         rest of test_kernels;
+#   s13c: test_kernels' first 70 tests; the host time of each part of a dormant step at
+#         1024 x 8192 (probe_step --split); the 32- and 64-feature GEMM path (64 seeds);
+#   s13e: the blueprints' matmul with its split weight gradient (blueprints._RowsMatmul): the
+#         GPU tests of the GEMM path, then the 64-seed rows and their profile again;
+#   s13f: s13e's tests and the 64-seed rows, graphed and eager.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +120,50 @@ rows)  # final1's and final2's bench rows without their tests: the bars' shapes,
 tests)
   timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_fused.py $T/test_graphs.py \
     $T/test_telemetry.py $T/test_gpu.py $T/test_exactness.py $T/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -30 ;;
+s13a)
+  python3 -m pytest --collect-only -q -p no:cacheprovider $T/test_kernels.py 2>/dev/null \
+    | grep "::" | sed -n '71,$p' > /tmp/tail_ids
+  mapfile -t ids < /tmp/tail_ids  # (parametrised ids hold spaces)
+  timeout 260 python3 -m pytest -q -p no:cacheprovider -rs --tb=short "${ids[@]}" 2>&1 \
+    | tee "$OUT/pytest_gpu_h200_${D}_${TAG}_kernels_tail.log" | tail -12
+  timeout 300 python3 benchmarks/probe_compile.py --shape 4096x32768 --rounds 7 2>&1 \
+    | grep -v USDT | tee "$OUT/probe_compile_h200_${D}_$TAG.log" | grep -E "^\[|bmm|seed|mm|Name" | head -60 ;;
+s13b)
+  timeout 150 python3 benchmarks/bench_step.py --shapes 1024x8192 --seeds 1024 --dtypes bf16,fp32 \
+    --modes bare,bare2,dormant,dormant10 --rounds 15 --tag "_$TAG" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|fail" | head -20
+  timeout 120 python3 benchmarks/bench_step.py --shapes 4096x32768 --seeds 1024 --dtypes bf16 \
+    --modes bare,bare2,dormant,dormant10,training,graft10 --rounds 7 --tag "_${TAG}large" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}large.log" | grep -E "x[0-9]|fail" | head -20
+  timeout 80 python3 benchmarks/probe_step.py --shape 1024x8192 --modes bare,dormant,dormant10 \
+    --cprofile 300 --top 30 > "$OUT/probe_cpu_h200_${D}_$TAG.log" 2>&1
+  grep -E "^====|function calls" "$OUT/probe_cpu_h200_${D}_$TAG.log"
+  python3 -m pytest --collect-only -q -p no:cacheprovider $T/test_kernels.py 2>/dev/null \
+    | grep "::" | sed -n '1,70p' > /tmp/head_ids
+  mapfile -t ids < /tmp/head_ids
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -rs --tb=short "${ids[@]}" 2>&1 \
+    | tee "$OUT/pytest_gpu_h200_${D}_${TAG}_kernels_head.log" | tail -12 ;;
+s13c)
+  python3 -m pytest --collect-only -q -p no:cacheprovider $T/test_kernels.py 2>/dev/null \
+    | grep "::" | sed -n '1,70p' > /tmp/head_ids
+  mapfile -t ids < /tmp/head_ids
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs --tb=short "${ids[@]}" 2>&1 \
+    | tee "$OUT/pytest_gpu_h200_${D}_${TAG}_kernels_head.log" | tail -12
+  timeout 100 python3 benchmarks/probe_step.py --shape 1024x8192 --modes bare,dormant,dormant10 \
+    --split 300 2>&1 | grep split | tee "$OUT/probe_split_h200_${D}_$TAG.log"
+  timeout 150 python3 benchmarks/bench_step.py --shapes 4096x32768,2048x32768 --seeds 64 --dtypes bf16 \
+    --modes bare,bare2,dormant10,training,graft10,loop --rounds 5 --tag "_${TAG}seeds" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -20 ;;
+s13e|s13f)
+  timeout 260 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_gpu.py $T/test_graphs.py \
+    $T/test_exactness.py "$T/test_kernels.py::test_torch_compile_traces_the_layer_without_graph_breaks" \
+    2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -12
+  timeout 200 python3 benchmarks/bench_step.py --shapes 4096x32768,2048x32768 --seeds 64 --dtypes bf16 \
+    --modes bare,bare2,training,graft10,training_e,graft10_e,loop --rounds 5 --tag "_${TAG}seeds" \
+    --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -20
+  timeout 100 python3 benchmarks/probe_step.py --shape 2048x32768 --seeds 64 --modes graft10 --top 16 \
+    2>&1 | grep -v USDT > "$OUT/probe_step_h200_${D}_$TAG.log"
+  grep -E "xmma|gemm|Self CUDA time" "$OUT/probe_step_h200_${D}_$TAG.log" | cut -c1-60,130-230 ;;
 matrix)
   timeout 570 python3 benchmarks/bench_step.py --tag "_$TAG" --out "$OUT" ${ARGS:-} 2>&1 \
     | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "bar|missed|met|fail|so far" | tail -60 ;;
