@@ -174,7 +174,7 @@ def test_the_general_path_where_the_node_does_not_apply(case):
             pass
         layer.host.__class__ = MyLinear
     x = torch.randn(4, 6, device=DEVICE)
-    assert not fused.applies(layer, x) and not fused.applies_in_place(layer, x)
+    assert not fused.applies(layer, x)
     assert layer(x).shape == (4, 19)
 
 
@@ -379,72 +379,3 @@ def test_feature_mul_is_torch_mul_with_one_rounding(rows):
     inplace = src.clone()
     assert triton_mlp.feature_mul(inplace, scale, rows, out=inplace) is inplace
     same(inplace)
-
-
-# ------------------------------------------------ wider banks: fused.forward_in_place
-def run_both(layer: KasminaLayer, x: torch.Tensor, g: torch.Tensor) -> list:
-    ref = general(layer)
-    results = []
-    for m in (layer, ref):
-        xi = x.clone().requires_grad_()
-        out = m(xi)
-        out.backward(g)
-        results.append((out.detach(), grads(m, xi), m))
-    return results
-
-
-@pytest.mark.parametrize("blueprint", ["residual_mlp", "low_rank", "linear"])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("features", [40, 43])
-def test_wider_banks_blend_in_place_and_match_the_general_path(blueprint, bias, features):
-    """8- and 9-feature chunks (40, 43: ragged), more than the node's kernels take: the host node
-    applies 1 - alpha in its backward and the blend is written into h in place."""
-    layer = make_layer(features=features, bias=bias, blueprint=blueprint)
-    x0 = torch.zeros(1, 6, device=DEVICE)
-    assert not fused.applies(layer, x0) and fused.applies_in_place(layer, x0)
-    assert not fused.applies_in_place(general(layer), x0)
-    torch.manual_seed(1)
-    x = torch.randn(3, 5, 6, device=DEVICE)
-    g = torch.randn(3, 5, features, device=DEVICE)
-    (out, got, _), (want_out, want, ref) = run_both(layer, x, g)
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-    untouched = [f for seed in (0, 2, 4) for f in range(*layer.table.chunks[seed])]
-    assert torch.equal(out[..., untouched], layer.host(x)[..., untouched].detach())
-    assert got.keys() == want.keys()
-    for key in got:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
-    torch.testing.assert_close(layer.lane_recon, ref.lane_recon, rtol=1e-4, atol=1e-6,
-                               equal_nan=True)
-    torch.testing.assert_close(layer.telemetry.columns, ref.telemetry.columns, rtol=1e-6,
-                               atol=1e-5)
-    for m in (layer, ref):
-        m.step(torch.zeros((), device=DEVICE))
-    for key, bank in layer.banks.items():
-        torch.testing.assert_close(bank.flat, ref.banks[key].flat, rtol=1e-5, atol=1e-6)
-
-
-def test_wider_banks_in_place_without_gradients_and_in_eval():
-    layer = make_layer(features=40)
-    ref = general(layer)
-    x = torch.randn(9, 6, device=DEVICE)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
-    layer.eval(), ref.eval()
-    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
-
-
-def test_wider_banks_in_place_poisoned_seeds_never_reach_the_output():
-    layer = make_layer(features=40)
-    with torch.no_grad():
-        for bank in layer.banks.values():
-            bank.flat.fill_(float("nan"))
-    x = torch.randn(7, 6, device=DEVICE, requires_grad=True)
-    out = layer(x)
-    assert torch.equal(out, layer.host(x))
-    out.sum().backward()
-    xr = x.detach().clone().requires_grad_()
-    layer.host(xr).sum().backward()
-    torch.testing.assert_close(x.grad, xr.grad)  # nothing blended: the host's own gradient
-    layer.step(torch.zeros((), device=DEVICE))
-    layer.end_epoch(None)
-    assert layer.seeds_in(S.ROLLED_BACK) == [1, 3, 4], layer.stage_counts

@@ -110,8 +110,23 @@ class _FusedLinear(torch.autograd.Function):
         layer, needs = ctx.layer, ctx.needs_input_grad
         x, weight, run_of, bounds, alpha, coef, *banks = ctx.saved_tensors
         g = g if g.stride(1) == 1 else g.contiguous()
-        gx, gw, gb = _host_backward(g, x, weight, run_of, alpha if ctx.blend else None,
-                                    needs, ctx.transposed)
+        # D: 1 - alpha on the blended features, 1 elsewhere
+        scale = _kernels().feature_scale(run_of, alpha) if ctx.blend else None
+        gx = gw = gb = None
+        cd = g.dtype  # the GEMMs' dtype (autocast's, or the host's), whatever the weight's
+        rows = not ctx.transposed  # nn.Linear's weight is (out, in): D scales its rows
+        if needs[0]:  # D W: one rounding of the product
+            w = weight.to(cd) if scale is None else _kernels().feature_mul(
+                weight, scale, rows, torch.empty(weight.shape, dtype=cd, device=weight.device))
+            gx = g.mm(w.t() if ctx.transposed else w)
+        if needs[1]:
+            gw = x.t().mm(g) if ctx.transposed else g.t().mm(x)
+            if scale is not None:
+                _kernels().feature_mul(gw, scale, rows, out=gw)
+        if needs[2]:
+            gb = g.sum(0)
+            if scale is not None:
+                gb.mul_(scale)
         flats = [None] * len(ctx.keys)
         params, kept = banks[:len(flats)], banks[len(flats):]
         for i, key in enumerate(ctx.keys):
@@ -122,117 +137,6 @@ class _FusedLinear(torch.autograd.Function):
                                                     alpha, coef, start, ctx.recon,
                                                     layer._align)
         return gx, gw, gb, None, None, *flats
-
-
-def _host_backward(g, x, weight, run_of, alpha, needs, transposed):  # noqa: ANN001, ANN202
-    """The host's gradients for the output gradient g (N, F) when the features' outputs were
-    scaled by D = 1 - alpha of their lane (alpha (L,), None: D = 1): dx = g (D W),
-    dW = D (g^T x), db = D sum(g), D on the weight-sized side instead of a copy of g."""
-    scale = None if alpha is None else _kernels().feature_scale(run_of, alpha)
-    gx = gw = gb = None
-    cd = g.dtype  # the GEMMs' dtype (autocast's, or the host's), whatever the weight's
-    rows = not transposed  # nn.Linear's weight is (out, in): D scales its rows
-    if needs[0]:  # D W: one rounding of the product
-        w = weight.to(cd) if scale is None else _kernels().feature_mul(
-            weight, scale, rows, torch.empty(weight.shape, dtype=cd, device=weight.device))
-        gx = g.mm(w.t() if transposed else w)
-    if needs[1]:
-        gw = x.t().mm(g) if transposed else g.t().mm(x)
-        if scale is not None:
-            _kernels().feature_mul(gw, scale, rows, out=gw)
-    if needs[2]:
-        gb = g.sum(0)
-        if scale is not None:
-            gb.mul_(scale)
-    return gx, gw, gb
-
-
-# ------------------------------------------------------- any bank width: the blend in place
-def applies_in_place(layer: KasminaLayer, x: torch.Tensor) -> bool:
-    """The in-place form for banks the node's kernels do not take (chunks wider than
-    `kernels.seed_node_fits`, other kinds): the same host, lanes and rules as `applies`
-    but for the banks."""
-    flags = layer._flags
-    return (flags.live and not flags.fused and not flags.has_through
-            and not (layer.config.training_task_share and flags.has_train)
-            and not torch.compiler.is_compiling() and x.numel() > 0
-            and (x.is_cuda or interpreting()) and layer._triton and host_ok(layer.host))
-
-
-def forward_in_place(layer: KasminaLayer, x: torch.Tensor, tracking: bool) -> torch.Tensor:
-    """The host's GEMM as a node whose backward applies D = 1 - alpha (`_ScaledHost`), the
-    blueprints on the batched GEMMs as on the general path (`KasminaLayer._run_blueprints`:
-    their inputs gathered and detached), and their blend written into h in place
-    (`_BlendInPlace`, whose backward hands g through): no copy of h in the forward and none
-    of g in the backward, which the general path's blend makes (`kernels.chunk_blend`)."""
-    from .host import AttachLoss
-
-    host, flags = layer.host, layer._flags
-    x2 = x.reshape(-1, x.shape[-1])
-    box: list[torch.Tensor] = []  # the lanes' blend alphas, known after the blueprints ran
-    h = _ScaledHost.apply(x2, host.weight, host.bias, layer.run_of, box,
-                          type(host) is not nn.Linear)
-    if tracking:  # the host's output as it was
-        layer.telemetry.observe(h.detach(), layer.config.dead_threshold, True)
-    xs, y, ok = layer._run_blueprints(h, False)
-    loss = (layer._reconstruction_loss(xs, y, ok)
-            if layer.training and torch.is_grad_enabled() and flags.has_train else None)
-    out = h
-    if flags.has_blend:
-        alpha = torch.where(ok, layer.alpha.index_select(0, layer.lane_index)
-                            * layer.lane_blend, 0.0)
-        box.append(alpha)
-        out = _BlendInPlace.apply(h, y, alpha, layer.bounds, layer.lane_gather,
-                                  layer.lane_valid, layer._align)
-    if loss is not None:
-        out = AttachLoss.apply(out, loss)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-class _ScaledHost(torch.autograd.Function):
-    """h = the host's GEMM; in backward the host's gradients with D = 1 - alpha on the blended
-    features (`_host_backward`), alpha read from `box` (filled after this forward)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, run_of, box, transposed):  # noqa: ANN001, ANN205
-        if not transposed:
-            h = F.linear(x, weight, bias)
-        else:  # as Conv1D.forward
-            h = x.mm(weight) if bias is None else torch.addmm(bias, x, weight)
-        ctx.box, ctx.transposed = box, transposed
-        ctx.save_for_backward(x.to(h.dtype), weight, run_of)  # (autocast's copy of x)
-        return h
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
-        x, weight, run_of = ctx.saved_tensors
-        g = g if g.stride(1) == 1 else g.contiguous()
-        gx, gw, gb = _host_backward(g, x, weight, run_of, ctx.box[0] if ctx.box else None,
-                                    ctx.needs_input_grad, ctx.transposed)
-        return gx, gw, gb, None, None, None
-
-
-class _BlendInPlace(torch.autograd.Function):
-    """h's running chunks := (1 - alpha) h + alpha y, in place (`_seed_blend_kernel` with h as
-    its output: each lane's program reads and writes its own chunk; alpha 0 leaves a chunk
-    bit for bit). Backward: g to h unchanged (the host's node applies 1 - alpha), and alpha g
-    on each lane's chunk to y."""
-
-    @staticmethod
-    def forward(ctx, h, y, alpha, bounds, gather, valid, align):  # noqa: ANN001, ANN205
-        from .kernels import triton_blend
-        triton_blend.blend_in_place(h, y, alpha, bounds, align)
-        ctx.mark_dirty(h)
-        ctx.save_for_backward(alpha, gather, valid)
-        ctx.lanes_shape = y.shape
-        return h
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
-        alpha, gather, valid = ctx.saved_tensors
-        lanes, n, width = ctx.lanes_shape
-        grad_y = g.index_select(1, gather).view(n, lanes, width).transpose(0, 1).float()
-        return g, grad_y * (valid * alpha.view(-1, 1, 1)), None, None, None, None, None
 
 
 # the lane tensors the kernels read and write (kasmina.lanes, layer.py's lane statistics)

@@ -170,16 +170,12 @@ class KasminaLayer(nn.Module):
                     return out
             if fused.applies(self, x):  # a plain Linear or Conv1D host: one node, blend in place
                 return fused.forward(self, x, tracking)
-            if fused.applies_in_place(self, x):  # the same host, wider banks: blend in place
-                return fused.forward_in_place(self, x, tracking)
         return self.seed_forward(self.host(x))
 
     def _host_and_seeds(self, x: torch.Tensor, tracking: bool) -> torch.Tensor:
         """The whole layer eagerly (what kasmina.graphs captures)."""
         if fused.applies(self, x):
             return fused.forward(self, x, tracking)
-        if fused.applies_in_place(self, x):
-            return fused.forward_in_place(self, x, tracking)
         return self._seed_forward_eager(self.host(x), False, tracking)
 
     def seed_forward(self, h: torch.Tensor) -> torch.Tensor:

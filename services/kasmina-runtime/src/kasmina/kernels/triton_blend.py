@@ -251,22 +251,13 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
         return out, stats
     fast(_host_pass_kernel)[_grid(n, f)](h, out, stats, n, f, h.stride(0), out.stride(0),
                                          dead_threshold, TRACK=track, COPY=True, I64=i64)
-    blend_in_place(out, y, alpha, bounds, align)  # (out holds h's copy: the same values)
-    return out, stats
-
-
-def blend_in_place(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor,
-                   align: int) -> None:
-    """h's chunk of every lane (A, N, C in y, bounds (A, 2)) := (1 - alpha) h + alpha y, in
-    place: the two-pass blend's second pass with h as its output (`kasmina.fused`)."""
-    assert h.dim() == 2 and h.stride(1) == 1 and y.is_contiguous() and y.dtype == torch.float32
-    runs, n, c = y.shape
-    if runs and n:
+    if runs:
         block_c = min(pow2(c), 128)
         block_n = max(16, min(64, 4096 // block_c))  # at C = 32, 16-256 rows tied (v4 sweep)
         fast(_seed_blend_kernel)[(runs, min(cdiv(n, block_n), MAX_GRID_Y))](
-            h, y, h, alpha, bounds, n, c, h.stride(0), h.stride(0), ALIGN=align,
-            I64=_needs_i64(h, y), BLOCK_N=block_n, BLOCK_C=block_c)
+            h, y, out, alpha, bounds, n, c, h.stride(0), out.stride(0), ALIGN=align, I64=i64,
+            BLOCK_N=block_n, BLOCK_C=block_c)
+    return out, stats
 
 
 def chunk_blend_backward(grad_out: torch.Tensor, alpha: torch.Tensor, run_of: torch.Tensor,
