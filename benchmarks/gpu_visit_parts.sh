@@ -22,7 +22,9 @@
 #         1024 x 8192 (probe_step --split); the 32- and 64-feature GEMM path (64 seeds);
 #   s13e: the blueprints' matmul with its split weight gradient (blueprints._RowsMatmul): the
 #         GPU tests of the GEMM path, then the 64-seed rows and their profile again;
-#   s13f: s13e's tests and the 64-seed rows, graphed and eager.
+#   s13f: s13e's tests and the 64-seed rows, graphed and eager;
+#   s13h: the in-place blend for wider banks (fused.forward_in_place): the GPU tests, the
+#         64-seed rows and profile.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -164,6 +166,17 @@ s13e|s13f)
   timeout 100 python3 benchmarks/probe_step.py --shape 2048x32768 --seeds 64 --modes graft10 --top 16 \
     2>&1 | grep -v USDT > "$OUT/probe_step_h200_${D}_$TAG.log"
   grep -E "xmma|gemm|Self CUDA time" "$OUT/probe_step_h200_${D}_$TAG.log" | cut -c1-60,130-230 ;;
+s13h)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_gpu.py $T/test_graphs.py \
+    $T/test_fused.py $T/test_exactness.py \
+    "$T/test_kernels.py::test_torch_compile_traces_the_layer_without_graph_breaks" \
+    2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -12
+  timeout 150 python3 benchmarks/bench_step.py --shapes 4096x32768,2048x32768 --seeds 64 --dtypes bf16 \
+    --modes bare,bare2,training,graft10,training_gp,graft10_gp --rounds 5 --tag "_${TAG}seeds" \
+    --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -20
+  timeout 80 python3 benchmarks/probe_step.py --shape 2048x32768 --seeds 64 --modes graft10 --top 16 \
+    2>&1 | grep -v USDT > "$OUT/probe_step_h200_${D}_$TAG.log"
+  grep -E "Name|Self CUDA time" -A 12 "$OUT/probe_step_h200_${D}_$TAG.log" | cut -c1-60,130-230 | head -20 ;;
 matrix)
   timeout 570 python3 benchmarks/bench_step.py --tag "_$TAG" --out "$OUT" ${ARGS:-} 2>&1 \
     | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "bar|missed|met|fail|so far" | tail -60 ;;
