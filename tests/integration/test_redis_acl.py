@@ -88,7 +88,7 @@ def test_the_fleet_runs_through_per_service_acls_and_each_user_is_refused_where_
     fleet = Fleet(run_dir)
     # Tamiyo germinates at its first decision (every epoch counts as a plateau).
     args = argparse.Namespace(min_delta=10.0, plateau_epochs=1, cooldown_epochs=0,
-                              blueprints="residual_mlp", redis_server=server)
+                              blueprints="residual_mlp", placement="health", redis_server=server)
     try:
         url = start_fleet(fleet, run_dir, args)
         job = f"acl-{uuid.uuid4().hex[:8]}"
