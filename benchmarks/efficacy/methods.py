@@ -44,6 +44,9 @@ class Growth:
     # Seeds per seed layer (0: the task's, wrap's default 8 on the MLP tasks); more seeds than
     # the run grows make a tight budget (plan.change_set's term seeds_per_layer=N).
     seeds_per_layer: int = 0
+    # The blueprint the seeds grow ("": the task's; charlm's is its own 256-hidden spec, the
+    # MLP tasks' the catalog's residual_mlp): plan.change_set's term blueprint='name'.
+    blueprint: str = ""
 
 
 class RandomPlacement(LocalController):
@@ -140,10 +143,9 @@ def run_host(task, data, seed: int, method: str = "host", scale: float = 1.0) ->
 def run_seeded(task, data, seed: int, method: str, growth: Growth) -> RunRecord:
     model = task.build(seed)
     cfg = growth.kasmina.replace(mode="min")  # the controller watches validation loss
-    blueprint = task.blueprint
+    blueprint = growth.blueprint or task.blueprint
     if growth.init:  # only the catalogued blueprint's bank, which the variant's seeds use
-        blueprint, cfg = variant(task.blueprint, growth.init), cfg.replace(
-            blueprints=(task.blueprint,))
+        blueprint, cfg = variant(blueprint, growth.init), cfg.replace(blueprints=(blueprint,))
     wrap(model, seeds_per_layer=growth.seeds_per_layer or task.seeds_per_layer, config=cfg,
          target_modules=list(task.seed_sites))
     ctl_cfg = dataclasses.replace(growth.controller, mode="min", blueprints=(blueprint,))

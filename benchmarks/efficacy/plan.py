@@ -64,8 +64,9 @@ EXTRAS = {"init=zero_output": {"init": "zero_output"},
 
 
 # Growth's own fields a term "f=v" may set to a literal, like a config field's: the seeds per
-# seed layer (shipped+seeds_per_layer=32: a budget of a few of many chunks).
-GROWTH_VALUES = {"seeds_per_layer"}
+# seed layer (shipped+seeds_per_layer=32: a budget of a few of many chunks) and the blueprint
+# (shipped+blueprint='residual_mlp': charlm's seeds grow the catalog's instead of its own).
+GROWTH_VALUES = {"seeds_per_layer", "blueprint"}
 
 
 def with_fields(growth: Growth, fields: dict[str, object]) -> Growth:

@@ -138,6 +138,7 @@ def test_change_sets_name_the_configurations_they_run(monkeypatch) -> None:
     out = plan.change_set("candidate-isolate_host_in_blend")
     assert out.kasmina.isolate_host_in_blend and out.kasmina.seed_lr == 3e-3
     assert plan.change_set("candidate+min_delta_rel=0.01").min_delta_rel == 0.01
+    assert plan.change_set("shipped+blueprint='residual_mlp'").blueprint == "residual_mlp"
     for placement in ("random", "saliency", "gradient"):  # the harness's field, not the config's
         growth = plan.change_set(f"shipped+placement={placement}")
         assert (growth.placement, growth.controller.placement) == (placement, "health")
