@@ -93,7 +93,15 @@ def lifecycle(layer, run) -> None:
 # call (a torch-internal deprecation, not a use of ours).
 @pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be "
                             "instantiated:DeprecationWarning")
-def test_a_compiled_model_never_recompiles_over_a_whole_lifecycle():
+@pytest.mark.parametrize("rows_matmul", [False, True])
+def test_a_compiled_model_never_recompiles_over_a_whole_lifecycle(rows_matmul, monkeypatch):
+    """rows_matmul: the blueprints' matmul as CUDA runs it (blueprints._RowsMatmul, its weight
+    gradients split over row blocks: here in 2), traced by dynamo like the rest."""
+    if rows_matmul:
+        from kasmina import blueprints
+        monkeypatch.setattr(blueprints, "_mm", lambda x, w, b=None: blueprints._RowsMatmul.apply(
+            x, w, b))
+        monkeypatch.setattr(blueprints, "_row_splits", lambda n, seeds: 2 if n % 2 == 0 else 1)
     torch.manual_seed(0)
     layer = KasminaLayer(nn.Linear(8, 25), 5, KasminaConfig(max_active_seeds=5))
     model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), layer, nn.Linear(25, 3))
