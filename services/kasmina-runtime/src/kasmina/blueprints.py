@@ -38,10 +38,11 @@ DEFAULT_ACTIVATION = "gelu"
 INITS = ("fan_in_uniform", "zero_output")  # the wire's BlueprintInit values ("": fan_in_uniform)
 
 
+@functools.lru_cache(maxsize=256)
 def _row_splits(n: int, seeds: int) -> int:
     """How many row blocks a weight gradient's reduction over n rows is split into: enough
     (seeds x splits) GEMMs to fill a GPU (~1,024), blocks of at least 256 rows, a divisor of
-    n (so the blocks are views)."""
+    n (so the blocks are views). Cached: every backward of every bank asks, for a few shapes."""
     for s in range(max(1, min(n // 256, -(-1024 // max(seeds, 1)))), 1, -1):
         if n % s == 0:
             return s

@@ -218,10 +218,11 @@ def _row(name: str, values: np.ndarray) -> str:
 
 
 def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int],
-              controls: dict[int, dict[str, float]] | None = None) -> tuple[str, dict]:
+              controls: dict[int, dict[str, float]] | None = None,
+              placement: str = "health") -> tuple[str, dict]:
     """The summary text and each job's result; `controls`: per random seed, each control's
     test accuracy (run_controls), printed beside host alone with the seeds' paired differences
-    to each."""
+    to each; with `placement` "gradient", how many seeded reports carried what it reads."""
     results, acks, seeded_stages, measured = {}, Counter(), Counter(), Counter()
     for job_id, updates in jobs.items():
         events = [u.epoch_event for u in updates if u.HasField("epoch_event")]
@@ -265,8 +266,9 @@ def summarize(jobs: dict[str, list], runs: int, bus_counts: dict[str, int],
         + ", ".join(f"{k} {v}" for k, v in sorted(seeded_stages.items())),
         "commands: " + ", ".join(f"{k} {v}" for k, v in sorted(acks.items())) if acks
         else "commands: none applied",
-        f"seeded jobs' health reports {measured['reports']}, with the output gradients "
-        f"Tamiyo's gradient placement reads {measured['with output gradients']}",
+        *([f"seeded jobs' health reports {measured['reports']}, with the output gradients "
+           f"Tamiyo's gradient placement reads {measured['with output gradients']}"]
+          if placement == "gradient" else []),
         "bus messages: " + ", ".join(f"{k} {v}" for k, v in bus_counts.items()),
     ]
     return "\n".join(lines), results
@@ -367,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         # (No command stream to count: a job's is deleted when it ends; its commands are the
         # acks above, one each.)
         text, results = summarize({k: collected.get(j, []) for k, j in jobs.items()},
-                                  args.runs, bus, {s: f.result() for s, f in controls.items()})
+                                  args.runs, bus, {s: f.result() for s, f in controls.items()},
+                                  args.placement)
         results["controls"] = {s: f.result() for s, f in controls.items()}
         text += "\n".join(["", "Karn before the run:", *karn_before, "Karn after the run:",
                             *karn_view(fleet.karn_port, CHUNK_SIZE, fleet.env["KARN_API_TOKEN"])])

@@ -135,12 +135,14 @@ class SeedTelemetry(nn.Module):
     def reduce_across_ranks(self) -> None:
         """Sum every rank's accumulators (all additive), so every rank summarises the same.
         The output gradients' squares are then divided by world²: DDP averages the ranks'
-        gradients, so the job's loss is the mean of the ranks' losses and its gradient at a
-        row is the rank's over world; the report then reads as one process's on the whole
-        batch would (test_distributed checks the values)."""
+        gradients, so the loss it minimises is the mean of the ranks' losses and its gradient
+        at a row is the rank's over world. With a loss that is a mean over the rows (the usual
+        one) the report then reads as one process's on the whole batch would (test_distributed
+        checks the values)."""
         distributed.all_reduce_([self.columns, self.rows, self.corr_sum, self.corr_prod,
                                  self.corr_n, self.grad_sq, self.grad_rows])
-        self.grad_sq.div_(distributed.world_size() ** 2)
+        if (world := distributed.world_size()) > 1:
+            self.grad_sq.div_(world**2)
 
     @torch.no_grad()
     def reset(self) -> None:
