@@ -219,6 +219,23 @@ def block(m: Mode, xs: list, gs: list, k0: int, reps: int, cuda: bool) -> tuple:
     return sec(0, 2 * reps) / reps, fwd / reps, cpu / reps
 
 
+def interleaved(modes: dict, xs: list, gs: list, rounds: int, reps: int, cuda: bool) -> dict:
+    """mode -> one `block` a round, the modes in a new (seeded) order each round: in a fixed
+    order (or one rotated a mode a round) bare2 always followed bare and read 1.068-1.074x it
+    at 4096 x 32768 (s7d, s8a), 0.73x at 1024 x 8192: the same module timed twice."""
+    times, order, rng = {name: [] for name in modes}, list(modes.items()), random.Random(0)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for name, m in order:
+            times[name].append(block(m, xs, gs, r * reps, reps, cuda))
+    return times
+
+
+def paired_ratio(times: dict, name: str, ref: str) -> float:
+    """The median over rounds of a mode's step time over `ref`'s in the same round."""
+    return statistics.median(a[0] / b[0] for a, b in zip(times[name], times[ref], strict=True))
+
+
 def reference(h: torch.Tensor, chunks: list, ids: list, a: float, w: dict) -> torch.Tensor:
     """float64 (1 - a) h + a bp(h) on the seeds' chunks, h elsewhere."""
     h, w = h.double(), {k: v.to(h.device) for k, v in w.items()}
@@ -353,21 +370,12 @@ def run_case(tpl: dict, hidden: int, rows: int, seeds: int, dtype: torch.dtype, 
     print(f"{label} checks: " + ", ".join(f"{k} {v}" for k, v in status.items()), flush=True)
     if args.check_only:
         return [], failures
-    times, order, rng = {name: [] for name in modes}, list(modes.items()), random.Random(0)
-    for r in range(args.rounds):  # interleaved, in a new order each round: in a fixed order
-        # (or one rotated a mode a round) bare2 always followed bare and read 1.068-1.074x it
-        # at 4096 x 32768 (s7d, s8a), 0.73x at 1024 x 8192: the same module timed twice
-        rng.shuffle(order)
-        for name, m in order:
-            times[name].append(block(m, xs, gs, r * args.reps, args.reps, cuda))
+    times = interleaved(modes, xs, gs, args.rounds, args.reps, cuda)
     prof = profile(modes, xs, gs, cuda)
     med = {n: [statistics.median(t[i] for t in ts) for i in range(3)] for n, ts in times.items()}
 
-    def paired(name: str, ref: str) -> float | str:  # median of the in-round ratios
-        if ref not in times:
-            return ""
-        return round(statistics.median(
-            a[0] / b[0] for a, b in zip(times[name], times[ref], strict=True)), 4)
+    def paired(name: str, ref: str) -> float | str:
+        return round(paired_ratio(times, name, ref), 4) if ref in times else ""
 
     bare, ours, out = med.get("bare"), med.get("graft10"), []
     for name, (step, fwd, cpu) in med.items():

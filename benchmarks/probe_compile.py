@@ -17,28 +17,22 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import statistics
 
 import torch
-from bench_step import DTYPES, S, block, build_layer, make_modes, train_step
+from bench_step import DTYPES, S, build_layer, interleaved, make_modes, paired_ratio, train_step
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 
 def timed(modes: dict, xs: list, gs: list, rounds: int, label: str) -> None:
-    cuda = xs[0].is_cuda
-    times, order, rng = {k: [] for k in modes}, list(modes.items()), random.Random(0)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for name, m in order:
-            times[name].append(block(m, xs, gs, r * 10, 10, cuda))
+    times = interleaved(modes, xs, gs, rounds, 10, xs[0].is_cuda)
     bare = times["bare"]
     for name, ts in times.items():
-        ratio = statistics.median(a[0] / b[0] for a, b in zip(ts, bare, strict=True))
         fwd = statistics.median(t[1] for t in ts) - statistics.median(t[1] for t in bare)
         print(f"[{label}] {name:<11} step {statistics.median(t[0] for t in ts) * 1e3:8.3f} ms"
-              f"  x{ratio:.4f}  fwd over bare {fwd * 1e6:7.1f} us", flush=True)
+              f"  x{paired_ratio(times, name, 'bare'):.4f}  fwd over bare {fwd * 1e6:7.1f} us",
+              flush=True)
 
 
 def kernels(m, xs: list, gs: list, label: str, top: int) -> None:  # noqa: ANN001

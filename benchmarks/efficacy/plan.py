@@ -422,7 +422,8 @@ def run_task(name: str, seeds: int, quick: bool, out: Path, date: str,
               f"Task: {TASK_LINES[name]} "
               f"({task.epochs} epochs{'' if name != 'charlm' else f' of {task.interval} steps'};"
               f" seed sites {', '.join(task.seed_sites)}, {task.seeds_per_layer} seed(s) "
-              f"each; blueprint {task.blueprint}).",
+              f"each; blueprint {task.blueprint} unless a method's blueprint= term says"
+              " another).",
               f"Plot: `{png.name}`." if plotted else "Plot: none (matplotlib not installed)."]
     if name == "charlm" and os.environ.get("EFFICACY_STDLIB"):
         header.append(f"Text: the stdlib files in EFFICACY_STDLIB={os.environ['EFFICACY_STDLIB']}"
