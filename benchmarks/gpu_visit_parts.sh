@@ -24,7 +24,9 @@
 #         GPU tests of the GEMM path, then the 64-seed rows and their profile again;
 #   s13f: s13e's tests and the 64-seed rows, graphed and eager;
 #   s13h: the in-place blend for wider banks (fused.forward_in_place): the GPU tests, the
-#         64-seed rows and profile.
+#         64-seed rows and profile;
+#   s14c: the dormant tracking step in one launch (triton_telemetry.observe): its GPU tests, the
+#         host time of its parts (probe_tracking.py), the dormant rows at both shapes.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -177,6 +179,20 @@ s13h)
   timeout 80 python3 benchmarks/probe_step.py --shape 2048x32768 --seeds 64 --modes graft10 --top 16 \
     2>&1 | grep -v USDT > "$OUT/probe_step_h200_${D}_$TAG.log"
   grep -E "Name|Self CUDA time" -A 12 "$OUT/probe_step_h200_${D}_$TAG.log" | cut -c1-60,130-230 | head -20 ;;
+s14c)  # the dormant tracking step in one launch: its GPU tests, host time, the dormant rows
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_telemetry.py \
+    $T/test_gpu.py $T/test_exactness.py "$T/test_kernels.py" -k "observe or telemetry or column_stats \
+    or gpu or exact or dormant" 2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -6
+  timeout 100 python3 benchmarks/probe_tracking.py --rounds 5 2>&1 | tee "$OUT/probe_tracking_h200_${D}_$TAG.log"
+  timeout 150 python3 benchmarks/bench_step.py --shapes 1024x8192 --seeds 1024 --dtypes bf16,fp32 \
+    --modes bare,bare2,dormant,dormant10 --rounds 15 --tag "_$TAG" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "x[0-9]|fail" | head -20
+  timeout 100 python3 benchmarks/bench_step.py --shapes 1024x8192 --seeds 64,4096 --dtypes bf16 \
+    --modes bare,bare2,dormant,dormant10 --rounds 15 --tag "_${TAG}seeds" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -20
+  timeout 150 python3 benchmarks/bench_step.py --shapes 4096x32768 --seeds 1024 --dtypes bf16 \
+    --modes bare,bare2,dormant,dormant10,training,graft10 --rounds 7 --tag "_${TAG}large" --out "$OUT" 2>&1 \
+    | tee "$OUT/step_h200_${D}_${TAG}large.log" | grep -E "x[0-9]|fail" | head -20 ;;
 matrix)
   timeout 570 python3 benchmarks/bench_step.py --tag "_$TAG" --out "$OUT" ${ARGS:-} 2>&1 \
     | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "bar|missed|met|fail|so far" | tail -60 ;;

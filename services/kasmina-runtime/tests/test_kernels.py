@@ -90,7 +90,7 @@ def test_int64_offsets_give_the_same_result(monkeypatch, blend_form):
     h, y, alpha, plan = blend_inputs(40, 5, {1: 0.5, 4: 0.9}, torch.float32)
     args = (h, y, alpha, plan.run_of, plan.bounds, True, 1e-6, plan.align)
     narrow, stats = triton_blend.chunk_blend(*args), triton_blend.column_stats(h, 1e-6)
-    monkeypatch.setattr(triton_blend, "_needs_i64", lambda *_: True)
+    monkeypatch.setattr(triton_blend, "needs_i64", lambda *_: True)
     wide = triton_blend.chunk_blend(*args)
     assert torch.equal(narrow[0], wide[0])  # no atomics in the output: bit for bit
     # The statistics' atomics may add in another order on a GPU.
@@ -117,24 +117,28 @@ def test_column_stats_kernel_matches_reference(rows, features, dtype):
     assert got[2, 0] == rows
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("features,seeds,rows", [(23, 5, 37), (7, 7, 5), (130, 3, 300)])
-def test_observe_in_two_launches_accumulates_what_add_of_the_stats_does(features, seeds, rows):
-    """The dormant layer's tracking step: the column pass adds into the float64 accumulators
-    (`into`), the telemetry kernel adds rows and the correlation sample; against `add` of the
-    PyTorch reference's statistics, over two steps (the second adds to the first)."""
+def test_observe_in_one_launch_accumulates_what_add_of_the_stats_does(features, seeds, rows,
+                                                                      dtype):
+    """The dormant layer's tracking step, one launch (column tiles x row slabs adding into the
+    float64 accumulators, the row count, the correlation sample): against `add` of the PyTorch
+    reference's statistics, over two steps (the second adds to the first), on a strided h (a
+    slice of a wider output): ragged chunks, chunks of one feature (7 over 7: no correlation
+    programs), two column tiles and more rows than are sampled (130 x 300)."""
     from kasmina.telemetry import SeedTelemetry
     chunks = KasminaLayer(nn.Linear(1, features), seeds).chunks
     cfg = KasminaConfig(correlation_features=4)
     ours, want = (SeedTelemetry(chunks, cfg, torch.device(DEVICE)) for _ in range(2))
     for step in range(2):
         torch.manual_seed(step)
-        h2 = torch.randn(rows, features, device=DEVICE)
+        h2 = torch.randn(rows, features + 3, device=DEVICE).to(dtype)[:, 2:features + 2]
         h2[0, 0] = 0.0  # a dead value
         ours.observe(h2, 1e-6, triton=True)
         want.add(reference.column_stats(h2, 1e-6), h2)
     for name, t in ours.named_buffers():
         torch.testing.assert_close(t, getattr(want, name), rtol=1e-5, atol=1e-5, msg=name)
-    assert ours.columns[2, 0] == 2
+    assert ours.columns[2, 0] == 2 and ours.rows == 2 * rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -161,9 +161,12 @@ class KasminaLayer(nn.Module):
         # (compiled: never; is_compiling first, so dynamo does not guard on `_flags`)
         if not torch.compiler.is_compiling():
             tracking = self.training and self._tracking_step
-            if not self._flags.live:  # dormant: the host alone, or its telemetry
+            if not self._flags.live:  # dormant: the host alone, and its telemetry
                 h = self.host(x)
-                return self._seed_forward_eager(h, False, True) if tracking and h.numel() else h
+                if tracking and h.numel():  # (not through _seed_forward_eager: 19 us a call)
+                    self.telemetry.observe(h.detach().reshape(-1, h.shape[-1]),
+                                           self.config.dead_threshold, self._triton)
+                return h
             if self._graphs is not None:
                 out = self._graphs.forward(self, x, tracking, True)
                 if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)

@@ -57,20 +57,19 @@ class SeedTelemetry(nn.Module):
         self.register_buffer("grad_sq", torch.zeros(features, **f64), persistent=False)
         self.register_buffer("grad_rows", torch.zeros((), **f64), persistent=False)
 
-    @torch.no_grad()
     def observe(self, h2: torch.Tensor, dead_threshold: float, triton: bool) -> None:
-        """The telemetry of one step's host output h2 (N, F) where no blend computed its column
-        statistics: `add` of `kernels.column_stats`, or in eager CUDA two launches (the column
-        pass adds straight into the float64 accumulators)."""
+        """The telemetry of one step's host output h2 (N, F), detached, where no blend computed
+        its column statistics: `add` of `kernels.column_stats`, or in eager CUDA one launch
+        (`triton_telemetry.observe`). No grad-mode switch on the launch's path: 3 us a call."""
         if triton and (h2.is_cuda or interpreting()) and h2.stride(1) == 1 and not (
                 torch.compiler.is_compiling()):
-            from .kernels import triton_blend, triton_telemetry
-            triton_blend.column_stats(h2, dead_threshold, into=self.columns)
-            triton_telemetry.add(None, h2, self.corr_idx, self.corr_valid, self.columns,
-                                 self.rows, self.corr_sum, self.corr_prod, self.corr_n,
-                                 self.rows_sampled)
+            from .kernels import triton_telemetry  # (triton imported only where it runs)
+            triton_telemetry.observe(h2, dead_threshold, self.corr_idx, self.corr_valid,
+                                     self.columns, self.rows, self.corr_sum, self.corr_prod,
+                                     self.corr_n, self.rows_sampled)
             return
-        self.add(kernels.column_stats(h2, dead_threshold, triton), h2, triton)
+        with torch.no_grad():
+            self.add(kernels.column_stats(h2, dead_threshold, triton), h2, triton)
 
     @torch.no_grad()
     def add(self, stats: torch.Tensor, h2: torch.Tensor, triton: bool = False) -> None:

@@ -38,12 +38,13 @@ from .launch import cdiv, fast, pow2
 # The best of a sweep on an H200 at 4096 x 32768 (benchmarks/probe_tiles.py, results in
 # benchmarks/results/probe_tiles_h200_2026-11-27.log): small row blocks, 4 warps, 32-128 row
 # slabs per column tile. Larger tiles (64 x 128, 8 warps) lost 20-40 % of bandwidth.
-_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_F": bf, "SLABS_PER_TILE": sl}, num_warps=w)
-            for bn, bf, w, sl in ((32, 128, 4, 32), (16, 128, 4, 32), (8, 128, 4, 32),
-                                  (8, 256, 4, 32), (16, 256, 4, 32), (8, 256, 4, 128),
-                                  (16, 128, 4, 128), (8, 128, 4, 128))]
+COLUMN_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_F": bf, "SLABS_PER_TILE": sl},
+                                num_warps=w)
+                  for bn, bf, w, sl in ((32, 128, 4, 32), (16, 128, 4, 32), (8, 128, 4, 32),
+                                        (8, 256, 4, 32), (16, 256, 4, 32), (8, 256, 4, 128),
+                                        (16, 128, 4, 128), (8, 128, 4, 128))]
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _CONFIGS = _CONFIGS[:1]
+    COLUMN_CONFIGS = COLUMN_CONFIGS[:1]
 
 
 @triton.jit
@@ -68,17 +69,28 @@ def _running_columns(cols, cmask, run_ptr, alpha_ptr, bounds_ptr, N, C, I64: tl.
     return active, a, run * N * C + (cols - start)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK", "COPY", "I64"],
+@triton.autotune(configs=COLUMN_CONFIGS, key=["N", "F", "TRACK", "COPY", "I64"],
                  restore_value=["stats_ptr"])
 @triton.jit
 def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_threshold,
                       TRACK: tl.constexpr, COPY: tl.constexpr, I64: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
                       SLABS_PER_TILE: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    column_slab(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_threshold,
+                tl.program_id(0), tl.program_id(1), tl.num_programs(1), TRACK, COPY, I64,
+                BLOCK_N, BLOCK_F)
+
+
+@triton.jit
+def column_slab(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_threshold, tile, slab,
+                slabs, TRACK: tl.constexpr, COPY: tl.constexpr, I64: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The host pass over column tile `tile`, row slab `slab` of `slabs` (also the dormant
+    telemetry's, `triton_telemetry._observe_kernel`)."""
+    cols = tile * BLOCK_F + tl.arange(0, BLOCK_F)
     cmask = cols < F
-    rows_per_prog = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
-    row0 = tl.program_id(1) * rows_per_prog
+    rows_per_prog = tl.cdiv(tl.cdiv(N, slabs), BLOCK_N) * BLOCK_N
+    row0 = slab * rows_per_prog
     s = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
     q = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
     d = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
@@ -101,7 +113,8 @@ def _host_pass_kernel(h_ptr, out_ptr, stats_ptr, N, F, stride_h, stride_o, dead_
         tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0).to(acc), mask=cmask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "F", "TRACK", "I64"], restore_value=["stats_ptr"])
+@triton.autotune(configs=COLUMN_CONFIGS, key=["N", "F", "TRACK", "I64"],
+                 restore_value=["stats_ptr"])
 @triton.jit
 def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, bounds_ptr,
                          N, F, C, stride_h, stride_o, dead_threshold, TRACK: tl.constexpr,
@@ -135,7 +148,7 @@ def _gather_blend_kernel(h_ptr, y_ptr, out_ptr, stats_ptr, alpha_ptr, run_ptr, b
         tl.atomic_add(stats_ptr + 2 * F + cols, tl.sum(d, axis=0), mask=cmask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "F", "I64"])
+@triton.autotune(configs=COLUMN_CONFIGS, key=["N", "F", "I64"])
 @triton.jit
 def _blend_backward_kernel(g_ptr, gh_ptr, gy_ptr, alpha_ptr, run_ptr, bounds_ptr, N, F, C,
                            stride_g, stride_gh, I64: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -197,7 +210,7 @@ def _grid(n: int, f: int):
     return grid
 
 
-def _needs_i64(h: torch.Tensor, y: torch.Tensor | None = None) -> bool:
+def needs_i64(h: torch.Tensor, y: torch.Tensor | None = None) -> bool:
     """Whether an element offset into h (rows of stride h.stride(0)), the contiguous (N, F)
     output or y may not fit in int32; int32 offsets need fewer registers
     (benchmarks/NOTES.md, Fused Triton kernels)."""
@@ -216,7 +229,7 @@ def column_stats(h: torch.Tensor, dead_threshold: float,
     assert stats.shape == (3, f) and stats.is_contiguous()
     fast(_host_pass_kernel)[_grid(n, f)](h, h, stats, n, f, h.stride(0), h.stride(0),
                                          dead_threshold, TRACK=True, COPY=False,
-                                         I64=_needs_i64(h))
+                                         I64=needs_i64(h))
     return stats
 
 
@@ -243,7 +256,7 @@ def chunk_blend(h: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, run_of: t
     runs, _, c = y.shape
     out = torch.empty_like(h)
     stats = torch.zeros(3 if track else 0, f, dtype=torch.float32, device=h.device)
-    i64 = _needs_i64(h, y)
+    i64 = needs_i64(h, y)
     if not _two_pass(h, runs, c):
         fast(_gather_blend_kernel)[_grid(n, f)](
             h, y, out, stats, alpha, run_of, bounds, n, f, c, h.stride(0), out.stride(0),
@@ -269,5 +282,5 @@ def chunk_blend_backward(grad_out: torch.Tensor, alpha: torch.Tensor, run_of: to
     grad_y = torch.zeros(alpha.shape[0], n, width, dtype=torch.float32, device=g.device)
     fast(_blend_backward_kernel)[_grid(n, f)](g, grad_h, grad_y, alpha, run_of, bounds, n, f,
                                               width, g.stride(0), grad_h.stride(0),
-                                              I64=_needs_i64(g, grad_y))
+                                              I64=needs_i64(g, grad_y))
     return grad_h, grad_y
