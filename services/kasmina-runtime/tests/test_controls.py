@@ -106,3 +106,32 @@ def test_a_control_trains_its_branches_as_the_seeds_optimiser_does():
     assert (branch_group["lr"], branch_group["weight_decay"]) == (1e-2, 0.0)
     assert {id(q) for q in branch_group["params"]} == {id(q) for q in layer.branch_parameters()}
     assert result.params_host == sum(q.numel() for q in host_group["params"]) == 4470
+
+
+def test_jobs_built_in_threads_at_once_get_their_serial_initialisation():
+    """The runtime service trains each job in its own thread, and `make run` submits a random
+    seed's seeded and host jobs together: their models, built at the same moment, must be the
+    ones a lone build gives (torch's global generator is the process's, and nn.Linear draws
+    from it), or the paired host/seeds comparison is not paired and no run repeats."""
+    import sys
+    import threading
+    params = [DigitsParams(seed=s, seeded=seeded) for s in (0, 1) for seeded in (True, False)]
+    want = [build_model(p).state_dict() for p in params]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for _ in range(5):
+            got: dict[int, dict] = {}
+            threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+                i, build_model(params[i]).state_dict())) for i in range(len(params))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for i, state in got.items():
+                assert state.keys() == want[i].keys()
+                for k, v in state.items():  # (bit for bit; NaN where nothing is measured yet)
+                    torch.testing.assert_close(v, want[i][k], rtol=0, atol=0, equal_nan=True,
+                                               msg=f"{params[i]} {k}")
+    finally:
+        sys.setswitchinterval(old)

@@ -151,28 +151,29 @@ class KasminaLayer(nn.Module):
 
     # ---------------------------------------------------------------- hot path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._forward(x)
-        if (self.config.track_output_gradient and self.training and out.requires_grad
-                and not torch.compiler.is_compiling()):
+        # (compiled: the seeds' general path; is_compiling first, so dynamo does not guard on
+        # `_flags`, and never a hook)
+        if torch.compiler.is_compiling():
+            return self.seed_forward(self.host(x))
+        training = self.training
+        if not self._flags.live:  # dormant: the host alone, and its telemetry, in this frame
+            out = self.host(x)  # (every dormant step pays this Python: NOTES, s14)
+            if training and self._tracking_step and out.numel():
+                self.telemetry.observe(out.detach().reshape(-1, out.shape[-1]),
+                                       self.config.dead_threshold, self._triton)
+        else:
+            out = self._live_forward(x, training and self._tracking_step)
+        if training and self.config.track_output_gradient and out.requires_grad:
             out.register_hook(self.telemetry.observe_gradient)
         return out
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (compiled: never; is_compiling first, so dynamo does not guard on `_flags`)
-        if not torch.compiler.is_compiling():
-            tracking = self.training and self._tracking_step
-            if not self._flags.live:  # dormant: the host alone, and its telemetry
-                h = self.host(x)
-                if tracking and h.numel():  # (not through _seed_forward_eager: 19 us a call)
-                    self.telemetry.observe(h.detach().reshape(-1, h.shape[-1]),
-                                           self.config.dead_threshold, self._triton)
-                return h
-            if self._graphs is not None:
-                out = self._graphs.forward(self, x, tracking, True)
-                if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)
-                    return out
-            if fused.applies(self, x):  # a plain Linear or Conv1D host: one node, blend in place
-                return fused.forward(self, x, tracking)
+    def _live_forward(self, x: torch.Tensor, tracking: bool) -> torch.Tensor:
+        if self._graphs is not None:
+            out = self._graphs.forward(self, x, tracking, True)
+            if out is not None:  # host and seeds replayed as one graph (kasmina.graphs)
+                return out
+        if fused.applies(self, x):  # a plain Linear or Conv1D host: one node, blend in place
+            return fused.forward(self, x, tracking)
         return self.seed_forward(self.host(x))
 
     def _host_and_seeds(self, x: torch.Tensor, tracking: bool) -> torch.Tensor:
