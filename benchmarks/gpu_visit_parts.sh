@@ -26,7 +26,10 @@
 #   s13h: the in-place blend for wider banks (fused.forward_in_place): the GPU tests, the
 #         64-seed rows and profile;
 #   s14c: the dormant tracking step in one launch (triton_telemetry.observe): its GPU tests, the
-#         host time of its parts (probe_tracking.py), the dormant rows at both shapes.
+#         host time of its parts (probe_tracking.py), the dormant rows at both shapes;
+#   s14e: test_gpu.py (an attention model wrapped, on the fast paths against the reference),
+#         a GPT-style model's training step (bench_model.py) at three sizes;
+#   s14f: the model's growing step graphed and eager, and its kernels (profile).
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -193,6 +196,26 @@ s14c)  # the dormant tracking step in one launch: its GPU tests, host time, the 
   timeout 150 python3 benchmarks/bench_step.py --shapes 4096x32768 --seeds 1024 --dtypes bf16 \
     --modes bare,bare2,dormant,dormant10,training,graft10 --rounds 7 --tag "_${TAG}large" --out "$OUT" 2>&1 \
     | tee "$OUT/step_h200_${D}_${TAG}large.log" | grep -E "x[0-9]|fail" | head -20 ;;
+s14e)  # a whole model: the GPU tests (an attention model wrapped), bench_model.py at three sizes
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_gpu.py \
+    2>&1 | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -6
+  for cfg in "--d 1024 --layers 4 --seq 512 --batch 8 --seeds 256" \
+             "--d 512 --layers 4 --seq 256 --batch 8 --seeds 128" \
+             "--d 2048 --layers 2 --seq 1024 --batch 8 --seeds 512"; do
+    timeout 150 python3 benchmarks/bench_model.py $cfg --tag "_${TAG}_d$(echo $cfg | cut -d' ' -f2)" \
+      --out "$OUT" 2>&1 | tee -a "$OUT/model_h200_${D}_$TAG.log" | grep -vi warn
+  done ;;
+s14f)  # the model's growing step: graphed against eager, and where its GPU time goes
+  timeout 170 python3 benchmarks/bench_model.py --d 1024 --layers 4 --seq 512 --batch 8 --seeds 256 \
+    --modes bare,bare2,training,graft10,training_e,graft10_e --profile graft10 --tag "_${TAG}_d1024" \
+    --out "$OUT" > "$OUT/model_h200_${D}_${TAG}_d1024.log" 2>&1
+  grep -E "ms  x|Name|^---" -A0 "$OUT/model_h200_${D}_${TAG}_d1024.log" | head -12
+  grep -E "Self CUDA time" -B30 "$OUT/model_h200_${D}_${TAG}_d1024.log" | cut -c1-72,150-200 | tail -31
+  timeout 170 python3 benchmarks/bench_model.py --d 2048 --layers 2 --seq 1024 --batch 8 --seeds 512 \
+    --modes bare,bare2,graft10,graft10_e --profile graft10_e --tag "_${TAG}_d2048" \
+    --out "$OUT" > "$OUT/model_h200_${D}_${TAG}_d2048.log" 2>&1
+  grep -E "ms  x" "$OUT/model_h200_${D}_${TAG}_d2048.log"
+  grep -E "Self CUDA time" -B30 "$OUT/model_h200_${D}_${TAG}_d2048.log" | cut -c1-72,150-200 | tail -31 ;;
 matrix)
   timeout 570 python3 benchmarks/bench_step.py --tag "_$TAG" --out "$OUT" ${ARGS:-} 2>&1 \
     | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "bar|missed|met|fail|so far" | tail -60 ;;
