@@ -29,7 +29,9 @@
 #         host time of its parts (probe_tracking.py), the dormant rows at both shapes;
 #   s14e: test_gpu.py (an attention model wrapped, on the fast paths against the reference),
 #         a GPT-style model's training step (bench_model.py) at three sizes;
-#   s14f: the model's growing step graphed and eager, and its kernels (profile).
+#   s14f: the model's growing step graphed and eager, and its kernels (profile);
+#   s14g: 9-64-feature residual_mlp chunks as tiles (triton_mlp_wide): tests, probe_mlp, the
+#         model's and the 64-seed layers' steps.
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -216,6 +218,20 @@ s14f)  # the model's growing step: graphed against eager, and where its GPU time
     --out "$OUT" > "$OUT/model_h200_${D}_${TAG}_d2048.log" 2>&1
   grep -E "ms  x" "$OUT/model_h200_${D}_${TAG}_d2048.log"
   grep -E "Self CUDA time" -B30 "$OUT/model_h200_${D}_${TAG}_d2048.log" | cut -c1-72,150-200 | tail -31 ;;
+s14g)  # the residual_mlp of 9-64-feature chunks as tiles (triton_mlp_wide): tests, kernels, steps
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -rs --tb=short $T/test_gpu.py \
+    "$T/test_kernels.py" -k "mlp or gpu or wide or attention" 2>&1 \
+    | tee "$OUT/pytest_gpu_h200_${D}_$TAG.log" | tail -6
+  timeout 120 python3 benchmarks/probe_mlp.py 2>&1 | tee "$OUT/probe_mlp_h200_${D}_$TAG.log"
+  timeout 130 python3 benchmarks/bench_model.py --d 2048 --layers 2 --seq 1024 --batch 8 --seeds 512 \
+    --modes bare,bare2,graft10,graft10_e,training --tag "_${TAG}_d2048" --out "$OUT" 2>&1 \
+    | tee "$OUT/model_h200_${D}_${TAG}_d2048.log" | grep -E "ms  x"
+  timeout 130 python3 benchmarks/bench_model.py --d 1024 --layers 4 --seq 512 --batch 8 --seeds 256 \
+    --modes bare,bare2,graft10,graft10_e,training --tag "_${TAG}_d1024" --out "$OUT" 2>&1 \
+    | tee "$OUT/model_h200_${D}_${TAG}_d1024.log" | grep -E "ms  x"
+  timeout 150 python3 benchmarks/bench_step.py --shapes 4096x32768,2048x32768 --seeds 64 --dtypes bf16 \
+    --modes bare,bare2,training,graft10,training_e,graft10_e --rounds 5 --tag "_${TAG}seeds" \
+    --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -20 ;;
 matrix)
   timeout 570 python3 benchmarks/bench_step.py --tag "_$TAG" --out "$OUT" ${ARGS:-} 2>&1 \
     | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "bar|missed|met|fail|so far" | tail -60 ;;

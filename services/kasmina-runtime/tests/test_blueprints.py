@@ -310,7 +310,8 @@ def test_a_layer_grows_a_spec_received_from_the_wire():
 
 
 @pytest.mark.parametrize("activation,chunk,hidden,fused", [
-    ("", 8, 16, True), ("gelu", 16, 16, True), ("relu", 8, 16, False), ("", 32, 16, False)])
+    ("", 8, 16, True), ("gelu", 16, 16, True), ("relu", 8, 16, False), ("", 32, 16, True),
+    ("", 128, 16, False), ("", 16, 128, False)])
 def test_the_fused_mlp_kernel_is_chosen_by_kind_and_activation(activation, chunk, hidden,
                                                                  fused):
     spec = BlueprintSpec("f", "residual_mlp", 840, hidden=hidden, activation=activation)

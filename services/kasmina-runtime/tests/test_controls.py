@@ -122,7 +122,7 @@ def test_jobs_built_in_threads_at_once_get_their_serial_initialisation():
     try:
         for _ in range(5):
             got: dict[int, dict] = {}
-            threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+            threads = [threading.Thread(target=lambda i=i, got=got: got.__setitem__(
                 i, build_model(params[i]).state_dict())) for i in range(len(params))]
             for t in threads:
                 t.start()

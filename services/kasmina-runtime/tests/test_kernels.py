@@ -234,10 +234,14 @@ def test_layer_selects_the_path_and_both_agree():
                                    getattr(reports["torch"], stat), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk,hidden", [(4, 16), (3, 5), (1, 16), (16, 8), (16, 16)])
+@pytest.mark.parametrize("chunk,hidden", [(4, 16), (3, 5), (1, 16), (8, 16), (16, 8), (16, 16),
+                                          (9, 16), (20, 6), (64, 16), (32, 64)])
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_fused_residual_mlp_matches_the_bank_formula(chunk, hidden, input_grad):
+    """Both forms: unrolled columns up to 8 features, tiles (triton_mlp_wide) from 9 (padded
+    to 16: 9, 20) to 64, hidden units padded to a tile's 16 (8, 6)."""
     assert kernels.fused_mlp_fits(chunk, hidden)
+    assert kernels.ops.wide_mlp(chunk, hidden) == (chunk > 8)
     bank = BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=hidden), chunk, 3,
                          torch.device(DEVICE))
     for slot in range(3):
@@ -254,10 +258,11 @@ def test_fused_residual_mlp_matches_the_bank_formula(chunk, hidden, input_grad):
 
 
 def test_fused_residual_mlp_is_not_used_past_its_width():
-    assert not kernels.fused_mlp_fits(128, 16)  # 128 x 16 products a row: the GEMMs stay
-    assert not kernels.fused_mlp_fits(32, 16)  # its backward compiles for minutes on sm_90
-    assert kernels.fused_mlp_fits(16, 16) and kernels.fused_mlp_fits(4, 64)
-    for chunk in (32, 128):
+    assert not kernels.fused_mlp_fits(128, 16)  # past the tiles' 64: the GEMMs stay
+    assert not kernels.fused_mlp_fits(16, 128)  # 128 hidden units: past both forms
+    assert not kernels.fused_mlp_fits(8, 256)  # charlm's block: the GEMMs
+    assert kernels.fused_mlp_fits(64, 16) and kernels.fused_mlp_fits(4, 64)
+    for chunk in (128, 256):
         bank = BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=16), chunk, 2,
                              torch.device(DEVICE))
         assert not bank._fusable

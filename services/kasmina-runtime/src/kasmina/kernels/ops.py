@@ -243,9 +243,9 @@ class _ResidualMLP(torch.autograd.Function):
 
 
 def fused_mlp_fits(chunk: int, hidden: int) -> bool:
-    """Whether the fused residual_mlp takes chunks this wide: a padded chunk x hidden of at
-    most 1,024 (its chunk columns are unrolled) and chunk^2 x hidden of at most 4,096 (chunks
-    up to 16 features at the catalog's hidden 16); wider banks keep the batched GEMMs.
+    """Whether the fused residual_mlp takes chunks this wide: the tile kernels' range
+    (`wide_mlp`), or for the unrolled columns a padded chunk x hidden of at most 1,024 and
+    chunk^2 x hidden of at most 4,096; other banks keep the batched GEMMs.
 
     The second bound is the compile: the backward unrolls a (chunk, hidden) accumulator
     update per chunk column. Compiled for sm_90 by Triton 3.6 on a 2-core Xeon, backward /
@@ -254,7 +254,14 @@ def fused_mlp_fits(chunk: int, hidden: int) -> bool:
     benchmarks/results/pytest_gpu_h200_2026-12-03_s12c_kernels.log): a user's first growing
     step would wait minutes."""
     c, h = _pow2(chunk), _pow2(hidden)
-    return c * h <= 1024 and c * c * h <= 4096
+    return (c * h <= 1024 and c * c * h <= 4096) or wide_mlp(chunk, hidden)
+
+
+def wide_mlp(chunk: int, hidden: int) -> bool:
+    """Whether the fused residual_mlp runs as `triton_mlp_wide`'s tile kernels (tl.dot; their
+    compile does not grow with the chunk): chunks of 9-64 features (padded to 16-64) at up to
+    64 hidden units. Narrower chunks keep `triton_mlp`'s unrolled columns."""
+    return 16 <= _pow2(chunk) <= 64 and hidden <= 64
 
 
 def seed_node_fits(chunk: int, hidden: int) -> bool:

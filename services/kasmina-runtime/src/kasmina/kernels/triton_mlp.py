@@ -16,7 +16,8 @@ GEMMs; benchmarks/NOTES.md, "The training step as users pay it"). Here a row's c
 
 Products are float32 FMAs (no TF32), GELU is the exact (erf) form of `F.gelu`. Used where
 `ops.fused_mlp_fits` says (the C columns are unrolled, and the compile grows with C^2 H): chunks
-up to 16 features at the catalog's hidden width of 16. Wider chunks keep the batched GEMMs.
+up to 8 features at the catalog's hidden width of 16; 9-64 features run as `triton_mlp_wide`'s
+tile kernels (`ops.wide_mlp`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_mlp_wide
 from .launch import cdiv, fast, pow2
+from .ops import wide_mlp
 
 _ELEMS = 2048  # (rows, hidden) tile elements per program (BLOCK_N = _ELEMS / H, 16..128)
 _PROGRAMS = 1024  # backward: about this many programs over all slots (several per SM)
@@ -123,6 +126,8 @@ def _meta(chunk: int, hidden: int) -> tuple[int, int, int]:
 def forward(x: torch.Tensor, flat: torch.Tensor, hidden: int) -> torch.Tensor:
     """x (A, N, C) float32 contiguous, flat (A, P) -> y (A, N, C)."""
     slots, n, chunk = x.shape
+    if wide_mlp(chunk, hidden):
+        return triton_mlp_wide.forward(x, flat, hidden)
     wp, hp, block = _meta(chunk, hidden)
     y = torch.empty_like(x)
     if n:
@@ -135,13 +140,16 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
              need_dx: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(dx or None, dflat (A, P)) for y = forward(x, flat)."""
     slots, n, chunk = x.shape
+    if wide_mlp(chunk, hidden):
+        return triton_mlp_wide.backward(x, flat, dy, hidden, need_dx)
     wp, hp, block = _meta(chunk, hidden)
     blocks = cdiv(n, block)
     programs = max(1, min(blocks, cdiv(_PROGRAMS, max(slots, 1))))
     per_program = cdiv(blocks, programs)
     programs = cdiv(blocks, per_program) if blocks else 1
-    # every program writes all P columns of its row of partial sums
-    part = torch.empty(slots, programs, flat.shape[1], device=x.device, dtype=torch.float32)
+    # every program writes all P columns of its row of partial sums (none runs without rows)
+    part = (torch.empty if n else torch.zeros)(slots, programs, flat.shape[1], device=x.device,
+                                               dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else None
     if n:
         fast(_mlp_bwd_kernel)[(slots, programs)](
