@@ -5,6 +5,7 @@ empty batches, the metric's direction, eval mode left on)."""
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import kasmina
@@ -101,7 +102,9 @@ def test_a_compiled_model_never_recompiles_over_a_whole_lifecycle(rows_matmul, m
         from kasmina import blueprints
         monkeypatch.setattr(blueprints, "_mm", lambda x, w, b=None: blueprints._RowsMatmul.apply(
             x, w, b))
-        monkeypatch.setattr(blueprints, "_row_splits", lambda n, seeds: 2 if n % 2 == 0 else 1)
+        # (cached, as the real one: dynamo warns on an lru_cache it traces, s14h on the GPU)
+        monkeypatch.setattr(blueprints, "_row_splits", functools.lru_cache(
+            lambda n, seeds: 2 if n % 2 == 0 else 1))
     torch.manual_seed(0)
     layer = KasminaLayer(nn.Linear(8, 25), 5, KasminaConfig(max_active_seeds=5))
     model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), layer, nn.Linear(25, 3))

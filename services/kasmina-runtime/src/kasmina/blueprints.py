@@ -73,7 +73,8 @@ class _RowsMatmul(torch.autograd.Function):
         gw = None
         if needs[1]:
             (a, n, k), m = x.shape, g.shape[2]
-            s = _row_splits(n, a)
+            # (traced, the uncached function: dynamo warns on an lru_cache it traces through)
+            s = (_row_splits.__wrapped__ if torch.compiler.is_compiling() else _row_splits)(n, a)
             xs = x.reshape(a * s, n // s, k)  # (a copy where x's layout has no such view)
             gw = xs.transpose(1, 2).bmm(g.reshape(a * s, n // s, m)).view(a, s, k, m).sum(
                 1, dtype=torch.promote_types(g.dtype, torch.float32))  # (bf16 partials: fp32)
