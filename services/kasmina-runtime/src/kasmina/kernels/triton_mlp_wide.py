@@ -1,12 +1,12 @@
-"""The `residual_mlp` blueprint of wide chunks (16-64 features) as fused Triton kernels on
-tiles, forward and backward: `triton_mlp`'s layout and contract (x (A, N, C) float32, flat
-(A, P) with w1 (C, H), b1 (H,), w2 (H, C), b2 (C,)), each product a `tl.dot`.
+"""The `residual_mlp` blueprint of wide chunks (9-64 features, padded to 16-64) as fused
+Triton kernels on tiles, forward and backward: `triton_mlp`'s layout and contract (x (A, N, C)
+float32, flat (A, P) with w1 (C, H), b1 (H,), w2 (H, C), b2 (C,)), each product a `tl.dot`.
 
 `triton_mlp`'s kernels unroll a chunk's columns, and its backward reduces across the rows of
 every block for each of them: at 16 features, 51 slots x 8,192 rows, 470 us a call inside a
 wrapped GPT-style model's growing step, most of its cost (benchmarks/NOTES.md, "A whole model's
-step"); alone 151 / 837 us forward / backward, here 46 / 135 (H200, s14g). Here a
-row block is a (rows, C) tile: forward pre = x w1 + b1, y = x + gelu(pre) w2 + b2; backward
+step"); alone 151 / 837 us forward / backward, here 46 / 135 (H200, s14g). A row block is
+a (rows, C) tile: forward pre = x w1 + b1, y = x + gelu(pre) w2 + b2; backward
 dg = dy w2^T, dpre = dg gelu'(pre), dx = dy + dpre w1^T, and the parameter gradients x^T dpre,
 gelu(pre)^T dy summed over a program's row slab in the dot's accumulators, written as partial
 sums (A, programs, P) and summed in a fixed order (deterministic, no atomics), as there.
