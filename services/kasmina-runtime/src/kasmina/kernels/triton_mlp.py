@@ -118,21 +118,31 @@ def _mlp_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, part_ptr, N, P, BLOCKS_PER_PRO
     tl.store(out + 2 * W * H + H + wc, g_b2, mask=wm)
 
 
-def _meta(chunk: int, hidden: int) -> tuple[int, int, int]:
+def _form(chunk: int, hidden: int, backward: bool) -> tuple[object, dict, int, int]:
+    """(kernel, its constexprs and launch options, rows a block, backward programs in all) of
+    the form that takes this bank: unrolled columns, or from 9 features `triton_mlp_wide`'s
+    tiles (`ops.wide_mlp`)."""
     wp, hp = pow2(chunk), pow2(hidden)
-    return wp, hp, max(16, min(128, _ELEMS // hp))
+    if wide_mlp(chunk, hidden):
+        w = triton_mlp_wide
+        wp, hp = max(w.MIN_CHUNK, wp), max(w.MIN_CHUNK, hp)
+        kernel = w.mlp_bwd_kernel if backward else w.mlp_fwd_kernel
+        block = w.BWD_ROWS if backward else w.FWD_ROWS
+        return kernel, dict(W=chunk, H=hidden, WP=wp, HP=hp, BLOCK_N=block,
+                            num_warps=w.WARPS), block, w.PROGRAMS
+    block = max(16, min(128, _ELEMS // hp))
+    meta = dict(W=chunk, H=hidden, HP=hp, BLOCK_N=block, num_warps=4)
+    return (_mlp_bwd_kernel, meta | {"WP": wp}, block, _PROGRAMS) if backward else (
+        _mlp_fwd_kernel, meta, block, _PROGRAMS)
 
 
 def forward(x: torch.Tensor, flat: torch.Tensor, hidden: int) -> torch.Tensor:
     """x (A, N, C) float32 contiguous, flat (A, P) -> y (A, N, C)."""
     slots, n, chunk = x.shape
-    if wide_mlp(chunk, hidden):
-        return triton_mlp_wide.forward(x, flat, hidden)
-    wp, hp, block = _meta(chunk, hidden)
+    kernel, meta, block, _ = _form(chunk, hidden, backward=False)
     y = torch.empty_like(x)
     if n:
-        fast(_mlp_fwd_kernel)[(slots, cdiv(n, block))](
-            x, flat, y, n, flat.shape[1], W=chunk, H=hidden, HP=hp, BLOCK_N=block, num_warps=4)
+        fast(kernel)[(slots, cdiv(n, block))](x, flat, y, n, flat.shape[1], **meta)
     return y
 
 
@@ -140,11 +150,9 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
              need_dx: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(dx or None, dflat (A, P)) for y = forward(x, flat)."""
     slots, n, chunk = x.shape
-    if wide_mlp(chunk, hidden):
-        return triton_mlp_wide.backward(x, flat, dy, hidden, need_dx)
-    wp, hp, block = _meta(chunk, hidden)
+    kernel, meta, block, target = _form(chunk, hidden, backward=True)
     blocks = cdiv(n, block)
-    programs = max(1, min(blocks, cdiv(_PROGRAMS, max(slots, 1))))
+    programs = max(1, min(blocks, cdiv(target, max(slots, 1))))
     per_program = cdiv(blocks, programs)
     programs = cdiv(blocks, per_program) if blocks else 1
     # every program writes all P columns of its row of partial sums (none runs without rows)
@@ -152,9 +160,9 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
                                                dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else None
     if n:
-        fast(_mlp_bwd_kernel)[(slots, programs)](
+        fast(kernel)[(slots, programs)](
             x, flat, dy.contiguous(), dx if need_dx else x, part, n, flat.shape[1], per_program,
-            W=chunk, H=hidden, WP=wp, HP=hp, BLOCK_N=block, STORE_DX=need_dx, num_warps=4)
+            STORE_DX=need_dx, **meta)
     return dx, part.sum(1)
 
 

@@ -12,16 +12,14 @@ gelu(pre)^T dy summed over a program's row slab in the dot's accumulators, writt
 sums (A, programs, P) and summed in a fixed order (deterministic, no atomics), as there.
 Products in TF32x3 (three TF32 products: float32's accuracy, 5e-7 against float64 in a probe at
 16 features, probe_mlp_h200_2026-12-01.log, where plain TF32 erred by 2.5e-3). The compile does
-not grow with C (no unrolled columns). Which banks take it: `ops.wide_mlp`.
+not grow with C (no unrolled columns). Which banks take it: `ops.wide_mlp`; launched by
+`triton_mlp.forward` / `backward`.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-from .launch import cdiv, fast, pow2
 
 MIN_CHUNK = 16  # tl.dot's smallest tile side (the hidden units are padded up to it)
 FWD_ROWS, BWD_ROWS, WARPS = 64, 64, 4  # the probe's best at 16 features (block 64, 4 warps)
@@ -42,7 +40,7 @@ def _weights(p, W: tl.constexpr, H: tl.constexpr, WP: tl.constexpr, HP: tl.const
 
 
 @triton.jit
-def _mlp_fwd_kernel(x_ptr, p_ptr, y_ptr, N, P, W: tl.constexpr, H: tl.constexpr,
+def mlp_fwd_kernel(x_ptr, p_ptr, y_ptr, N, P, W: tl.constexpr, H: tl.constexpr,
                     WP: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr):
     slot, blk = tl.program_id(0), tl.program_id(1)
     rows, wc = blk * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, WP)
@@ -57,7 +55,7 @@ def _mlp_fwd_kernel(x_ptr, p_ptr, y_ptr, N, P, W: tl.constexpr, H: tl.constexpr,
 
 
 @triton.jit
-def _mlp_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, part_ptr, N, P, BLOCKS_PER_PROGRAM,
+def mlp_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, part_ptr, N, P, BLOCKS_PER_PROGRAM,
                     W: tl.constexpr, H: tl.constexpr, WP: tl.constexpr, HP: tl.constexpr,
                     BLOCK_N: tl.constexpr, STORE_DX: tl.constexpr):
     slot, prog = tl.program_id(0), tl.program_id(1)
@@ -91,41 +89,3 @@ def _mlp_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, part_ptr, N, P, BLOCKS_PER_PRO
     tl.store(out + W * H + hc, g_b1, mask=hm)
     tl.store(out + W * H + H + hc[:, None] * W + wc[None, :], g_w2, mask=hm[:, None] & wm[None, :])
     tl.store(out + 2 * W * H + H + wc, g_b2, mask=wm)
-
-
-def _pads(chunk: int, hidden: int) -> tuple[int, int]:
-    return max(MIN_CHUNK, pow2(chunk)), max(MIN_CHUNK, pow2(hidden))
-
-
-def forward(x: torch.Tensor, flat: torch.Tensor, hidden: int) -> torch.Tensor:
-    """x (A, N, C) float32 contiguous, flat (A, P) -> y (A, N, C)."""
-    slots, n, chunk = x.shape
-    wp, hp = _pads(chunk, hidden)
-    y = torch.empty_like(x)
-    if n:
-        fast(_mlp_fwd_kernel)[(slots, cdiv(n, FWD_ROWS))](
-            x, flat, y, n, flat.shape[1], W=chunk, H=hidden, WP=wp, HP=hp, BLOCK_N=FWD_ROWS,
-            num_warps=WARPS)
-    return y
-
-
-def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
-             need_dx: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(dx or None, dflat (A, P)) for y = forward(x, flat)."""
-    slots, n, chunk = x.shape
-    wp, hp = _pads(chunk, hidden)
-    blocks = cdiv(n, BWD_ROWS)
-    programs = max(1, min(blocks, cdiv(PROGRAMS, max(slots, 1))))
-    per_program = cdiv(blocks, programs)
-    programs = cdiv(blocks, per_program) if blocks else 1
-    # every program writes all P columns of its row of partial sums (none runs without rows)
-    part = (torch.empty if n else torch.zeros)(slots, programs, flat.shape[1], device=x.device,
-                                               dtype=torch.float32)
-    dx = torch.empty_like(x) if need_dx else None
-    if n:
-        fast(_mlp_bwd_kernel)[(slots, programs)](
-            x, flat, dy.contiguous(), dx if need_dx else x, part, n, flat.shape[1], per_program,
-            W=chunk, H=hidden, WP=wp, HP=hp, BLOCK_N=BWD_ROWS, STORE_DX=need_dx,
-            num_warps=WARPS)
-    return dx, part.sum(1)
-
