@@ -70,6 +70,7 @@ def rows(records: Sequence[RunRecord], direction: str) -> tuple[list[dict], str]
         row["lifecycle"] = ("" if "transitions" not in runs[0].info else
                             f"{sum(t.get('FOSSILIZED', 0) for t in trans)} fossilized, "
                             f"{sum(t.get('CULLED', 0) for t in trans)} culled, "
+                            f"{sum(t.get('ROLLED_BACK', 0) for t in trans)} rolled back, "
                             f"{sum(t.get('GERMINATED', 0) for t in trans)} germinated"
                             + ("" if "slots" not in runs[0].info else
                                f" ({sum(r.info['slots_germinated'] for r in runs)} of "
@@ -154,7 +155,8 @@ def write_csv(path: Path, records: Sequence[RunRecord], direction: str) -> None:
         w = csv.writer(fh)
         w.writerow(["task", "method", "seed", "final", "params", "params_added", "cpu_s",
                     "flops", "steps", "steps_to_target", "flops_to_target", "fossilized",
-                    "culled", "germinated", "worst_setback", "slots_germinated", "slots"])
+                    "culled", "germinated", "worst_setback", "slots_germinated", "slots",
+                    "rolled_back"])
         for r in records:
             p = reach(r, target[r.seed].final, direction) if target else None
             t = r.info.get("transitions", {})
@@ -163,7 +165,7 @@ def write_csv(path: Path, records: Sequence[RunRecord], direction: str) -> None:
                         "" if p is None else p.steps, "" if p is None else f"{p.flops:.4e}",
                         t.get("FOSSILIZED", ""), t.get("CULLED", ""), t.get("GERMINATED", ""),
                         f"{setback(r, direction):.6f}", r.info.get("slots_germinated", ""),
-                        r.info.get("slots", "")])
+                        r.info.get("slots", ""), t.get("ROLLED_BACK", "")])
 
 
 def plot(path: Path, task, records: Sequence[RunRecord]) -> bool:
