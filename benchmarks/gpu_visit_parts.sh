@@ -31,7 +31,8 @@
 #         a GPT-style model's training step (bench_model.py) at three sizes;
 #   s14f: the model's growing step graphed and eager, and its kernels (profile);
 #   s14g: 9-64-feature residual_mlp chunks as tiles (triton_mlp_wide): tests, probe_mlp, the
-#         model's and the 64-seed layers' steps.
+#         model's and the 64-seed layers' steps;
+#   autotune: the first call's cost at row counts new to the process (probe_autotune.py).
 # Results land in $OUT (copied to benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -232,6 +233,8 @@ s14g)  # the residual_mlp of 9-64-feature chunks as tiles (triton_mlp_wide): tes
   timeout 150 python3 benchmarks/bench_step.py --shapes 4096x32768,2048x32768 --seeds 64 --dtypes bf16 \
     --modes bare,bare2,training,graft10,training_e,graft10_e --rounds 5 --tag "_${TAG}seeds" \
     --out "$OUT" 2>&1 | tee "$OUT/step_h200_${D}_${TAG}seeds.log" | grep -E "x[0-9]|fail" | head -20 ;;
+autotune)  # what a new row count costs on its first call (the autotuners' keys), for the next visit
+  timeout 300 python3 benchmarks/probe_autotune.py 2>&1 | tee "$OUT/probe_autotune_h200_${D}_$TAG.log" ;;
 matrix)
   timeout 570 python3 benchmarks/bench_step.py --tag "_$TAG" --out "$OUT" ${ARGS:-} 2>&1 \
     | tee "$OUT/step_h200_${D}_$TAG.log" | grep -E "bar|missed|met|fail|so far" | tail -60 ;;
