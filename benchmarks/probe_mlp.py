@@ -53,6 +53,7 @@ def main() -> None:
         dx64, *dp64 = torch.autograd.grad(y64, (xd, *params.values()), dy.double())
         dflat64 = torch.cat([g.flatten(1) for g in dp64], 1)
         triton_mlp.wide_mlp = (lambda *_: False) if form == "columns" else ops.wide_mlp
+        triton_mlp._form.cache_clear()  # (it caches the form a bank's sizes take)
         print(f"== {slots} slots x {rows} rows x {chunk} features (hidden 16) {form}")
         y = triton_mlp.forward(x, bank.flat.detach(), 16)
         dx, dflat = triton_mlp.backward(x, bank.flat.detach(), dy, 16, True)

@@ -98,9 +98,10 @@ def test_an_attention_model_wrapped_on_cuda_trains_as_on_the_reference_path(dtyp
     """A two-block nn.TransformerEncoder (its MLP Linears wrapped: 4-feature chunks on linear2,
     the fused seed node's case, 16-feature ones on linear1) on CUDA: all dormant, its output is
     the bare model's bit for bit; with seeds TRAINING and GRAFTING in every layer, 4 training
-    steps on the default paths (Triton kernels, the fused node, CUDA graphs where "auto" takes
-    them) give the outputs and host weights of the PyTorch kernels, eager, within the dtype's
-    tolerance, and every seed layer's telemetry is finite."""
+    steps on the default paths (Triton kernels, the fused node and the fused tiles, checked
+    taken; CUDA graphs where "auto" takes them) give the outputs and host weights of the
+    PyTorch kernels, eager, within the dtype's tolerance, and every seed layer's telemetry is
+    finite."""
     import kasmina
     torch.manual_seed(0)
     block = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
@@ -123,6 +124,14 @@ def test_an_attention_model_wrapped_on_cuda_trains_as_on_the_reference_path(dtyp
                 if stage is SeedStage.GRAFTING:
                     layer.transition(seed, stage, force=True)
         models.append(model)
+    # the comparison is fast against reference: linear2's 4-feature chunks on the fused node,
+    # linear1's 16-feature ones on the general path's fused tiles, Triton on; the reference none
+    for model, fast_paths in zip(models, (True, False), strict=True):
+        for layer in kasmina.seed_layers(model):
+            narrow = layer.layer_id.endswith("linear2")
+            assert layer._triton is fast_paths and layer._flags.fused is narrow, layer.layer_id
+            running = [layer.banks[k] for k in layer._flags.banks]  # the banks with running seeds
+            assert running and all(b._fusable and b._node is narrow for b in running)
     outs = [[], []]
     for _ in range(4):
         for model, seen in zip(models, outs, strict=True):

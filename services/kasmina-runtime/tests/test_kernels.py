@@ -240,8 +240,14 @@ def test_layer_selects_the_path_and_both_agree():
 def test_fused_residual_mlp_matches_the_bank_formula(chunk, hidden, input_grad):
     """Both forms: unrolled columns up to 8 features, tiles (triton_mlp_wide) from 9 (padded
     to 16: 9, 20) to 64, hidden units padded to a tile's 16 (8, 6)."""
+    from kasmina.kernels import triton_mlp, triton_mlp_wide
     assert kernels.fused_mlp_fits(chunk, hidden)
-    assert kernels.ops.wide_mlp(chunk, hidden) == (chunk > 8)
+    wide = chunk > 8
+    assert kernels.ops.wide_mlp(chunk, hidden) == wide
+    for backward, tiles, columns in ((False, triton_mlp_wide.mlp_fwd_kernel, "_mlp_fwd_kernel"),
+                                     (True, triton_mlp_wide.mlp_bwd_kernel, "_mlp_bwd_kernel")):
+        ran = triton_mlp._form(chunk, hidden, backward)[0]  # the kernel the launcher takes
+        assert ran is (tiles if wide else getattr(triton_mlp, columns))
     bank = BlueprintBank(BlueprintSpec("t", "residual_mlp", 1, hidden=hidden), chunk, 3,
                          torch.device(DEVICE))
     for slot in range(3):

@@ -55,8 +55,10 @@ class _RowsMatmul(torch.autograd.Function):
     rows into a (K, M) output a seed, runs as (A x splits) GEMMs over row blocks, summed.
     cuBLAS ran it as one GEMM a seed (fp32, 32 x 32 tiles: a few thread blocks on the whole
     GPU): 1.05 ms each, half the GPU time of a growing step at 2048 x 32768 with 6 seeds of 32
-    features on an H200 (benchmarks/NOTES.md, s13). The GEMMs run in g's dtype (bf16 under
-    autocast, as autocast's own bmm backward would); the blocks' partials add in float32."""
+    features on an H200 (benchmarks/NOTES.md, s13; since s14 those GELU residual_mlp banks run
+    the fused tiles, and this serves the other kinds and banks past 64 features). The GEMMs run
+    in g's dtype (bf16 under autocast, as autocast's own bmm backward would); the blocks'
+    partials add in float32."""
 
     @staticmethod
     def forward(ctx, x, w, b):  # noqa: ANN001, ANN205
@@ -259,8 +261,9 @@ def forward_of(spec: BlueprintSpec) -> Callable[[Params, torch.Tensor], torch.Te
 
 
 def uses_fused_mlp(spec: BlueprintSpec, chunk: int) -> bool:
-    """Whether a bank of `spec` on chunks of `chunk` runs kernels/triton_mlp.py: residual_mlp
-    with the GELU that kernel computes, narrow enough for its unrolled chunk columns."""
+    """Whether a bank of `spec` on chunks of `chunk` runs the fused residual_mlp
+    (kernels/triton_mlp.py): residual_mlp with the GELU those kernels compute, at the sizes
+    `kernels.fused_mlp_fits` takes (unrolled columns up to 8 features, tiles to 64)."""
     from . import kernels
 
     return (spec.kind == "residual_mlp" and (spec.activation or DEFAULT_ACTIVATION) == "gelu"

@@ -22,6 +22,8 @@ tile kernels (`ops.wide_mlp`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -118,28 +120,29 @@ def _mlp_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, part_ptr, N, P, BLOCKS_PER_PRO
     tl.store(out + 2 * W * H + H + wc, g_b2, mask=wm)
 
 
-def _form(chunk: int, hidden: int, backward: bool) -> tuple[object, dict, int, int]:
-    """(kernel, its constexprs and launch options, rows a block, backward programs in all) of
-    the form that takes this bank: unrolled columns, or from 9 features `triton_mlp_wide`'s
-    tiles (`ops.wide_mlp`)."""
+@functools.lru_cache(maxsize=64)
+def _form(chunk: int, hidden: int, backward: bool) -> tuple[object, dict, int]:
+    """(kernel, its constexprs and launch options, rows a block) of the form that takes this
+    bank: unrolled columns, or from 9 features `triton_mlp_wide`'s tiles (`ops.wide_mlp`).
+    Cached: every step of every bank asks (its callers only unpack the dict)."""
     wp, hp = pow2(chunk), pow2(hidden)
     if wide_mlp(chunk, hidden):
         w = triton_mlp_wide
         wp, hp = max(w.MIN_CHUNK, wp), max(w.MIN_CHUNK, hp)
-        kernel = w.mlp_bwd_kernel if backward else w.mlp_fwd_kernel
         block = w.BWD_ROWS if backward else w.FWD_ROWS
-        return kernel, dict(W=chunk, H=hidden, WP=wp, HP=hp, BLOCK_N=block,
-                            num_warps=w.WARPS), block, w.PROGRAMS
+        kernel = w.mlp_bwd_kernel if backward else w.mlp_fwd_kernel
+        return kernel, dict(W=chunk, H=hidden, WP=wp, HP=hp, BLOCK_N=block, num_warps=4), block
     block = max(16, min(128, _ELEMS // hp))
     meta = dict(W=chunk, H=hidden, HP=hp, BLOCK_N=block, num_warps=4)
-    return (_mlp_bwd_kernel, meta | {"WP": wp}, block, _PROGRAMS) if backward else (
-        _mlp_fwd_kernel, meta, block, _PROGRAMS)
+    if backward:
+        return _mlp_bwd_kernel, meta | {"WP": wp}, block
+    return _mlp_fwd_kernel, meta, block
 
 
 def forward(x: torch.Tensor, flat: torch.Tensor, hidden: int) -> torch.Tensor:
     """x (A, N, C) float32 contiguous, flat (A, P) -> y (A, N, C)."""
     slots, n, chunk = x.shape
-    kernel, meta, block, _ = _form(chunk, hidden, backward=False)
+    kernel, meta, block = _form(chunk, hidden, False)
     y = torch.empty_like(x)
     if n:
         fast(kernel)[(slots, cdiv(n, block))](x, flat, y, n, flat.shape[1], **meta)
@@ -150,9 +153,9 @@ def backward(x: torch.Tensor, flat: torch.Tensor, dy: torch.Tensor, hidden: int,
              need_dx: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(dx or None, dflat (A, P)) for y = forward(x, flat)."""
     slots, n, chunk = x.shape
-    kernel, meta, block, target = _form(chunk, hidden, backward=True)
+    kernel, meta, block = _form(chunk, hidden, True)
     blocks = cdiv(n, block)
-    programs = max(1, min(blocks, cdiv(target, max(slots, 1))))
+    programs = max(1, min(blocks, cdiv(_PROGRAMS, max(slots, 1))))
     per_program = cdiv(blocks, programs)
     programs = cdiv(blocks, per_program) if blocks else 1
     # every program writes all P columns of its row of partial sums (none runs without rows)

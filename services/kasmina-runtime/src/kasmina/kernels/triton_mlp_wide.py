@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 
 MIN_CHUNK = 16  # tl.dot's smallest tile side (the hidden units are padded up to it)
-FWD_ROWS, BWD_ROWS, WARPS = 64, 64, 4  # the probe's best at 16 features (block 64, 4 warps)
-PROGRAMS = 1024  # backward: about this many programs over all slots
+FWD_ROWS = BWD_ROWS = 64  # the probe's best at 16 features (block 64, 4 warps)
 
 
 @triton.jit
